@@ -1,0 +1,40 @@
+# Two commands matter: `make demo` (train a small recorded run, then open the dashboard on it)
+# and `make test` (install everything and run the whole suite). Both create the environment if needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+CONSTRAINTS := requirements/constraints.txt
+
+.PHONY: venv test demo bench lint typecheck browser clean
+
+# torch first, pinned: any other torch (or an unpinned one) pulls several GB of CUDA wheels.
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) torch==2.13.0
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[all,dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+browser:
+	@bash .ci/ensure-chromium
+
+test: venv browser
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) -m comgra_callbacks.demo $(DEMO_ARGS)
+
+bench: venv
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check comgra_callbacks tests benchmarks
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache

@@ -1,0 +1,77 @@
+"""comgra_callbacks: look inside neural networks while they train.
+
+Add :class:`ComgraCallback` to a Lightning ``Trainer`` (or :class:`ComgraTrainerCallback` to a HuggingFace
+``Trainer``), train as usual, and read the run back with :func:`open_run` or explore it in the dashboard.
+
+Heavy imports happen on first use: ``import comgra_callbacks`` loads neither Lightning nor the dashboard.
+
+>>> import comgra_callbacks
+>>> callable(comgra_callbacks.record)
+True
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from comgra_callbacks._version import __version__
+from comgra_callbacks.errors import (
+    ComgraError,
+    ConfigError,
+    ConfigTypeError,
+    CorruptStoreError,
+    FormatVersionError,
+    MissingDependencyError,
+    NodeNotFoundError,
+    RecordingError,
+    RunNotFoundError,
+    StepNotFoundError,
+    StoreError,
+)
+from comgra_callbacks.recording.context import connect, record
+
+_LAZY = {
+    "ComgraCallback": "comgra_callbacks.integrations.lightning",
+    "open_run": "comgra_callbacks.store.reader",
+    "open_runs": "comgra_callbacks.store.reader",
+    "Run": "comgra_callbacks.store.reader",
+}
+
+if TYPE_CHECKING:
+    from comgra_callbacks.integrations.lightning import ComgraCallback
+    from comgra_callbacks.store.reader import Run, open_run, open_runs
+
+__all__ = [
+    "ComgraCallback",
+    "ComgraError",
+    "ConfigError",
+    "ConfigTypeError",
+    "CorruptStoreError",
+    "FormatVersionError",
+    "MissingDependencyError",
+    "NodeNotFoundError",
+    "RecordingError",
+    "Run",
+    "RunNotFoundError",
+    "StepNotFoundError",
+    "StoreError",
+    "__version__",
+    "connect",
+    "open_run",
+    "open_runs",
+    "record",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'comgra_callbacks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,167 @@
+"""What every integration shares: its options, validated once; run names; opening a run for recording.
+
+The Lightning and HuggingFace callbacks both hold a :class:`RecordingOptions` and differ only in how they
+translate their framework's events into :class:`~comgra_callbacks.recording.recorder.Recorder` calls.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from comgra_callbacks import validation as v
+from comgra_callbacks._version import __version__
+from comgra_callbacks.errors import ConfigTypeError
+from comgra_callbacks.names import NameFilter, describe_filter, name_predicate
+from comgra_callbacks.recording.recorder import Recorder, RecorderConfig
+from comgra_callbacks.store.background import BackgroundWriter
+from comgra_callbacks.store.storage import check_run_name, open_root
+from comgra_callbacks.store.writer import RunWriter
+
+
+def default_run_name() -> str:
+    """A unique name that sorts by start time, e.g. ``20261121-201305-3fa9c2``."""
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime()) + "-" + secrets.token_hex(3)
+
+
+@dataclass
+class RecordingOptions:
+    """The options of a recording callback, validated (see ``ComgraCallback`` for their meaning)."""
+
+    root: str
+    run_name: str | None
+    every_n_steps: int
+    modules: NameFilter
+    parameters: NameFilter
+    n_samples: int
+    neurons: bool
+    grads: bool
+    updates: bool
+    per_loss_grads: bool
+    val_batches: int
+    batch_fn: Callable[[Any], Mapping[str, Any]] | None
+    max_neurons: int
+    max_sample_numel: int
+    storage_options: dict[str, Any] | None
+    flush_secs: float
+    max_queue_mb: int
+    on_write_error: str
+    log_scalars: bool
+
+    @classmethod
+    def validated(cls, owner: str, **kw: Any) -> RecordingOptions:
+        root = kw["root"]
+        if not isinstance(root, (str, os.PathLike)):
+            raise ConfigTypeError(f"`{owner}(root=...)`: expected a directory path or an fsspec URL, got {root!r} of type {type(root).__name__}.")
+        run_name = kw["run_name"]
+        if run_name is not None:
+            check_run_name(run_name, owner=f"{owner}(run_name=...)")
+        name_predicate(kw["modules"], owner=f"{owner}(modules=...)")
+        name_predicate(kw["parameters"], owner=f"{owner}(parameters=...)")
+        return cls(
+            root=os.fspath(root),
+            run_name=run_name,
+            every_n_steps=v.positive_int(owner, "every_n_steps", kw["every_n_steps"]),
+            modules=kw["modules"],
+            parameters=kw["parameters"],
+            n_samples=v.non_negative_int(owner, "n_samples", kw["n_samples"]),
+            neurons=v.boolean(owner, "neurons", kw["neurons"]),
+            grads=v.boolean(owner, "grads", kw["grads"]),
+            updates=v.boolean(owner, "updates", kw["updates"]),
+            per_loss_grads=v.boolean(owner, "per_loss_grads", kw["per_loss_grads"]),
+            val_batches=v.non_negative_int(owner, "val_batches", kw["val_batches"]),
+            batch_fn=v.optional_callable(owner, "batch_fn", kw["batch_fn"]),
+            max_neurons=v.positive_int(owner, "max_neurons", kw["max_neurons"]),
+            max_sample_numel=v.positive_int(owner, "max_sample_numel", kw["max_sample_numel"]),
+            storage_options=v.optional_mapping(owner, "storage_options", kw["storage_options"]),
+            flush_secs=v.positive_number(owner, "flush_secs", kw["flush_secs"]),
+            max_queue_mb=v.positive_int(owner, "max_queue_mb", kw["max_queue_mb"]),
+            on_write_error=v.one_of(owner, "on_write_error", kw["on_write_error"], ("warn", "raise")),
+            log_scalars=v.boolean(owner, "log_scalars", kw["log_scalars"]),
+        )
+
+    def recorder_config(self) -> RecorderConfig:
+        return RecorderConfig(
+            modules=self.modules,
+            parameters=self.parameters,
+            n_samples=self.n_samples,
+            neurons=self.neurons,
+            max_neurons=self.max_neurons,
+            max_sample_numel=self.max_sample_numel,
+            grads=self.grads,
+            updates=self.updates,
+            per_loss_grads=self.per_loss_grads,
+            batch_fn=self.batch_fn,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-safe description for the run metadata."""
+        return {
+            "root": self.root,
+            "every_n_steps": self.every_n_steps,
+            "modules": describe_filter(self.modules),
+            "parameters": describe_filter(self.parameters),
+            "n_samples": self.n_samples,
+            "neurons": self.neurons,
+            "grads": self.grads,
+            "updates": self.updates,
+            "per_loss_grads": self.per_loss_grads,
+            "val_batches": self.val_batches,
+            "batch_fn": describe_filter(self.batch_fn) if self.batch_fn else None,
+            "max_neurons": self.max_neurons,
+            "max_sample_numel": self.max_sample_numel,
+        }
+
+    def check_root(self) -> None:
+        """Fail early (at setup, before training) when the root cannot be written."""
+        open_root(self.root, self.storage_options).ensure_writable()
+
+    def open_recorder(self, run_name: str, model: Any, *, resume: bool, meta: dict[str, Any]) -> Recorder:
+        """Open (or resume) the run, attach a recorder to ``model`` and return it."""
+        location = open_root(self.root, self.storage_options).run(run_name)
+        writer = RunWriter(location, meta=meta, resume=resume)
+        background = BackgroundWriter(
+            writer,
+            max_queue_bytes=self.max_queue_mb << 20,
+            flush_secs=self.flush_secs,
+            on_error=self.on_write_error,  # type: ignore[arg-type]
+        )
+        recorder = Recorder(self.recorder_config(), background)
+        recorder.attach(model)
+        return recorder
+
+    def run_exists(self, run_name: str) -> bool:
+        return open_root(self.root, self.storage_options).run(run_name).read_bytes("manifest.json") is not None
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shaped the recording."""
+    import importlib.metadata as md
+
+    found = {"python": platform.python_version(), "comgra_callbacks": __version__}
+    for package in ("torch", "lightning", "transformers", "zarr", "numpy"):
+        try:
+            found[package] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """Make hyper-parameters JSON-safe: containers kept, everything else as a string (no pickling)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else str(value)
+    if depth > 5:
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(val, depth + 1) for k, val in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(val, depth + 1) for val in value]
+    return str(value)

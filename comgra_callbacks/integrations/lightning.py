@@ -1,0 +1,262 @@
+"""ComgraCallback: record what happens inside a LightningModule while it trains.
+
+A thin adapter: it translates Lightning's events into calls on the framework-free
+:class:`~comgra_callbacks.recording.recorder.Recorder` and keeps nothing of the trainer or the model after
+the run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from comgra_callbacks.integrations.common import RecordingOptions, default_run_name, json_safe, versions
+from comgra_callbacks.names import NameFilter, describe_filter
+from comgra_callbacks.recording.recorder import Recorder
+from comgra_callbacks.store.format import FORMAT_VERSION
+
+
+class ComgraCallback(Callback):
+    r"""Record activations, gradients, parameters and their updates of a LightningModule into a Zarr store.
+
+    On a recorded step it captures the batch's tensors (inputs and targets), the outputs of the chosen
+    modules, anything passed to :func:`comgra_callbacks.record`, the loss passed to backward, and every
+    parameter: values, gradients (also of each extra loss), and the update the optimizer made. Statistics are
+    computed off the training thread and written by a background thread. A step that is not recorded costs
+    nothing (no hooks are attached). Only global rank zero records.
+
+    Args:
+        root: directory (or fsspec URL such as ``s3://bucket/prefix``) holding the runs.
+        run_name: the run's group name under ``root``; default: a unique name sorting by start time.
+            After resuming from a checkpoint the default is the checkpoint's run, continued.
+        every_n_steps: record every n-th optimizer step (``trainer.global_step``).
+        modules: which modules' outputs are captured: None (every leaf module), a glob (``"encoder.*"``), a
+            list of globs, or a callable ``name -> bool``.
+        parameters: which parameters are recorded (same forms; None = all).
+        n_samples: how many individual samples of each non-parameter tensor are kept.
+        neurons: keep per-neuron statistics.
+        grads: record gradients. ``updates``: record parameter updates (costs a copy of the parameters on
+            recorded steps). ``per_loss_grads``: gradients of every extra recorded loss (one backward each).
+        val_batches: record the first ``val_batches`` batches of every validation run (step type ``"val"``).
+        batch_fn: ``batch -> {name: tensor}``, to name the batch's tensors yourself.
+        max_neurons / max_sample_numel: limits above which per-neuron statistics / samples are skipped.
+        storage_options: passed to fsspec for a URL ``root`` (endpoint, credentials).
+        flush_secs: longest time before a record is visible to readers.
+        max_queue_mb: bound on the memory of records waiting to be written.
+        on_write_error: ``"warn"`` (stop recording, keep training) or ``"raise"``.
+        log_scalars: also store the trainer's logged metrics every ``log_every_n_steps``.
+
+    Raises:
+        ConfigError: an argument has a wrong value (the message names it and what is expected).
+        ConfigTypeError: an argument has a wrong type.
+        StoreError: at setup, when ``root`` cannot be written (before training starts).
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from comgra_callbacks import ComgraCallback
+        >>> cb = ComgraCallback("comgra_runs", every_n_steps=10, modules="net.*")
+        >>> trainer = pl.Trainer(callbacks=[cb], logger=False)  # doctest: +SKIP
+        >>> ComgraCallback(every_n_steps=0)
+        Traceback (most recent call last):
+        ...
+        comgra_callbacks.errors.ConfigError: `ComgraCallback(every_n_steps=...)`: expected a positive int, got 0.
+    """
+
+    def __init__(
+        self,
+        root: str = "comgra_runs",
+        *,
+        run_name: str | None = None,
+        every_n_steps: int = 1,
+        modules: NameFilter = None,
+        parameters: NameFilter = None,
+        n_samples: int = 4,
+        neurons: bool = True,
+        grads: bool = True,
+        updates: bool = True,
+        per_loss_grads: bool = True,
+        val_batches: int = 0,
+        batch_fn: Callable[[Any], Mapping[str, Any]] | None = None,
+        max_neurons: int = 8192,
+        max_sample_numel: int = 65536,
+        storage_options: dict[str, Any] | None = None,
+        flush_secs: float = 2.0,
+        max_queue_mb: int = 256,
+        on_write_error: str = "warn",
+        log_scalars: bool = True,
+    ) -> None:
+        super().__init__()
+        self.options = RecordingOptions.validated(
+            type(self).__name__,
+            root=root,
+            run_name=run_name,
+            every_n_steps=every_n_steps,
+            modules=modules,
+            parameters=parameters,
+            n_samples=n_samples,
+            neurons=neurons,
+            grads=grads,
+            updates=updates,
+            per_loss_grads=per_loss_grads,
+            val_batches=val_batches,
+            batch_fn=batch_fn,
+            max_neurons=max_neurons,
+            max_sample_numel=max_sample_numel,
+            storage_options=storage_options,
+            flush_secs=flush_secs,
+            max_queue_mb=max_queue_mb,
+            on_write_error=on_write_error,
+            log_scalars=log_scalars,
+        )
+        self.run_name: str = run_name or default_run_name()
+        self._explicit_name = run_name is not None
+        self._restored: dict[str, Any] | None = None
+        self._recorder: Recorder | None = None
+        self._opened_before = False
+        self._last_recorded: tuple[int, str] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            root=self.options.root,
+            run_name=self.run_name if self._explicit_name else None,
+            every_n_steps=self.options.every_n_steps,
+            modules=describe_filter(self.options.modules),
+        )
+
+    @property
+    def recorder(self) -> Recorder | None:
+        """The recorder of the running fit (None on ranks other than zero and outside a fit)."""
+        return self._recorder
+
+    # -------------------------------------------------------------------------------- set-up
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.run_name = trainer.strategy.broadcast(self.run_name, src=0)
+        if trainer.is_global_zero:
+            self.options.check_root()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._open(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.options.val_batches and not trainer.sanity_checking and self._recorder is None and trainer.state.fn != "fit":
+            self._open(trainer, pl_module)
+
+    def _open(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or self._recorder is not None:
+            return
+        resume = self._opened_before or (self._restored is not None and self._restored.get("run_name") == self.run_name)
+        meta = {
+            "config": self.options.describe(),
+            "versions": versions(),
+            "hparams": json_safe(dict(getattr(pl_module, "hparams", {}) or {})),
+            "framework": "lightning",
+            "model_class": type(pl_module).__name__,
+            "trainer": json_safe(
+                {
+                    "max_epochs": trainer.max_epochs,
+                    "max_steps": trainer.max_steps,
+                    "accumulate_grad_batches": trainer.accumulate_grad_batches,
+                    "precision": trainer.precision,
+                    "world_size": trainer.world_size,
+                }
+            ),
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+        }
+        self._recorder = self.options.open_recorder(self.run_name, pl_module, resume=resume, meta=meta)
+        self._recorder.writer.submit(lambda w: w.start_segment(trainer.global_step))
+        self._opened_before = True
+
+    # ------------------------------------------------------------------------------- training
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        recorder = self._recorder
+        if recorder is None:
+            return
+        step = trainer.global_step
+        if step % self.options.every_n_steps or not _optimizer_steps_now(trainer, batch_idx):
+            return
+        if self._last_recorded == (step, "train"):
+            return
+        self._last_recorded = (step, "train")
+        recorder.begin_step(step=step, step_type="train", epoch=trainer.current_epoch, batch_idx=batch_idx, batch=batch)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        if self._recorder is not None:
+            self._recorder.before_backward(loss)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._recorder is not None:
+            self._recorder.before_optimizer_step()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        recorder = self._recorder
+        if recorder is None:
+            return
+        recorder.end_step()
+        if self.options.log_scalars and trainer.log_every_n_steps and trainer.global_step % trainer.log_every_n_steps == 0:
+            recorder.log_scalars(trainer.global_step, _scalars(trainer, outputs))
+
+    # ----------------------------------------------------------------------------- validation
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        recorder = self._recorder
+        if recorder is None or trainer.sanity_checking or batch_idx >= self.options.val_batches:
+            return
+        step_type = "val" if dataloader_idx == 0 else f"val/{dataloader_idx}"
+        recorder.begin_step(step=trainer.global_step, step_type=step_type, epoch=trainer.current_epoch, batch_idx=batch_idx, batch=batch, grads=False)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._recorder is not None and self._recorder.recording:
+            self._recorder.end_step()
+
+    # --------------------------------------------------------------------------------- ending
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close("failed", f"{type(exception).__name__}: {exception}")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close("finished")
+
+    def _close(self, status: str, error: str | None = None) -> None:
+        recorder, self._recorder = self._recorder, None
+        if recorder is not None:
+            recorder.close(status, error)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------------------ resuming
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_name": self.run_name, "root": self.options.root, "format_version": FORMAT_VERSION}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict)
+        if not self._explicit_name and isinstance(state_dict.get("run_name"), str):
+            self.run_name = state_dict["run_name"]
+
+
+def _optimizer_steps_now(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether the optimizer steps after this batch (the last micro-batch under gradient accumulation)."""
+    k = trainer.accumulate_grad_batches
+    if k <= 1:
+        return True
+    total = trainer.num_training_batches
+    return (batch_idx + 1) % k == 0 or (not math.isinf(total) and batch_idx + 1 >= total)
+
+
+def _scalars(trainer: pl.Trainer, outputs: Any) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for name, value in trainer.callback_metrics.items():
+        try:
+            if getattr(value, "numel", lambda: 1)() == 1:
+                found[str(name)] = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            continue
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if loss is not None and "loss" not in found:
+        try:
+            found["loss"] = float(loss)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    return found

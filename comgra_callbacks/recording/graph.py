@@ -1,0 +1,169 @@
+"""The dependency graph of the recorded tensors, derived from autograd.
+
+From each recorded tensor we walk its ``grad_fn`` backwards (iteratively: a chain of thousands of layers is
+fine) and stop at the nearest *recorded* tensors: those become its inputs in the graph. Parameters are
+reached through their ``AccumulateGrad`` nodes. Autograd cannot see tensors that do not require grad
+(integer token ids, inputs under ``no_grad``), so the recorder adds edges for them from the modules that
+consume them, and :func:`comgra_callbacks.connect` adds any edge by hand.
+
+>>> import torch
+>>> w = torch.nn.Parameter(torch.ones(3))
+>>> x = torch.ones(3)
+>>> h = x * w
+>>> y = (h * 2).sum()
+>>> sorted(autograd_edges([Tensor_.of("h", h), Tensor_.of("y", y)], {id(w): "w"}))
+[('h', 'y'), ('w', 'h')]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+
+class Tensor_(NamedTuple):
+    """A recorded tensor as the graph walk sees it, taken when it was recorded (an in-place operation later
+    gives the tensor a new ``grad_fn``): its node name, ``grad_fn``, ``output_nr``, and the tensor itself
+    when it is a leaf that requires grad (else None)."""
+
+    name: str
+    grad_fn: Any
+    output_nr: int
+    leaf: Any
+
+    @classmethod
+    def of(cls, name: str, tensor: Any) -> Tensor_:
+        fn = getattr(tensor, "grad_fn", None)
+        leaf = tensor if fn is None and getattr(tensor, "requires_grad", False) else None
+        return cls(name, fn, int(getattr(tensor, "output_nr", 0)) if fn is not None else 0, leaf)
+
+
+@dataclass(frozen=True)
+class Edge:
+    src: str
+    dst: str
+    source: str  # "autograd", "module", "target", "manual"
+
+
+def autograd_edges(recorded: Iterable[Tensor_], parameters: dict[int, str]) -> set[tuple[str, str]]:
+    """Edges ``(src, dst)`` between recorded tensors (and parameters) along autograd paths.
+
+    Args:
+        recorded: recorded tensors; their ``grad_fn`` (and ``output_nr``) identify them in the autograd graph.
+        parameters: ``id(parameter) -> name`` for leaves reached through ``AccumulateGrad``.
+    """
+    recorded = list(recorded)
+    by_output: dict[tuple[int, int], set[str]] = {}
+    keep_alive: list[Any] = []
+    leaf_names: dict[int, str] = dict(parameters)
+    starts: list[tuple[str, Any]] = []
+    for name, fn, output_nr, leaf in recorded:
+        if fn is None:
+            if leaf is not None:
+                leaf_names.setdefault(id(leaf), name)
+            continue
+        keep_alive.append(fn)
+        by_output.setdefault((id(fn), output_nr), set()).add(name)
+        starts.append((name, fn))
+    edges: set[tuple[str, str]] = set()
+    for name, fn in starts:
+        seen: dict[int, Any] = {}
+        stack: list[tuple[Any, int]] = [pair for pair in fn.next_functions if pair[0] is not None]
+        while stack:
+            node, output_nr = stack.pop()
+            names = by_output.get((id(node), output_nr))
+            if names is not None:
+                edges.update((src, name) for src in names if src != name)
+                continue
+            if id(node) in seen:
+                continue
+            seen[id(node)] = node
+            variable = getattr(node, "variable", None)
+            if variable is not None:  # AccumulateGrad: a leaf
+                leaf = leaf_names.get(id(variable))
+                if leaf is not None and leaf != name:
+                    edges.add((leaf, name))
+                continue
+            stack.extend(pair for pair in node.next_functions if pair[0] is not None)
+    del keep_alive
+    return edges
+
+
+def assemble(
+    nodes: dict[str, dict[str, Any]],
+    autograd: set[tuple[str, str]],
+    module: set[tuple[str, str]],
+    manual: set[tuple[str, str]],
+    backward_loss: str | None,
+) -> dict[str, Any]:
+    """One step type's graph as stored in ``graph.json``: node names and ``[src, dst, source]`` edges.
+
+    Also settles two kinds the walk cannot know: a target not connected to anything feeds the loss that was
+    passed to backward; an intermediate tensor whose every consumer is a loss is an ``output``. ``nodes`` is
+    updated in place with those kinds.
+    """
+    edges: dict[tuple[str, str], str] = {}
+    for pair in autograd:
+        edges[pair] = "autograd"
+    for pair in module:
+        edges.setdefault(pair, "module")
+    for src, dst in manual:
+        if src in nodes and dst in nodes:
+            edges[(src, dst)] = "manual"
+    if backward_loss in nodes:
+        has_out = {src for src, _ in edges}
+        for name, attrs in nodes.items():
+            if attrs.get("kind") == "target" and name not in has_out:
+                edges[(name, backward_loss)] = "target"  # type: ignore[index]
+    successors: dict[str, set[str]] = {}
+    for src, dst in edges:
+        if src != dst:
+            successors.setdefault(src, set()).add(dst)
+    for name, attrs in nodes.items():
+        if attrs.get("kind") == "intermediate" and not attrs.get("kind_explicit"):
+            succ = successors.get(name)
+            if succ and all(nodes.get(d, {}).get("kind") == "loss" for d in succ):
+                attrs["kind"] = "output"
+    ordered = topological_order(list(nodes), list(edges))
+    return {
+        "nodes": ordered,
+        "edges": sorted([src, dst, source] for (src, dst), source in edges.items()),
+    }
+
+
+def topological_order(names: list[str], edges: list[tuple[str, str]]) -> list[str]:
+    """Names ordered so that edges mostly point forward (Kahn's algorithm; cycles broken by first-seen order).
+
+    >>> topological_order(["c", "b", "a"], [("a", "b"), ("b", "c")])
+    ['a', 'b', 'c']
+    """
+    position = {name: i for i, name in enumerate(names)}
+    indegree = {name: 0 for name in names}
+    out: dict[str, list[str]] = {name: [] for name in names}
+    for src, dst in edges:
+        if src in position and dst in position and src != dst:
+            out[src].append(dst)
+            indegree[dst] += 1
+    ready = sorted((n for n in names if indegree[n] == 0), key=position.__getitem__)
+    order: list[str] = []
+    placed: set[str] = set()
+    import heapq
+
+    heap = [(position[n], n) for n in ready]
+    heapq.heapify(heap)
+    while len(order) < len(names):
+        if not heap:  # a cycle: release the earliest remaining node
+            rest = min((n for n in names if n not in placed), key=position.__getitem__)
+            heapq.heappush(heap, (position[rest], rest))
+            indegree[rest] = 0
+        _, name = heapq.heappop(heap)
+        if name in placed:
+            continue
+        placed.add(name)
+        order.append(name)
+        for dst in out[name]:
+            indegree[dst] -= 1
+            if indegree[dst] == 0 and dst not in placed:
+                heapq.heappush(heap, (position[dst], dst))
+    return order

@@ -1,0 +1,459 @@
+"""The recorder: what happens on a recorded step, independent of any training framework.
+
+An integration (Lightning, HuggingFace) translates its events into these calls::
+
+    recorder.begin_step(step=..., step_type=..., epoch=..., batch_idx=..., batch=batch)   # hooks attached
+    # forward: module hooks and record() calls capture tensors (snapshots; gradient hooks registered)
+    recorder.before_backward(loss)       # the loss; dependency graph; gradients of each extra loss
+    # backward: gradient hooks capture gradients
+    recorder.before_optimizer_step()     # parameters and their gradients, as the forward pass saw them
+    # optimizer step
+    recorder.end_step()                  # parameter updates; hooks removed; the step goes to the writer
+
+Any of the middle calls may be missing (validation has no backward and no optimizer step). A step that is
+not begun costs nothing: no hooks exist and :func:`comgra_callbacks.record` returns at once. The training
+thread only takes snapshots; statistics are computed on the writer thread (:mod:`.pending`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from comgra_callbacks.errors import RecordingError
+from comgra_callbacks.names import NameFilter, name_predicate
+from comgra_callbacks.recording import context, graph
+from comgra_callbacks.recording.capture import ModuleHooks, batch_tensors, input_tensors, output_tensors
+from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot
+from comgra_callbacks.recording.reduce import neuron_matrix_shape
+from comgra_callbacks.store.background import BackgroundWriter
+from comgra_callbacks.store.format import SeriesKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Detail:
+    """How much of a tensor is kept: batch statistics always; per-neuron statistics; ``samples`` leading
+    samples (``FULL`` = the whole tensor)."""
+
+    neurons: bool = True
+    samples: int = 0
+
+
+@dataclass
+class RecorderConfig:
+    """What a recorder captures. The callbacks validate these and pass them on.
+
+    Attributes:
+        modules: which modules' outputs are captured; None = every leaf module.
+        parameters: which parameters are recorded; None = all.
+        n_samples: individual samples kept for non-parameter tensors.
+        neurons: whether per-neuron statistics are kept.
+        max_neurons: per-neuron statistics are skipped (with a warning) for wider tensors.
+        max_sample_numel: samples are skipped (with a warning) when one sample has more elements.
+        grads / updates / per_loss_grads: record gradients; parameter updates; gradients of each extra loss.
+        batch_fn: names the tensors of a batch (see :func:`~.capture.batch_tensors`).
+        detail_fn: ``(name, kind) -> Detail | None`` overrides the default detail of a node.
+        backend: ``"auto"`` (numpy for CPU tensors, torch on the device otherwise) or ``"torch"``.
+    """
+
+    modules: NameFilter = None
+    parameters: NameFilter = None
+    n_samples: int = 4
+    neurons: bool = True
+    max_neurons: int = 8192
+    max_sample_numel: int = 65536
+    grads: bool = True
+    updates: bool = True
+    per_loss_grads: bool = True
+    batch_fn: Callable[[Any], Mapping[str, Any]] | None = None
+    detail_fn: Callable[[str, str], Detail | None] | None = None
+    backend: Literal["auto", "torch"] = "auto"
+
+
+def _dtype_name(t: Any) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _snapshot(t: Any) -> Any:
+    """A private copy of ``t`` that numpy can read (half precision widened to float32)."""
+    import torch
+
+    x = t.detach()
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return x.to(torch.float32, memory_format=torch.contiguous_format)
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _grad_view(t: Any) -> Any:
+    """A gradient as given to a hook: autograd does not change it afterwards, so no copy (unless widened)."""
+    import torch
+
+    x = t.detach()
+    return x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+@dataclass
+class _Step:
+    pending: PendingStep
+    grads: bool
+    grad_view: str = "grad"
+    iterations: dict[tuple[str, str | None], int] = field(default_factory=dict)
+    index: dict[SeriesKey, int] = field(default_factory=dict)
+    recorded: list[graph.Tensor_] = field(default_factory=list)
+    names_by_id: dict[int, str] = field(default_factory=dict)
+    keep_alive: list[Any] = field(default_factory=list)
+    module_edges: set[tuple[str, str]] = field(default_factory=set)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    losses: list[tuple[str, Any]] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)
+    backward_loss: str | None = None
+    params_done: bool = False
+    before: dict[str, Any] = field(default_factory=dict)
+    graph_done: bool = False
+
+    def add(self, snap: Snapshot) -> None:
+        at = self.index.get(snap.key)
+        if at is None:
+            self.index[snap.key] = len(self.pending.snapshots)
+            self.pending.snapshots.append(snap)
+        else:  # e.g. a second backward through the same tensor: keep the latest
+            self.pending.snapshots[at] = snap
+
+
+class Recorder:
+    """Records steps of one model into one run.
+
+    Args:
+        config: what to capture.
+        writer: the background writer of the run (the recorder closes it).
+    """
+
+    def __init__(self, config: RecorderConfig, writer: BackgroundWriter) -> None:
+        self.config = config
+        self.writer = writer
+        self._step: _Step | None = None
+        self._model: Any = None
+        self._hook_modules: list[tuple[str, Any]] = []
+        self._params: list[tuple[str, Any]] = []
+        self._param_ids: dict[int, str] = {}
+        self._param_nodes: dict[str, dict[str, Any]] = {}
+        self._manual_edges: set[tuple[str, str]] = set()
+        self._graphs: dict[str, dict[str, Any]] = {}
+        self._graph_signatures: dict[str, frozenset[str]] = {}
+        self._node_attrs: dict[str, dict[str, Any]] = {}
+        self._warned: set[str] = set()
+        self._hooks: ModuleHooks | None = None
+        self.closed = False
+        self.steps_recorded = 0
+
+    # -------------------------------------------------------------------------------- lifecycle
+    @property
+    def recording(self) -> bool:
+        """True between :meth:`begin_step` and :meth:`end_step` of a recorded step."""
+        return self._step is not None
+
+    def attach(self, model: Any) -> None:
+        """Learn the model's modules and parameters, write the module tree, and start receiving ``record()``."""
+        self._model = model
+        modules = [(n, m) for n, m in model.named_modules() if n]
+        if self.config.modules is None:
+            self._hook_modules = [(n, m) for n, m in modules if next(m.children(), None) is None]
+        else:
+            wanted = name_predicate(self.config.modules, owner="modules")
+            self._hook_modules = [(n, m) for n, m in modules if wanted(n)]
+        keep = name_predicate(self.config.parameters, owner="parameters")
+        self._params = [(n, p) for n, p in model.named_parameters() if keep(n)]
+        self._param_ids = {id(p): n for n, p in self._params}
+        self._param_nodes = {
+            n: {"kind": "parameter", "module": n.rpartition(".")[0], "shape": list(p.shape), "dtype": _dtype_name(p), "roles": [None], "iterations": 1}
+            for n, p in self._params
+        }
+        tree = module_tree(model)
+        self.writer.submit(lambda w: w.write_modules(tree))
+        context.activate(self)
+
+    def begin_step(
+        self,
+        *,
+        step: int,
+        step_type: str = "train",
+        epoch: int = 0,
+        batch_idx: int = 0,
+        batch: Any = None,
+        reason: str = "schedule",
+        grads: bool = True,
+    ) -> None:
+        """Start recording a step: attach the module hooks and capture the batch's tensors."""
+        if self.closed:
+            raise RecordingError("the recorder is closed; it cannot record another step.")
+        if self._step is not None:
+            self.abort_step()
+        pending = PendingStep(step, step_type, epoch, batch_idx, time.time(), reason, backend=self.config.backend)
+        self._step = _Step(pending, grads=grads and self.config.grads)
+        try:
+            self._hooks = ModuleHooks(self._hook_modules, self._on_module_forward)
+            self._hooks.attach()
+            if batch is not None:
+                for name, (kind, tensor) in batch_tensors(batch, self.config.batch_fn).items():
+                    self.capture(name, tensor, kind=kind)
+        except BaseException:
+            self.abort_step()
+            raise
+
+    def capture(self, name: str, tensor: Any, *, kind: str, role: str | None = None, module: str | None = None, explicit: bool = False) -> None:
+        """Capture one tensor on the current step (used by the hooks and by ``record()``)."""
+        step = self._step
+        if step is None:
+            return
+        import torch
+
+        if not isinstance(tensor, torch.Tensor):
+            raise RecordingError(f"`record({name!r}, ...)`: expected a torch.Tensor, got {type(tensor).__name__}.")
+        if tensor.is_sparse or tensor.is_complex() or tensor.is_meta:
+            self._warn_once(f"unsupported:{name}", f"comgra: node {name!r} is a sparse, complex or meta tensor; it is not recorded.")
+            return
+        slot = (name, role)
+        iteration = step.iterations.get(slot, 0)
+        step.iterations[slot] = iteration + 1
+        node = step.nodes.get(name)
+        if node is None:
+            node = {"kind": kind, "module": module, "shape": list(tensor.shape), "dtype": _dtype_name(tensor), "roles": [], "iterations": 0}
+            if explicit and kind != "intermediate":
+                node["kind_explicit"] = True
+            step.nodes[name] = node
+        if role not in node["roles"]:
+            node["roles"].append(role)
+        node["iterations"] = max(node["iterations"], iteration + 1)
+        detail = self._detail(name, node["kind"], tuple(tensor.shape), is_parameter=False)
+        step.add(Snapshot(SeriesKey(name, role, iteration, "value"), _snapshot(tensor), _dtype_name(tensor), False, detail.neurons, detail.samples))
+        step.recorded.append(graph.Tensor_.of(name, tensor))
+        step.names_by_id[id(tensor)] = name
+        step.keep_alive.append(tensor)
+        if node["kind"] == "loss":
+            step.losses.append((name, tensor))
+        if step.grads and tensor.requires_grad:
+            step.handles.append(tensor.register_hook(self._grad_hook(step, name, role, iteration, detail, _dtype_name(tensor))))
+
+    def _grad_hook(self, step: _Step, name: str, role: str | None, iteration: int, detail: Detail, dtype: str) -> Callable[[Any], None]:
+        def hook(grad: Any) -> None:
+            if self._step is step and grad is not None:
+                key = SeriesKey(name, role, iteration, step.grad_view)
+                step.add(Snapshot(key, _grad_view(grad), dtype, False, detail.neurons, detail.samples))
+
+        return hook
+
+    def _on_module_forward(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        step = self._step
+        if step is None:
+            return
+        sources = {step.names_by_id.get(id(t)) for t in input_tensors(args, kwargs)}
+        outputs = output_tensors(output)
+        for suffix, tensor in outputs:
+            self.capture(name + suffix, tensor, kind="intermediate", module=name)
+        for src in sources:
+            if src is not None:
+                step.module_edges.update((src, name + suffix) for suffix, _ in outputs if src != name + suffix)
+
+    def connect(self, src: str, dst: str) -> None:
+        if (src, dst) not in self._manual_edges:
+            self._manual_edges.add((src, dst))
+            self._graph_signatures.clear()  # redraw the graphs with the new edge
+
+    def before_backward(self, loss: Any) -> None:
+        """The loss about to be backpropagated: record it, build the graph, compute per-loss gradients."""
+        step = self._step
+        if step is None:
+            return
+        name = "loss"
+        existing = step.nodes.get(name)
+        if existing is not None:
+            same = any(t is loss for n, t in step.losses if n == name)
+            name = None if same else "loss.total"  # type: ignore[assignment]
+        if name is not None:
+            self.capture(name, loss, kind="loss")
+            step.backward_loss = name
+        else:
+            step.backward_loss = "loss"
+        self._build_graph(step)
+        if self.config.per_loss_grads and step.grads:
+            self._per_loss_grads(step, loss)
+
+    def _per_loss_grads(self, step: _Step, total: Any) -> None:
+        import torch
+
+        extra = [(n, t) for n, t in step.losses if t is not total and n != step.backward_loss]
+        if not extra:
+            return
+        params = [(n, p) for n, p in self._params if p.requires_grad]
+        leaves = [(r.name, r.leaf) for r in step.recorded if r.leaf is not None]
+        inputs = params + leaves
+        if not inputs:
+            return
+        try:
+            for loss_name, loss_tensor in extra:
+                if not loss_tensor.requires_grad:
+                    self._warn_once(f"nograd-loss:{loss_name}", f"comgra: loss {loss_name!r} does not require grad; it has no gradient view.")
+                    continue
+                step.grad_view = f"grad:{loss_name}"
+                grads = torch.autograd.grad(loss_tensor, [t for _, t in inputs], retain_graph=True, allow_unused=True)
+                for (pname, _), g in zip(params, grads):
+                    if g is not None:
+                        detail = self._detail(pname, "parameter", tuple(g.shape), is_parameter=True)
+                        step.add(Snapshot(SeriesKey(pname, None, 0, step.grad_view), _grad_view(g), _dtype_name(g), True, detail.neurons, detail.samples))
+        finally:
+            step.grad_view = "grad"
+
+    def before_optimizer_step(self) -> None:
+        """Parameters and their gradients as the forward pass saw them (before clipping and the step)."""
+        step = self._step
+        if step is None or step.params_done:
+            return
+        self._capture_parameters(step, keep_before=self.config.updates)
+
+    def _capture_parameters(self, step: _Step, *, keep_before: bool) -> None:
+        step.params_done = True
+        for name, p in self._params:
+            detail = self._detail(name, "parameter", tuple(p.shape), is_parameter=True)
+            value = _snapshot(p)
+            dtype = _dtype_name(p)
+            step.add(Snapshot(SeriesKey(name, None, 0, "value"), value, dtype, True, detail.neurons, detail.samples))
+            if step.grads and p.grad is not None:
+                step.add(Snapshot(SeriesKey(name, None, 0, "grad"), _snapshot(p.grad), dtype, True, detail.neurons, detail.samples))
+            if keep_before:
+                step.before[name] = value
+
+    def end_step(self) -> bool:
+        """Finish the step: parameter updates, hooks off, hand the step to the writer. True if it was queued."""
+        step = self._step
+        if step is None:
+            return False
+        try:
+            self._remove_hooks(step)
+            if not step.params_done:
+                self._capture_parameters(step, keep_before=False)
+            for name, p in self._params:
+                before = step.before.get(name)
+                if before is not None:
+                    delta = p.detach().to(before.dtype) - before
+                    detail = self._detail(name, "parameter", tuple(p.shape), is_parameter=True)
+                    step.add(Snapshot(SeriesKey(name, None, 0, "update"), delta, _dtype_name(p), True, detail.neurons, detail.samples, reference=before))
+            if not step.graph_done:
+                self._build_graph(step)
+            self._step = None
+            queued = self.writer.submit_record(step.pending)
+            if queued:
+                self.steps_recorded += 1
+            return queued
+        finally:
+            self._step = None
+
+    def abort_step(self) -> None:
+        """Drop the current step (an exception in training): remove hooks, write nothing."""
+        step = self._step
+        self._step = None
+        if step is not None:
+            self._remove_hooks(step)
+
+    def _remove_hooks(self, step: _Step) -> None:
+        hooks, self._hooks = self._hooks, None
+        try:
+            if hooks is not None:
+                hooks.remove()
+        finally:
+            handles, step.handles = step.handles, []
+            for handle in handles:
+                handle.remove()
+
+    def log_scalars(self, step: int, values: Mapping[str, float]) -> None:
+        """Store logged scalars (loss curves, metrics) for ``step``; cheap, written in the background."""
+        rows = [(int(step), str(name), float(value)) for name, value in values.items()]
+        if rows and not self.closed:
+
+            def write(w: Any) -> None:
+                w.add_scalars(rows)
+                w.commit()
+
+            self.writer.submit(write)
+
+    def close(self, status: Literal["finished", "failed"], error: str | None = None) -> None:
+        """Stop recording, flush everything and mark the run. Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        self.abort_step()
+        context.deactivate(self)
+        self._model = None
+        self._hook_modules, self._params = [], []
+        self.writer.close(status, error)
+
+    # ------------------------------------------------------------------------------------ graph
+    def _build_graph(self, step: _Step) -> None:
+        step.graph_done = True
+        step_type = step.pending.step_type
+        nodes = {n: dict(a) for n, a in self._param_nodes.items()}
+        nodes.update({n: dict(a) for n, a in step.nodes.items()})
+        signature = frozenset(nodes)
+        if self._graph_signatures.get(step_type) == signature:
+            return
+        edges = graph.autograd_edges(step.recorded, self._param_ids) if step.grads else set()
+        sub = graph.assemble(nodes, edges, step.module_edges, self._manual_edges, step.backward_loss)
+        self._graph_signatures[step_type] = signature
+        self._graphs[step_type] = sub
+        for name, attrs in nodes.items():
+            attrs.pop("kind_explicit", None)
+            known = self._node_attrs.get(name)
+            if known is None:
+                self._node_attrs[name] = attrs
+            else:
+                known["roles"] = list(dict.fromkeys(known["roles"] + attrs["roles"]))
+                known["iterations"] = max(known["iterations"], attrs["iterations"])
+        document = {"nodes": {n: dict(a) for n, a in self._node_attrs.items()}, "graphs": {k: dict(v) for k, v in self._graphs.items()}}
+        self.writer.submit(lambda w: w.write_graph(document))
+
+    # ----------------------------------------------------------------------------------- detail
+    def _detail(self, name: str, kind: str, shape: tuple[int, ...], *, is_parameter: bool) -> Detail:
+        detail = self.config.detail_fn(name, kind) if self.config.detail_fn is not None else None
+        if detail is None:
+            detail = Detail(neurons=self.config.neurons, samples=0 if is_parameter else self.config.n_samples)
+        neurons, samples = detail.neurons, detail.samples
+        matrix = neuron_matrix_shape(shape, is_parameter=is_parameter)
+        if neurons and matrix is not None and matrix[1] > self.config.max_neurons:
+            self._warn_once(f"neurons:{name}", f"comgra: node {name!r} has {matrix[1]} neurons (> max_neurons={self.config.max_neurons}); its per-neuron statistics are not kept.")
+            neurons = False
+        if samples:
+            per_sample = 1
+            for n in (shape if samples == FULL or not shape else shape[1:]):
+                per_sample *= n
+            if per_sample > self.config.max_sample_numel:
+                self._warn_once(f"samples:{name}", f"comgra: one sample of node {name!r} has {per_sample} elements (> max_sample_numel={self.config.max_sample_numel}); its samples are not kept.")
+                samples = 0
+        return Detail(neurons, samples)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def module_tree(model: Any) -> list[dict[str, Any]]:
+    """The module tree with parameter counts, one row per module (``""`` is the root)."""
+    own: dict[str, tuple[int, int]] = {}
+    rows = []
+    for name, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        own[name] = (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
+        rows.append({"name": name, "type": type(module).__name__, "parent": None if not name else name.rpartition(".")[0], "depth": 0 if not name else name.count(".") + 1})
+    for row in rows:
+        name = row["name"]
+        prefix = f"{name}." if name else ""
+        total = [v for n, v in own.items() if n == name or n.startswith(prefix)]
+        row["params"] = own[name][0]
+        row["params_total"] = sum(v[0] for v in total)
+        row["trainable_total"] = sum(v[1] for v in total)
+    return rows

@@ -1,0 +1,240 @@
+"""A background thread that writes records so that training never waits on the file system.
+
+The training thread hands over *pending* records (still packed; unpacking happens here) and sidecar
+operations; the thread writes them in submission order. The queue is bounded in bytes: when the writer falls
+behind, :meth:`BackgroundWriter.submit_record` waits, and says so once with a warning, rather than letting
+memory grow without limit. Records are appended in blocks of ``flush_rows``, or whatever is waiting after
+``flush_secs`` so that a live dashboard sees new steps.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+import traceback
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+from comgra_callbacks.errors import StoreError
+from comgra_callbacks.store.format import RunStatus
+from comgra_callbacks.store.writer import HostRecord, RunWriter
+
+log = logging.getLogger(__name__)
+OnError = Literal["warn", "raise"]
+_LIVE: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
+
+
+class PendingRecord(Protocol):
+    """A record handed to the writer thread: its size, and how to turn it into a :class:`HostRecord`."""
+
+    nbytes: int
+
+    def materialize(self) -> HostRecord: ...
+
+
+class BackgroundWriter:
+    """Writes records and sidecars on a daemon thread.
+
+    Args:
+        writer: the synchronous writer it drives (owned by this object from now on).
+        max_queue_bytes: bound on the bytes of records waiting to be written.
+        flush_rows: records per appended block.
+        flush_secs: longest time a record waits before it is committed (liveness for readers).
+        on_error: ``"warn"`` (default): a failing write stops recording with a warning and training goes on;
+            ``"raise"``: the next call from the training thread raises :class:`StoreError`.
+    """
+
+    def __init__(
+        self,
+        writer: RunWriter,
+        *,
+        max_queue_bytes: int = 256 << 20,
+        flush_rows: int = 64,
+        flush_secs: float = 2.0,
+        on_error: OnError = "warn",
+    ) -> None:
+        self.writer = writer
+        self.max_queue_bytes = max_queue_bytes
+        self.flush_rows = flush_rows
+        self.flush_secs = flush_secs
+        self.on_error = on_error
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[str, Any]] = deque()
+        self._queued_bytes = 0
+        self._submitted = 0
+        self._done = 0
+        self._flush_wanted = 0
+        self._stopping = False
+        self._closed = False
+        self.error: BaseException | None = None
+        self._error_text = ""
+        self._warned_error = False
+        self._warned_slow = False
+        self.wait_seconds = 0.0  # time the training thread spent waiting for room in the queue
+        self.records_written = 0
+        self._thread = threading.Thread(target=self._run, name=f"comgra-writer-{writer.location.name}", daemon=True)
+        self._thread.start()
+        _LIVE.add(self)
+
+    # ---------------------------------------------------------------------------- training thread
+    def submit_record(self, record: PendingRecord) -> bool:
+        """Queue a record; returns False when it was dropped because writing has failed."""
+        return self._submit("record", record, max(int(record.nbytes), 1))
+
+    def submit(self, operation: Callable[[RunWriter], None]) -> bool:
+        """Queue a sidecar operation, run on the writer thread in order with the records."""
+        return self._submit("op", operation, 0)
+
+    def _submit(self, kind: str, item: Any, nbytes: int) -> bool:
+        if self._closed:
+            raise StoreError(f"the writer of run {self.writer.location.name!r} is closed; nothing more can be written.")
+        if self._check_error():
+            return False
+        with self._cond:
+            if self._queued_bytes and self._queued_bytes + nbytes > self.max_queue_bytes:
+                started = time.perf_counter()
+                while self._queued_bytes and self._queued_bytes + nbytes > self.max_queue_bytes and self.error is None:
+                    self._cond.wait(0.5)
+                waited = time.perf_counter() - started
+                self.wait_seconds += waited
+                if not self._warned_slow:
+                    self._warned_slow = True
+                    warnings.warn(
+                        f"comgra: the writer of run {self.writer.location.name!r} cannot keep up "
+                        f"(queue full at {self.max_queue_bytes >> 20} MiB); training waited {waited * 1000:.0f} ms. "
+                        "HINT: record less often (every_n_steps / schedule) or keep fewer samples.",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+            self._queue.append((kind, item))
+            self._queued_bytes += nbytes
+            self._submitted += 1
+            self._cond.notify_all()
+        return True
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until everything submitted so far is written and committed."""
+        with self._cond:
+            target = self._submitted
+            self._flush_wanted += 1
+            self._cond.notify_all()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._done < target and self.error is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise StoreError(f"flushing run {self.writer.location.name!r} timed out after {timeout} s.")
+                self._cond.wait(remaining if remaining is not None else 1.0)
+        self._check_error()
+
+    def close(self, status: RunStatus, error: str | None = None, timeout: float | None = 600.0) -> None:
+        """Write what is queued, mark the run, stop the thread. Safe to call twice."""
+        if self._closed:
+            return
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        self._closed = True
+        _LIVE.discard(self)
+        if self.error is not None:
+            status, error = "failed", error or f"writing failed: {self._error_text}"
+        try:
+            self.writer.close(status, error)
+        except Exception as exc:  # the store is gone; nothing more we can do but say so
+            log.error("comgra: could not mark run %r as %s: %s", self.writer.location.name, status, exc)
+        self._check_error()
+
+    def _check_error(self) -> bool:
+        if self.error is None:
+            return False
+        if self.on_error == "raise":
+            raise StoreError(
+                f"writing run {self.writer.location.name!r} failed: {self._error_text}"
+            ) from self.error
+        if not self._warned_error:
+            self._warned_error = True
+            warnings.warn(
+                f"comgra: writing run {self.writer.location.name!r} failed; recording stops, training goes on. "
+                f"Cause: {self._error_text}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return True
+
+    # ------------------------------------------------------------------------------ writer thread
+    def _run(self) -> None:
+        pending: list[HostRecord] = []
+        pending_items = 0
+        last_flush = time.monotonic()
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping and not self._flush_wanted:
+                    timeout = self.flush_secs - (time.monotonic() - last_flush) if pending else None
+                    if timeout is not None and timeout <= 0:
+                        break
+                    self._cond.wait(timeout)
+                batch = list(self._queue)
+                self._queue.clear()
+                flush_wanted, self._flush_wanted = self._flush_wanted, 0
+                stopping = self._stopping
+            done_now = 0
+            for kind, item in batch:
+                if self.error is None:
+                    try:
+                        if kind == "record":
+                            pending.append(item.materialize())
+                            pending_items += 1
+                            if len(pending) >= self.flush_rows:
+                                self._append(pending)
+                                pending, last_flush = [], time.monotonic()
+                        else:
+                            item(self.writer)
+                    except BaseException as exc:  # keep the thread alive; report to the trainer
+                        self._fail(exc)
+                if kind == "record":
+                    with self._cond:
+                        self._queued_bytes -= max(int(getattr(item, "nbytes", 1)), 1)
+                        self._cond.notify_all()
+                else:
+                    done_now += 1
+            due = pending and (time.monotonic() - last_flush >= self.flush_secs)
+            if pending and (flush_wanted or stopping or due) and self.error is None:
+                try:
+                    self._append(pending)
+                except BaseException as exc:
+                    self._fail(exc)
+                pending, last_flush = [], time.monotonic()
+            if not pending or self.error is not None:
+                done_now += pending_items
+                pending, pending_items = [], 0
+            with self._cond:
+                self._done += done_now
+                self._cond.notify_all()
+            if stopping and not self._queue:
+                return
+
+    def _append(self, records: list[HostRecord]) -> None:
+        self.writer.append(records)
+        self.records_written += len(records)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self._error_text = f"{type(exc).__name__}: {exc}"
+        log.error("comgra: writer failed:\n%s", "".join(traceback.format_exception(exc)))
+        with self._cond:
+            self._cond.notify_all()
+
+
+@atexit.register
+def _close_live_writers() -> None:
+    """At interpreter exit, commit what is queued (status stays 'running': the run did not finish cleanly)."""
+    for bg in list(_LIVE):
+        try:
+            bg.flush(timeout=30)
+        except Exception:
+            pass

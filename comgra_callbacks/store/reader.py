@@ -1,0 +1,479 @@
+"""Read runs back: :func:`open_run`, :func:`open_runs` and :class:`Run`.
+
+A :class:`Run` loads its small index once (which steps were recorded, of which type) and then reads only
+the chunks a question needs: one node's statistics over training, or one node's neurons or samples at one
+step. It trusts ``manifest.json`` alone, so a run that is still being written (or was killed) reads
+consistently; :meth:`Run.refresh` picks up new records.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import time
+from collections.abc import Callable
+from functools import cached_property
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+
+from comgra_callbacks.errors import (
+    CorruptStoreError,
+    NodeNotFoundError,
+    RunNotFoundError,
+    StepNotFoundError,
+)
+from comgra_callbacks.store import format as fmt
+from comgra_callbacks.store.format import Manifest, SeriesKey
+from comgra_callbacks.store.storage import RunLocation, open_root, split_run_uri
+
+T = TypeVar("T")
+_NUMEL = fmt.STAT_INDEX["numel"]
+_RETRIES = 6
+
+
+def _retry(read: Callable[[], T], refresh: Callable[[], None]) -> T:
+    """Run a read; on an error (a chunk replaced under our feet) reopen and try again."""
+    for attempt in range(_RETRIES):
+        try:
+            return read()
+        except (KeyError, IndexError) as exc:
+            if isinstance(exc, (NodeNotFoundError, StepNotFoundError)):
+                raise
+            error: Exception = exc
+        except Exception as exc:
+            error = exc
+        if attempt == _RETRIES - 1:
+            raise error
+        time.sleep(0.02 * (attempt + 1))
+        refresh()
+    raise AssertionError("unreachable")
+
+
+class Run:
+    """One recorded training run.
+
+    Attributes:
+        name: the run's name (its group name under the root).
+        uri: its path or URL.
+        meta: run metadata (``meta.json``): status, versions, configuration, hyper-parameters.
+
+    Use :func:`open_run` rather than the constructor.
+    """
+
+    def __init__(self, location: RunLocation) -> None:
+        self.location = location
+        self.name = location.name
+        self.uri = location.uri
+        self._arrays: dict[str, Any] = {}
+        self._store: Any = None
+        self.refresh(force=True)
+
+    def __repr__(self) -> str:
+        return f"Run({self.name!r}, status={self.status!r}, records={len(self.steps)}, nodes={len(self.nodes)})"
+
+    # --------------------------------------------------------------------------------- loading
+    def refresh(self, *, force: bool = False) -> bool:
+        """Re-read the manifest and sidecars; True when there are new records (or anything changed)."""
+        meta = self.location.read_json(fmt.META_FILE)
+        if meta is None:
+            raise RunNotFoundError(f"no comgra run at {self.uri!r}: it has no {fmt.META_FILE}.")
+        if meta.get("format") != fmt.FORMAT_NAME:
+            raise RunNotFoundError(f"{self.uri!r} is not a comgra_callbacks run (its {fmt.META_FILE} says format={meta.get('format')!r}).")
+        fmt.check_version(meta.get("format_version"), f"the run at {self.uri!r}")
+        raw = self.location.read_json(fmt.MANIFEST_FILE)
+        if raw is None:
+            raise CorruptStoreError(f"the run at {self.uri!r} has no {fmt.MANIFEST_FILE}.")
+        fmt.check_version(raw.get("format_version"), f"the run at {self.uri!r}")
+        manifest = Manifest.from_json(raw)
+        old = getattr(self, "manifest", None)
+        changed = force or old is None or manifest.rows != old.rows or len(manifest.series) != len(old.series)
+        self.meta: dict[str, Any] = meta
+        self.manifest = manifest
+        if changed:
+            self._arrays.clear()
+            graph_raw = self.location.read_json(fmt.GRAPH_FILE) or {}
+            self._graph_raw: dict[str, Any] = graph_raw
+            for attr in ("steps", "records", "graph", "nodes", "_series_by_node", "_rows_by_step", "scalars", "notes"):
+                self.__dict__.pop(attr, None)
+        return changed or (old is not None and old.heartbeat != manifest.heartbeat and meta.get("status") != "running")
+
+    def _array(self, name: str) -> Any:
+        array = self._arrays.get(name)
+        if array is None:
+            import zarr
+
+            if self._store is None:
+                self._store = self.location.zarr_store(read_only=True)
+            array = zarr.open_array(self._store, path=name, mode="r", zarr_format=3)
+            self._arrays[name] = array
+        return array
+
+    def _read(self, name: str, selection: Any) -> np.ndarray:
+        def read() -> np.ndarray:
+            return np.asarray(self._array(name)[selection])
+
+        def reopen() -> None:
+            self._arrays.pop(name, None)
+
+        return _retry(read, reopen)
+
+    # ---------------------------------------------------------------------------------- index
+    @property
+    def status(self) -> str:
+        """``"running"``, ``"finished"`` or ``"failed"`` (a killed run stays ``"running"``; see ``heartbeat``)."""
+        return str(self.meta.get("status", "running"))
+
+    @property
+    def heartbeat(self) -> float:
+        """Time (seconds since the epoch) of the last commit by the writer."""
+        return self.manifest.heartbeat
+
+    @cached_property
+    def records(self) -> pd.DataFrame:
+        """Every committed record, including ones superseded by a resume (column ``superseded``)."""
+        m = self.manifest
+        columns = list(fmt.RECORD_COLUMNS) + ["time", "superseded"]
+        if m.rows == 0:
+            frame = pd.DataFrame({c: pd.Series(dtype="int64") for c in columns})
+            frame["step_type"] = frame["step_type"].astype(object)
+            frame["reason"] = frame["reason"].astype(object)
+            frame["time"] = pd.to_datetime(frame["time"], unit="s", utc=True)
+            frame["superseded"] = frame["superseded"].astype(bool)
+            frame.index.name = "record"
+            return frame
+        rec = self._read(fmt.RECORDS, slice(0, m.rows))
+        times = self._read(fmt.RECORD_TIME, slice(0, m.rows))
+        frame = pd.DataFrame(rec, columns=list(fmt.RECORD_COLUMNS))
+        frame["step_type"] = [m.step_types[i] for i in frame["step_type"]]
+        frame["reason"] = [m.reasons[i] for i in frame["reason"]]
+        frame["time"] = pd.to_datetime(times, unit="s", utc=True)
+        superseded = np.zeros(m.rows, dtype=bool)
+        for seg in m.segments[1:]:
+            superseded |= (frame["segment"].to_numpy() < seg["segment"]) & (frame["step"].to_numpy() >= seg["start_step"])
+        frame["superseded"] = superseded
+        frame.index.name = "record"
+        return frame
+
+    @cached_property
+    def steps(self) -> pd.DataFrame:
+        """One row per record (index: record number): step, step_type, epoch, batch_idx, time, reason."""
+        frame = self.records[~self.records["superseded"]]
+        return frame[["step", "step_type", "epoch", "batch_idx", "time", "reason"]]
+
+    @property
+    def step_types(self) -> list[str]:
+        """The step types that have records, in order of first appearance."""
+        return list(dict.fromkeys(self.steps["step_type"]))
+
+    @cached_property
+    def _rows_by_step(self) -> dict[int, list[int]]:
+        rows: dict[int, list[int]] = {}
+        for record, step in zip(self.steps.index, self.steps["step"]):
+            rows.setdefault(int(step), []).append(int(record))
+        return rows
+
+    # ----------------------------------------------------------------------------------- graph
+    @cached_property
+    def _series_by_node(self) -> dict[str, list[tuple[int, SeriesKey]]]:
+        out: dict[str, list[tuple[int, SeriesKey]]] = {}
+        for i, key in enumerate(self.manifest.series):
+            out.setdefault(key.node, []).append((i, key))
+        return out
+
+    @cached_property
+    def nodes(self) -> list[str]:
+        """Names of all nodes, in graph order where known, then in order of first record."""
+        names = list(self._graph_raw.get("nodes", {}))
+        seen = set(names)
+        names += [n for n in self._series_by_node if n not in seen]
+        return names
+
+    @cached_property
+    def graph(self) -> Any:
+        """The dependency graph (``networkx.DiGraph``), the union over step types.
+
+        Node attributes: ``kind``, ``roles``, ``shape``, ``module``, ``dtype``, ``iterations``, ``step_types``.
+        Edge attributes: ``source`` (``"autograd"``, ``"module"``, ``"target"`` or ``"manual"``), ``step_types``.
+        """
+        import networkx as nx
+
+        graph = nx.DiGraph()
+        for name, attrs in self._graph_raw.get("nodes", {}).items():
+            graph.add_node(name, **attrs, step_types=[])
+        for name in self.nodes:
+            if name not in graph:
+                graph.add_node(name, kind="intermediate", roles=self.roles(name), shape=None, module=None, step_types=[])
+        for step_type, sub in self._graph_raw.get("graphs", {}).items():
+            for name in sub.get("nodes", []):
+                if name in graph and step_type not in graph.nodes[name]["step_types"]:
+                    graph.nodes[name]["step_types"].append(step_type)
+            for src, dst, source in sub.get("edges", []):
+                if graph.has_edge(src, dst):
+                    graph.edges[src, dst]["step_types"].append(step_type)
+                else:
+                    graph.add_edge(src, dst, source=source, step_types=[step_type])
+        return graph
+
+    def graph_for(self, step_type: str) -> Any:
+        """The dependency graph as recorded for one step type."""
+        graphs = self._graph_raw.get("graphs", {})
+        if step_type not in graphs:
+            raise NodeNotFoundError(f"Run {self.name!r} has no graph for step type {step_type!r}; it has {sorted(graphs)}.")
+        keep = set(graphs[step_type].get("nodes", []))
+        full = self.graph
+        sub = full.subgraph(keep).copy()
+        sub.remove_edges_from([(u, v) for u, v, d in sub.edges(data=True) if step_type not in d["step_types"]])
+        return sub
+
+    @property
+    def modules(self) -> pd.DataFrame:
+        """The module tree: one row per module (index: dotted name, ``""`` for the root) with ``type``,
+        ``parent``, ``depth``, ``params`` (its own), ``params_total`` and ``trainable_total`` (with children)."""
+        rows = self.location.read_json(fmt.MODULES_FILE) or []
+        frame = pd.DataFrame(rows, columns=["name", "type", "parent", "depth", "params", "params_total", "trainable_total"])
+        return frame.set_index("name")
+
+    @cached_property
+    def scalars(self) -> pd.DataFrame:
+        """Logged scalars in long format: columns step, name, value."""
+        m = self.manifest
+        if m.scalars_len == 0:
+            return pd.DataFrame({"step": pd.Series(dtype="int64"), "name": pd.Series(dtype=object), "value": pd.Series(dtype="float64")})
+        block = self._read(fmt.SCALARS, slice(0, m.scalars_len))
+        return pd.DataFrame(
+            {"step": block[:, 0].astype(np.int64), "name": [m.scalar_names[int(i)] for i in block[:, 1]], "value": block[:, 2]}
+        )
+
+    @cached_property
+    def notes(self) -> pd.DataFrame:
+        """Notes recorded during training: columns step, time, text."""
+        items = self.location.read_json(fmt.NOTES_FILE) or []
+        return pd.DataFrame(items, columns=["step", "time", "text"])
+
+    # ------------------------------------------------------------------------ series selection
+    def roles(self, node: str) -> list[str | None]:
+        """The roles of a node, in order of first appearance (``[None]`` for a node without roles)."""
+        return list(dict.fromkeys(key.role for _, key in self._node_series(node)))
+
+    def views(self, node: str) -> list[str]:
+        """The views recorded for a node: value, grad, grad:<loss>, update."""
+        return list(dict.fromkeys(key.view for _, key in self._node_series(node)))
+
+    def iterations(self, node: str) -> list[int]:
+        """The iteration numbers recorded for a node (more than one when it ran several times in a step)."""
+        return sorted({key.iteration for _, key in self._node_series(node)})
+
+    def _node_series(self, node: str) -> list[tuple[int, SeriesKey]]:
+        series = self._series_by_node.get(node)
+        if series is None:
+            if node in self.nodes:
+                raise NodeNotFoundError(f"Node {node!r} of run {self.name!r} is in the graph but has no recorded data yet.")
+            close = difflib.get_close_matches(str(node), self.nodes, n=3)
+            hint = f" Did you mean {close}?" if close else f" It has {len(self.nodes)} nodes, e.g. {self.nodes[:5]}."
+            raise NodeNotFoundError(f"Run {self.name!r} has no node {node!r}.{hint}")
+        return series
+
+    def _columns(self, node: str, view: str, role: str | None, iteration: int | None) -> list[tuple[int, int]]:
+        """(iteration, column) pairs matching the selection, iteration ascending."""
+        series = self._node_series(node)
+        views = list(dict.fromkeys(key.view for _, key in series))
+        if view not in views:
+            raise NodeNotFoundError(f"`view`: node {node!r} of run {self.name!r} has no view {view!r}; it has {views}.")
+        roles = self.roles(node)
+        if role is None:
+            role = roles[0]
+        elif role not in roles:
+            raise NodeNotFoundError(f"`role`: node {node!r} of run {self.name!r} has no role {role!r}; it has {roles}.")
+        cols = sorted((key.iteration, i) for i, key in series if key.view == view and key.role == role)
+        if iteration is not None:
+            cols = [(it, i) for it, i in cols if it == iteration]
+            if not cols:
+                its = self.iterations(node)
+                raise NodeNotFoundError(f"`iteration`: node {node!r} has no iteration {iteration} for view {view!r}; it has {its}.")
+        return cols
+
+    def _record_rows(self, step_type: str | None) -> np.ndarray:
+        steps = self.steps
+        if step_type is not None:
+            if step_type not in set(steps["step_type"]):
+                raise StepNotFoundError(f"`step_type`: run {self.name!r} has no records of step type {step_type!r}; it has {self.step_types}.")
+            steps = steps[steps["step_type"] == step_type]
+        return steps.index.to_numpy()
+
+    def record_of(self, step: int, *, step_type: str | None = None) -> int:
+        """The record number of ``step`` (of ``step_type``); raises when ambiguous or missing."""
+        rows = self._rows_by_step.get(int(step), [])
+        if step_type is not None:
+            rows = [r for r in rows if self.steps.at[r, "step_type"] == step_type]
+        if not rows:
+            known = self.steps["step"].to_numpy()
+            near = known[np.argsort(np.abs(known - int(step)))[:3]].tolist() if len(known) else []
+            what = f" of step type {step_type!r}" if step_type else ""
+            raise StepNotFoundError(f"Run {self.name!r} has no record of step {step}{what}. Nearest recorded steps: {sorted(set(near))}.")
+        if len(rows) > 1:
+            types = [str(self.steps.at[r, "step_type"]) for r in rows]
+            if len(set(types)) > 1:
+                raise StepNotFoundError(
+                    f"Step {step} of run {self.name!r} has records of several step types {types}. HINT: pass step_type=."
+                )
+        return rows[-1]
+
+    # ------------------------------------------------------------------------------- the data
+    def stats(
+        self,
+        node: str,
+        *,
+        view: str = "value",
+        role: str | None = None,
+        iteration: int | None = None,
+        step_type: str | None = None,
+    ) -> pd.DataFrame:
+        """Batch statistics of one node over training: a DataFrame indexed by step, one column per statistic.
+
+        ``iteration=None`` takes, at each step, the last iteration recorded. Steps where the node was not
+        recorded are left out. The column ``update_ratio`` (‖update‖ / ‖weight‖) appears for ``view="update"``.
+        """
+        cols = self._columns(node, view, role, iteration)
+        rows = self._record_rows(step_type)
+        names = list(fmt.STAT_NAMES) if view == "update" else [n for n in fmt.STAT_NAMES if n != "update_ratio"]
+        if len(rows) == 0 or not cols:
+            return pd.DataFrame(columns=names, index=pd.Index([], name="step", dtype="int64"), dtype="float64")
+        stop = int(rows.max()) + 1
+        best = np.full((stop, len(fmt.STAT_NAMES)), np.nan, dtype=np.float32)
+        for _, col in cols:  # later iterations overwrite earlier ones where present
+            block = self._read(fmt.STATS, (slice(0, stop), col, slice(None)))
+            present = ~np.isnan(block[:, _NUMEL])
+            best[present] = block[present]
+        chosen = best[rows]
+        keep = ~np.isnan(chosen[:, _NUMEL])
+        frame = pd.DataFrame(chosen[keep], columns=list(fmt.STAT_NAMES)).astype("float64")
+        frame.index = pd.Index(self.steps.loc[rows[keep], "step"].to_numpy(), name="step")
+        frame.attrs.update(node=node, view=view, role=role, run=self.name)
+        return frame[names]
+
+    def _entry_column(self, node: str, record: int, view: str, role: str | None, iteration: int | None) -> int:
+        cols = self._columns(node, view, role, iteration)
+        numel = self._read(fmt.STATS, (record, [c for _, c in cols], _NUMEL)) if cols else np.array([])
+        present = [c for (_, c), n in zip(cols, np.atleast_1d(numel)) if not math.isnan(float(n))]
+        if not present:
+            step = int(self.steps.at[record, "step"]) if record in self.steps.index else record
+            raise StepNotFoundError(f"Node {node!r} (view {view!r}) was not recorded at step {step} of run {self.name!r}.")
+        return present[-1]
+
+    def neurons(
+        self,
+        node: str,
+        step: int,
+        *,
+        view: str = "value",
+        role: str | None = None,
+        iteration: int | None = None,
+        step_type: str | None = None,
+    ) -> pd.DataFrame:
+        """Per-neuron statistics at one step: one row per neuron, columns mean, std, abs_mean.
+
+        For activations a neuron is a feature of the last dimension, with statistics over every other axis
+        (the batch, positions); for parameters it is an output unit (the first axis).
+        """
+        record = self.record_of(step, step_type=step_type)
+        col = self._entry_column(node, record, view, role, iteration)
+        offset, width = (int(v) for v in self._read(fmt.NEURONS_PTR, (record, col, slice(None))))
+        if offset < 0:
+            raise StepNotFoundError(f"Node {node!r} has no per-neuron statistics at step {step} (detail was lower).")
+        n = len(fmt.NEURON_STAT_NAMES)
+        flat = self._read(fmt.NEURONS, slice(offset, offset + n * width))
+        frame = pd.DataFrame(flat.reshape(n, width).T.astype("float64"), columns=list(fmt.NEURON_STAT_NAMES))
+        frame.index.name = "neuron"
+        return frame
+
+    def samples(
+        self,
+        node: str,
+        step: int,
+        *,
+        view: str = "value",
+        role: str | None = None,
+        iteration: int | None = None,
+        step_type: str | None = None,
+    ) -> np.ndarray:
+        """The recorded individual samples at one step; first axis = sample (the full tensor for a
+        parameter recorded in full). Integer tensors come back with an integer dtype."""
+        record = self.record_of(step, step_type=step_type)
+        col = self._entry_column(node, record, view, role, iteration)
+        offset, shape_id = (int(v) for v in self._read(fmt.SAMPLES_PTR, (record, col, slice(None))))
+        if offset < 0:
+            raise StepNotFoundError(f"Node {node!r} has no samples at step {step} (detail was lower).")
+        shape = tuple(self.manifest.shapes[shape_id])
+        size = int(np.prod(shape)) if shape else 1
+        values = self._read(fmt.SAMPLES, slice(offset, offset + size)).reshape(shape)
+        dtype = self.manifest.dtypes[col] if col < len(self.manifest.dtypes) else "float32"
+        if dtype.startswith(("int", "uint")) or dtype == "bool":
+            return np.rint(values).astype(np.int64 if dtype != "bool" else np.bool_)
+        return values
+
+    def step_stats(self, step: int, *, view: str = "value", step_type: str | None = None) -> pd.DataFrame:
+        """Statistics of every node at one step (last iteration, default role): one row per node."""
+        record = self.record_of(step, step_type=step_type)
+        block = self._read(fmt.STATS, (record, slice(None), slice(None)))
+        rows: dict[str, np.ndarray] = {}
+        for node in self.nodes:
+            try:
+                cols = self._columns(node, view, None, None)
+            except NodeNotFoundError:
+                continue
+            for _, col in reversed(cols):
+                if col < len(block) and not math.isnan(float(block[col, _NUMEL])):
+                    rows[node] = block[col]
+                    break
+        frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(fmt.STAT_NAMES)).astype("float64")
+        frame.index.name = "node"
+        return frame
+
+
+def open_run(path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> Run:
+    """Open one run by its path or URL (``comgra_runs/2026-11-21_1200_ab12`` or ``s3://bucket/runs/name``).
+
+    Raises:
+        RunNotFoundError: nothing there, or not a comgra run.
+        FormatVersionError: written by an incompatible version.
+    """
+    root_uri, name = split_run_uri(path_or_url)
+    root = open_root(root_uri, storage_options)
+    return Run(root.run(name))
+
+
+def open_runs(
+    root: str | os.PathLike[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    errors: str = "warn",
+) -> list[Run]:
+    """Open every run under a root, sorted by name (run groups of ranks, ``name/rank1``, included).
+
+    Args:
+        errors: what to do with a run that cannot be opened: ``"warn"`` (skip it with a warning) or ``"raise"``.
+
+    Raises:
+        RunNotFoundError: the root does not exist.
+    """
+    import warnings
+
+    if errors not in ("warn", "raise"):
+        from comgra_callbacks.errors import ConfigError
+
+        raise ConfigError(f"`open_runs(errors=...)`: expected 'warn' or 'raise', got {errors!r}.")
+    opened = open_root(root, storage_options)
+    if not opened.exists():
+        raise RunNotFoundError(f"the root {opened.uri!r} does not exist.")
+    runs = []
+    for name in opened.list_run_names():
+        try:
+            runs.append(Run(opened.run(name)))
+        except Exception as exc:
+            if errors == "raise":
+                raise
+            warnings.warn(f"comgra: skipping run {name!r} under {opened.uri!r}: {exc}", RuntimeWarning, stacklevel=2)
+    return runs
