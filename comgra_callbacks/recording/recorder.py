@@ -5,6 +5,7 @@ An integration (Lightning, HuggingFace) translates its events into these calls::
     recorder.begin_step(step=..., step_type=..., epoch=..., batch_idx=..., batch=batch)   # hooks attached
     # forward: module hooks and record() calls capture tensors (snapshots; gradient hooks registered)
     recorder.before_backward(loss)       # the loss; dependency graph; gradients of each extra loss
+    recorder.end_forward()               # optional: ignore further forward passes (gradient accumulation)
     # backward: gradient hooks capture gradients
     recorder.before_optimizer_step()     # parameters and their gradients, as the forward pass saw them
     # optimizer step
@@ -116,6 +117,7 @@ class _Step:
     params_done: bool = False
     before: dict[str, Any] = field(default_factory=dict)
     graph_done: bool = False
+    forward_done: bool = False
 
     def add(self, snap: Snapshot) -> None:
         at = self.index.get(snap.key)
@@ -209,7 +211,7 @@ class Recorder:
     def capture(self, name: str, tensor: Any, *, kind: str, role: str | None = None, module: str | None = None, explicit: bool = False) -> None:
         """Capture one tensor on the current step (used by the hooks and by ``record()``)."""
         step = self._step
-        if step is None:
+        if step is None or step.forward_done:
             return
         import torch
 
@@ -259,6 +261,22 @@ class Recorder:
         for src in sources:
             if src is not None:
                 step.module_edges.update((src, name + suffix) for suffix, _ in outputs if src != name + suffix)
+
+    def end_forward(self) -> None:
+        """Stop capturing the forward pass of the current step; the step itself stays open.
+
+        The module hooks come off, and later module outputs and ``record()`` calls are ignored until
+        :meth:`end_step`. Gradient hooks of the tensors already captured stay: their backward is still to come.
+        Under gradient accumulation this records the first micro-batch only, while the parameters, their
+        gradients and updates are still taken at the optimizer step. Call it after :meth:`before_backward`.
+        """
+        step = self._step
+        if step is None:
+            return
+        step.forward_done = True
+        hooks, self._hooks = self._hooks, None
+        if hooks is not None:
+            hooks.remove()
 
     def connect(self, src: str, dst: str) -> None:
         if (src, dst) not in self._manual_edges:
