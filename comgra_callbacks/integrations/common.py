@@ -12,16 +12,19 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from comgra_callbacks import validation as v
 from comgra_callbacks._version import __version__
-from comgra_callbacks.errors import ConfigTypeError
+from comgra_callbacks.errors import ComgraError, ConfigTypeError, StoreError
 from comgra_callbacks.names import NameFilter, describe_filter, name_predicate
 from comgra_callbacks.recording.recorder import Recorder, RecorderConfig
 from comgra_callbacks.store.background import BackgroundWriter
 from comgra_callbacks.store.storage import check_run_name, open_root
 from comgra_callbacks.store.writer import RunWriter
+
+
+Ranks = Literal["zero", "all"]
 
 
 def default_run_name() -> str:
@@ -52,6 +55,7 @@ class RecordingOptions:
     max_queue_mb: int
     on_write_error: str
     log_scalars: bool
+    ranks: Ranks = "zero"
 
     @classmethod
     def validated(cls, owner: str, **kw: Any) -> RecordingOptions:
@@ -83,7 +87,15 @@ class RecordingOptions:
             max_queue_mb=v.positive_int(owner, "max_queue_mb", kw["max_queue_mb"]),
             on_write_error=v.one_of(owner, "on_write_error", kw["on_write_error"], ("warn", "raise")),
             log_scalars=v.boolean(owner, "log_scalars", kw["log_scalars"]),
+            ranks=v.one_of(owner, "ranks", kw.get("ranks", "zero"), ("zero", "all")),
         )
+
+    def should_record(self, step: int) -> bool:
+        """Whether the training step ``step`` (the optimizer step about to run, from 0) is recorded.
+
+        The one place where every integration asks this.
+        """
+        return step % self.every_n_steps == 0
 
     def recorder_config(self) -> RecorderConfig:
         return RecorderConfig(
@@ -115,6 +127,7 @@ class RecordingOptions:
             "batch_fn": describe_filter(self.batch_fn) if self.batch_fn else None,
             "max_neurons": self.max_neurons,
             "max_sample_numel": self.max_sample_numel,
+            "ranks": self.ranks,
         }
 
     def check_root(self) -> None:
@@ -137,6 +150,61 @@ class RecordingOptions:
 
     def run_exists(self, run_name: str) -> bool:
         return open_root(self.root, self.storage_options).run(run_name).read_bytes("manifest.json") is not None
+
+    # ------------------------------------------------------------------------------ distributed
+    def records_on(self, rank: int) -> bool:
+        """Whether the process of global rank ``rank`` records (``ranks="zero"``: rank 0 only)."""
+        return self.ranks == "all" or rank == 0
+
+    def run_name_for(self, run_name: str, rank: int) -> str:
+        """The run group a rank writes: ``run_name``, or ``run_name/rank<r>`` with ``ranks="all"``."""
+        return f"{run_name}/rank{rank}" if self.ranks == "all" else run_name
+
+    def root_problem(self, rank: int) -> ComgraError | None:
+        """Check the root from a rank that records: the error it would raise, or None.
+
+        Returned rather than raised, so that all ranks can agree to fail together (a rank that raised alone
+        would leave the others waiting in the next collective operation).
+        """
+        if not self.records_on(rank):
+            return None
+        try:
+            self.check_root()
+        except ComgraError as exc:
+            return exc
+        return None
+
+
+def agree_on_problem(
+    problem: ComgraError | None,
+    *,
+    ranks: Ranks,
+    broadcast: Callable[[Any], Any],
+    all_ok: Callable[[bool], bool],
+) -> None:
+    """Raise on every rank when the set-up check failed on a rank that records, else return.
+
+    Args:
+        problem: this rank's result of :meth:`RecordingOptions.root_problem`.
+        ranks: who records; with ``"zero"`` rank 0's result is broadcast, with ``"all"`` all ranks vote.
+        broadcast: sends an object from rank 0 to every rank and returns it (identity on one process).
+        all_ok: True on every rank when every rank passed True (identity on one process).
+
+    Raises:
+        ComgraError: this rank's own problem, or a :class:`StoreError` saying another rank failed.
+
+    >>> agree_on_problem(None, ranks="zero", broadcast=lambda x: x, all_ok=lambda ok: ok)
+    """
+    if ranks == "zero":
+        text = broadcast(None if problem is None else str(problem))
+        if text is None:
+            return
+        raise problem if problem is not None else StoreError(f"rank 0 could not open the store: {text}")
+    if all_ok(problem is None):
+        return
+    if problem is not None:
+        raise problem
+    raise StoreError("another rank could not open the store root (see its error); no rank records.")
 
 
 def versions() -> dict[str, str]:

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from comgra_callbacks.integrations.common import RecordingOptions, default_run_name, json_safe, versions
+from comgra_callbacks.integrations.common import (
+    RecordingOptions,
+    agree_on_problem,
+    default_run_name,
+    json_safe,
+    versions,
+)
 from comgra_callbacks.names import NameFilter, describe_filter
 from comgra_callbacks.recording.recorder import Recorder
 from comgra_callbacks.store.format import FORMAT_VERSION
@@ -27,7 +33,7 @@ class ComgraCallback(Callback):
     modules, anything passed to :func:`comgra_callbacks.record`, the loss passed to backward, and every
     parameter: values, gradients (also of each extra loss), and the update the optimizer made. Statistics are
     computed off the training thread and written by a background thread. A step that is not recorded costs
-    nothing (no hooks are attached). Only global rank zero records.
+    nothing (no hooks are attached). Under DDP only global rank zero records, unless ``ranks="all"``.
 
     Args:
         root: directory (or fsspec URL such as ``s3://bucket/prefix``) holding the runs.
@@ -49,11 +55,13 @@ class ComgraCallback(Callback):
         max_queue_mb: bound on the memory of records waiting to be written.
         on_write_error: ``"warn"`` (stop recording, keep training) or ``"raise"``.
         log_scalars: also store the trainer's logged metrics every ``log_every_n_steps``.
+        ranks: under distributed training, ``"zero"`` (global rank 0 records) or ``"all"`` (every rank records
+            into its own run group ``<run_name>/rank<r>`` of the same root).
 
     Raises:
         ConfigError: an argument has a wrong value (the message names it and what is expected).
         ConfigTypeError: an argument has a wrong type.
-        StoreError: at setup, when ``root`` cannot be written (before training starts).
+        StoreError: at setup, when ``root`` cannot be written (before training starts; on every rank).
 
     Example::
 
@@ -87,8 +95,9 @@ class ComgraCallback(Callback):
         storage_options: dict[str, Any] | None = None,
         flush_secs: float = 2.0,
         max_queue_mb: int = 256,
-        on_write_error: str = "warn",
+        on_write_error: Literal["warn", "raise"] = "warn",
         log_scalars: bool = True,
+        ranks: Literal["zero", "all"] = "zero",
     ) -> None:
         super().__init__()
         self.options = RecordingOptions.validated(
@@ -112,6 +121,7 @@ class ComgraCallback(Callback):
             max_queue_mb=max_queue_mb,
             on_write_error=on_write_error,
             log_scalars=log_scalars,
+            ranks=ranks,
         )
         self.run_name: str = run_name or default_run_name()
         self._explicit_name = run_name is not None
@@ -136,9 +146,14 @@ class ComgraCallback(Callback):
 
     # -------------------------------------------------------------------------------- set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.run_name = trainer.strategy.broadcast(self.run_name, src=0)
-        if trainer.is_global_zero:
-            self.options.check_root()
+        strategy = trainer.strategy
+        self.run_name = strategy.broadcast(self.run_name, src=0)
+        agree_on_problem(
+            self.options.root_problem(trainer.global_rank),
+            ranks=self.options.ranks,
+            broadcast=lambda obj: strategy.broadcast(obj, src=0),
+            all_ok=lambda ok: strategy.reduce_boolean_decision(ok, all=True),
+        )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._open(trainer, pl_module)
@@ -148,7 +163,7 @@ class ComgraCallback(Callback):
             self._open(trainer, pl_module)
 
     def _open(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or self._recorder is not None:
+        if not self.options.records_on(trainer.global_rank) or self._recorder is not None:
             return
         resume = self._opened_before or (self._restored is not None and self._restored.get("run_name") == self.run_name)
         meta = {
@@ -169,7 +184,8 @@ class ComgraCallback(Callback):
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
         }
-        self._recorder = self.options.open_recorder(self.run_name, pl_module, resume=resume, meta=meta)
+        run_name = self.options.run_name_for(self.run_name, trainer.global_rank)
+        self._recorder = self.options.open_recorder(run_name, pl_module, resume=resume, meta=meta)
         self._recorder.writer.submit(lambda w: w.start_segment(trainer.global_step))
         self._opened_before = True
 
@@ -179,7 +195,7 @@ class ComgraCallback(Callback):
         if recorder is None:
             return
         step = trainer.global_step
-        if step % self.options.every_n_steps or not _optimizer_steps_now(trainer, batch_idx):
+        if not self.options.should_record(step) or not _optimizer_steps_now(trainer, batch_idx):
             return
         if self._last_recorded == (step, "train"):
             return
