@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from comgra_callbacks.errors import ConfigError, StoreError, missing_extra
+from comgra_callbacks.errors import ConfigError, MissingDependencyError, StoreError, missing_extra
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 
@@ -224,9 +224,13 @@ class FsspecRoot(Root):
         try:
             self.fs, self.path = fsspec.core.url_to_fs(url, **self.storage_options)
         except ImportError as exc:
-            package = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
-            name = package.get(scheme, f"the fsspec driver for {scheme}://")
-            raise missing_extra(name, "s3" if name == "s3fs" else "all", f"the store root {url!r}") from exc
+            if scheme in ("s3", "s3a"):
+                raise missing_extra("s3fs", "s3", f"the store root {url!r}") from exc
+            package = {"gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}.get(scheme)
+            hint = f"pip install {package}" if package else f"install the fsspec driver for {scheme}://"
+            raise MissingDependencyError(
+                f"the store root {url!r} needs the fsspec driver for {scheme}:// ({exc}). HINT: {hint}"
+            ) from exc
         except ValueError as exc:
             raise ConfigError(f"`root`: cannot open the URL {url!r}: {exc}") from exc
 
