@@ -33,18 +33,21 @@ from comgra_callbacks.recording.context import connect, record
 
 _LAZY = {
     "ComgraCallback": "comgra_callbacks.integrations.lightning",
+    "ComgraTrainerCallback": "comgra_callbacks.integrations.hf",
     "open_run": "comgra_callbacks.store.reader",
     "open_runs": "comgra_callbacks.store.reader",
     "Run": "comgra_callbacks.store.reader",
 }
 
 if TYPE_CHECKING:
+    from comgra_callbacks.integrations.hf import ComgraTrainerCallback
     from comgra_callbacks.integrations.lightning import ComgraCallback
     from comgra_callbacks.store.reader import Run, open_run, open_runs
 
 __all__ = [
     "ComgraCallback",
     "ComgraError",
+    "ComgraTrainerCallback",
     "ConfigError",
     "ConfigTypeError",
     "CorruptStoreError",

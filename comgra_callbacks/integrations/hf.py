@@ -1,0 +1,414 @@
+"""ComgraTrainerCallback: record what happens inside a model trained by the HuggingFace ``Trainer``.
+
+A thin adapter over the framework-free :class:`~comgra_callbacks.recording.recorder.Recorder`, like
+:class:`~comgra_callbacks.integrations.lightning.ComgraCallback`. The ``Trainer`` gives callbacks neither the
+batch nor the loss, so two hooks on the model fill the gap while ``train()`` runs: a forward pre-hook sees the
+keyword arguments the model is called with (``input_ids``, ``attention_mask``, ``labels``, ...), and a forward
+hook sees its output (``output.loss``, before backward).
+
+What a recorded step holds (step ``s`` = ``state.global_step`` when the step begins, from 0):
+
+* **Gradient accumulation**: the forward pass of the *first* micro-batch only: its inputs, module outputs,
+  ``record()`` calls, loss, and the gradients of those tensors from its backward. Then the step stops
+  capturing (:meth:`Recorder.end_forward`); the other micro-batches run without any hook. Parameters, their
+  gradients and updates are taken at the optimizer step, so the gradients are those summed over all the
+  step's micro-batches: the ones the optimizer uses.
+* **The loss** is ``output.loss`` as the model returned it for that micro-batch, *before* the ``Trainer``
+  scales it (divides by the accumulation steps when the model does not normalise by ``num_items_in_batch``;
+  multiplies by the number of processes with ``average_tokens_across_devices``). Gradients of activations
+  are those of the loss the ``Trainer`` actually backpropagated.
+* **Gradient clipping**: ``on_pre_optimizer_step`` comes after ``clip_grad_norm_`` in transformers 5, so the
+  parameter gradients are recorded *after clipping* (what the optimizer applies; unlike the Lightning
+  callback, which records them before). The norm before clipping is the ``Trainer``'s logged ``grad_norm``,
+  stored as a scalar when ``log_scalars=True``.
+
+Hooks exist only while they are needed: the two model hooks from ``on_step_begin`` of a recorded step to the
+end of its first forward pass (and around evaluations when ``val_batches`` is set), the module hooks of the
+recorder likewise. A step that is not recorded runs without any hook.
+
+The ``Trainer`` has no exception event. An exception raised in a recorded forward pass reaches the forward
+hook (registered with ``always_call=True``), which removes every hook and marks the run ``failed`` with the
+error. Any other exception leaves no hook behind (none is attached at that time); the run is marked
+``failed`` when the exception ends the program (a chained ``sys.excepthook``, then the queued records are
+written too), at exit (``atexit``: only the status), or at the next ``train()`` of this callback, which then
+continues the same run (as after an ``auto_find_batch_size`` restart).
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+import warnings
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from comgra_callbacks.errors import RecordingError, missing_extra
+from comgra_callbacks.integrations.common import RecordingOptions, agree_on_problem, default_run_name, json_safe, versions
+from comgra_callbacks.integrations.dist import all_ok, broadcast_object
+from comgra_callbacks.names import NameFilter
+from comgra_callbacks.recording.capture import batch_tensors
+from comgra_callbacks.recording.recorder import Recorder
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess without transformers
+    raise missing_extra("transformers", "hf", "ComgraTrainerCallback") from exc
+
+# Keyword arguments the Trainer passes to the model that are not part of the batch.
+_NOT_INPUTS = frozenset({"num_items_in_batch", "return_dict", "output_attentions", "output_hidden_states", "use_cache"})
+_OPEN: weakref.WeakSet[ComgraTrainerCallback] = weakref.WeakSet()
+
+
+class ComgraTrainerCallback(TrainerCallback):
+    r"""Record activations, gradients, parameters and their updates of a model trained by ``transformers.Trainer``.
+
+    Takes the same options as :class:`~comgra_callbacks.ComgraCallback` (see there for each one) and writes the
+    same store; read it with :func:`comgra_callbacks.open_run`. The module docstring says exactly what a step
+    holds under gradient accumulation and clipping. ``batch_fn`` receives the keyword arguments the model is
+    called with (a dict). ``val_batches`` records the first batches of the evaluations run inside ``train()``
+    (step type ``"val"``, at most ``val_batches`` per training step).
+
+    Args:
+        root: directory or fsspec URL (``s3://bucket/prefix``) holding the runs.
+        run_name: the run's name; default: unique, sorting by start time (agreed across ranks).
+        every_n_steps: record every n-th optimizer step.
+        ranks: ``"zero"`` (only the process of global rank 0 records) or ``"all"`` (each rank writes the run
+            group ``<run_name>/rank<r>``).
+        modules, parameters, n_samples, neurons, grads, updates, per_loss_grads, val_batches, batch_fn,
+        max_neurons, max_sample_numel, storage_options, flush_secs, max_queue_mb, on_write_error,
+        log_scalars: as for :class:`~comgra_callbacks.ComgraCallback`.
+
+    Raises:
+        ConfigError: an argument has a wrong value. ConfigTypeError: a wrong type.
+        StoreError: at ``on_train_begin`` (before the first step, on every rank) when ``root`` cannot be
+            written.
+        MissingDependencyError: transformers is not installed (``pip install 'comgra-callbacks[hf]'``).
+
+    Example::
+
+        >>> from comgra_callbacks import ComgraTrainerCallback
+        >>> cb = ComgraTrainerCallback("comgra_runs", every_n_steps=50)
+        >>> trainer = transformers.Trainer(model=model, args=args, callbacks=[cb])  # doctest: +SKIP
+        >>> ComgraTrainerCallback(ranks="some")
+        Traceback (most recent call last):
+        ...
+        comgra_callbacks.errors.ConfigError: `ComgraTrainerCallback(ranks=...)`: expected one of ['zero', 'all'], got 'some'.
+    """
+
+    def __init__(
+        self,
+        root: str = "comgra_runs",
+        *,
+        run_name: str | None = None,
+        every_n_steps: int = 1,
+        modules: NameFilter = None,
+        parameters: NameFilter = None,
+        n_samples: int = 4,
+        neurons: bool = True,
+        grads: bool = True,
+        updates: bool = True,
+        per_loss_grads: bool = True,
+        val_batches: int = 0,
+        batch_fn: Callable[[Any], Mapping[str, Any]] | None = None,
+        max_neurons: int = 8192,
+        max_sample_numel: int = 65536,
+        storage_options: dict[str, Any] | None = None,
+        flush_secs: float = 2.0,
+        max_queue_mb: int = 256,
+        on_write_error: Literal["warn", "raise"] = "warn",
+        log_scalars: bool = True,
+        ranks: Literal["zero", "all"] = "zero",
+    ) -> None:
+        super().__init__()
+        self.options = RecordingOptions.validated(
+            type(self).__name__,
+            root=root,
+            run_name=run_name,
+            every_n_steps=every_n_steps,
+            modules=modules,
+            parameters=parameters,
+            n_samples=n_samples,
+            neurons=neurons,
+            grads=grads,
+            updates=updates,
+            per_loss_grads=per_loss_grads,
+            val_batches=val_batches,
+            batch_fn=batch_fn,
+            max_neurons=max_neurons,
+            max_sample_numel=max_sample_numel,
+            storage_options=storage_options,
+            flush_secs=flush_secs,
+            max_queue_mb=max_queue_mb,
+            on_write_error=on_write_error,
+            log_scalars=log_scalars,
+            ranks=ranks,
+        )
+        self.run_name: str = run_name or default_run_name()
+        self._recorder: Recorder | None = None
+        self._handles: list[Any] = []
+        self._capturing = False  # from on_step_begin of a recorded step to the end of its first forward
+        self._val_open = False
+        self._val_seen = 0
+        self._step = 0
+        self._epoch = 0
+        self._steps_in_epoch = 0
+        self._accumulation = 1
+        self._opened_before = False
+        self._stopped: str | None = None
+
+    @property
+    def recorder(self) -> Recorder | None:
+        """The recorder of the running ``train()`` (None on ranks that do not record and outside training)."""
+        return self._recorder
+
+    # -------------------------------------------------------------------------------- set-up
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self._recorder is not None:  # the previous train() of this callback raised outside a recorded forward
+            self._close("failed", "trainer.train() ended without on_train_end (an exception, or an interrupt)")
+        self._detach()  # an inert hook left by an exception in the forward (see _fail_in_forward)
+        self._stopped = None
+        rank = int(args.process_index)
+        self.run_name = broadcast_object(self.run_name)
+        agree_on_problem(self.options.root_problem(rank), ranks=self.options.ranks, broadcast=broadcast_object, all_ok=all_ok)
+        if not self.options.records_on(rank):
+            return
+        model = kwargs.get("model")
+        if model is None:
+            raise RecordingError("`ComgraTrainerCallback.on_train_begin`: the Trainer passed no `model`; nothing to record.")
+        meta = {
+            "config": self.options.describe(),
+            "versions": versions(),
+            "hparams": json_safe(_model_config(model)),
+            "framework": "transformers",
+            "model_class": type(model).__name__,
+            "trainer": json_safe(
+                {
+                    "max_steps": state.max_steps,
+                    "num_train_epochs": args.num_train_epochs,
+                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                    "max_grad_norm": args.max_grad_norm,
+                    "per_device_train_batch_size": args.per_device_train_batch_size,
+                    "learning_rate": args.learning_rate,
+                    "world_size": args.world_size,
+                }
+            ),
+            "recorded": {
+                "micro_batch": "first of each optimizer step",
+                "loss": "output.loss as returned by the model, before the Trainer scales it",
+                "parameter_grads": "summed over the step's micro-batches, after clipping",
+            },
+            "rank": rank,
+            "world_size": int(args.world_size),
+        }
+        run_name = self.options.run_name_for(self.run_name, rank)
+        recorder = self.options.open_recorder(run_name, model, resume=self._opened_before, meta=meta)
+        recorder.writer.submit(lambda w: w.start_segment(state.global_step))
+        self._recorder, self._opened_before = recorder, True
+        self._step, self._accumulation = state.global_step, max(int(args.gradient_accumulation_steps), 1)
+        _OPEN.add(self)
+        _install_exit_hooks()
+
+    # ------------------------------------------------------------------------------- training
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._steps_in_epoch = 0
+        self._epoch = int(state.epoch or 0)
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._step = step = state.global_step
+        self._detach()  # hooks left for an evaluation that did not come
+        recorder = self._recorder
+        if recorder is None:
+            if self._stopped is not None:
+                warnings.warn(f"comgra: {self._stopped}; training goes on without recording.", RuntimeWarning, stacklevel=2)
+                self._stopped = None  # warn once
+            return
+        if not self.options.should_record(step):
+            return
+        batch_idx = self._steps_in_epoch * self._accumulation  # the first micro-batch: the one recorded
+        recorder.begin_step(step=step, step_type="train", epoch=self._epoch, batch_idx=batch_idx)
+        self._capturing = True
+        self._attach(kwargs.get("model"))
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self._recorder is not None:
+            self._recorder.before_optimizer_step()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._detach()  # normally gone already, after the first forward
+        self._capturing = False
+        self._steps_in_epoch += 1
+        self._step, self._val_seen = state.global_step, 0
+        recorder = self._recorder
+        if recorder is not None and recorder.recording:
+            recorder.end_step()
+        self._expect_evaluation(control, kwargs.get("model"))
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._expect_evaluation(control, kwargs.get("model"))
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._detach()
+        self._capturing = self._val_open = False
+        if self._recorder is not None and self._recorder.recording:
+            self._recorder.abort_step()  # a val batch whose forward never finished
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        recorder = self._recorder
+        if recorder is None or not self.options.log_scalars or not logs:
+            return
+        numbers = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        recorder.log_scalars(state.global_step, numbers)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._close("finished")
+
+    def _expect_evaluation(self, control: TrainerControl, model: Any) -> None:
+        """Attach the model hooks when the Trainer is about to evaluate and validation batches are wanted."""
+        if self._recorder is not None and self.options.val_batches and control.should_evaluate:
+            self._attach(model)
+
+    # ---------------------------------------------------------------------------- model hooks
+    def _attach(self, model: Any) -> None:
+        """Hooks on the model itself, present only around a forward pass that is recorded."""
+        if self._handles or model is None:
+            return
+        self._handles.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True))
+
+    def _detach(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def _before_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        recorder = self._recorder
+        if recorder is None:
+            return
+        if not self._capturing:  # an evaluation batch?
+            if module.training or recorder.recording or self._val_seen >= self.options.val_batches:
+                return
+            recorder.begin_step(step=self._step, step_type="val", epoch=self._epoch, batch_idx=self._val_seen, grads=False)
+            self._val_seen += 1
+            self._capturing = self._val_open = True
+        named = {str(i): value for i, value in enumerate(args)}
+        named.update((k, v) for k, v in kwargs.items() if k not in _NOT_INPUTS)
+        for name, (kind, tensor) in batch_tensors(named, self.options.batch_fn).items():
+            recorder.capture(name, tensor, kind=kind)
+
+    def _after_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        recorder = self._recorder
+        if recorder is None:
+            return
+        error = sys.exc_info()[1]
+        if output is None and error is not None:  # torch calls an always_call hook after the forward raised
+            self._fail_in_forward(error)
+            return
+        if not self._capturing:
+            return
+        self._capturing = False
+        try:
+            loss = _loss_of(output)
+            if loss is not None:
+                recorder.before_backward(loss)
+        finally:
+            if self._val_open:
+                self._val_open = False
+                recorder.end_step()
+                if self._val_seen >= self.options.val_batches:
+                    self._detach()
+            else:
+                recorder.end_forward()
+                self._detach()
+
+    # --------------------------------------------------------------------------------- ending
+    def _fail_in_forward(self, error: BaseException) -> None:
+        """Mark the run failed from inside the forward hook that torch calls while the exception propagates.
+
+        Torch is iterating over the model's forward hooks at that moment: removing this hook is safe only when
+        it is the last one (else the iteration raises and hides the user's exception). When another hook
+        follows, this one stays attached, inert (the recorder is gone), until the next ``train()`` or exit.
+        """
+        post = self._handles[-1] if self._handles else None
+        hooks = post.hooks_dict_ref() if post is not None else None
+        keep = post is not None and hooks is not None and next(reversed(hooks), None) != post.id
+        self._handles = self._handles[:-1] if keep else self._handles
+        self._close("failed", f"{type(error).__name__}: {error} (raised in the model's forward at step {self._step})")
+        self._handles = [post] if keep else []
+        self._stopped = f"recording stopped at step {self._step} after an exception in the model's forward"
+
+    def _close(self, status: Literal["finished", "failed"], error: str | None = None) -> None:
+        self._detach()
+        self._capturing = self._val_open = False
+        _OPEN.discard(self)
+        recorder, self._recorder = self._recorder, None
+        if recorder is not None:
+            recorder.close(status, error)
+
+
+def _loss_of(output: Any) -> Any:
+    """The loss in a model's output: ``output["loss"]`` or, for a tuple, a scalar first element (the
+    ``Trainer``'s own convention); None when the model computed none."""
+    import torch
+
+    if isinstance(output, Mapping):
+        loss = output.get("loss")
+    elif isinstance(output, (tuple, list)) and output:
+        loss = output[0]
+    else:
+        loss = None
+    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+
+
+def _model_config(model: Any) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    try:
+        return dict(to_dict()) if callable(to_dict) else {}
+    except Exception:  # a custom config that cannot describe itself: the run still records
+        return {}
+
+
+def _close_unfinished(reason: str) -> None:
+    """Mark every run whose ``train()`` never reached ``on_train_end`` as failed, with ``reason``."""
+    for callback in list(_OPEN):
+        try:
+            callback._close("failed", f"training did not finish: {reason}")
+        except Exception:  # the store may be unreachable by now; the records already committed stay valid
+            pass
+
+
+def _excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    _close_unfinished(f"{kind.__name__}: {value}")
+    _previous_excepthook(kind, value, tb)
+
+
+def _at_exit() -> None:
+    uncaught = getattr(sys, "last_value", None)
+    with warnings.catch_warnings():  # thread pools are gone by now: records still queued cannot be written
+        warnings.simplefilter("ignore")
+        _close_unfinished(f"{type(uncaught).__name__}: {uncaught}" if uncaught is not None else "the process ended during training")
+
+
+_previous_excepthook = sys.excepthook
+
+
+def _install_exit_hooks() -> None:
+    """Once per process: close unfinished runs when an exception ends the program, or at exit.
+
+    ``sys.excepthook`` (chained to the previous hook) runs while the interpreter is still whole, so the
+    queued records are written. An ``atexit`` handler catches the rest (``sys.exit`` during training); by then
+    Python has stopped its thread pools, which zarr needs to write chunks, so only the run's status is
+    written and records not yet flushed (``flush_secs``) are lost. Installed when the first run opens, after
+    zarr was imported, so that it runs before zarr's own ``atexit`` clean-up.
+    """
+    global _previous_excepthook
+    if _installed:
+        return
+    _installed.append(True)
+    _previous_excepthook = sys.excepthook
+    sys.excepthook = _excepthook
+    atexit.register(_at_exit)
+
+
+_installed: list[bool] = []
