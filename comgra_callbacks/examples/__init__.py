@@ -1,0 +1,1 @@
+"""Runnable examples (``python -m comgra_callbacks.examples.<name>``)."""
