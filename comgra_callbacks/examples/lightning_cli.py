@@ -33,6 +33,7 @@ class TinyClassifier(LightningModule):
     def __init__(self, n_in: int = 8, hidden: int = 16, n_classes: int = 4, lr: float = 0.1) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.lr = lr
         self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,7 +48,7 @@ class TinyClassifier(LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 class PointsDataModule(LightningDataModule):

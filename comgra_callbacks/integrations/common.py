@@ -23,7 +23,6 @@ from comgra_callbacks.store.background import BackgroundWriter
 from comgra_callbacks.store.storage import check_run_name, open_root
 from comgra_callbacks.store.writer import RunWriter
 
-
 Ranks = Literal["zero", "all"]
 
 

@@ -44,11 +44,18 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from comgra_callbacks.errors import RecordingError, missing_extra
-from comgra_callbacks.integrations.common import RecordingOptions, agree_on_problem, default_run_name, json_safe, versions
+from comgra_callbacks.integrations.common import (
+    RecordingOptions,
+    agree_on_problem,
+    default_run_name,
+    json_safe,
+    versions,
+)
 from comgra_callbacks.integrations.dist import all_ok, broadcast_object
 from comgra_callbacks.names import NameFilter
 from comgra_callbacks.recording.capture import batch_tensors
 from comgra_callbacks.recording.recorder import Recorder
+from comgra_callbacks.store.writer import RunWriter
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -203,7 +210,12 @@ class ComgraTrainerCallback(TrainerCallback):
         }
         run_name = self.options.run_name_for(self.run_name, rank)
         recorder = self.options.open_recorder(run_name, model, resume=self._opened_before, meta=meta)
-        recorder.writer.submit(lambda w: w.start_segment(state.global_step))
+        start = int(state.global_step)
+
+        def begin_segment(writer: RunWriter) -> None:
+            writer.start_segment(start)
+
+        recorder.writer.submit(begin_segment)
         self._recorder, self._opened_before = recorder, True
         self._step, self._accumulation = state.global_step, max(int(args.gradient_accumulation_steps), 1)
         _OPEN.add(self)

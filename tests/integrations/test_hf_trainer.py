@@ -245,7 +245,7 @@ def test_unwritable_root_fails_before_the_first_step(tmp_path: Path) -> None:
     cb = ComgraTrainerCallback(blocker / "runs")
     with pytest.raises(StoreError, match=r"cannot create the store root .*file/runs"):
         Trainer(model=model, args=training_args(str(tmp_path / "out")), train_dataset=MaskedTokens(), callbacks=[cb]).train()
-    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
     assert hooked_modules(model) == [] and cb.recorder is None
 
 

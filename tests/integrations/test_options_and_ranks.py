@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 import torch
 
-from comgra_callbacks import ComgraCallback, ComgraTrainerCallback, ConfigError, StoreError, open_run, open_runs
+from comgra_callbacks import (
+    ComgraCallback,
+    ComgraTrainerCallback,
+    ConfigError,
+    StoreError,
+    open_run,
+    open_runs,
+)
 from comgra_callbacks.integrations.common import agree_on_problem
 
 from .conftest import quiet_lightning_trainer, tiny_lightning_module
@@ -78,7 +85,7 @@ def test_lightning_unwritable_root_fails_at_setup_before_training(tmp_path: Path
     cb = ComgraCallback(not_a_dir / "runs")
     with pytest.raises(StoreError, match=r"cannot create the store root .*file/runs"):
         quiet_lightning_trainer([cb], tmp_path, max_steps=2).fit(module, loader)
-    assert all(torch.equal(a, b.detach()) for a, b in zip(before, module.parameters()))  # no step ran
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, module.parameters(), strict=True))  # no step ran
     assert cb.recorder is None
 
 
