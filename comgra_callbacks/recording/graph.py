@@ -73,8 +73,8 @@ def autograd_edges(recorded: Iterable[Tensor_], parameters: dict[int, str]) -> s
         while stack:
             node, output_nr = stack.pop()
             names = by_output.get((id(node), output_nr))
-            if names is not None:
-                edges.update((src, name) for src in names if src != name)
+            if names is not None:  # the nearest recorded tensor; its own name means an earlier iteration
+                edges.update((src, name) for src in names)
                 continue
             if id(node) in seen:
                 continue
