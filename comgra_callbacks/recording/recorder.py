@@ -325,7 +325,7 @@ class Recorder:
             step.add(Snapshot(SeriesKey(name, None, 0, "value"), value, dtype, True, detail.neurons, detail.samples))
             if step.grads and p.grad is not None:
                 step.add(Snapshot(SeriesKey(name, None, 0, "grad"), _snapshot(p.grad), dtype, True, detail.neurons, detail.samples))
-            if keep_before:
+            if keep_before and p.requires_grad:  # frozen weights (requires_grad=False) cannot have updates
                 step.before[name] = value
 
     def end_step(self) -> bool:

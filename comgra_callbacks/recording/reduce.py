@@ -50,6 +50,7 @@ def stats_numpy(a: np.ndarray, reference_l2: float | None = None) -> np.ndarray:
     n = x.size
     out[_I["numel"]] = n
     if n == 0:
+        out[_I["nan_count"]] = out[_I["inf_count"]] = 0.0
         return out.astype(np.float32)
     total = float(x.sum(dtype=np.float64))
     if math.isfinite(total):
@@ -115,6 +116,8 @@ def stats_torch(t: Any, reference_l2: Any | None = None) -> Any:
     out = torch.full((N_STATS,), float("nan"), dtype=torch.float32, device=x.device)
     out[_I["numel"]] = float(n)
     if n == 0:
+        out[_I["nan_count"]] = 0.0
+        out[_I["inf_count"]] = 0.0
         return out
     finite = torch.isfinite(x)
     m = finite.sum()
