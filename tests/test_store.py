@@ -284,3 +284,27 @@ def test_run_killed_with_sigkill_stays_readable(tmp_path: Path) -> None:
         assert run.stats(node)["numel"].notna().all()
     assert run.samples("net.2", steps[-1]).shape == (4, 2)
     assert time.time() - run.heartbeat < 60
+
+
+class Shrinking(Item):
+    """Like PendingStep: its size drops to zero once materialized (the tensors are released)."""
+
+    def materialize(self) -> HostRecord:
+        self.nbytes = 0
+        return self.record
+
+
+def test_queue_accounting_survives_items_that_shrink(tmp_path: Path) -> None:
+    writer = BackgroundWriter(RunWriter(open_root(tmp_path).run("r")), max_queue_bytes=5000, flush_rows=4)
+    done = threading.Event()
+
+    def produce() -> None:
+        for step in range(60):  # 60 x 1000 bytes through a 5000-byte queue
+            writer.submit_record(Shrinking(synthetic(step)))
+        done.set()
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    assert done.wait(30), "the producer blocked: the queue never freed the bytes of written records"
+    writer.close("finished")
+    assert len(open_run(tmp_path / "r").steps) == 60
