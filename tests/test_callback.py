@@ -11,7 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from comgra_callbacks import ComgraCallback, ConfigError, ConfigTypeError, StoreError, open_run, open_runs, record
+from comgra_callbacks import (
+    ComgraCallback,
+    ConfigError,
+    ConfigTypeError,
+    StoreError,
+    open_run,
+    open_runs,
+    record,
+)
 from tests.conftest import classification_loader, make_mlp_module, quiet_trainer
 
 

@@ -115,7 +115,7 @@ def assemble(
         has_out = {src for src, _ in edges}
         for name, attrs in nodes.items():
             if attrs.get("kind") == "target" and name not in has_out:
-                edges[(name, backward_loss)] = "target"  # type: ignore[index]
+                edges[(name, backward_loss)] = "target"
     successors: dict[str, set[str]] = {}
     for src, dst in edges:
         if src != dst:

@@ -135,7 +135,7 @@ class PendingStep:
                 chosen = _sample_slice(t, snap.samples)
                 sample_shape = tuple(chosen.shape)
                 pieces.append(chosen.reshape(-1).to(torch.float32))
-            layout.append((reduce.N_STATS, neuron_shape, sample_shape))  # type: ignore[arg-type]
+            layout.append((reduce.N_STATS, neuron_shape, sample_shape))
         host = torch.cat([p.reshape(-1).to(torch.float32) for p in pieces]).cpu().numpy()
         entries = []
         offset = 0

@@ -32,7 +32,8 @@ _LIVE: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
 class PendingRecord(Protocol):
     """A record handed to the writer thread: its size, and how to turn it into a :class:`HostRecord`."""
 
-    nbytes: int
+    @property
+    def nbytes(self) -> int: ...
 
     def materialize(self) -> HostRecord: ...
 
