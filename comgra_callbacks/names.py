@@ -15,11 +15,10 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Iterable
-from typing import Union
 
 from comgra_callbacks.errors import ConfigTypeError
 
-NameFilter = Union[str, Iterable[str], Callable[[str], bool], None]
+NameFilter = str | Iterable[str] | Callable[[str], bool] | None
 
 
 def name_predicate(spec: NameFilter, *, owner: str = "name filter") -> Callable[[str], bool]:

@@ -123,7 +123,7 @@ class RecordingOptions:
             "updates": self.updates,
             "per_loss_grads": self.per_loss_grads,
             "val_batches": self.val_batches,
-            "batch_fn": describe_filter(self.batch_fn) if self.batch_fn else None,
+            "batch_fn": getattr(self.batch_fn, "__qualname__", repr(self.batch_fn)) if self.batch_fn else None,
             "max_neurons": self.max_neurons,
             "max_sample_numel": self.max_sample_numel,
             "ranks": self.ranks,

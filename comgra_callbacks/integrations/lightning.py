@@ -186,7 +186,12 @@ class ComgraCallback(Callback):
         }
         run_name = self.options.run_name_for(self.run_name, trainer.global_rank)
         self._recorder = self.options.open_recorder(run_name, pl_module, resume=resume, meta=meta)
-        self._recorder.writer.submit(lambda w: w.start_segment(trainer.global_step))
+        start_step = trainer.global_step
+
+        def start_segment(writer: Any) -> None:
+            writer.start_segment(start_step)
+
+        self._recorder.writer.submit(start_segment)
         self._opened_before = True
 
     # ------------------------------------------------------------------------------- training
@@ -215,7 +220,8 @@ class ComgraCallback(Callback):
         if recorder is None:
             return
         recorder.end_step()
-        if self.options.log_scalars and trainer.log_every_n_steps and trainer.global_step % trainer.log_every_n_steps == 0:
+        every = getattr(trainer, "log_every_n_steps", 50)  # set by Lightning's logger connector
+        if self.options.log_scalars and every and trainer.global_step % every == 0:
             recorder.log_scalars(trainer.global_step, _scalars(trainer, outputs))
 
     # ----------------------------------------------------------------------------- validation

@@ -73,8 +73,8 @@ def autograd_edges(recorded: Iterable[Tensor_], parameters: dict[int, str]) -> s
         while stack:
             node, output_nr = stack.pop()
             names = by_output.get((id(node), output_nr))
-            if names is not None:
-                edges.update((src, name) for src in names if src != name)
+            if names is not None:  # the nearest recorded tensor; its own name means an earlier iteration
+                edges.update((src, name) for src in names)
                 continue
             if id(node) in seen:
                 continue
@@ -115,7 +115,7 @@ def assemble(
         has_out = {src for src, _ in edges}
         for name, attrs in nodes.items():
             if attrs.get("kind") == "target" and name not in has_out:
-                edges[(name, backward_loss)] = "target"  # type: ignore[index]
+                edges[(name, backward_loss)] = "target"
     successors: dict[str, set[str]] = {}
     for src, dst in edges:
         if src != dst:

@@ -71,12 +71,11 @@ class PendingStep:
 
     def materialize(self) -> HostRecord:
         entries: list[HostEntry | None] = [None] * len(self.snapshots)
-        on_device: list[int] = []
-        for i, snap in enumerate(self.snapshots):
-            if self.backend == "auto" and snap.tensor.device.type == "cpu":
-                entries[i] = self._numpy_entry(snap)
-            else:
-                on_device.append(i)
+        on_cpu = [i for i, snap in enumerate(self.snapshots) if self.backend == "auto" and snap.tensor.device.type == "cpu"]
+        on_device = [i for i in range(len(self.snapshots)) if self.backend != "auto" or self.snapshots[i].tensor.device.type != "cpu"]
+        if on_cpu:
+            for i, entry in zip(on_cpu, self._numpy_entries([self.snapshots[i] for i in on_cpu])):
+                entries[i] = entry
         if on_device:
             for i, entry in zip(on_device, self._torch_entries([self.snapshots[i] for i in on_device])):
                 entries[i] = entry
@@ -86,23 +85,30 @@ class PendingStep:
         return record
 
     @staticmethod
-    def _numpy_entry(snap: Snapshot) -> HostEntry:
-        a = snap.tensor.numpy()
-        ref_l2 = None
-        if snap.reference is not None:
-            ref = snap.reference.numpy().reshape(-1)
-            ref_l2 = float(np.sqrt(np.dot(ref.astype(np.float64), ref.astype(np.float64))))
-        stats = reduce.stats_numpy(a, ref_l2)
-        neurons = None
-        if snap.neurons:
-            matrix = reduce.neuron_matrix_numpy(a, is_parameter=snap.is_parameter)
-            if matrix is not None:
-                bad = stats[STAT_INDEX["nan_count"]] + stats[STAT_INDEX["inf_count"]] > 0
-                neurons = reduce.neurons_numpy(matrix, has_nonfinite=bool(bad))
-        samples = None
-        if snap.samples:
-            samples = np.array(_sample_slice(a, snap.samples), dtype=np.float32, copy=True)
-        return HostEntry(snap.key, stats, neurons, samples, snap.dtype)
+    def _numpy_entries(snaps: list[Snapshot]) -> list[HostEntry]:
+        arrays = [snap.tensor.numpy() for snap in snaps]
+        stats = [reduce.stats_numpy(a) for a in arrays]
+        value_l2 = {snap.key.node: float(row[STAT_INDEX["l2"]]) for snap, row in zip(snaps, stats) if snap.key.view == "value" and snap.is_parameter}
+        entries = []
+        for snap, a, row in zip(snaps, arrays, stats):
+            if snap.reference is not None:
+                ref_l2 = value_l2.get(snap.key.node)
+                if ref_l2 is None:
+                    ref = snap.reference.numpy().reshape(-1).astype(np.float64)
+                    ref_l2 = float(np.sqrt(np.dot(ref, ref)))
+                l2 = float(row[STAT_INDEX["l2"]])
+                row[STAT_INDEX["update_ratio"]] = l2 / ref_l2 if ref_l2 > 0 else (np.inf if l2 > 0 else 0.0)
+            neurons = None
+            if snap.neurons:
+                matrix = reduce.neuron_matrix_numpy(a, is_parameter=snap.is_parameter)
+                if matrix is not None:
+                    bad = row[STAT_INDEX["nan_count"]] + row[STAT_INDEX["inf_count"]] > 0
+                    neurons = reduce.neurons_numpy(matrix, has_nonfinite=bool(bad))
+            samples = None
+            if snap.samples:
+                samples = np.array(_sample_slice(a, snap.samples), dtype=np.float32, copy=True)
+            entries.append(HostEntry(snap.key, row, neurons, samples, snap.dtype))
+        return entries
 
     @staticmethod
     def _torch_entries(snaps: list[Snapshot]) -> list[HostEntry]:
@@ -129,7 +135,7 @@ class PendingStep:
                 chosen = _sample_slice(t, snap.samples)
                 sample_shape = tuple(chosen.shape)
                 pieces.append(chosen.reshape(-1).to(torch.float32))
-            layout.append((reduce.N_STATS, neuron_shape, sample_shape))  # type: ignore[arg-type]
+            layout.append((reduce.N_STATS, neuron_shape, sample_shape))
         host = torch.cat([p.reshape(-1).to(torch.float32) for p in pieces]).cpu().numpy()
         entries = []
         offset = 0

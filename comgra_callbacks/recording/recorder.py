@@ -150,6 +150,7 @@ class Recorder:
         self._graph_signatures: dict[str, frozenset[str]] = {}
         self._node_attrs: dict[str, dict[str, Any]] = {}
         self._warned: set[str] = set()
+        self._details: dict[tuple[str, str, tuple[int, ...], bool], Detail] = {}
         self._hooks: ModuleHooks | None = None
         self.closed = False
         self.steps_recorded = 0
@@ -343,7 +344,7 @@ class Recorder:
             step.add(Snapshot(SeriesKey(name, None, 0, "value"), value, dtype, True, detail.neurons, detail.samples))
             if step.grads and p.grad is not None:
                 step.add(Snapshot(SeriesKey(name, None, 0, "grad"), _snapshot(p.grad), dtype, True, detail.neurons, detail.samples))
-            if keep_before:
+            if keep_before and p.requires_grad:  # frozen weights (requires_grad=False) cannot have updates
                 step.before[name] = value
 
     def end_step(self) -> bool:
@@ -436,6 +437,14 @@ class Recorder:
 
     # ----------------------------------------------------------------------------------- detail
     def _detail(self, name: str, kind: str, shape: tuple[int, ...], *, is_parameter: bool) -> Detail:
+        """The detail kept for a tensor (cached: it is asked for every tensor of every recorded step)."""
+        cache_key = (name, kind, shape, is_parameter)
+        cached = self._details.get(cache_key)
+        if cached is None:
+            cached = self._details[cache_key] = self._decide_detail(name, kind, shape, is_parameter=is_parameter)
+        return cached
+
+    def _decide_detail(self, name: str, kind: str, shape: tuple[int, ...], *, is_parameter: bool) -> Detail:
         detail = self.config.detail_fn(name, kind) if self.config.detail_fn is not None else None
         if detail is None:
             detail = Detail(neurons=self.config.neurons, samples=0 if is_parameter else self.config.n_samples)

@@ -50,8 +50,9 @@ def stats_numpy(a: np.ndarray, reference_l2: float | None = None) -> np.ndarray:
     n = x.size
     out[_I["numel"]] = n
     if n == 0:
+        out[_I["nan_count"]] = out[_I["inf_count"]] = 0.0
         return out.astype(np.float32)
-    total = float(x.sum(dtype=np.float64))
+    total = float(x.sum())  # numpy sums pairwise: float32 accumulation is accurate to ~1e-7 relative
     if math.isfinite(total):
         finite = x
         out[_I["nan_count"]] = 0.0
@@ -62,7 +63,7 @@ def stats_numpy(a: np.ndarray, reference_l2: float | None = None) -> np.ndarray:
         out[_I["nan_count"]] = float(nan_mask.sum())
         out[_I["inf_count"]] = float(inf_mask.sum())
         finite = x[~(nan_mask | inf_mask)]
-        total = float(finite.sum(dtype=np.float64))
+        total = float(finite.sum())
     out[_I["zero_frac"]] = (n - np.count_nonzero(x)) / n
     m = finite.size
     if m:
@@ -71,7 +72,7 @@ def stats_numpy(a: np.ndarray, reference_l2: float | None = None) -> np.ndarray:
         ss = float(np.dot(dev, dev))
         out[_I["mean"]] = mean
         out[_I["std"]] = math.sqrt(ss / (m - 1)) if m > 1 else 0.0
-        out[_I["abs_mean"]] = float(np.abs(finite).sum(dtype=np.float64)) / m
+        out[_I["abs_mean"]] = float(np.abs(finite).sum()) / m
         out[_I["min"]] = float(finite.min())
         out[_I["max"]] = float(finite.max())
         l2 = math.sqrt(max(ss + m * mean * mean, 0.0))
@@ -115,6 +116,8 @@ def stats_torch(t: Any, reference_l2: Any | None = None) -> Any:
     out = torch.full((N_STATS,), float("nan"), dtype=torch.float32, device=x.device)
     out[_I["numel"]] = float(n)
     if n == 0:
+        out[_I["nan_count"]] = 0.0
+        out[_I["inf_count"]] = 0.0
         return out
     finite = torch.isfinite(x)
     m = finite.sum()
@@ -181,7 +184,7 @@ def neuron_matrix_shape(shape: tuple[int, ...], *, is_parameter: bool) -> tuple[
     """
     if len(shape) == 0:
         return None
-    numel = int(np.prod(shape))
+    numel = math.prod(shape)
     if is_parameter:
         out = shape[0]
         return (numel // out if out else 0, out)

@@ -32,7 +32,8 @@ _LIVE: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
 class PendingRecord(Protocol):
     """A record handed to the writer thread: its size, and how to turn it into a :class:`HostRecord`."""
 
-    nbytes: int
+    @property
+    def nbytes(self) -> int: ...
 
     def materialize(self) -> HostRecord: ...
 
@@ -43,7 +44,8 @@ class BackgroundWriter:
     Args:
         writer: the synchronous writer it drives (owned by this object from now on).
         max_queue_bytes: bound on the bytes of records waiting to be written.
-        flush_rows: records per appended block.
+        flush_rows: most records per appended block.
+        flush_bytes: a block is also appended once its records hold this many bytes.
         flush_secs: longest time a record waits before it is committed (liveness for readers).
         on_error: ``"warn"`` (default): a failing write stops recording with a warning and training goes on;
             ``"raise"``: the next call from the training thread raises :class:`StoreError`.
@@ -54,17 +56,19 @@ class BackgroundWriter:
         writer: RunWriter,
         *,
         max_queue_bytes: int = 256 << 20,
-        flush_rows: int = 64,
+        flush_rows: int = 256,
+        flush_bytes: int = 32 << 20,
         flush_secs: float = 2.0,
         on_error: OnError = "warn",
     ) -> None:
         self.writer = writer
         self.max_queue_bytes = max_queue_bytes
         self.flush_rows = flush_rows
+        self.flush_bytes = flush_bytes
         self.flush_secs = flush_secs
         self.on_error = on_error
         self._cond = threading.Condition()
-        self._queue: deque[tuple[str, Any]] = deque()
+        self._queue: deque[tuple[str, Any, int]] = deque()  # (kind, item, bytes counted when queued)
         self._queued_bytes = 0
         self._submitted = 0
         self._done = 0
@@ -111,7 +115,7 @@ class BackgroundWriter:
                         RuntimeWarning,
                         stacklevel=4,
                     )
-            self._queue.append((kind, item))
+            self._queue.append((kind, item, nbytes))
             self._queued_bytes += nbytes
             self._submitted += 1
             self._cond.notify_all()
@@ -170,6 +174,7 @@ class BackgroundWriter:
     def _run(self) -> None:
         pending: list[HostRecord] = []
         pending_items = 0
+        pending_bytes = 0
         last_flush = time.monotonic()
         while True:
             with self._cond:
@@ -183,22 +188,23 @@ class BackgroundWriter:
                 flush_wanted, self._flush_wanted = self._flush_wanted, 0
                 stopping = self._stopping
             done_now = 0
-            for kind, item in batch:
+            for kind, item, nbytes in batch:
                 if self.error is None:
                     try:
                         if kind == "record":
                             pending.append(item.materialize())
                             pending_items += 1
-                            if len(pending) >= self.flush_rows:
+                            pending_bytes += nbytes
+                            if len(pending) >= self.flush_rows or pending_bytes >= self.flush_bytes:
                                 self._append(pending)
-                                pending, last_flush = [], time.monotonic()
+                                pending, pending_bytes, last_flush = [], 0, time.monotonic()
                         else:
                             item(self.writer)
                     except BaseException as exc:  # keep the thread alive; report to the trainer
                         self._fail(exc)
                 if kind == "record":
                     with self._cond:
-                        self._queued_bytes -= max(int(getattr(item, "nbytes", 1)), 1)
+                        self._queued_bytes -= nbytes  # as counted when queued: materialize() frees the tensors
                         self._cond.notify_all()
                 else:
                     done_now += 1
@@ -208,10 +214,10 @@ class BackgroundWriter:
                     self._append(pending)
                 except BaseException as exc:
                     self._fail(exc)
-                pending, last_flush = [], time.monotonic()
+                pending, pending_bytes, last_flush = [], 0, time.monotonic()
             if not pending or self.error is not None:
                 done_now += pending_items
-                pending, pending_items = [], 0
+                pending, pending_items, pending_bytes = [], 0, 0
             with self._cond:
                 self._done += done_now
                 self._cond.notify_all()

@@ -259,8 +259,10 @@ class Run:
         return list(dict.fromkeys(key.role for _, key in self._node_series(node)))
 
     def views(self, node: str) -> list[str]:
-        """The views recorded for a node: value, grad, grad:<loss>, update."""
-        return list(dict.fromkeys(key.view for _, key in self._node_series(node)))
+        """The views recorded for a node, in the order value, grad, grad:<loss> (by loss), update."""
+        found = set(key.view for _, key in self._node_series(node))
+        rank = {"value": (0, ""), "grad": (1, ""), "update": (3, "")}
+        return sorted(found, key=lambda view: rank.get(view, (2, view)))
 
     def iterations(self, node: str) -> list[int]:
         """The iteration numbers recorded for a node (more than one when it ran several times in a step)."""
@@ -279,7 +281,7 @@ class Run:
     def _columns(self, node: str, view: str, role: str | None, iteration: int | None) -> list[tuple[int, int]]:
         """(iteration, column) pairs matching the selection, iteration ascending."""
         series = self._node_series(node)
-        views = list(dict.fromkeys(key.view for _, key in series))
+        views = self.views(node)
         if view not in views:
             raise NodeNotFoundError(f"`view`: node {node!r} of run {self.name!r} has no view {view!r}; it has {views}.")
         roles = self.roles(node)

@@ -1,0 +1,198 @@
+"""What recording costs training: run with ``make bench`` or ``python benchmarks/recording_bench.py``.
+
+On the fixed workload of ``workload.py`` (4-layer MLP 64→256→256→256→10, batch 64, Adam, CPU, one thread,
+300 steps) it measures, side by side in one process:
+
+* Lightning: median step time without the callback; with it on steps it does not record; recording every
+  step with statistics only; with statistics + per-neuron statistics + all 64 samples;
+* bytes written per recorded step, the time training waited for the writer, and memory (RSS) growth;
+* a plain PyTorch loop with the framework-free recorder, to compare like for like with the original
+  comgra package (measured by ``comgra_env.py`` in its own virtual environment).
+
+A step's time is the wall time between consecutive batch starts, so it includes everything the callback
+does at the end of one step and the start of the next. Configurations run in interleaved rounds and the
+median of each is reported, to soften the noise of a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workload  # noqa: E402
+
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# ------------------------------------------------------------------------------------------ Lightning
+def lightning_run(config: dict[str, Any] | None, n_steps: int, root: Path) -> dict[str, Any]:
+    import lightning.pytorch as pl
+
+    from comgra_callbacks import ComgraCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = workload.make_model()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return workload.loss_fn(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return workload.make_optimizer(self)
+
+    class Timer(pl.Callback):
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+            self.rss: list[float] = []
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self.starts.append(time.perf_counter())
+            if len(self.starts) % 50 == 0:
+                self.rss.append(rss_mb())
+
+    timer = Timer()
+    callbacks: list[Any] = [timer]
+    comgra = None
+    if config is not None:
+        comgra = ComgraCallback(str(root), log_scalars=False, **config)
+        callbacks.append(comgra)
+    batches = workload.make_batches(n_steps + 1)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer = pl.Trainer(
+        max_steps=n_steps + 1, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", devices=1,
+    )
+    trainer.fit(Module(), loader)
+    periods = [b - a for a, b in zip(timer.starts, timer.starts[1:])][workload.WARMUP :]
+    result: dict[str, Any] = {"step_s": periods, "rss_mb": timer.rss}
+    if comgra is not None:
+        from comgra_callbacks import open_run
+
+        run = open_run(root / comgra.run_name)
+        records = len(run.steps)
+        result["records"] = records
+        result["bytes"] = dir_bytes(root / comgra.run_name)
+        result["bytes_per_record"] = result["bytes"] / max(records, 1)
+    return result
+
+
+# ------------------------------------------------------------------------------------- plain torch
+def torch_loop_run(record: bool, n_steps: int, root: Path) -> dict[str, Any]:
+    from comgra_callbacks.recording.recorder import Recorder, RecorderConfig
+    from comgra_callbacks.store.background import BackgroundWriter
+    from comgra_callbacks.store.storage import open_root
+    from comgra_callbacks.store.writer import RunWriter
+
+    model = workload.make_model()
+    optimizer = workload.make_optimizer(model)
+    batches = workload.make_batches(n_steps)
+    recorder = None
+    if record:
+        name = f"loop-{time.time_ns()}"
+        writer = BackgroundWriter(RunWriter(open_root(root).run(name)))
+        recorder = Recorder(RecorderConfig(neurons=False, n_samples=0), writer)
+        recorder.attach(model)
+    times = []
+    try:
+        for step, (x, y) in enumerate(batches):
+            start = time.perf_counter()
+            if recorder is not None:
+                recorder.begin_step(step=step, batch=(x, y))
+            optimizer.zero_grad(set_to_none=True)
+            loss = workload.loss_fn(model(x), y)
+            if recorder is not None:
+                recorder.before_backward(loss)
+            loss.backward()
+            if recorder is not None:
+                recorder.before_optimizer_step()
+            optimizer.step()
+            if recorder is not None:
+                recorder.end_step()
+            times.append(time.perf_counter() - start)
+    finally:
+        if recorder is not None:
+            recorder.close("finished")
+    return {"step_s": times[workload.WARMUP :]}
+
+
+CONFIGS: dict[str, dict[str, Any] | None] = {
+    "no_callback": None,
+    "callback_not_recording": {"every_n_steps": 10**9},
+    "every_step_stats": {"every_n_steps": 1, "neurons": False, "n_samples": 0},
+    "every_step_stats_neurons_all_samples": {"every_n_steps": 1, "neurons": True, "n_samples": workload.BATCH_SIZE},
+}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=workload.N_STEPS)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
+    parser.add_argument("--comgra", action="store_true", help="also run the original comgra 0.11.5 (own venv; minutes)")
+    parser.add_argument("--comgra-steps", type=int, default=60)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recording.json"))
+    args = parser.parse_args(argv)
+    workload.configure_torch()
+    samples: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    samples.update({"loop_plain": [], "loop_recorder_stats": []})
+    extra: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="comgra-bench-") as tmp:
+        for round_ in range(args.rounds):
+            for name, config in CONFIGS.items():
+                print(f"round {round_ + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
+                result = lightning_run(config, args.steps, Path(tmp) / f"{name}-{round_}")
+                samples[name] += result["step_s"]
+                extra[name] = {k: v for k, v in result.items() if k != "step_s"}
+            for name, record in (("loop_plain", False), ("loop_recorder_stats", True)):
+                print(f"round {round_ + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
+                samples[name] += torch_loop_run(record, args.steps, Path(tmp))["step_s"]
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    base = median["no_callback"]
+    summary: dict[str, Any] = {
+        "workload": "MLP 64-256-256-256-10, batch 64, Adam, CPU, 1 thread",
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "median_step_ms": {k: round(v * 1e3, 3) for k, v in median.items()},
+        "ratio_to_no_callback": {k: round(median[k] / base, 3) for k in CONFIGS},
+        "loop_ratio": round(median["loop_recorder_stats"] / median["loop_plain"], 3),
+        "bytes_per_record": {k: round(extra[k]["bytes_per_record"]) for k in CONFIGS if k in extra and "bytes_per_record" in extra[k]},
+        "rss_mb_every_50_steps": {k: [round(x) for x in extra[k]["rss_mb"]] for k in extra},
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+    }
+    if args.comgra:
+        from comgra_env import run_comgra_reference
+
+        reference = run_comgra_reference(args=["--n-steps", str(args.comgra_steps)])
+        summary["comgra_0_11_5"] = reference
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
