@@ -1,4 +1,4 @@
-"""Fixtures of the integration tests: a real S3-compatible server, subprocess runners, a quiet Lightning setup."""
+"""Fixtures of the integration tests: a real S3-compatible server, subprocess runners, the tiny Lightning example."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import uuid
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-torch.set_num_threads(1)
-for name in ("lightning.pytorch", "lightning.fabric", "werkzeug", "transformers"):
+for name in ("werkzeug", "transformers"):
     logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -83,27 +81,6 @@ def s3_bucket(s3_endpoint: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- Lightning
-
-
-def quiet_lightning_trainer(callbacks: list[Any], tmp: Path, **kw: Any) -> Any:
-    """A real Lightning Trainer on the CPU without logger, checkpoints, progress bar or model summary."""
-    import lightning.pytorch as pl
-
-    defaults: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp),
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-    )
-    defaults.update(kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pl.Trainer(callbacks=callbacks, **defaults)
 
 
 def tiny_lightning_module(seed: int = 0) -> Any:

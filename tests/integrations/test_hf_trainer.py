@@ -252,6 +252,19 @@ def test_unwritable_root_fails_before_the_first_step(tmp_path: Path) -> None:
     assert hooked_modules(model) == [] and cb.recorder is None
 
 
+def test_an_existing_run_name_fails_before_the_first_step(tmp_path: Path) -> None:
+    first = ComgraTrainerCallback(tmp_path / "runs", run_name="taken")
+    Trainer(model=tiny_bert(), args=training_args(str(tmp_path / "out"), max_steps=1), train_dataset=MaskedTokens(), callbacks=[first]).train()
+    trainer = Trainer(
+        model=tiny_bert(), args=training_args(str(tmp_path / "out")), train_dataset=MaskedTokens(),
+        callbacks=[ComgraTrainerCallback(tmp_path / "runs", run_name="taken")],
+    )
+    with pytest.raises(StoreError, match=r"a run already exists at .*taken'\. HINT: choose another `run_name`"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and context.active_recorders() == []
+    assert open_run(tmp_path / "runs" / "taken").status == "finished"  # the first run is untouched
+
+
 def test_missing_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     import comgra_callbacks
 

@@ -19,7 +19,8 @@ from comgra_callbacks import (
 )
 from comgra_callbacks.integrations.common import agree_on_problem
 
-from .conftest import quiet_lightning_trainer, tiny_lightning_module
+from ..conftest import quiet_trainer
+from .conftest import tiny_lightning_module
 
 
 @pytest.mark.parametrize("cls", [ComgraCallback, ComgraTrainerCallback])
@@ -69,7 +70,7 @@ def test_ranks_agree_to_fail_when_any_recording_rank_cannot_write() -> None:
 def test_lightning_ranks_all_writes_a_rank_group(tmp_path: Path) -> None:
     module, loader = tiny_lightning_module()
     cb = ComgraCallback(tmp_path / "runs", run_name="exp", every_n_steps=2, ranks="all", flush_secs=0.1)
-    quiet_lightning_trainer([cb], tmp_path, max_steps=4).fit(module, loader)
+    quiet_trainer([cb], tmp_path, max_steps=4).fit(module, loader)
     [run] = open_runs(tmp_path / "runs")
     assert run.name == "exp/rank0"
     assert (run.meta["rank"], run.meta["world_size"], run.meta["status"]) == (0, 1, "finished")
@@ -84,7 +85,7 @@ def test_lightning_unwritable_root_fails_at_setup_before_training(tmp_path: Path
     before = [p.detach().clone() for p in module.parameters()]
     cb = ComgraCallback(not_a_dir / "runs")
     with pytest.raises(StoreError, match=r"cannot create the store root .*file/runs"):
-        quiet_lightning_trainer([cb], tmp_path, max_steps=2).fit(module, loader)
+        quiet_trainer([cb], tmp_path, max_steps=2).fit(module, loader)
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, module.parameters(), strict=True))  # no step ran
     assert cb.recorder is None
 

@@ -31,7 +31,8 @@ from comgra_callbacks import (
 )
 from comgra_callbacks.store.writer import RunWriter
 
-from .conftest import explain, quiet_lightning_trainer, run_python, s3_options, tiny_lightning_module
+from ..conftest import quiet_trainer
+from .conftest import explain, run_python, s3_options, tiny_lightning_module
 
 pytestmark = pytest.mark.slow
 STEPS = 30
@@ -97,7 +98,7 @@ def _watch_writer_threads(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str
 def _train(root: str, tmp: Path, extra: list[Any], **options: Any) -> None:
     module, loader = tiny_lightning_module(seed=1)
     cb = ComgraCallback(root, run_name="exp", ranks="all", flush_secs=0.3, **options)
-    quiet_lightning_trainer([cb, *extra], tmp, max_steps=STEPS).fit(module, loader)
+    quiet_trainer([cb, *extra], tmp, max_steps=STEPS).fit(module, loader)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def _fit_and_expect(error: type[Exception], match: str, tmp_path: Path, root: st
             started.append(1)
 
     with pytest.raises(error, match=match):
-        quiet_lightning_trainer([ComgraCallback(root, **options), Started()], tmp_path, max_steps=2).fit(module, loader)
+        quiet_trainer([ComgraCallback(root, **options), Started()], tmp_path, max_steps=2).fit(module, loader)
     assert started == []  # failed at setup, before training
 
 
