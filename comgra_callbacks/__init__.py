@@ -29,7 +29,20 @@ from comgra_callbacks.errors import (
     StepNotFoundError,
     StoreError,
 )
-from comgra_callbacks.recording.context import connect, record
+from comgra_callbacks.recording.context import connect, note, record, record_this_step
+from comgra_callbacks.recording.sampling import Balanced, First, Indices, TopK
+from comgra_callbacks.recording.schedules import (
+    AllOf,
+    AnyOf,
+    Budget,
+    Decaying,
+    Every,
+    LogSpaced,
+    Never,
+    Spaced,
+    Steps,
+)
+from comgra_callbacks.recording.triggers import GradNorm, LossSpike, NonFinite, Predicate
 
 _LAZY = {
     "ComgraCallback": "comgra_callbacks.integrations.lightning",
@@ -45,25 +58,44 @@ if TYPE_CHECKING:
     from comgra_callbacks.store.reader import Run, open_run, open_runs
 
 __all__ = [
+    "AllOf",
+    "AnyOf",
+    "Balanced",
+    "Budget",
     "ComgraCallback",
     "ComgraError",
     "ComgraTrainerCallback",
     "ConfigError",
     "ConfigTypeError",
     "CorruptStoreError",
+    "Decaying",
+    "Every",
+    "First",
     "FormatVersionError",
+    "GradNorm",
+    "Indices",
+    "LogSpaced",
+    "LossSpike",
     "MissingDependencyError",
+    "Never",
     "NodeNotFoundError",
+    "NonFinite",
+    "Predicate",
     "RecordingError",
     "Run",
     "RunNotFoundError",
+    "Spaced",
     "StepNotFoundError",
     "StoreError",
+    "Steps",
+    "TopK",
     "__version__",
     "connect",
+    "note",
     "open_run",
     "open_runs",
     "record",
+    "record_this_step",
 ]
 
 

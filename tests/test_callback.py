@@ -189,7 +189,7 @@ def test_nan_values_are_counted_not_fatal(tmp_path: Path) -> None:
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    cb = ComgraCallback(str(tmp_path / "runs"), run_name="nan")
+    cb = ComgraCallback(str(tmp_path / "runs"), run_name="nan", detail={"poisoned": "samples"})
     quiet_trainer([cb], tmp_path, max_steps=3).fit(Poisoned(), classification_loader())
     run = open_run(tmp_path / "runs" / "nan")
     stats = run.stats("poisoned")

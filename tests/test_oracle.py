@@ -150,7 +150,7 @@ def oracle_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Oracle]:
     tmp = tmp_path_factory.mktemp("oracle")
     oracle = Oracle(["body.0", "body.1", "body.2", "head_a", "head_b"])
     # The oracle comes after ComgraCallback so that it finds the recorder's losses while the step records.
-    cb = ComgraCallback(str(tmp / "runs"), run_name="oracle", n_samples=N_SAMPLES)
+    cb = ComgraCallback(str(tmp / "runs"), run_name="oracle", n_samples=N_SAMPLES, detail={"body.*": "samples"})
     trainer = quiet_trainer([cb, oracle], tmp, max_steps=5)
     trainer.fit(TwoLossModel(), classification_loader(n_batches=5))
     return open_run(tmp / "runs" / "oracle"), oracle

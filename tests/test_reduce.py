@@ -13,6 +13,7 @@ from comgra_callbacks.recording import reduce
 from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot
 from comgra_callbacks.store.format import STAT_INDEX, STAT_NAMES, SeriesKey
 
+torch.manual_seed(1234)  # the cases are fixed
 CASES = {
     "normal": torch.randn(16, 5),
     "with_nan_and_inf": torch.tensor([[1.0, float("nan"), 3.0], [float("inf"), -2.0, 0.0], [float("-inf"), 4.0, 0.0]]),
@@ -76,7 +77,9 @@ def test_neuron_statistics_agree(case: str, is_parameter: bool) -> None:
     bad = bool((~torch.isfinite(t.double())).any())
     by_numpy = reduce.neurons_numpy(matrix_np, has_nonfinite=bad)
     by_torch = reduce.neurons_torch(matrix_t).numpy()
-    np.testing.assert_allclose(by_numpy, by_torch, rtol=1e-5, atol=1e-6, equal_nan=True)
+    # at 1000 +- 0.01, float32 inputs fix the std only to ~1e-4 relative; the backends round differently
+    rtol = 1e-3 if case == "large_offset" else 1e-5
+    np.testing.assert_allclose(by_numpy, by_torch, rtol=rtol, atol=1e-6, equal_nan=True)
     x = (t.double() if not is_parameter else t.double().reshape(t.shape[0], -1).T).numpy()
     masked = np.ma.masked_invalid(x)
     np.testing.assert_allclose(by_numpy[0], masked.mean(axis=0).filled(np.nan), rtol=1e-5, atol=1e-6, equal_nan=True)

@@ -11,14 +11,17 @@ import platform
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from comgra_callbacks import validation as v
 from comgra_callbacks._version import __version__
-from comgra_callbacks.errors import ComgraError, ConfigTypeError, StoreError
+from comgra_callbacks.errors import ComgraError, ConfigError, ConfigTypeError, StoreError
 from comgra_callbacks.names import NameFilter, describe_filter, name_predicate
+from comgra_callbacks.recording.policy import Plan, RecordingPolicy, detail_rules
 from comgra_callbacks.recording.recorder import Recorder, RecorderConfig
+from comgra_callbacks.recording.sampling import SampleSelector, as_selector
+from comgra_callbacks.recording.schedules import Every
 from comgra_callbacks.store.background import BackgroundWriter
 from comgra_callbacks.store.storage import check_run_name, open_root
 from comgra_callbacks.store.writer import RunWriter
@@ -55,6 +58,9 @@ class RecordingOptions:
     on_write_error: str
     log_scalars: bool
     ranks: Ranks = "zero"
+    detail: Mapping[str, str] | None = None
+    samples: SampleSelector | None = None
+    policy: RecordingPolicy = field(default_factory=RecordingPolicy)
 
     @classmethod
     def validated(cls, owner: str, **kw: Any) -> RecordingOptions:
@@ -66,10 +72,25 @@ class RecordingOptions:
             check_run_name(run_name, owner=f"{owner}(run_name=...)")
         name_predicate(kw["modules"], owner=f"{owner}(modules=...)")
         name_predicate(kw["parameters"], owner=f"{owner}(parameters=...)")
+        every_n_steps = v.positive_int(owner, "every_n_steps", kw["every_n_steps"])
+        schedule = kw.get("schedule")
+        if schedule is not None and every_n_steps != 1:
+            raise ConfigError(
+                f"`{owner}(every_n_steps=..., schedule=...)`: expected one of them, got every_n_steps={every_n_steps} and "
+                f"schedule={schedule!r}. HINT: every_n_steps=n is short for schedule=Every(n)."
+            )
+        policy = RecordingPolicy(
+            schedule=Every(every_n_steps) if schedule is None else schedule,
+            step_type=kw.get("step_type"),
+            triggers=kw.get("triggers") or (),
+            arm_every=kw.get("arm_every"),
+            owner=owner,
+        )
+        detail_rules(kw.get("detail"), owner)
         return cls(
             root=os.fspath(root),
             run_name=run_name,
-            every_n_steps=v.positive_int(owner, "every_n_steps", kw["every_n_steps"]),
+            every_n_steps=every_n_steps,
             modules=kw["modules"],
             parameters=kw["parameters"],
             n_samples=v.non_negative_int(owner, "n_samples", kw["n_samples"]),
@@ -87,14 +108,15 @@ class RecordingOptions:
             on_write_error=v.one_of(owner, "on_write_error", kw["on_write_error"], ("warn", "raise")),
             log_scalars=v.boolean(owner, "log_scalars", kw["log_scalars"]),
             ranks=v.one_of(owner, "ranks", kw.get("ranks", "zero"), ("zero", "all")),
+            detail=dict(kw["detail"]) if kw.get("detail") is not None else None,
+            samples=as_selector(kw.get("samples", "first"), owner),
+            policy=policy,
         )
 
-    def should_record(self, step: int) -> bool:
-        """Whether the training step ``step`` (the optimizer step about to run, from 0) is recorded.
-
-        The one place where every integration asks this.
-        """
-        return step % self.every_n_steps == 0
+    def plan(self, step: int, step_type: str) -> Plan | None:
+        """Whether the training step ``step`` (the optimizer step about to run, from 0) of ``step_type`` is
+        recorded, armed (kept only if a trigger fires) or skipped. The one place every integration asks."""
+        return self.policy.plan(step, step_type)
 
     def recorder_config(self) -> RecorderConfig:
         return RecorderConfig(
@@ -108,6 +130,8 @@ class RecordingOptions:
             updates=self.updates,
             per_loss_grads=self.per_loss_grads,
             batch_fn=self.batch_fn,
+            detail=self.detail,
+            samples=self.samples,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -127,6 +151,9 @@ class RecordingOptions:
             "max_neurons": self.max_neurons,
             "max_sample_numel": self.max_sample_numel,
             "ranks": self.ranks,
+            "detail": dict(self.detail) if self.detail else None,
+            "samples": repr(self.samples),
+            **self.policy.describe(),
         }
 
     def check_root(self) -> None:
@@ -143,7 +170,7 @@ class RecordingOptions:
             flush_secs=self.flush_secs,
             on_error=self.on_write_error,  # type: ignore[arg-type]
         )
-        recorder = Recorder(self.recorder_config(), background)
+        recorder = Recorder(self.recorder_config(), background, policy=self.policy)
         recorder.attach(model)
         return recorder
 

@@ -55,6 +55,9 @@ from comgra_callbacks.integrations.dist import all_ok, broadcast_object
 from comgra_callbacks.names import NameFilter
 from comgra_callbacks.recording.capture import batch_tensors
 from comgra_callbacks.recording.recorder import Recorder
+from comgra_callbacks.recording.sampling import SampleSelector
+from comgra_callbacks.recording.schedules import Schedule
+from comgra_callbacks.recording.triggers import Trigger
 from comgra_callbacks.store.writer import RunWriter
 
 try:
@@ -74,12 +77,14 @@ class ComgraTrainerCallback(TrainerCallback):
     same store; read it with :func:`comgra_callbacks.open_run`. The module docstring says exactly what a step
     holds under gradient accumulation and clipping. ``batch_fn`` receives the keyword arguments the model is
     called with (a dict). ``val_batches`` records the first batches of the evaluations run inside ``train()``
-    (step type ``"val"``, at most ``val_batches`` per training step).
+    (step type ``"val"``, at most ``val_batches`` per training step). ``step_type`` sees the same dict (of the
+    step's first micro-batch), as do ``Predicate`` triggers (``(output, inputs)``).
 
     Args:
         root: directory or fsspec URL (``s3://bucket/prefix``) holding the runs.
         run_name: the run's name; default: unique, sorting by start time (agreed across ranks).
-        every_n_steps: record every n-th optimizer step.
+        every_n_steps: record every n-th optimizer step (short for ``schedule=Every(n)``).
+        schedule, step_type, triggers, arm_every, detail, samples: as for :class:`~comgra_callbacks.ComgraCallback`.
         ranks: ``"zero"`` (only the process of global rank 0 records) or ``"all"`` (each rank writes the run
             group ``<run_name>/rank<r>``).
         modules, parameters, n_samples, neurons, grads, updates, per_loss_grads, val_batches, batch_fn,
@@ -109,6 +114,12 @@ class ComgraTrainerCallback(TrainerCallback):
         *,
         run_name: str | None = None,
         every_n_steps: int = 1,
+        schedule: Schedule | dict[str, Schedule] | None = None,
+        step_type: str | Callable[[Any, int], str] | None = None,
+        triggers: list[Trigger] | None = None,
+        arm_every: int | None = None,
+        detail: dict[str, str] | None = None,
+        samples: str | SampleSelector = "first",
         modules: NameFilter = None,
         parameters: NameFilter = None,
         n_samples: int = 4,
@@ -133,6 +144,12 @@ class ComgraTrainerCallback(TrainerCallback):
             root=root,
             run_name=run_name,
             every_n_steps=every_n_steps,
+            schedule=schedule,
+            step_type=step_type,
+            triggers=triggers,
+            arm_every=arm_every,
+            detail=detail,
+            samples=samples,
             modules=modules,
             parameters=parameters,
             n_samples=n_samples,
@@ -155,6 +172,9 @@ class ComgraTrainerCallback(TrainerCallback):
         self._recorder: Recorder | None = None
         self._handles: list[Any] = []
         self._capturing = False  # from on_step_begin of a recorded step to the end of its first forward
+        self._deciding = False  # step types come from the batch: decide in the first forward of the step
+        self._last_output: Any = None
+        self._last_inputs: Any = None
         self._val_open = False
         self._val_seen = 0
         self._step = 0
@@ -235,10 +255,17 @@ class ComgraTrainerCallback(TrainerCallback):
                 warnings.warn(f"comgra: {self._stopped}; training goes on without recording.", RuntimeWarning, stacklevel=2)
                 self._stopped = None  # warn once
             return
-        if not self.options.should_record(step):
-            return
         batch_idx = self._steps_in_epoch * self._accumulation  # the first micro-batch: the one recorded
-        recorder.begin_step(step=step, step_type="train", epoch=self._epoch, batch_idx=batch_idx)
+        recorder.set_context(step=step, epoch=self._epoch, batch_idx=batch_idx)
+        self._last_output = self._last_inputs = None
+        if self.options.policy.step_type is not None:  # the type is in the batch: decide in the forward
+            self._deciding = True
+            self._attach(kwargs.get("model"))
+            return
+        plan = self.options.plan(step, "train")
+        if plan is None:
+            return
+        recorder.begin_step(step=step, step_type="train", epoch=self._epoch, batch_idx=batch_idx, armed=plan == "arm")
         self._capturing = True
         self._attach(kwargs.get("model"))
 
@@ -248,12 +275,13 @@ class ComgraTrainerCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._detach()  # normally gone already, after the first forward
-        self._capturing = False
+        self._capturing = self._deciding = False
         self._steps_in_epoch += 1
         self._step, self._val_seen = state.global_step, 0
         recorder = self._recorder
         if recorder is not None and recorder.recording:
-            recorder.end_step()
+            recorder.end_step(outputs=self._last_output, batch=self._last_inputs)
+        self._last_output = self._last_inputs = None
         self._expect_evaluation(control, kwargs.get("model"))
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -297,16 +325,30 @@ class ComgraTrainerCallback(TrainerCallback):
         recorder = self._recorder
         if recorder is None:
             return
+        if self._deciding:  # the first forward of a training step whose type comes from its inputs
+            self._deciding = False
+            self._decide(recorder, module, args, kwargs)
         if not self._capturing:  # an evaluation batch?
             if module.training or recorder.recording or self._val_seen >= self.options.val_batches:
                 return
             recorder.begin_step(step=self._step, step_type="val", epoch=self._epoch, batch_idx=self._val_seen, grads=False)
             self._val_seen += 1
             self._capturing = self._val_open = True
-        named = {str(i): value for i, value in enumerate(args)}
-        named.update((k, v) for k, v in kwargs.items() if k not in _NOT_INPUTS)
+        named = _named_inputs(args, kwargs)
+        self._last_inputs = named
         for name, (kind, tensor) in batch_tensors(named, self.options.batch_fn).items():
             recorder.capture(name, tensor, kind=kind)
+
+    def _decide(self, recorder: Recorder, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Step type from the first micro-batch's inputs, then the plan; begin the step when it is wanted."""
+        named = _named_inputs(args, kwargs)
+        batch_idx = self._steps_in_epoch * self._accumulation
+        step_type = self.options.policy.step_type_of(named, batch_idx)
+        recorder.set_context(step=self._step, step_type=step_type, epoch=self._epoch, batch_idx=batch_idx, batch=named)
+        plan = self.options.plan(self._step, step_type) if module.training else None
+        if plan is not None:
+            recorder.begin_step(step=self._step, step_type=step_type, epoch=self._epoch, batch_idx=batch_idx, armed=plan == "arm")
+            self._capturing = True
 
     def _after_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         recorder = self._recorder
@@ -319,6 +361,7 @@ class ComgraTrainerCallback(TrainerCallback):
         if not self._capturing:
             return
         self._capturing = False
+        self._last_output = output
         try:
             loss = _loss_of(output)
             if loss is not None:
@@ -356,6 +399,13 @@ class ComgraTrainerCallback(TrainerCallback):
         recorder, self._recorder = self._recorder, None
         if recorder is not None:
             recorder.close(status, error)
+
+
+def _named_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The model's inputs by name: positional ones as ``"0"``, ``"1"``, ...; keyword ones by their names."""
+    named = {str(i): value for i, value in enumerate(args)}
+    named.update((k, v) for k, v in kwargs.items() if k not in _NOT_INPUTS)
+    return named
 
 
 def _loss_of(output: Any) -> Any:

@@ -23,6 +23,9 @@ from comgra_callbacks.integrations.common import (
 )
 from comgra_callbacks.names import NameFilter, describe_filter
 from comgra_callbacks.recording.recorder import Recorder
+from comgra_callbacks.recording.sampling import SampleSelector
+from comgra_callbacks.recording.schedules import Schedule
+from comgra_callbacks.recording.triggers import Trigger
 from comgra_callbacks.store.format import FORMAT_VERSION
 
 
@@ -39,11 +42,26 @@ class ComgraCallback(Callback):
         root: directory (or fsspec URL such as ``s3://bucket/prefix``) holding the runs.
         run_name: the run's group name under ``root``; default: a unique name sorting by start time.
             After resuming from a checkpoint the default is the checkpoint's run, continued.
-        every_n_steps: record every n-th optimizer step (``trainer.global_step``).
+        every_n_steps: record every n-th optimizer step (``trainer.global_step``); short for
+            ``schedule=Every(n)``.
+        schedule: which steps are recorded: a schedule (``Every``, ``Steps``, ``Decaying``, ``LogSpaced``,
+            ``Spaced``, ``Budget``, combined with ``|`` / ``&``), or a dict ``{step_type: schedule}`` with an
+            optional ``"*"`` for the other types.
+        step_type: what kind of batch this is: a batch field name, or a function ``(batch, batch_idx) -> str``;
+            default ``"train"``. Stored with every record; the graph is kept per step type.
+        triggers: decide after the batch whether an *armed* step is kept: ``LossSpike()``, ``NonFinite()``,
+            ``GradNorm(t)``, ``Predicate(fn)``. The record's ``reason`` names the trigger.
+        arm_every: arm every n-th step the schedule does not record (default 1 when there are triggers).
+            An armed step costs about as much as a recorded one on the training thread.
+        detail: ``{name glob: level}`` with levels ``"stats"``, ``"neurons"``, ``"samples"``, ``"full"``
+            (first match wins). Default: statistics and per-neuron statistics for every node, and samples for
+            inputs, targets, outputs and losses.
+        samples: which samples are kept: ``"first"``, ``Indices(field, ids)``, ``TopK(node)``,
+            ``Balanced(labels)``; the same batch positions for every node.
         modules: which modules' outputs are captured: None (every leaf module), a glob (``"encoder.*"``), a
             list of globs, or a callable ``name -> bool``.
         parameters: which parameters are recorded (same forms; None = all).
-        n_samples: how many individual samples of each non-parameter tensor are kept.
+        n_samples: how many individual samples are kept (where the detail asks for samples).
         neurons: keep per-neuron statistics.
         grads: record gradients. ``updates``: record parameter updates (costs a copy of the parameters on
             recorded steps). ``per_loss_grads``: gradients of every extra recorded loss (one backward each).
@@ -81,6 +99,12 @@ class ComgraCallback(Callback):
         *,
         run_name: str | None = None,
         every_n_steps: int = 1,
+        schedule: Schedule | dict[str, Schedule] | None = None,
+        step_type: str | Callable[[Any, int], str] | None = None,
+        triggers: list[Trigger] | None = None,
+        arm_every: int | None = None,
+        detail: dict[str, str] | None = None,
+        samples: str | SampleSelector = "first",
         modules: NameFilter = None,
         parameters: NameFilter = None,
         n_samples: int = 4,
@@ -105,6 +129,12 @@ class ComgraCallback(Callback):
             root=root,
             run_name=run_name,
             every_n_steps=every_n_steps,
+            schedule=schedule,
+            step_type=step_type,
+            triggers=triggers,
+            arm_every=arm_every,
+            detail=detail,
+            samples=samples,
             modules=modules,
             parameters=parameters,
             n_samples=n_samples,
@@ -199,13 +229,16 @@ class ComgraCallback(Callback):
         recorder = self._recorder
         if recorder is None:
             return
-        step = trainer.global_step
-        if not self.options.should_record(step) or not _optimizer_steps_now(trainer, batch_idx):
+        step, epoch = trainer.global_step, trainer.current_epoch
+        step_type = self.options.policy.step_type_of(batch, batch_idx)
+        recorder.set_context(step=step, step_type=step_type, epoch=epoch, batch_idx=batch_idx, batch=batch)
+        if not _optimizer_steps_now(trainer, batch_idx) or self._last_recorded == (step, step_type):
             return
-        if self._last_recorded == (step, "train"):
+        plan = self.options.plan(step, step_type)
+        if plan is None:
             return
-        self._last_recorded = (step, "train")
-        recorder.begin_step(step=step, step_type="train", epoch=trainer.current_epoch, batch_idx=batch_idx, batch=batch)
+        self._last_recorded = (step, step_type)
+        recorder.begin_step(step=step, step_type=step_type, epoch=epoch, batch_idx=batch_idx, batch=batch, armed=plan == "arm")
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         if self._recorder is not None:
@@ -219,7 +252,7 @@ class ComgraCallback(Callback):
         recorder = self._recorder
         if recorder is None:
             return
-        recorder.end_step()
+        recorder.end_step(outputs=outputs, batch=batch)
         every = getattr(trainer, "log_every_n_steps", 50)  # set by Lightning's logger connector
         if self.options.log_scalars and every and trainer.global_step % every == 0:
             recorder.log_scalars(trainer.global_step, _scalars(trainer, outputs))
@@ -250,10 +283,11 @@ class ComgraCallback(Callback):
 
     # ------------------------------------------------------------------------------ resuming
     def state_dict(self) -> dict[str, Any]:
-        return {"run_name": self.run_name, "root": self.options.root, "format_version": FORMAT_VERSION}
+        return {"run_name": self.run_name, "root": self.options.root, "format_version": FORMAT_VERSION, "policy": self.options.policy.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict)
+        self.options.policy.load_state_dict(state_dict.get("policy", {}))
         if not self._explicit_name and isinstance(state_dict.get("run_name"), str):
             self.run_name = state_dict["run_name"]
 

@@ -101,3 +101,26 @@ def connect(src_name: str, dst_name: str) -> None:
 def clear_connections() -> None:
     """Forget the edges :func:`connect` stored while no recorder was active (for tests and notebooks)."""
     _PENDING_EDGES.clear()
+
+
+def record_this_step() -> None:
+    """Keep the current training step, whatever the schedule says (its reason is ``"forced"``).
+
+    Call it from ``training_step`` or ``forward``. If the step was not being recorded, recording starts at
+    the call: the batch, tensors recorded after it, the loss, gradients and parameters are kept; module
+    outputs computed before the call are not (call it early, or arm steps with triggers).
+    """
+    for recorder in _ACTIVE:
+        recorder.force()
+
+
+def note(text: str) -> None:
+    """Store a free-text note with the current step (shown in the dashboard's Notes tab).
+
+    Raises:
+        ConfigTypeError: ``text`` is not a string.
+    """
+    if not isinstance(text, str):
+        raise ConfigTypeError(f"`note(text=...)`: expected a string, got {text!r} of type {type(text).__name__}.")
+    for recorder in _ACTIVE:
+        recorder.note(text)

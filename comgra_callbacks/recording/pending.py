@@ -1,13 +1,17 @@
 """A recorded step on its way to the store: snapshots taken on the training thread, reduced on the writer's.
 
 :class:`PendingStep` is what :class:`~comgra_callbacks.store.background.BackgroundWriter` queues. Its
-:meth:`PendingStep.materialize` runs on the writer thread and computes the statistics (see
-:mod:`comgra_callbacks.recording.reduce`): CPU snapshots with numpy, CUDA snapshots with torch on the device
-followed by one transfer of all of the step's results.
+:meth:`PendingStep.materialize` runs on the writer thread in two phases:
+
+1. batch statistics of every snapshot (see :mod:`comgra_callbacks.recording.reduce`): CPU snapshots with
+   numpy, others with torch on their device and one transfer of all results;
+2. for an *armed* step, the policy's triggers look at those statistics and decide whether it is kept;
+   only a kept step pays for per-neuron statistics and samples (again one transfer on a device).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,114 +47,161 @@ class Snapshot:
     reference: Any = None
 
 
-def _sample_slice(t: Any, samples: int) -> Any:
-    if samples == FULL or t.ndim == 0:
-        return t
-    return t[:samples]
-
-
 @dataclass
 class PendingStep:
-    """A recorded step: its place in training and its snapshots."""
+    """A recorded (or armed) step: its place in training and its snapshots.
+
+    ``reason`` is why it is kept (``"schedule"``, ``"forced"``, a trigger's name); None for an armed step
+    whose fate the policy decides from its statistics. ``sample_index`` holds the batch positions chosen
+    by a sample selector (None: the first samples), applied to tensors whose first axis is the batch.
+    """
 
     step: int
     step_type: str
     epoch: int
     batch_idx: int
     time: float
-    reason: str
+    reason: str | None
     snapshots: list[Snapshot] = field(default_factory=list)
     backend: str = "auto"  # "auto": numpy for CPU tensors, torch for others; "torch": torch for all
+    policy: Any = None
+    parameters: frozenset[str] = frozenset()
+    sample_index: Any = None
+    batch_size: int | None = None
 
     @property
     def nbytes(self) -> int:
-        total = 0
-        for snap in self.snapshots:
-            total += snap.tensor.numel() * snap.tensor.element_size()
-        return total
+        """Bytes held by the snapshots (what the queue bound counts; zero once materialized)."""
+        return sum(s.tensor.numel() * s.tensor.element_size() for s in self.snapshots)
 
-    def materialize(self) -> HostRecord:
-        entries: list[HostEntry | None] = [None] * len(self.snapshots)
-        on_cpu = [i for i, snap in enumerate(self.snapshots) if self.backend == "auto" and snap.tensor.device.type == "cpu"]
-        on_device = [i for i in range(len(self.snapshots)) if self.backend != "auto" or self.snapshots[i].tensor.device.type != "cpu"]
-        if on_cpu:
-            for i, entry in zip(on_cpu, self._numpy_entries([self.snapshots[i] for i in on_cpu])):
-                entries[i] = entry
-        if on_device:
-            for i, entry in zip(on_device, self._torch_entries([self.snapshots[i] for i in on_device])):
-                entries[i] = entry
+    def materialize(self) -> HostRecord | None:
+        """Statistics, the keep decision, then neurons and samples; None when an armed step is dropped."""
+        snaps, self.snapshots = self.snapshots, []  # release the tensors as soon as this returns
+        on_device = [self.backend != "auto" or s.tensor.device.type != "cpu" for s in snaps]
+        stats = _numpy_stats([s for s, d in zip(snaps, on_device) if not d])
+        device_stats = _torch_stats([s for s, d in zip(snaps, on_device) if d])
+        rows: list[np.ndarray] = []
+        for d in on_device:
+            rows.append(device_stats.pop(0) if d else stats.pop(0))
+        _update_ratios(snaps, rows)
+        if self.policy is not None:
+            from comgra_callbacks.recording.triggers import StepSummary
+
+            summary = StepSummary.from_entries([HostEntry(s.key, r) for s, r in zip(snaps, rows)], self.parameters)
+            self.reason = self.policy.decide(summary, self.reason)
+            if self.reason is None:
+                return None
+        elif self.reason is None:
+            self.reason = "schedule"
+        index = None if self.sample_index is None else self.sample_index.detach().to("cpu").reshape(-1)
+        host_details = _numpy_details([(s, r) for s, r, d in zip(snaps, rows, on_device) if not d], index, self.batch_size)
+        device_details = _torch_details([s for s, d in zip(snaps, on_device) if d], index, self.batch_size)
         record = HostRecord(self.step, self.step_type, self.epoch, self.batch_idx, self.time, self.reason)
-        record.entries = [e for e in entries if e is not None]
-        self.snapshots = []  # release the tensors as soon as they are reduced
+        for snap, row, d in zip(snaps, rows, on_device):
+            neurons, samples = device_details.pop(0) if d else host_details.pop(0)
+            record.entries.append(HostEntry(snap.key, row, neurons, samples, snap.dtype))
+        if self.policy is not None:
+            self.policy.kept(self.step, stored_bytes(record))
         return record
 
-    @staticmethod
-    def _numpy_entries(snaps: list[Snapshot]) -> list[HostEntry]:
-        arrays = [snap.tensor.numpy() for snap in snaps]
-        stats = [reduce.stats_numpy(a) for a in arrays]
-        value_l2 = {snap.key.node: float(row[STAT_INDEX["l2"]]) for snap, row in zip(snaps, stats) if snap.key.view == "value" and snap.is_parameter}
-        entries = []
-        for snap, a, row in zip(snaps, arrays, stats):
-            if snap.reference is not None:
-                ref_l2 = value_l2.get(snap.key.node)
-                if ref_l2 is None:
-                    ref = snap.reference.numpy().reshape(-1).astype(np.float64)
-                    ref_l2 = float(np.sqrt(np.dot(ref, ref)))
-                l2 = float(row[STAT_INDEX["l2"]])
-                row[STAT_INDEX["update_ratio"]] = l2 / ref_l2 if ref_l2 > 0 else (np.inf if l2 > 0 else 0.0)
-            neurons = None
-            if snap.neurons:
-                matrix = reduce.neuron_matrix_numpy(a, is_parameter=snap.is_parameter)
-                if matrix is not None:
-                    bad = row[STAT_INDEX["nan_count"]] + row[STAT_INDEX["inf_count"]] > 0
-                    neurons = reduce.neurons_numpy(matrix, has_nonfinite=bool(bad))
-            samples = None
-            if snap.samples:
-                samples = np.array(_sample_slice(a, snap.samples), dtype=np.float32, copy=True)
-            entries.append(HostEntry(snap.key, row, neurons, samples, snap.dtype))
-        return entries
 
-    @staticmethod
-    def _torch_entries(snaps: list[Snapshot]) -> list[HostEntry]:
-        """Reduce on the device, then move every result to the host in one transfer."""
-        import torch
+def stored_bytes(record: HostRecord) -> int:
+    """About how many bytes the record takes in the store (before compression)."""
+    total = 0
+    for entry in record.entries:
+        total += entry.stats.nbytes
+        total += 0 if entry.neurons is None else entry.neurons.nbytes
+        total += 0 if entry.samples is None else entry.samples.nbytes
+    return total
 
-        pieces: list[Any] = []
-        layout: list[tuple[int, tuple[int, int] | None, tuple[int, ...] | None]] = []
-        for snap in snaps:
-            t = snap.tensor
-            ref_l2 = None
-            if snap.reference is not None:
-                ref_l2 = torch.linalg.vector_norm(snap.reference.detach().reshape(-1).to(torch.float64))
-            pieces.append(reduce.stats_torch(t, ref_l2))
-            neuron_shape = None
-            if snap.neurons:
-                matrix = reduce.neuron_matrix_torch(t, is_parameter=snap.is_parameter)
-                if matrix is not None:
-                    values = reduce.neurons_torch(matrix)
-                    neuron_shape = tuple(values.shape)
-                    pieces.append(values.reshape(-1))
-            sample_shape = None
-            if snap.samples:
-                chosen = _sample_slice(t, snap.samples)
-                sample_shape = tuple(chosen.shape)
-                pieces.append(chosen.reshape(-1).to(torch.float32))
-            layout.append((reduce.N_STATS, neuron_shape, sample_shape))
-        host = torch.cat([p.reshape(-1).to(torch.float32) for p in pieces]).cpu().numpy()
-        entries = []
-        offset = 0
-        for snap, (n_stats, neuron_shape, sample_shape) in zip(snaps, layout):
-            stats = host[offset : offset + n_stats]
-            offset += n_stats
-            neurons = None
-            if neuron_shape is not None:
-                size = neuron_shape[0] * neuron_shape[1]
-                neurons = host[offset : offset + size].reshape(neuron_shape)
-                offset += size
-            samples = None
-            if sample_shape is not None:
-                size = int(np.prod(sample_shape)) if sample_shape else 1
-                samples = host[offset : offset + size].reshape(sample_shape)
-                offset += size
-            entries.append(HostEntry(snap.key, stats, neurons, samples, snap.dtype))
-        return entries
+
+def _update_ratios(snaps: list[Snapshot], rows: list[np.ndarray]) -> None:
+    """‖update‖ / ‖weight before‖, reusing the weight's norm from the same step when it was recorded."""
+    value_l2 = {s.key.node: float(r[STAT_INDEX["l2"]]) for s, r in zip(snaps, rows) if s.key.view == "value" and s.is_parameter}
+    for snap, row in zip(snaps, rows):
+        if snap.reference is None:
+            continue
+        ref_l2 = value_l2.get(snap.key.node)
+        if ref_l2 is None:
+            ref = snap.reference.detach().to("cpu").double().reshape(-1)
+            ref_l2 = float(ref.dot(ref).sqrt())
+        l2 = float(row[STAT_INDEX["l2"]])
+        row[STAT_INDEX["update_ratio"]] = l2 / ref_l2 if ref_l2 > 0 else (math.inf if l2 > 0 else 0.0)
+
+
+def _chosen_samples(t: Any, snap: Snapshot, index: Any, batch_size: int | None) -> Any:
+    if snap.samples == FULL or t.ndim == 0:
+        return t
+    if index is not None and not snap.is_parameter and batch_size is not None and t.shape[0] == batch_size:
+        return t[index]
+    return t[: snap.samples]
+
+
+# ------------------------------------------------------------------------------------ numpy (CPU)
+def _numpy_stats(snaps: list[Snapshot]) -> list[np.ndarray]:
+    return [reduce.stats_numpy(s.tensor.numpy()) for s in snaps]
+
+
+def _numpy_details(items: list[tuple[Snapshot, np.ndarray]], index: Any, batch_size: int | None) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
+    index_np = None if index is None else index.numpy()
+    out = []
+    for snap, row in items:
+        a = snap.tensor.numpy()
+        neurons = None
+        if snap.neurons:
+            matrix = reduce.neuron_matrix_numpy(a, is_parameter=snap.is_parameter)
+            if matrix is not None:
+                bad = row[STAT_INDEX["nan_count"]] + row[STAT_INDEX["inf_count"]] > 0
+                neurons = reduce.neurons_numpy(matrix, has_nonfinite=bool(bad))
+        samples = None
+        if snap.samples:
+            samples = np.array(_chosen_samples(a, snap, index_np, batch_size), dtype=np.float32, copy=True)
+        out.append((neurons, samples))
+    return out
+
+
+# --------------------------------------------------------------------------------- torch (device)
+def _torch_stats(snaps: list[Snapshot]) -> list[np.ndarray]:
+    if not snaps:
+        return []
+    import torch
+
+    host = torch.stack([reduce.stats_torch(s.tensor) for s in snaps]).cpu().numpy()  # one transfer
+    return [row.copy() for row in host]
+
+
+def _torch_details(snaps: list[Snapshot], index: Any, batch_size: int | None) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
+    if not snaps:
+        return []
+    import torch
+
+    pieces: list[Any] = []
+    layout: list[tuple[tuple[int, ...] | None, tuple[int, ...] | None]] = []
+    for snap in snaps:
+        neuron_shape = sample_shape = None
+        if snap.neurons:
+            matrix = reduce.neuron_matrix_torch(snap.tensor, is_parameter=snap.is_parameter)
+            if matrix is not None:
+                values = reduce.neurons_torch(matrix)
+                neuron_shape = tuple(values.shape)
+                pieces.append(values.reshape(-1))
+        if snap.samples:
+            device_index = None if index is None else index.to(snap.tensor.device)
+            chosen = _chosen_samples(snap.tensor, snap, device_index, batch_size)
+            sample_shape = tuple(chosen.shape)
+            pieces.append(chosen.reshape(-1).to(torch.float32))
+        layout.append((neuron_shape, sample_shape))
+    host = torch.cat([p.to(torch.float32) for p in pieces]).cpu().numpy() if pieces else np.empty(0, np.float32)  # one transfer
+    out = []
+    offset = 0
+    for neuron_shape, sample_shape in layout:
+        parts: list[np.ndarray | None] = []
+        for shape in (neuron_shape, sample_shape):
+            if shape is None:
+                parts.append(None)
+                continue
+            size = math.prod(shape)
+            parts.append(host[offset : offset + size].reshape(shape))
+            offset += size
+        out.append((parts[0], parts[1]))
+    return out

@@ -30,7 +30,9 @@ from comgra_callbacks.names import NameFilter, name_predicate
 from comgra_callbacks.recording import context, graph
 from comgra_callbacks.recording.capture import ModuleHooks, batch_tensors, input_tensors, output_tensors
 from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot
+from comgra_callbacks.recording.policy import RecordingPolicy, detail_rules
 from comgra_callbacks.recording.reduce import neuron_matrix_shape
+from comgra_callbacks.recording.sampling import First, SampleSelector
 from comgra_callbacks.store.background import BackgroundWriter
 from comgra_callbacks.store.format import SeriesKey
 
@@ -59,7 +61,11 @@ class RecorderConfig:
         max_sample_numel: samples are skipped (with a warning) when one sample has more elements.
         grads / updates / per_loss_grads: record gradients; parameter updates; gradients of each extra loss.
         batch_fn: names the tensors of a batch (see :func:`~.capture.batch_tensors`).
-        detail_fn: ``(name, kind) -> Detail | None`` overrides the default detail of a node.
+        detail: ``{name glob: level}`` with levels ``stats``, ``neurons``, ``samples``, ``full``; the first
+            matching glob wins. Default: statistics and per-neuron statistics for every node, and
+            ``n_samples`` samples for inputs, targets, outputs and losses.
+        samples: which samples are kept (:mod:`~.sampling`: first, Indices, TopK, Balanced).
+        detail_fn: ``(name, kind) -> Detail | None`` overrides everything else (for integrations).
         backend: ``"auto"`` (numpy for CPU tensors, torch on the device otherwise) or ``"torch"``.
     """
 
@@ -73,6 +79,8 @@ class RecorderConfig:
     updates: bool = True
     per_loss_grads: bool = True
     batch_fn: Callable[[Any], Mapping[str, Any]] | None = None
+    detail: Mapping[str, str] | None = None
+    samples: SampleSelector | None = None
     detail_fn: Callable[[str, str], Detail | None] | None = None
     backend: Literal["auto", "torch"] = "auto"
 
@@ -118,6 +126,8 @@ class _Step:
     before: dict[str, Any] = field(default_factory=dict)
     graph_done: bool = False
     forward_done: bool = False
+    values: dict[str, Any] = field(default_factory=dict)  # node name -> last recorded value (the original)
+    batch: Any = None
 
     def add(self, snap: Snapshot) -> None:
         at = self.index.get(snap.key)
@@ -134,11 +144,17 @@ class Recorder:
     Args:
         config: what to capture.
         writer: the background writer of the run (the recorder closes it).
+        policy: decides whether armed steps are kept (None: every begun step is kept).
     """
 
-    def __init__(self, config: RecorderConfig, writer: BackgroundWriter) -> None:
+    def __init__(self, config: RecorderConfig, writer: BackgroundWriter, policy: RecordingPolicy | None = None) -> None:
         self.config = config
         self.writer = writer
+        self.policy = policy
+        self._rules = detail_rules(config.detail, "detail")
+        self._selector = config.samples or First()
+        self._context: dict[str, Any] = {"step": 0, "step_type": "train", "epoch": 0, "batch_idx": 0, "batch": None}
+        self._notes: list[dict[str, Any]] = []
         self._step: _Step | None = None
         self._model: Any = None
         self._hook_modules: list[tuple[str, Any]] = []
@@ -191,23 +207,62 @@ class Recorder:
         batch: Any = None,
         reason: str = "schedule",
         grads: bool = True,
+        armed: bool = False,
     ) -> None:
-        """Start recording a step: attach the module hooks and capture the batch's tensors."""
+        """Start recording a step: attach the module hooks and capture the batch's tensors.
+
+        An ``armed`` step is captured the same way, but the policy's triggers decide after the batch whether
+        it is kept (its ``reason`` is then the trigger's name).
+        """
         if self.closed:
             raise RecordingError("the recorder is closed; it cannot record another step.")
         if self._step is not None:
             self.abort_step()
-        pending = PendingStep(step, step_type, epoch, batch_idx, time.time(), reason, backend=self.config.backend)
-        self._step = _Step(pending, grads=grads and self.config.grads)
+        pending = PendingStep(step, step_type, epoch, batch_idx, time.time(), None if armed else reason, backend=self.config.backend)
+        self._step = _Step(pending, grads=grads and self.config.grads, batch=batch)
         try:
             self._hooks = ModuleHooks(self._hook_modules, self._on_module_forward)
             self._hooks.attach()
             if batch is not None:
                 for name, (kind, tensor) in batch_tensors(batch, self.config.batch_fn).items():
                     self.capture(name, tensor, kind=kind)
+                    if pending.batch_size is None and tensor.dim() > 0:
+                        pending.batch_size = int(tensor.shape[0])
         except BaseException:
             self.abort_step()
             raise
+
+    # ------------------------------------------------------------------ context, forcing, notes
+    def set_context(self, *, step: int, step_type: str = "train", epoch: int = 0, batch_idx: int = 0, batch: Any = None) -> None:
+        """Where training is now, recorded or not (cheap): for ``record_this_step()`` and ``note()``."""
+        self._context = {"step": step, "step_type": step_type, "epoch": epoch, "batch_idx": batch_idx, "batch": batch}
+        if self._notes:
+            self._flush_notes()
+
+    def force(self) -> None:
+        """Keep the current step (``record_this_step()``). Not recorded yet: start now, from this point on."""
+        step = self._step
+        if step is not None:
+            step.pending.reason = "forced"
+            return
+        if self.closed:
+            return
+        c = self._context
+        self.begin_step(step=c["step"], step_type=c["step_type"], epoch=c["epoch"], batch_idx=c["batch_idx"], batch=c["batch"], reason="forced")
+
+    def note(self, text: str) -> None:
+        """A free-text note stored with the current step."""
+        self._notes.append({"step": int(self._context["step"]), "time": time.time(), "text": str(text)})
+        if len(self._notes) >= 100:
+            self._flush_notes()
+
+    def _flush_notes(self) -> None:
+        notes, self._notes = self._notes, []
+
+        def write(writer: Any) -> None:
+            writer.add_notes(notes)
+
+        self.writer.submit(write)
 
     def capture(self, name: str, tensor: Any, *, kind: str, role: str | None = None, module: str | None = None, explicit: bool = False) -> None:
         """Capture one tensor on the current step (used by the hooks and by ``record()``)."""
@@ -233,21 +288,20 @@ class Recorder:
         if role not in node["roles"]:
             node["roles"].append(role)
         node["iterations"] = max(node["iterations"], iteration + 1)
-        detail = self._detail(name, node["kind"], tuple(tensor.shape), is_parameter=False)
-        step.add(Snapshot(SeriesKey(name, role, iteration, "value"), _snapshot(tensor), _dtype_name(tensor), False, detail.neurons, detail.samples))
+        step.add(Snapshot(SeriesKey(name, role, iteration, "value"), _snapshot(tensor), _dtype_name(tensor)))
         step.recorded.append(graph.Tensor_.of(name, tensor))
         step.names_by_id[id(tensor)] = name
         step.keep_alive.append(tensor)
+        step.values[name] = tensor
         if node["kind"] == "loss":
             step.losses.append((name, tensor))
         if step.grads and tensor.requires_grad:
-            step.handles.append(tensor.register_hook(self._grad_hook(step, name, role, iteration, detail, _dtype_name(tensor))))
+            step.handles.append(tensor.register_hook(self._grad_hook(step, name, role, iteration, _dtype_name(tensor))))
 
-    def _grad_hook(self, step: _Step, name: str, role: str | None, iteration: int, detail: Detail, dtype: str) -> Callable[[Any], None]:
+    def _grad_hook(self, step: _Step, name: str, role: str | None, iteration: int, dtype: str) -> Callable[[Any], None]:
         def hook(grad: Any) -> None:
             if self._step is step and grad is not None:
-                key = SeriesKey(name, role, iteration, step.grad_view)
-                step.add(Snapshot(key, _grad_view(grad), dtype, False, detail.neurons, detail.samples))
+                step.add(Snapshot(SeriesKey(name, role, iteration, step.grad_view), _grad_view(grad), dtype))
 
         return hook
 
@@ -323,8 +377,7 @@ class Recorder:
                 grads = torch.autograd.grad(loss_tensor, [t for _, t in inputs], retain_graph=True, allow_unused=True)
                 for (pname, _), g in zip(params, grads):
                     if g is not None:
-                        detail = self._detail(pname, "parameter", tuple(g.shape), is_parameter=True)
-                        step.add(Snapshot(SeriesKey(pname, None, 0, step.grad_view), _grad_view(g), _dtype_name(g), True, detail.neurons, detail.samples))
+                        step.add(Snapshot(SeriesKey(pname, None, 0, step.grad_view), _grad_view(g), _dtype_name(g), True))
         finally:
             step.grad_view = "grad"
 
@@ -338,17 +391,19 @@ class Recorder:
     def _capture_parameters(self, step: _Step, *, keep_before: bool) -> None:
         step.params_done = True
         for name, p in self._params:
-            detail = self._detail(name, "parameter", tuple(p.shape), is_parameter=True)
             value = _snapshot(p)
             dtype = _dtype_name(p)
-            step.add(Snapshot(SeriesKey(name, None, 0, "value"), value, dtype, True, detail.neurons, detail.samples))
+            step.add(Snapshot(SeriesKey(name, None, 0, "value"), value, dtype, True))
             if step.grads and p.grad is not None:
-                step.add(Snapshot(SeriesKey(name, None, 0, "grad"), _snapshot(p.grad), dtype, True, detail.neurons, detail.samples))
+                step.add(Snapshot(SeriesKey(name, None, 0, "grad"), _snapshot(p.grad), dtype, True))
             if keep_before and p.requires_grad:  # frozen weights (requires_grad=False) cannot have updates
                 step.before[name] = value
 
-    def end_step(self) -> bool:
-        """Finish the step: parameter updates, hooks off, hand the step to the writer. True if it was queued."""
+    def end_step(self, outputs: Any = None, batch: Any = None) -> bool:
+        """Finish the step: parameter updates, hooks off, hand the step to the writer. True if it was queued.
+
+        ``outputs`` and ``batch`` feed the policy's batch triggers (e.g. :class:`~.triggers.Predicate`).
+        """
         step = self._step
         if step is None:
             return False
@@ -360,12 +415,20 @@ class Recorder:
                 before = step.before.get(name)
                 if before is not None:
                     delta = p.detach().to(before.dtype) - before
-                    detail = self._detail(name, "parameter", tuple(p.shape), is_parameter=True)
-                    step.add(Snapshot(SeriesKey(name, None, 0, "update"), delta, _dtype_name(p), True, detail.neurons, detail.samples, reference=before))
+                    step.add(Snapshot(SeriesKey(name, None, 0, "update"), delta, _dtype_name(p), True, reference=before))
             if not step.graph_done:
                 self._build_graph(step)
+            pending = step.pending
+            if self.policy is not None:
+                fired = self.policy.batch_reasons(outputs, batch if batch is not None else step.batch)
+                if fired and pending.reason is None:
+                    pending.reason = fired[0]
+                pending.policy = self.policy
+                pending.parameters = frozenset(self._param_nodes)
+            self._select_samples(step)
+            self._finalize_details(step)
             self._step = None
-            queued = self.writer.submit_record(step.pending)
+            queued = self.writer.submit_record(pending)
             if queued:
                 self.steps_recorded += 1
             return queued
@@ -406,6 +469,8 @@ class Recorder:
             return
         self.closed = True
         self.abort_step()
+        if self._notes:
+            self._flush_notes()
         context.deactivate(self)
         self._model = None
         self._hook_modules, self._params = [], []
@@ -444,10 +509,45 @@ class Recorder:
             cached = self._details[cache_key] = self._decide_detail(name, kind, shape, is_parameter=is_parameter)
         return cached
 
+    def _finalize_details(self, step: _Step) -> None:
+        """Decide each snapshot's detail now that the graph has settled the kinds (e.g. ``output``)."""
+        for snap in step.pending.snapshots:
+            node = snap.key.node
+            if node in ("sample_index", "sample_dataset_index") and not snap.is_parameter and step.nodes.get(node, {}).get("selection"):
+                snap.neurons, snap.samples = False, FULL
+                continue
+            attrs = self._node_attrs.get(node) or step.nodes.get(node) or self._param_nodes.get(node) or {}
+            detail = self._detail(node, str(attrs.get("kind", "intermediate")), tuple(snap.tensor.shape), is_parameter=snap.is_parameter)
+            snap.neurons, snap.samples = detail.neurons, detail.samples
+
+    def _select_samples(self, step: _Step) -> None:
+        """Choose the batch positions kept as samples (one choice for every node) and record them."""
+        pending = step.pending
+        if isinstance(self._selector, First) or pending.batch_size is None or not self.config.n_samples:
+            return
+        import torch
+
+        positions, dataset_ids = self._selector.select(step.batch, step.values, pending.batch_size, self.config.n_samples)
+        if positions is None:
+            return
+        pending.sample_index = positions
+        for name, values in (("sample_index", positions), ("sample_dataset_index", dataset_ids)):
+            if values is not None:
+                tensor = torch.as_tensor(values).detach().reshape(-1).to("cpu", torch.int64)
+                step.nodes[name] = {"kind": "input", "module": None, "shape": list(tensor.shape), "dtype": "int64", "roles": [None], "iterations": 1, "selection": True}
+                step.add(Snapshot(SeriesKey(name, None, 0, "value"), tensor, "int64"))
+
     def _decide_detail(self, name: str, kind: str, shape: tuple[int, ...], *, is_parameter: bool) -> Detail:
         detail = self.config.detail_fn(name, kind) if self.config.detail_fn is not None else None
         if detail is None:
-            detail = Detail(neurons=self.config.neurons, samples=0 if is_parameter else self.config.n_samples)
+            for matches, level in self._rules:
+                if matches(name):
+                    k = self.config.n_samples
+                    detail = {"stats": Detail(False, 0), "neurons": Detail(True, 0), "samples": Detail(True, k), "full": Detail(True, FULL)}[level]
+                    break
+        if detail is None:
+            with_samples = not is_parameter and kind in ("input", "target", "output", "loss")
+            detail = Detail(neurons=self.config.neurons, samples=self.config.n_samples if with_samples else 0)
         neurons, samples = detail.neurons, detail.samples
         matrix = neuron_matrix_shape(shape, is_parameter=is_parameter)
         if neurons and matrix is not None and matrix[1] > self.config.max_neurons:

@@ -35,7 +35,8 @@ class PendingRecord(Protocol):
     @property
     def nbytes(self) -> int: ...
 
-    def materialize(self) -> HostRecord: ...
+    def materialize(self) -> HostRecord | None:
+        """The record, or None when it is not to be written after all (an armed step nobody kept)."""
 
 
 class BackgroundWriter:
@@ -81,6 +82,7 @@ class BackgroundWriter:
         self._warned_slow = False
         self.wait_seconds = 0.0  # time the training thread spent waiting for room in the queue
         self.records_written = 0
+        self.records_dropped = 0  # armed steps that were not kept
         self._thread = threading.Thread(target=self._run, name=f"comgra-writer-{writer.location.name}", daemon=True)
         self._thread.start()
         _LIVE.add(self)
@@ -192,9 +194,13 @@ class BackgroundWriter:
                 if self.error is None:
                     try:
                         if kind == "record":
-                            pending.append(item.materialize())
+                            record = item.materialize()
                             pending_items += 1
-                            pending_bytes += nbytes
+                            if record is not None:
+                                pending.append(record)
+                                pending_bytes += nbytes
+                            else:
+                                self.records_dropped += 1
                             if len(pending) >= self.flush_rows or pending_bytes >= self.flush_bytes:
                                 self._append(pending)
                                 pending, pending_bytes, last_flush = [], 0, time.monotonic()

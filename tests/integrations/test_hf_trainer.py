@@ -143,7 +143,8 @@ class PerPositionBert(torch.nn.Module):
 
 
 def test_per_token_roles_through_record(tmp_path: Path) -> None:
-    cb = ComgraTrainerCallback(tmp_path / "runs", run_name="roles", every_n_steps=3, n_samples=4, flush_secs=0.1)
+    detail = {"inner.cls.predictions.decoder": "samples", "logits_by_position": "samples"}
+    cb = ComgraTrainerCallback(tmp_path / "runs", run_name="roles", every_n_steps=3, n_samples=4, flush_secs=0.1, detail=detail)
     Trainer(model=PerPositionBert(), args=training_args(str(tmp_path / "out"), max_steps=4), train_dataset=MaskedTokens(), callbacks=[cb]).train()
     run = open_run(tmp_path / "runs" / "roles")
     assert run.roles("logits_by_position") == [str(i) for i in range(SEQ)]

@@ -36,7 +36,7 @@ def test_both_callbacks_validate_the_same_options(cls: Any) -> None:
     with pytest.raises(ConfigError, match=rf"`{cls.__name__}\(on_write_error=\.\.\.\)`: expected one of"):
         cls("runs", on_write_error="ignore")
     options = cls("runs", every_n_steps=3).options
-    assert [s for s in range(10) if options.should_record(s)] == [0, 3, 6, 9]
+    assert [s for s in range(10) if options.plan(s, "train") == "record"] == [0, 3, 6, 9]
 
 
 class _Rank0Error(StoreError):

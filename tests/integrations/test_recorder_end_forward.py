@@ -35,7 +35,7 @@ def test_end_forward_records_the_first_micro_batch_only(tmp_path: Path) -> None:
 
     handle = model[0].register_forward_hook(oracle)
     location = open_root(tmp_path).run("r")
-    recorder = Recorder(RecorderConfig(n_samples=5), BackgroundWriter(RunWriter(location)))
+    recorder = Recorder(RecorderConfig(n_samples=5, detail={"*": "samples"}), BackgroundWriter(RunWriter(location)))
     try:
         recorder.attach(model)
         recorder.begin_step(step=0, batch=x1)
