@@ -35,7 +35,8 @@ def steps_of(schedule: Schedule, n: int = 200) -> list[int]:
         if schedule.wants(step, last):
             kept.append(step)
             last = step
-            schedule.observe(step, 100)
+            schedule.counted(step)
+            schedule.stored(100)
     return kept
 
 
@@ -93,11 +94,12 @@ def test_budget_state_round_trip() -> None:
     first = Budget(Every(1), max_records=4)
     for step in range(4):
         assert first.wants(step)
-        first.observe(step, 10)
+        first.counted(step)
+        first.stored(10)
     state = json.loads(json.dumps(first.state_dict()))
     second = Budget(Every(1), max_records=4)
     second.load_state_dict(state)
-    assert [s for s in range(4, 40) if second.wants(s) and (second.observe(s, 10) or True)] == [5, 9, 17, 33]
+    assert [s for s in range(4, 40) if second.wants(s) and (second.counted(s) or True)] == [5, 9, 17, 33]
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,7 @@ class PendingStep:
         if self.policy is not None:
             from comgra_callbacks.recording.triggers import StepSummary
 
-            summary = StepSummary.from_entries([HostEntry(s.key, r) for s, r in zip(snaps, rows)], self.parameters)
+            summary = StepSummary.from_entries([HostEntry(s.key, r) for s, r in zip(snaps, rows)], self.parameters, self.step)
             self.reason = self.policy.decide(summary, self.reason)
             if self.reason is None:
                 return None

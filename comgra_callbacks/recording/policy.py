@@ -96,6 +96,7 @@ class RecordingPolicy:
         schedule = self.schedules.get(step_type, self.schedules.get("*"))
         if schedule is not None and schedule.wants(step, self._last.get(step_type)):
             self._last[step_type] = step
+            schedule.counted(step)
             return "record"
         if self.arm_every is not None and step % self.arm_every == 0:
             return "arm"
@@ -112,11 +113,19 @@ class RecordingPolicy:
             fired = [t.name for t in self.triggers if t.check(summary)]
         if reason is not None:
             return reason
-        return fired[0] if fired else None
+        if not fired:
+            return None
+        for schedule in self._unique_schedules():  # kept by a trigger: a record the schedule did not plan
+            schedule.counted(summary.step if summary.step is not None else -1)
+        return fired[0]
 
     def kept(self, step: int, nbytes: int) -> None:
-        for schedule in {id(s): s for s in self.schedules.values()}.values():
-            schedule.observe(step, nbytes)
+        """A record was kept and took about ``nbytes`` bytes (writer thread)."""
+        for schedule in self._unique_schedules():
+            schedule.stored(nbytes)
+
+    def _unique_schedules(self) -> list[Schedule]:
+        return list({id(s): s for s in self.schedules.values()}.values())
 
     # ---------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

@@ -44,8 +44,12 @@ class Schedule:
     def __and__(self, other: Schedule) -> AllOf:
         return AllOf(self, other)
 
-    def observe(self, step: int, nbytes: int) -> None:
-        """Told about every record kept (for budgets); most schedules ignore it."""
+    def counted(self, step: int) -> None:
+        """A record of ``step`` is certain (for budgets; most schedules ignore it). Told on the training thread
+        when a scheduled step is planned, so a budget never lags behind the writer."""
+
+    def stored(self, nbytes: int) -> None:
+        """A kept record took about ``nbytes`` bytes (told by the writer thread, after the fact)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -198,9 +202,13 @@ class AnyOf(Schedule):
     def wants(self, step: int, last: int | None = None) -> bool:
         return any(s.wants(step, last) for s in self.schedules)
 
-    def observe(self, step: int, nbytes: int) -> None:
+    def counted(self, step: int) -> None:
         for s in self.schedules:
-            s.observe(step, nbytes)
+            s.counted(step)
+
+    def stored(self, nbytes: int) -> None:
+        for s in self.schedules:
+            s.stored(nbytes)
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedules": [s.state_dict() for s in self.schedules]}
@@ -232,13 +240,15 @@ class Budget(Schedule):
     after the cap, a wanted step is recorded only when the distance to the previous record is at least
     twice the distance before it, so the count grows with the logarithm of the step.
 
-    Every kept record counts (also those kept by triggers). The state survives a resume.
+    Every kept record counts (also those kept by triggers). Records are counted when they become certain;
+    bytes only once the writer has reduced a record, so a byte budget may overshoot by what is queued.
+    The state survives a resume.
 
     >>> b = Budget(Every(1), max_records=5)
     >>> kept = []
     >>> for step in range(100):
     ...     if b.wants(step):
-    ...         kept.append(step); b.observe(step, 0)
+    ...         kept.append(step); b.counted(step)
     >>> kept
     [0, 1, 2, 3, 4, 6, 10, 18, 34, 66]
     """
@@ -274,15 +284,19 @@ class Budget(Schedule):
                 return True
             return step - self._last >= 2 * self._gap
 
-    def observe(self, step: int, nbytes: int) -> None:
-        self.schedule.observe(step, nbytes)
+    def counted(self, step: int) -> None:
+        self.schedule.counted(step)
         with self._lock:
             was_exhausted = self.exhausted
             self.records += 1
-            self.bytes += int(nbytes)
             if self._last is not None and was_exhausted:
                 self._gap = max(step - self._last, 1)
             self._last = step
+
+    def stored(self, nbytes: int) -> None:
+        self.schedule.stored(nbytes)
+        with self._lock:
+            self.bytes += int(nbytes)
 
     def state_dict(self) -> dict[str, Any]:
         with self._lock:

@@ -26,16 +26,17 @@ from comgra_callbacks.store.format import STAT_INDEX
 class StepSummary:
     """What a trigger sees of a step: the statistics of every series, and which nodes are parameters."""
 
-    def __init__(self, stats: Mapping[tuple[str, str], Mapping[str, float]], parameters: frozenset[str] = frozenset()) -> None:
+    def __init__(self, stats: Mapping[tuple[str, str], Mapping[str, float]], parameters: frozenset[str] = frozenset(), step: int | None = None) -> None:
         self._stats = stats
         self.parameters = parameters
+        self.step = step
 
     @classmethod
     def from_stats(cls, stats: Mapping[tuple[str, str], Mapping[str, float]], parameters: frozenset[str] = frozenset()) -> StepSummary:
         return cls(stats, parameters)
 
     @classmethod
-    def from_entries(cls, entries: list[Any], parameters: frozenset[str]) -> StepSummary:
+    def from_entries(cls, entries: list[Any], parameters: frozenset[str], step: int | None = None) -> StepSummary:
         """From a record's entries (the last iteration and first role of each node and view)."""
         stats: dict[tuple[str, str], dict[str, float]] = {}
         best: dict[tuple[str, str], int] = {}
@@ -45,7 +46,7 @@ class StepSummary:
                 continue
             best[slot] = entry.key.iteration
             stats[slot] = {name: float(entry.stats[i]) for name, i in STAT_INDEX.items()}
-        return cls(stats, parameters)
+        return cls(stats, parameters, step)
 
     def stat(self, node: str, stat: str = "mean", view: str = "value") -> float | None:
         values = self._stats.get((node, view))
