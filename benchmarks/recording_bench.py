@@ -139,12 +139,23 @@ def torch_loop_run(record: bool, n_steps: int, root: Path) -> dict[str, Any]:
     return {"step_s": times[workload.WARMUP :]}
 
 
-CONFIGS: dict[str, dict[str, Any] | None] = {
-    "no_callback": None,
-    "callback_not_recording": {"every_n_steps": 10**9},
-    "every_step_stats": {"every_n_steps": 1, "neurons": False, "n_samples": 0},
-    "every_step_stats_neurons_all_samples": {"every_n_steps": 1, "neurons": True, "n_samples": workload.BATCH_SIZE},
-}
+def _always(outputs: Any, batch: Any) -> bool:
+    return True
+
+
+def configs() -> dict[str, dict[str, Any] | None]:
+    from comgra_callbacks import LossSpike, Never, Predicate
+
+    return {
+        "no_callback": None,
+        "callback_not_recording": {"every_n_steps": 10**9},
+        "every_step_stats": {"every_n_steps": 1, "neurons": False, "n_samples": 0},
+        "every_step_stats_neurons_all_samples": {"every_n_steps": 1, "neurons": True, "n_samples": workload.BATCH_SIZE, "detail": {"*": "samples"}},
+        # armed every step, decided by the writer from the step's statistics: never kept
+        "armed_discarded": {"schedule": Never(), "triggers": [LossSpike(threshold=1e9)], "neurons": True},
+        # armed every step and always kept (a batch predicate), with the default detail
+        "armed_kept": {"schedule": Never(), "triggers": [Predicate(_always, name="always")], "neurons": True},
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -156,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recording.json"))
     args = parser.parse_args(argv)
     workload.configure_torch()
+    CONFIGS = configs()
     samples: dict[str, list[float]] = {name: [] for name in CONFIGS}
     samples.update({"loop_plain": [], "loop_recorder_stats": []})
     extra: dict[str, dict[str, Any]] = {}

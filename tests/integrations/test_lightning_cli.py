@@ -36,12 +36,20 @@ def test_yaml_block_builds_the_callback_with_every_option(tmp_path: Path, monkey
     block = yaml.safe_load(CONFIG.read_text())["trainer"]["callbacks"][0]
     assert block["class_path"] == "comgra_callbacks.ComgraCallback"
     cb = build_callback(tmp_path, monkeypatch, f"--config={CONFIG}")
+    policy = cb.options.policy
     for name, value in block["init_args"].items():
-        got = cb.run_name if name == "run_name" else getattr(cb.options, name)
         if name == "run_name":
-            assert value is None and got  # a generated name
+            assert value is None and cb.run_name  # a generated name
+        elif name == "schedule":  # null: every_n_steps decides
+            assert value is None and repr(policy.schedules["*"]) == f"Every({block['init_args']['every_n_steps']})"
+        elif name in ("step_type", "arm_every"):
+            assert getattr(policy, name) == value, name
+        elif name == "triggers":
+            assert value is None and policy.triggers == []
+        elif name == "samples":
+            assert value == "first" and repr(cb.options.samples) == "First()"
         else:
-            assert got == value, name
+            assert getattr(cb.options, name) == value, name
 
 
 def test_flags_build_the_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
