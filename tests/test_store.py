@@ -308,3 +308,44 @@ def test_queue_accounting_survives_items_that_shrink(tmp_path: Path) -> None:
     assert done.wait(30), "the producer blocked: the queue never freed the bytes of written records"
     writer.close("finished")
     assert len(open_run(tmp_path / "r").steps) == 60
+
+
+EXIT_SCRIPT = """
+import sys, numpy as np
+from comgra_callbacks.store.background import BackgroundWriter
+from comgra_callbacks.store.format import STAT_NAMES, SeriesKey
+from comgra_callbacks.store.storage import open_root
+from comgra_callbacks.store.writer import HostEntry, HostRecord, RunWriter
+
+class Item:
+    nbytes = 100
+    def __init__(self, record):
+        self.record = record
+    def materialize(self):
+        return self.record
+
+writer = BackgroundWriter(RunWriter(open_root(sys.argv[1]).run("r")), flush_secs=600)
+for step in range(5):
+    stats = np.zeros(len(STAT_NAMES), np.float32)
+    stats[STAT_NAMES.index("numel")] = 1
+    writer.submit_record(Item(HostRecord(step, "train", 0, step, 0.0, "schedule", [HostEntry(SeriesKey("a", None, 0, "value"), stats)])))
+# the script ends without closing the writer
+"""
+
+
+@pytest.mark.slow
+def test_records_queued_at_exit_are_written(tmp_path: Path) -> None:
+    script = tmp_path / "exit.py"
+    script.write_text(textwrap.dedent(EXIT_SCRIPT))
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "failed" not in done.stderr
+    run = open_run(tmp_path / "runs" / "r")
+    assert run.steps["step"].tolist() == [0, 1, 2, 3, 4]
+    assert run.status == "running"  # written, but the run never finished
+
+
+def test_a_nested_run_group_has_one_name_however_it_is_opened(tmp_path: Path) -> None:
+    RunWriter(open_root(tmp_path).run("exp/rank1")).close("finished")
+    assert open_run(tmp_path / "exp" / "rank1").name == "exp/rank1"
+    assert [run.name for run in open_runs(tmp_path)] == ["exp/rank1"]

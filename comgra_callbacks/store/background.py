@@ -86,6 +86,7 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._run, name=f"comgra-writer-{writer.location.name}", daemon=True)
         self._thread.start()
         _LIVE.add(self)
+        _register_exit_flush()
 
     # ---------------------------------------------------------------------------- training thread
     def submit_record(self, record: PendingRecord) -> bool:
@@ -242,11 +243,31 @@ class BackgroundWriter:
             self._cond.notify_all()
 
 
-@atexit.register
-def _close_live_writers() -> None:
-    """At interpreter exit, commit what is queued (status stays 'running': the run did not finish cleanly)."""
+def _flush_live_writers() -> None:
+    """At interpreter exit, commit what is queued (a run's status stays "running": it did not finish)."""
     for bg in list(_LIVE):
         try:
             bg.flush(timeout=30)
-        except Exception:
-            pass
+        except Exception as exc:  # the store is gone; what was committed before stays valid
+            log.error("comgra: could not write the last records of run %r at exit: %s", bg.writer.location.name, exc)
+
+
+def _register_exit_flush() -> None:
+    """Flush writers at exit while zarr can still write.
+
+    zarr writes local chunks through thread pools, and ``concurrent.futures`` shuts its pools down in a
+    ``threading`` exit hook that runs *before* ``atexit`` handlers. Registered in that same hook after zarr
+    was imported, ours runs first (they run in reverse order). ``atexit`` is the fallback where the hook is
+    missing (then records still queued at exit may be lost).
+    """
+    if _exit_flush_registered:
+        return
+    _exit_flush_registered.append(True)
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(_flush_live_writers)
+    else:  # pragma: no cover - every CPython from 3.9 has it
+        atexit.register(_flush_live_writers)
+
+
+_exit_flush_registered: list[bool] = []

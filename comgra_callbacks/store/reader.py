@@ -70,6 +70,7 @@ class Run:
         self._arrays: dict[str, Any] = {}
         self._store: Any = None
         self.refresh(force=True)
+        self.name = str(self.meta.get("run_name") or location.name)  # "exp/rank0" for a rank's run group
 
     def __repr__(self) -> str:
         return f"Run({self.name!r}, status={self.status!r}, records={len(self.steps)}, nodes={len(self.nodes)})"
