@@ -30,7 +30,8 @@ The ``Trainer`` has no exception event. An exception raised in a recorded forwar
 hook (registered with ``always_call=True``), which removes every hook and marks the run ``failed`` with the
 error. Any other exception leaves no hook behind (none is attached at that time); the run is marked
 ``failed`` when the exception ends the program (a chained ``sys.excepthook``, then the queued records are
-written too), at exit (``atexit``: only the status), or at the next ``train()`` of this callback, which then
+written too), at exit (queued records are flushed by the writer's exit hook, then ``atexit`` writes the
+status), or at the next ``train()`` of this callback, which then
 continues the same run (as after an ``auto_find_batch_size`` restart).
 """
 
@@ -447,7 +448,7 @@ def _excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> Non
 
 def _at_exit() -> None:
     uncaught = getattr(sys, "last_value", None)
-    with warnings.catch_warnings():  # thread pools are gone by now: records still queued cannot be written
+    with warnings.catch_warnings():  # the writers flushed their records in their own (earlier) exit hook
         warnings.simplefilter("ignore")
         _close_unfinished(f"{type(uncaught).__name__}: {uncaught}" if uncaught is not None else "the process ended during training")
 
@@ -459,10 +460,10 @@ def _install_exit_hooks() -> None:
     """Once per process: close unfinished runs when an exception ends the program, or at exit.
 
     ``sys.excepthook`` (chained to the previous hook) runs while the interpreter is still whole, so the
-    queued records are written. An ``atexit`` handler catches the rest (``sys.exit`` during training); by then
-    Python has stopped its thread pools, which zarr needs to write chunks, so only the run's status is
-    written and records not yet flushed (``flush_secs``) are lost. Installed when the first run opens, after
-    zarr was imported, so that it runs before zarr's own ``atexit`` clean-up.
+    queued records are written. An ``atexit`` handler catches the rest (``sys.exit`` during training) and
+    writes the status; the queued records were flushed before that by the background writer's exit hook
+    (which runs before Python stops the thread pools zarr writes with). Installed when the first run opens,
+    after zarr was imported, so that it runs before zarr's own ``atexit`` clean-up.
     """
     global _previous_excepthook
     if _installed:
