@@ -1,0 +1,1 @@
+"""Examples shipped with comgra_callbacks (custom dashboard views)."""
