@@ -31,7 +31,7 @@ class CompareView(Viewer):
         self.ranking: pd.DataFrame | Missing | None = None
         self.node_table: pd.DataFrame | Missing | None = None
         p = cmp.param
-        self.mode = pn.widgets.RadioButtonGroup.from_param(p.mode, button_type="default")
+        self.mode = pn.widgets.RadioButtonGroup.from_param(p.mode)
         lo, hi = (sel.steps[0], sel.steps[-1]) if sel.steps else (0, 1)
         self.step_a = pn.widgets.IntInput.from_param(p.step_a, width=120)
         self.step_b = pn.widgets.IntInput.from_param(p.step_b, width=120)
@@ -40,9 +40,9 @@ class CompareView(Viewer):
         self.type_a = pn.widgets.Select.from_param(p.type_a, width=140)
         self.type_b = pn.widgets.Select.from_param(p.type_b, width=140)
         self.run_b = pn.widgets.Select.from_param(p.run_b, width=220)
-        self.rank_by = pn.widgets.RadioButtonGroup.from_param(p.rank_by, button_type="default")
-        self.view = pn.widgets.Select.from_param(sel.param.view, name="View", width=140)
-        self.statistic = pn.widgets.Select.from_param(sel.param.statistic, name="Statistic", width=120)
+        self.rank_by = pn.widgets.RadioButtonGroup.from_param(p.rank_by)
+        self.view = pn.widgets.Select.from_param(sel.param.view, label="View", width=140)
+        self.statistic = pn.widgets.Select.from_param(sel.param.statistic, label="Statistic", width=120)
         self.summary = pn.pane.Markdown("", sizing_mode="stretch_width", margin=(0, 10))
         self.node_pane = pn.pane.DataFrame(None, float_format="{:.4g}".format, width=520)
         self.node_plot = pn.pane.HoloViews(linked_axes=False)

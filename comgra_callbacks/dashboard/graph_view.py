@@ -41,6 +41,7 @@ class GraphView(Viewer):
         self._stream = NodeStream(node="")
         self._tap: hv.streams.Tap | None = None
         self._key: tuple[Any, ...] | None = None
+        self._plot_opts: dict[str, Any] = {}
         self.pane = pn.pane.HoloViews(linked_axes=False, sizing_mode="stretch_width")
         self.info = pn.pane.Markdown("", margin=(0, 10))
         selection.param.watch(self._on_structure, ["run", "step_type", "revision"])
@@ -60,8 +61,8 @@ class GraphView(Viewer):
 
     def _on_structure(self, *events: Any) -> None:
         if any(e.name in ("run", "step_type") for e in events):
-            self.expanded = []  # triggers another call that rebuilds
-            return
+            with param.parameterized.discard_events(self):
+                self.expanded = []  # another graph: start collapsed again
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -85,7 +86,8 @@ class GraphView(Viewer):
         self.layout = lay.build_layout(kinds, modules, [(u, v) for u, v in graph.edges()], depth=depth, expanded=expanded)
         groups = sum(1 for b in self.layout.boxes.values() if b.is_group)
         self.info.object = f"{len(kinds)} nodes" + (f" in {len(self.layout.boxes)} boxes ({groups} module groups: click one to open it)" if groups else "")
-        self.pane.object = self._static() * hv.DynamicMap(self._highlight, streams=[self._stream])
+        static = self._static()
+        self.pane.object = (static * hv.DynamicMap(self._highlight, streams=[self._stream])).opts(hv.opts.Overlay(**self._plot_opts))
         self._tap = hv.streams.Tap(source=self.pane.object, x=None, y=None)
         self._tap.add_subscriber(self._on_tap)
         self._stream.event(node=self._box_of(sel.node))
@@ -127,12 +129,11 @@ class GraphView(Viewer):
         xlim = (-0.6, n_layers - 1 + 0.6)
         ys = [b.y for b in boxes] or [0.0]
         ylim = (min(ys) - 0.8, max(ys) + 0.8)
-        return hv.Overlay([*layers, labels.opts(text_font_size="8pt", text_color="#111111")]).opts(
-            hv.opts.Overlay(
-                width=width, height=height, xaxis=None, yaxis=None, xlim=xlim, ylim=ylim, legend_position="right",
-                active_tools=["wheel_zoom"], toolbar="above", show_grid=False, title="",
-            )
+        self._plot_opts = dict(
+            width=width, height=height, xaxis=None, yaxis=None, xlim=xlim, ylim=ylim, legend_position="right",
+            active_tools=["wheel_zoom"], toolbar="above", show_grid=False, title="",
         )
+        return hv.Overlay([*layers, labels.opts(text_font_size="8pt", text_color="#111111")])
 
     # ----------------------------------------------------------------------------- selection
     def _box_of(self, node: str | None) -> str:

@@ -292,9 +292,9 @@ def build_layout(
 
 
 def move(layout: GraphLayout, current: str, direction: str) -> str:
-    """The box the arrow keys lead to from ``current``: ``left``/``right`` follow the graph's edges (to the
-    nearest input or output, else the nearest box of the neighbouring layer), ``up``/``down`` stay in the
-    layer. Returns ``current`` when there is nowhere to go."""
+    """The box the arrow keys lead to from ``current``: ``left``/``right`` follow the graph's edges (to an
+    input or output, activations before parameters, the nearest first; else the nearest box of the
+    neighbouring layer), ``up``/``down`` stay in the layer. Returns ``current`` when there is nowhere to go."""
     box = layout.boxes.get(current)
     if box is None:
         return next(iter(layout.boxes), current)
@@ -313,4 +313,5 @@ def move(layout: GraphLayout, current: str, direction: str) -> str:
             layer += step
     if not linked:
         return current
-    return min(linked, key=lambda n: (abs(layout.boxes[n].y - box.y), layout.boxes[n].x))
+    # Prefer the flow of activations over parameters, then the box nearest in height.
+    return min(linked, key=lambda n: (layout.boxes[n].kind == "parameter", abs(layout.boxes[n].y - box.y), layout.boxes[n].x))

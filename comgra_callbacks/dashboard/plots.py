@@ -55,6 +55,15 @@ def step_marker(step: int) -> hv.VLine:
     return hv.VLine(step).opts(color="black", line_dash="dashed", line_width=1)
 
 
+def marked(element: hv.Element, stream: hv.streams.Stream, title: str, **opts: object) -> hv.Element:
+    """``element`` with a dashed line at the current step; moving the step (``stream.event(step=...)``)
+    redraws only that line. A message (nothing to plot) is returned as it is."""
+    if isinstance(element, hv.Text):
+        return element
+    overlay = element * hv.DynamicMap(step_marker, streams=[stream])
+    return overlay.opts(hv.opts.Overlay(title=title, width=WIDTH, height=HEIGHT, **opts))  # type: ignore[arg-type]
+
+
 def band(frame: pd.DataFrame | Missing, title: str) -> hv.Element:
     """Batch statistics over training as bands: min to max, mean ± std, and the mean."""
     if isinstance(frame, Missing):

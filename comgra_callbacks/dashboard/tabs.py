@@ -69,7 +69,7 @@ class NetworkView(Viewer):
     def __init__(self, selection: Selection, **params: Any) -> None:
         super().__init__(**params)
         self.selection = selection
-        self.depth = pn.widgets.IntSlider(name="Show modules down to depth", start=0, end=1, value=1, width=260)
+        self.depth = pn.widgets.IntSlider(label="Show modules down to depth", start=0, end=1, value=1, width=260)
         self.summary = pn.pane.Markdown("", margin=(0, 10))
         self.table = pn.widgets.Tabulator(
             pd.DataFrame(), disabled=True, show_index=False, sizing_mode="stretch_width", height=600, layout="fit_data_stretch",
@@ -109,9 +109,9 @@ class ScalarsView(Viewer):
     def __init__(self, selection: Selection, **params: Any) -> None:
         super().__init__(**params)
         self.selection = selection
-        self.names = pn.widgets.MultiChoice(name="Scalars", options=[], value=[], width=500)
+        self.names = pn.widgets.MultiChoice(label="Scalars", options=[], value=[], width=500)
         self.plot = pn.pane.HoloViews(linked_axes=False, sizing_mode="stretch_width")
-        self.logy = pn.widgets.Checkbox(name="log scale", value=False)
+        self.logy = pn.widgets.Checkbox(label="log scale", value=False)
         selection.param.watch(self.refresh, ["run", "revision"])
         selection.param.watch(self._draw, ["step"])
         self.names.param.watch(self._draw, ["value"])

@@ -75,7 +75,7 @@ class TensorView(Viewer):
         self._table(data)
         if changed & _HISTORY:
             title = f"{snap.node} · {snap.view}: {snap.statistic} over training"
-            self.history.object = plots.history(data.history, snap.statistic, title) * hv.DynamicMap(plots.step_marker, streams=[self._step])
+            self.history.object = plots.marked(plots.history(data.history, snap.statistic, title), self._step, title)
         self._step.event(step=snap.step)
         self._values(data, changed)
 
@@ -114,12 +114,13 @@ class TensorView(Viewer):
         self.extra.visible = False
         if sel.detail == "statistics":
             if changed & _HISTORY or "detail" in changed:
-                self.values.object = plots.band(data.history, f"{sel.node} · {sel.view}: batch statistics over training") * hv.DynamicMap(plots.step_marker, streams=[self._step])
+                band_title = f"{sel.node} · {sel.view}: batch statistics over training"
+                self.values.object = plots.marked(plots.band(data.history, band_title), self._step, band_title, legend_position="top_left")
             self.histogram.object = plots.hist(None, "")
             if data.ratio is not None:
                 self.extra.visible = True
                 if changed & _HISTORY or "detail" in changed:
-                    self.extra.object = plots.ratio(data.ratio) * hv.DynamicMap(plots.step_marker, streams=[self._step])
+                    self.extra.object = plots.marked(plots.ratio(data.ratio), self._step, "‖update‖ / ‖weight‖ over training", logy=True)
             self.note.object = "Batch statistics are over every element of the batch. Choose *per-neuron* or *individual sample* detail for values and a histogram."
         elif sel.detail == "neurons":
             self.values.object = plots.neurons(data.neurons if data.neurons is not None else Missing("no data"), sel.statistic, title)
