@@ -264,6 +264,17 @@ class Catalog:
     def names(self) -> list[str]:
         return sorted(self.runs)
 
+    def default_run(self) -> str | None:
+        """The run a page opens on: the most recently created run that has records (else any)."""
+        if not self.runs:
+            return None
+
+        def created(name: str) -> tuple[bool, float, str]:
+            run = self.runs[name].run
+            return (run.manifest.rows > 0, float(run.meta.get("created", 0.0) or 0.0), name)
+
+        return max(self.runs, key=created)
+
     def __getitem__(self, name: str) -> RunData:
         return self.runs[name]
 

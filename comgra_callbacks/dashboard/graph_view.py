@@ -22,6 +22,7 @@ from comgra_callbacks.dashboard.state import Selection
 MAX_BOXES = 40  # above this many nodes the graph starts grouped by module prefix
 IN_COLOR, OUT_COLOR, SELECTED = "#2b8a3e", "#c92a2a", "#111111"
 NodeStream = hv.streams.Stream.define("NodeStream", node="")
+GRAPH_FIGURE = "comgra-graph"
 
 
 class GraphView(Viewer):
@@ -87,8 +88,8 @@ class GraphView(Viewer):
         groups = sum(1 for b in self.layout.boxes.values() if b.is_group)
         self.info.object = f"{len(kinds)} nodes" + (f" in {len(self.layout.boxes)} boxes ({groups} module groups: click one to open it)" if groups else "")
         static = self._static()
+        self._tap = hv.streams.Tap(source=static.get(0), x=None, y=None)
         self.pane.object = (static * hv.DynamicMap(self._highlight, streams=[self._stream])).opts(hv.opts.Overlay(**self._plot_opts))
-        self._tap = hv.streams.Tap(source=self.pane.object, x=None, y=None)
         self._tap.add_subscriber(self._on_tap)
         self._stream.event(node=self._box_of(sel.node))
 
@@ -118,7 +119,7 @@ class GraphView(Viewer):
             if rows:
                 layers.append(
                     hv.Rectangles(rows, kdims=["gx0", "gy0", "gx1", "gy1"], vdims=["name", "kind", "info"], label=kind).opts(
-                        color=color, line_color="#555555", tools=["hover", "tap"], hover_tooltips=[("", "@name"), ("kind", "@kind"), ("", "@info")],
+                        color=color, line_color="#555555", tools=["hover"], hover_tooltips=[("", "@name"), ("kind", "@kind"), ("", "@info")],
                         nonselection_alpha=1.0, selection_alpha=1.0,
                     )
                 )
@@ -131,7 +132,7 @@ class GraphView(Viewer):
         ylim = (min(ys) - 0.8, max(ys) + 0.8)
         self._plot_opts = dict(
             width=width, height=height, xaxis=None, yaxis=None, xlim=xlim, ylim=ylim, legend_position="right",
-            active_tools=["wheel_zoom"], toolbar="above", show_grid=False, title="",
+            active_tools=["wheel_zoom"], toolbar="above", show_grid=False, title="", hooks=[_name_figure],
         )
         return hv.Overlay([*layers, labels.opts(text_font_size="8pt", text_color="#111111")])
 
@@ -191,6 +192,17 @@ class GraphView(Viewer):
         target = lay.move(self.layout, current, direction)
         if target != current:
             self.select_box(target)
+
+
+def _name_figure(plot: Any, element: Any) -> None:
+    """Name the Bokeh figure (so browser tests and users' scripts can find the graph) and keep clicks from
+    dimming the boxes that were not clicked."""
+    from bokeh.models import TapTool
+
+    plot.state.name = GRAPH_FIGURE
+    for tool in plot.state.tools:
+        if isinstance(tool, TapTool):
+            tool.behavior = "inspect"  # a click selects a node through the Tap stream, without dimming the rest
 
 
 def _edge_points(src: lay.Box, dst: lay.Box, w: float, h: float) -> tuple[float, float, float, float]:

@@ -83,7 +83,7 @@ class Selection(param.Parameterized):
         self._resolving = False
         self.param.run.objects = catalog.names
         if catalog.names:
-            first = self.run if self.run in catalog.names else catalog.names[0]
+            first = self.run if self.run in catalog.names else catalog.default_run()
             with param.parameterized.discard_events(self):
                 self.run = first
             self.resolve()

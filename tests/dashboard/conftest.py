@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,9 @@ from comgra_callbacks.store.writer import RunWriter
 def runs_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, SyntheticSpec]]:
     """A root with a finished run ("grok", a phase change at 60 %), a failed run and an empty run."""
     root = tmp_path_factory.mktemp("runs")
-    specs = {
-        "grok": write_run(root, "grok", records=120, layers=4),
-        "crashed": write_run(root, "crashed", records=30, layers=4, status="failed", seed=1),
-    }
+    specs = {"crashed": write_run(root, "crashed", records=30, layers=4, status="failed", seed=1)}
+    time.sleep(0.01)
+    specs["grok"] = write_run(root, "grok", records=120, layers=4)  # the newest run with records: opened first
     RunWriter(open_root(root).run("empty"))  # opened, never written to: status "running", no records
     return root, specs
 

@@ -11,15 +11,15 @@ from comgra_callbacks.dashboard.data import Catalog, Missing
 from comgra_callbacks.dashboard.gather import tensor_data
 from comgra_callbacks.dashboard.state import LAST, NO_ROLE, Comparison, Selection
 from comgra_callbacks.dashboard.synthetic import write_run
+from comgra_callbacks.store.format import SeriesKey
 from comgra_callbacks.store.storage import open_root
 from comgra_callbacks.store.writer import HostEntry, HostRecord, RunWriter
-from comgra_callbacks.store.format import SeriesKey
 
 
 def test_opening_resolves_every_selector(runs_root):
     root, _ = runs_root
-    sel = Selection(Catalog(root), run="grok")
-    assert sel.param.run.objects == ["crashed", "empty", "grok"]
+    sel = Selection(Catalog(root))
+    assert sel.param.run.objects == ["crashed", "empty", "grok"] and sel.run == "grok", "the newest run with records"
     assert sel.step_type == "train" and sel.param.step_type.objects == ["train", "ablation"]
     assert sel.steps == [s for s in range(120) if s % 10 != 9]
     assert sel.step == 0 and sel.node == "out" and sel.view == "value"
