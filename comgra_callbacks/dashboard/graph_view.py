@@ -1,28 +1,28 @@
 """The dependency graph: boxes coloured by kind, arrows only for the selected node, click to select.
 
-The boxes are drawn once per run, step type and grouping; selecting a node only redraws the highlight and
-its arrows (a HoloViews ``DynamicMap`` driven by a stream), so clicking through a big graph stays fast and
-keeps the zoom. Big graphs start collapsed by module prefix; clicking a group box opens it.
+One Bokeh figure stays on the page. A new run, step type or grouping replaces the boxes' data; selecting a
+node only replaces the highlight and its arrows (a few rows of data), so clicking through a big graph is
+instant and keeps the zoom. Big graphs start collapsed by module prefix; clicking a group box opens it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-import holoviews as hv
-import numpy as np
 import panel as pn
 import param
+from bokeh import events
+from bokeh.models import CDSView, ColumnDataSource, GroupFilter, HoverTool, Range1d, TapTool, WheelZoomTool
+from bokeh.plotting import figure
 from panel.viewable import Viewer
 
 from comgra_callbacks.dashboard import layout as lay
-from comgra_callbacks.dashboard import plots  # noqa: F401  (loads the Bokeh backend)
 from comgra_callbacks.dashboard.state import Selection
 
 MAX_BOXES = 40  # above this many nodes the graph starts grouped by module prefix
 IN_COLOR, OUT_COLOR, SELECTED = "#2b8a3e", "#c92a2a", "#111111"
-NodeStream = hv.streams.Stream.define("NodeStream", node="")
-GRAPH_FIGURE = "comgra-graph"
+GRAPH_FIGURE = "comgra-graph"  # the figure's name, for browser tests and users' scripts
 
 
 class GraphView(Viewer):
@@ -30,6 +30,7 @@ class GraphView(Viewer):
 
     Attributes:
         layout: the current :class:`~comgra_callbacks.dashboard.layout.GraphLayout`.
+        boxes / highlight / edges / heads: the figure's data sources.
     """
 
     grouping = param.Selector(default="auto", objects=["auto", "none", "1", "2", "3", "4"], label="Group by module")
@@ -39,11 +40,8 @@ class GraphView(Viewer):
         super().__init__(**params)
         self.selection = selection
         self.layout: lay.GraphLayout = lay.GraphLayout({}, [])
-        self._stream = NodeStream(node="")
-        self._tap: hv.streams.Tap | None = None
         self._key: tuple[Any, ...] | None = None
-        self._plot_opts: dict[str, Any] = {}
-        self.pane = pn.pane.HoloViews(linked_axes=False, sizing_mode="stretch_width")
+        self._build_figure()
         self.info = pn.pane.Markdown("", margin=(0, 10))
         selection.param.watch(self._on_structure, ["run", "step_type", "revision"])
         selection.param.watch(self._on_node, ["node"])
@@ -53,6 +51,41 @@ class GraphView(Viewer):
     def __panel__(self) -> pn.viewable.Viewable:
         controls = pn.Row(pn.widgets.Select.from_param(self.param.grouping, width=140), self.info, align="center")
         return pn.Column(controls, pn.Column(self.pane, scroll=True, max_height=720, sizing_mode="stretch_width"), sizing_mode="stretch_width")
+
+    def _build_figure(self) -> None:
+        fig = figure(
+            name=GRAPH_FIGURE, width=900, height=300, tools="pan,box_zoom,reset,save", toolbar_location="above",
+            x_range=Range1d(0, 1), y_range=Range1d(0, 1), outline_line_color=None,
+        )
+        fig.toolbar.logo = None
+        fig.axis.visible = False
+        fig.grid.visible = False
+        wheel = WheelZoomTool()
+        fig.add_tools(wheel, TapTool(behavior="inspect"))  # inspect: a click does not dim the other boxes
+        fig.toolbar.active_scroll = wheel
+        self.boxes = ColumnDataSource({k: [] for k in ("left", "right", "bottom", "top", "x", "y", "name", "label", "kind", "info")})
+        renderers = []
+        for kind, color in lay.KIND_COLORS.items():
+            view = CDSView(filter=GroupFilter(column_name="kind", group=kind))
+            renderers.append(
+                fig.quad(left="left", right="right", bottom="bottom", top="top", source=self.boxes, view=view,
+                         fill_color=color, line_color="#555555", legend_label=kind)
+            )
+        fig.add_tools(HoverTool(renderers=renderers, tooltips=[("", "@name"), ("kind", "@kind"), ("", "@info")]))
+        fig.text(x="x", y="y", text="label", source=self.boxes, text_align="center", text_baseline="middle", text_font_size="8pt", text_color="#111111")
+        self.highlight = ColumnDataSource({"left": [], "right": [], "bottom": [], "top": []})
+        fig.quad(left="left", right="right", bottom="bottom", top="top", source=self.highlight, fill_alpha=0, line_color=SELECTED, line_width=3)
+        self.edges = ColumnDataSource({"x0": [], "y0": [], "x1": [], "y1": [], "color": []})
+        fig.segment("x0", "y0", "x1", "y1", source=self.edges, line_color="color", line_width=2)
+        self.heads = ColumnDataSource({"x": [], "y": [], "angle": [], "color": []})
+        fig.scatter("x", "y", source=self.heads, marker="triangle", size=11, angle="angle", fill_color="color", line_color="color")
+        legend = fig.legend[0]
+        legend.click_policy = "none"
+        legend.label_text_font_size = "9pt"
+        fig.add_layout(legend, "right")
+        fig.on_event(events.Tap, self._on_tap_event)
+        self.figure = fig
+        self.pane = pn.pane.Bokeh(fig, margin=(0, 10))
 
     # ------------------------------------------------------------------------------- structure
     def depth(self, kinds: dict[str, str], modules: dict[str, str | None]) -> int:
@@ -70,7 +103,6 @@ class GraphView(Viewer):
         sel = self.selection
         data = sel.data
         if data is None:
-            self.pane.object = None
             return
         graph = data.graph(sel.step_type)
         kinds = {n: str(graph.nodes[n].get("kind") or "intermediate") for n in sel.param.node.objects if n in graph}
@@ -80,18 +112,14 @@ class GraphView(Viewer):
         owner = lay.group_nodes(kinds, modules, depth=depth, expanded=expanded)
         if sel.node in owner and owner[sel.node] != sel.node:
             expanded = self._open_for(sel.node, kinds, modules, depth, expanded)
-        key = (data.run.uri, data.run.manifest.rows, sel.step_type, depth, tuple(expanded))
-        if key == self._key:
-            return
-        self._key = key
-        self.layout = lay.build_layout(kinds, modules, [(u, v) for u, v in graph.edges()], depth=depth, expanded=expanded)
-        groups = sum(1 for b in self.layout.boxes.values() if b.is_group)
-        self.info.object = f"{len(kinds)} nodes" + (f" in {len(self.layout.boxes)} boxes ({groups} module groups: click one to open it)" if groups else "")
-        static = self._static()
-        self._tap = hv.streams.Tap(source=static.get(0), x=None, y=None)
-        self.pane.object = (static * hv.DynamicMap(self._highlight, streams=[self._stream])).opts(hv.opts.Overlay(**self._plot_opts))
-        self._tap.add_subscriber(self._on_tap)
-        self._stream.event(node=self._box_of(sel.node))
+        key = (data.run.uri, data.run.manifest.rows, sel.step_type, depth, tuple(expanded), tuple(kinds))
+        if key != self._key:
+            self._key = key
+            self.layout = lay.build_layout(kinds, modules, [(u, v) for u, v in graph.edges()], depth=depth, expanded=expanded)
+            self._draw_boxes(graph)
+            groups = sum(1 for b in self.layout.boxes.values() if b.is_group)
+            self.info.object = f"{len(kinds)} nodes" + (f" in {len(self.layout.boxes)} boxes ({groups} module groups: click one to open it)" if groups else "")
+        self._draw_highlight(self._box_of(sel.node))
 
     def _open_for(self, node: str, kinds: dict[str, str], modules: dict[str, str | None], depth: int, expanded: list[str]) -> list[str]:
         """Open the groups that hide ``node`` (a node chosen from a list or by the comparison table)."""
@@ -105,36 +133,28 @@ class GraphView(Viewer):
             self.expanded = expanded
         return expanded
 
-    def _static(self) -> hv.Overlay:
+    def _draw_boxes(self, graph: Any) -> None:
         boxes = list(self.layout.boxes.values())
         w, h = lay.BOX_W / 2, lay.BOX_H / 2
-        graph = self.selection.data.run.graph if self.selection.data else None
-        layers: list[Any] = []
-        for kind, color in lay.KIND_COLORS.items():
-            rows = [
-                (b.x - w, b.y - h, b.x + w, b.y + h, b.name, b.kind, _describe(graph, b))
-                for b in boxes
-                if b.kind == kind
-            ]
-            if rows:
-                layers.append(
-                    hv.Rectangles(rows, kdims=["gx0", "gy0", "gx1", "gy1"], vdims=["name", "kind", "info"], label=kind).opts(
-                        color=color, line_color="#555555", tools=["hover"], hover_tooltips=[("", "@name"), ("kind", "@kind"), ("", "@info")],
-                        nonselection_alpha=1.0, selection_alpha=1.0,
-                    )
-                )
-        labels = hv.Labels(([b.x for b in boxes], [b.y for b in boxes], [b.label for b in boxes]), kdims=["gx", "gy"], vdims=["label"])
+        self.boxes.data = {
+            "left": [b.x - w for b in boxes], "right": [b.x + w for b in boxes],
+            "bottom": [b.y - h for b in boxes], "top": [b.y + h for b in boxes],
+            "x": [b.x for b in boxes], "y": [b.y for b in boxes],
+            "name": [b.name for b in boxes], "label": [b.label for b in boxes],
+            "kind": [b.kind for b in boxes], "info": [_describe(graph, b) for b in boxes],
+        }
+        present = {b.kind for b in boxes}
+        for item in self.figure.legend[0].items:
+            label = item.label
+            item.visible = (label.get("value") if isinstance(label, dict) else getattr(label, "value", label)) in present
         n_layers, tallest = self.layout.n_layers, self.layout.max_layer_size
-        width = int(min(2400, max(760, 150 * n_layers)))
-        height = int(min(2000, max(240, 46 * tallest + 70)))
-        xlim = (-0.6, n_layers - 1 + 0.6)
+        self.figure.width = int(min(2400, max(760, 150 * n_layers + 120)))
+        self.figure.height = int(min(2000, max(220, 46 * tallest + 70)))
         ys = [b.y for b in boxes] or [0.0]
-        ylim = (min(ys) - 0.8, max(ys) + 0.8)
-        self._plot_opts = dict(
-            width=width, height=height, xaxis=None, yaxis=None, xlim=xlim, ylim=ylim, legend_position="right",
-            active_tools=["wheel_zoom"], toolbar="above", show_grid=False, title="", hooks=[_name_figure],
-        )
-        return hv.Overlay([*layers, labels.opts(text_font_size="8pt", text_color="#111111")])
+        bounds = {"x": (-0.6, n_layers - 1 + 0.6), "y": (min(ys) - 0.7, max(ys) + 0.7)}
+        for axis, rng in (("x", self.figure.x_range), ("y", self.figure.y_range)):
+            lo, hi = bounds[axis]
+            rng.update(start=lo, end=hi, reset_start=lo, reset_end=hi)
 
     # ----------------------------------------------------------------------------- selection
     def _box_of(self, node: str | None) -> str:
@@ -144,28 +164,35 @@ class GraphView(Viewer):
         node = event.new
         if node in self.layout.owner and self.layout.owner[node] != node:
             self._rebuild()  # the node hides in a group: open it
-        self._stream.event(node=self._box_of(node))
+        else:
+            self._draw_highlight(self._box_of(node))
 
-    def _highlight(self, node: str) -> hv.Overlay:
-        box = self.layout.boxes.get(node)
+    def _draw_highlight(self, name: str) -> None:
+        box = self.layout.boxes.get(name)
         w, h = lay.BOX_W / 2, lay.BOX_H / 2
-        rect, segs, heads = [], [], []
+        rect: dict[str, list[float]] = {"left": [], "right": [], "bottom": [], "top": []}
+        edges: dict[str, list[Any]] = {"x0": [], "y0": [], "x1": [], "y1": [], "color": []}
+        heads: dict[str, list[Any]] = {"x": [], "y": [], "angle": [], "color": []}
         if box is not None:
-            rect.append((box.x - w - 0.04, box.y - h - 0.04, box.x + w + 0.04, box.y + h + 0.04))
-            for other, incoming in [(n, True) for n in self.layout.inputs(node)] + [(n, False) for n in self.layout.outputs(node)]:
-                o = self.layout.boxes[other]
-                src, dst = (o, box) if incoming else (box, o)
+            pad = 0.05
+            rect = {"left": [box.x - w - pad], "right": [box.x + w + pad], "bottom": [box.y - h - pad], "top": [box.y + h + pad]}
+            links = [(n, True) for n in self.layout.inputs(name)] + [(n, False) for n in self.layout.outputs(name)]
+            for other, incoming in links:
+                src, dst = (self.layout.boxes[other], box) if incoming else (box, self.layout.boxes[other])
                 x0, y0, x1, y1 = _edge_points(src, dst, w, h)
                 color = IN_COLOR if incoming else OUT_COLOR
-                segs.append((x0, y0, x1, y1, color))
-                heads.append((x1, y1, float(np.degrees(np.arctan2(y1 - y0, x1 - x0))) - 90.0, color))
-        return hv.Overlay(
-            [
-                hv.Rectangles(rect, kdims=["gx0", "gy0", "gx1", "gy1"]).opts(fill_alpha=0.0, line_color=SELECTED, line_width=3),
-                hv.Segments(segs, kdims=["gx0", "gy0", "gx1", "gy1"], vdims=["color"]).opts(color="color", line_width=2),
-                hv.Points(heads, kdims=["gx", "gy"], vdims=["angle", "color"]).opts(marker="triangle", size=11, angle=hv.dim("angle"), color="color"),
-            ]
-        )
+                for key, value in zip(("x0", "y0", "x1", "y1", "color"), (x0, y0, x1, y1, color), strict=True):
+                    edges[key].append(value)
+                heads["x"].append(x1)
+                heads["y"].append(y1)
+                heads["angle"].append(math.atan2(y1 - y0, x1 - x0) - math.pi / 2)
+                heads["color"].append(color)
+        self.highlight.data = rect
+        self.edges.data = edges
+        self.heads.data = heads
+
+    def _on_tap_event(self, event: Any) -> None:
+        self._on_tap(event.x, event.y)
 
     def _on_tap(self, x: float | None, y: float | None) -> None:
         if x is None or y is None:
@@ -193,16 +220,13 @@ class GraphView(Viewer):
         if target != current:
             self.select_box(target)
 
-
-def _name_figure(plot: Any, element: Any) -> None:
-    """Name the Bokeh figure (so browser tests and users' scripts can find the graph) and keep clicks from
-    dimming the boxes that were not clicked."""
-    from bokeh.models import TapTool
-
-    plot.state.name = GRAPH_FIGURE
-    for tool in plot.state.tools:
-        if isinstance(tool, TapTool):
-            tool.behavior = "inspect"  # a click selects a node through the Tap stream, without dimming the rest
+    @property
+    def selected_box(self) -> str | None:
+        """The box drawn as selected (for tests)."""
+        lefts = self.highlight.data["left"]
+        if not lefts:
+            return None
+        return self.layout.box_at(lefts[0] + lay.BOX_W / 2 + 0.05, self.highlight.data["bottom"][0] + lay.BOX_H / 2 + 0.05)
 
 
 def _edge_points(src: lay.Box, dst: lay.Box, w: float, h: float) -> tuple[float, float, float, float]:

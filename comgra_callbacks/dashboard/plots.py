@@ -1,13 +1,13 @@
-"""HoloViews elements for the tensor and comparison panels, built from the gathered data.
+"""HoloViews elements for the views that are not on the hot path: the comparison and the scalars.
 
-Every function takes plain data (DataFrames, arrays) and returns an element or overlay with its options
-set; none reads the store. Dimension names are distinct per plot so that Panel does not link their axes.
+(The graph and the tensor panel, which change on every click, use persistent Bokeh figures instead; see
+:mod:`~comgra_callbacks.dashboard.figures`.) Every function takes plain data and returns an element with
+its options set; none reads the store.
 """
 
 from __future__ import annotations
 
 import holoviews as hv
-import numpy as np
 import pandas as pd
 
 from comgra_callbacks.dashboard.data import Missing
@@ -40,100 +40,8 @@ def wrap(text: str, width: int = 70) -> str:
     return "\n".join(textwrap.wrap(text, width)) or text
 
 
-def history(frame: pd.DataFrame | Missing, statistic: str, title: str) -> hv.Element:
-    """One statistic over all recorded steps."""
-    if isinstance(frame, Missing):
-        return message(wrap(frame.message))
-    if statistic not in frame.columns or frame.empty:
-        return message(f"no {statistic!r} recorded for this view")
-    return hv.Curve((frame.index.to_numpy(), frame[statistic].to_numpy()), "step", statistic, label=statistic).opts(
-        title=title, width=WIDTH, height=HEIGHT, tools=TOOLS, line_width=1.5, framewise=True, show_legend=False
-    )
-
-
 def step_marker(step: int) -> hv.VLine:
     return hv.VLine(step).opts(color="black", line_dash="dashed", line_width=1)
-
-
-def marked(element: hv.Element, stream: hv.streams.Stream, title: str, **opts: object) -> hv.Element:
-    """``element`` with a dashed line at the current step; moving the step (``stream.event(step=...)``)
-    redraws only that line. A message (nothing to plot) is returned as it is."""
-    if isinstance(element, hv.Text):
-        return element
-    overlay = element * hv.DynamicMap(step_marker, streams=[stream])
-    return overlay.opts(hv.opts.Overlay(title=title, width=WIDTH, height=HEIGHT, **opts))  # type: ignore[arg-type]
-
-
-def band(frame: pd.DataFrame | Missing, title: str) -> hv.Element:
-    """Batch statistics over training as bands: min to max, mean ± std, and the mean."""
-    if isinstance(frame, Missing):
-        return message(wrap(frame.message))
-    if frame.empty:
-        return message("no records of this view")
-    x = frame.index.to_numpy()
-    mean, std = frame["mean"].to_numpy(), frame["std"].to_numpy()
-    full = hv.Area((x, frame["min"].to_numpy(), frame["max"].to_numpy()), "step", ["value", "value_hi"], label="min–max")
-    inner = hv.Area((x, mean - std, mean + std), "step", ["value", "value_hi"], label="mean ± std")
-    line = hv.Curve((x, mean), "step", "value", label="mean")
-    return (full.opts(alpha=0.2, color="gray") * inner.opts(alpha=0.35, color=A_COLOR) * line.opts(color=A_COLOR)).opts(
-        title=title, width=WIDTH, height=HEIGHT, legend_position="top_left", framewise=True
-    )
-
-
-def ratio(series: pd.Series) -> hv.Element:
-    """‖update‖ / ‖weight‖ of a parameter over training, on a log axis."""
-    values = series.to_numpy()
-    steps = series.index.to_numpy()
-    keep = np.isfinite(values) & (values > 0)
-    if not keep.any():
-        return message("no update-to-weight ratio recorded")
-    return hv.Curve((steps[keep], values[keep]), "step", "update_ratio").opts(
-        title="‖update‖ / ‖weight‖ over training", logy=True, width=WIDTH, height=HEIGHT, tools=TOOLS, color="#2ca02c", framewise=True
-    )
-
-
-def neurons(frame: pd.DataFrame | Missing, statistic: str, title: str) -> hv.Element:
-    """Per-neuron statistics: bars for up to 128 neurons, else a heatmap of mean / std / abs_mean."""
-    if isinstance(frame, Missing):
-        return message(wrap(frame.message))
-    column = statistic if statistic in frame.columns else "mean"
-    n = len(frame)
-    if n <= 128:
-        data = pd.DataFrame({"neuron": frame.index.to_numpy(), column: frame[column].to_numpy()})
-        return hv.Bars(data, "neuron", column).opts(
-            title=f"{title}: per-neuron {column}", width=WIDTH, height=HEIGHT, tools=TOOLS, xticks=min(n, 16), color=A_COLOR
-        )
-    grid = frame[["mean", "std", "abs_mean"]].to_numpy().T  # (3, neurons)
-    image = hv.Image(grid[::-1], bounds=(0, 0, n, 3), kdims=["neuron", "statistic_row"], vdims=["value"])
-    return image.opts(
-        title=f"{title}: per-neuron mean / std / abs_mean", width=WIDTH, height=HEIGHT, cmap="RdBu_r", colorbar=True,
-        tools=TOOLS, yticks=[(0.5, "abs_mean"), (1.5, "std"), (2.5, "mean")], symmetric=True,
-    )
-
-
-def heatmap(matrix: np.ndarray | Missing | None, title: str) -> hv.Element:
-    """Raw values as a heatmap (rows top to bottom), centred colours for signed data."""
-    if matrix is None:
-        return message("choose the detail 'individual sample' to see raw values")
-    if isinstance(matrix, Missing):
-        return message(wrap(matrix.message))
-    rows, cols = matrix.shape
-    finite = matrix[np.isfinite(matrix)]
-    signed = finite.size > 0 and finite.min() < 0 < finite.max()
-    image = hv.Image(matrix[::-1].astype(np.float32), bounds=(0, 0, cols, rows), kdims=["column", "row"], vdims=["raw"])
-    return image.opts(
-        title=title, width=WIDTH, height=max(120, min(HEIGHT + 80, 24 * rows + 80)), cmap="RdBu_r" if signed else "viridis",
-        colorbar=True, tools=TOOLS, symmetric=bool(signed),
-    )
-
-
-def hist(counts_edges: tuple[np.ndarray, np.ndarray] | None, title: str) -> hv.Element:
-    if counts_edges is None:
-        return message("a histogram needs per-neuron or sample detail")
-    counts, edges = counts_edges
-    return hv.Histogram((edges, counts), kdims=["bin"], vdims=["count"]).opts(
-        title=title, width=WIDTH, height=HEIGHT, tools=TOOLS, color="#7f7f7f", line_color=None
-    )
 
 
 def compared_history(a: pd.DataFrame | Missing, b: pd.DataFrame | Missing, statistic: str, labels: tuple[str, str], spans: tuple[tuple[int, int], tuple[int, int]] | None) -> hv.Element:

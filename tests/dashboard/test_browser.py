@@ -36,12 +36,12 @@ BOX_CENTRE_JS = """(name) => {
     if (!v.model || v.model.name !== "comgra-graph") continue;
     for (const r of v.model.renderers) {
       const d = r.data_source ? r.data_source.data : null;
-      if (!d || !d.name || !d.gx0) continue;
+      if (!d || !d.name || !d.left) continue;
       const i = Array.from(d.name).indexOf(name);
       if (i < 0) continue;
       v.el.scrollIntoView({block: "center"});
-      const x = v.frame.x_scale.compute((d.gx0[i] + d.gx1[i]) / 2);
-      const y = v.frame.y_scale.compute((d.gy0[i] + d.gy1[i]) / 2);
+      const x = v.frame.x_scale.compute((d.left[i] + d.right[i]) / 2);
+      const y = v.frame.y_scale.compute((d.bottom[i] + d.top[i]) / 2);
       const rect = (v.canvas_view || v).el.getBoundingClientRect();
       return [rect.left + x, rect.top + y];
     }

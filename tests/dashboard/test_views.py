@@ -33,8 +33,9 @@ def test_tensor_panel_shows_the_selected_nodes_values(runs_root, dashboard_for):
     expected = run.stats("layers.2", step_type="train").loc[40]
     np.testing.assert_allclose(table.loc[expected.index, "▸ value"].to_numpy(), expected.to_numpy(), rtol=1e-6)
     assert "### layers.2" in dash.tensor.header.object and "step **40**" in dash.tensor.header.object
-    curve = _elements(dash.tensor.history.object, hv.Curve)[0]
-    assert curve.dimension_values("abs_mean").tolist() == pytest.approx(run.stats("layers.2", step_type="train")["abs_mean"].tolist())
+    history = dash.tensor.history
+    assert history.src.data["y"].tolist() == pytest.approx(run.stats("layers.2", step_type="train")["abs_mean"].tolist())
+    assert history.marker.location == 40 and history.marker.visible
     sel.view = "grad"
     assert list(dash.tensor.table.object.columns) == ["value", "▸ grad"]
 
@@ -46,10 +47,11 @@ def test_parameters_show_value_gradient_update_and_ratio(runs_root, dashboard_fo
     table = dash.tensor.table.object
     assert list(table.columns) == ["▸ value", "grad", "update"]
     assert np.isnan(table.loc["update_ratio", "grad"]) and table.loc["update_ratio", "update"] > 0
-    assert dash.tensor.extra.visible
-    ratio = _elements(dash.tensor.extra.object, hv.Curve)[0]
+    assert dash.tensor.ratio.box.visible and dash.tensor.values_figure is dash.tensor.band
     reference = open_run(root / "grok").stats("layers.1.weight", view="update", step_type="train")["update_ratio"]
-    assert ratio.dimension_values("update_ratio").tolist() == pytest.approx(reference.tolist())
+    assert dash.tensor.ratio.src.data["y"].tolist() == pytest.approx(reference.tolist())
+    dash.selection.node = "layers.1"
+    assert not dash.tensor.ratio.box.visible
 
 
 def test_per_neuron_and_sample_details(runs_root, dashboard_for):
@@ -59,17 +61,18 @@ def test_per_neuron_and_sample_details(runs_root, dashboard_for):
     sel.param.update(run="grok", node="attn", step=30)
     sel.role = "pos1"
     sel.detail = "neurons"
-    bars = _elements(dash.tensor.values.object, hv.Bars)[0]
     neurons = run.neurons("attn", 30, role="pos1", step_type="train")
-    assert bars.dimension_values("abs_mean").tolist() == pytest.approx(neurons["abs_mean"].tolist())
-    assert isinstance(dash.tensor.histogram.object, hv.Histogram)
+    assert dash.tensor.values_figure is dash.tensor.bars
+    assert dash.tensor.bars.src.data["top"].tolist() == pytest.approx(neurons["abs_mean"].tolist())
+    assert dash.tensor.histogram.src.data["top"].sum() == len(neurons) == 16
     sel.detail = "sample"
     samples = run.samples("attn", 30, role="pos1", step_type="train")
     assert sel.n_samples == len(samples) and dash.selectors.sample.options == list(range(len(samples)))
     dash.selectors.sample.value = 3
-    image = dash.tensor.values.object
-    assert isinstance(image, hv.Image)
+    assert dash.tensor.values_figure is dash.tensor.sample_map
     np.testing.assert_allclose(dash.tensor.data.matrix, samples[3][None, :])
+    np.testing.assert_allclose(dash.tensor.sample_map.src.data["image"][0], samples[3][None, :])
+    assert dash.tensor.histogram.src.data["top"].sum() == samples.shape[1]
     assert "sample 3 of 8" in dash.tensor.note.object
 
 
@@ -77,8 +80,9 @@ def test_a_missing_detail_is_explained(runs_root, dashboard_for):
     root, _ = runs_root
     dash = dashboard_for(root)
     dash.selection.param.update(run="grok", node="layers.1", detail="sample")
-    shown = dash.tensor.values.object
-    assert isinstance(shown, hv.Text) and "has no samples at step" in shown.text.replace("\n", " ")
+    shown = dash.tensor.values_figure
+    assert shown is dash.tensor.sample_map and "has no samples at step" in shown.message_text.replace("\n", " ")
+    assert len(shown.src.data["image"]) == 0
 
 
 def test_a_whole_parameter_is_a_matrix(runs_root, dashboard_for):
@@ -99,9 +103,10 @@ def test_clicking_a_graph_node_selects_it(runs_root, dashboard_for):
     graph._on_tap(box.x + 0.2, box.y - 0.1)
     assert dash.selection.node == "layers.1"
     assert "### layers.1" in dash.tensor.header.object
-    overlay = graph._highlight("layers.1")
-    segments = _elements(overlay, hv.Segments)[0]
-    assert len(segments) == len(graph.layout.inputs("layers.1")) + len(graph.layout.outputs("layers.1")) == 4
+    assert graph.selected_box == "layers.1"
+    arrows = len(graph.layout.inputs("layers.1")) + len(graph.layout.outputs("layers.1"))
+    assert len(graph.edges.data["x0"]) == len(graph.heads.data["x"]) == arrows == 4
+    assert sorted(graph.edges.data["color"]).count("#2b8a3e") == 3, "three inputs, one output"
     graph._on_tap(-50, -50)  # far from every box: nothing happens
     assert dash.selection.node == "layers.1"
 
@@ -173,7 +178,7 @@ def test_comparison_ranks_the_nodes_that_changed(runs_root, dashboard_for):
     assert node_table.loc["abs_mean", "B"] == pytest.approx(ranking.loc["layers.1", "b"])
     row = list(dash.compare.table.value["node"]).index("attn")
     dash.compare._clicked(type("Click", (), {"row": row})())
-    assert dash.selection.node == "attn" and dash.graph._stream.node == "attn"
+    assert dash.selection.node == "attn" and dash.graph.selected_box == "attn"
 
 
 @pytest.mark.parametrize("mode", ["steps", "step types", "runs"])
