@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from comgra_callbacks.dashboard.synthetic import write_run  # noqa: E402
 from comgra_callbacks.store.reader import Run  # noqa: E402
+from comgra_callbacks.store.writer import StoreLayout  # noqa: E402
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -224,14 +225,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--render-changes", type=int, default=60, help="changes applied to a full session")
     parser.add_argument("--keep", metavar="DIR", default=None, help="write the store here and keep it (reused when it exists)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stats-rows", type=int, default=None, help="records per chunk of the stats arrays (default: StoreLayout's)")
+    parser.add_argument("--flush-rows", type=int, default=256, help="records per appended block while writing (the live writer uses 64)")
     args = parser.parse_args(argv)
     layers = max(1, (args.nodes - 8) // 3)
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="comgra-dash-bench-"))
-    result: dict[str, Any] = {"records": args.records, "nodes": 3 * layers + 8, "width": args.width}
+    result: dict[str, Any] = {"records": args.records, "nodes": 3 * layers + 8, "width": args.width, "stats_rows": args.stats_rows or StoreLayout().stats_rows, "flush_rows": args.flush_rows}
     try:
         if not (workdir / "bench" / "manifest.json").exists():
             start = time.perf_counter()
-            write_run(workdir, "bench", records=args.records, layers=layers, width=args.width, sample_every_layer=4, notes=True)
+            layout = StoreLayout(stats_rows=args.stats_rows) if args.stats_rows else None
+            write_run(workdir, "bench", records=args.records, layers=layers, width=args.width, sample_every_layer=4, notes=True, layout=layout, block=args.flush_rows)
             result["write_s"] = round(time.perf_counter() - start, 1)
         from comgra_callbacks import open_run
 

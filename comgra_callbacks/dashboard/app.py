@@ -92,18 +92,28 @@ class Dashboard:
 
 def problem_page(catalog: Catalog, options: DashboardOptions) -> pn.viewable.Viewable:
     """The page when there is nothing to show yet; it turns into the dashboard when a run appears."""
-    alert = pn.pane.Alert(catalog.problem or "", alert_type="warning" if catalog._root is not None else "danger")
+    alert = pn.pane.Alert(catalog.problem or "", alert_type="warning" if catalog.can_list else "danger")
     page = pn.Column(pn.pane.Markdown(f"## {TITLE} · `{options.target}`", margin=(0, 10)), alert, sizing_mode="stretch_width")
 
     def look_again() -> None:
         if catalog.refresh_list() and catalog.runs:
-            page.objects = [Dashboard(catalog, options).panel()]
+            if callback is not None:
+                callback.stop()
+            dashboard = Dashboard(catalog, options)
+            page.objects = [dashboard.panel()]
+            start_polling(dashboard.selection.poll, options)
         elif catalog.problem:
             alert.object = catalog.problem
 
-    if catalog._root is not None and options.poll_secs and pn.state.curdoc is not None:
-        pn.state.add_periodic_callback(look_again, period=int(options.poll_secs * 1000))
+    callback = start_polling(look_again, options) if catalog.can_list else None
     return page
+
+
+def start_polling(poll: Any, options: DashboardOptions) -> Any:
+    """Call ``poll`` every ``options.poll_secs`` while the page is open (only in a served session)."""
+    if not options.poll_secs or pn.state.curdoc is None:
+        return None
+    return pn.state.add_periodic_callback(poll, period=int(options.poll_secs * 1000))
 
 
 def build_app(options: DashboardOptions) -> pn.viewable.Viewable:
@@ -114,8 +124,7 @@ def build_app(options: DashboardOptions) -> pn.viewable.Viewable:
     if not catalog.runs:
         return problem_page(catalog, options)
     dashboard = Dashboard(catalog, options)
-    if options.poll_secs and pn.state.curdoc is not None:
-        pn.state.add_periodic_callback(dashboard.selection.poll, period=int(options.poll_secs * 1000))
+    start_polling(dashboard.selection.poll, options)
     return dashboard.panel()
 
 

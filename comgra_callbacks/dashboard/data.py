@@ -33,6 +33,8 @@ from comgra_callbacks.store.storage import is_url, open_root, split_run_uri
 
 
 def _size(value: Any) -> int:
+    if isinstance(value, dict):
+        return sum(_size(v) for v in value.values())
     if isinstance(value, np.ndarray):
         return int(value.nbytes)
     if isinstance(value, pd.DataFrame | pd.Series):
@@ -149,11 +151,17 @@ class RunData:
 
     # -------------------------------------------------------------------------------- the data
     def stats(self, node: str, view: str, role: str | None, iteration: int | None, step_type: str | None) -> pd.DataFrame | Missing:
-        """One node's batch statistics over training (cached: a step change costs nothing here)."""
-        return self._cached(
-            ("stats", node, view, role, iteration, step_type),
-            lambda: self.run.stats(node, view=view, role=role, iteration=iteration, step_type=step_type),
+        """One node's batch statistics over training. All views of the node are read in one pass and cached
+        together, so a step change or a view change costs nothing here."""
+        every = self._cached(
+            ("node_stats", node, role, iteration, step_type),
+            lambda: self.run.node_stats(node, role=role, iteration=iteration, step_type=step_type),
         )
+        if isinstance(every, Missing):
+            return every
+        if view not in every:
+            return Missing(f"`view`: node {node!r} of run {self.name!r} has no view {view!r}; it has {list(every)}.")
+        return every[view]
 
     def entry_stats(self, node: str, step: int, role: str | None, iteration: int | None, step_type: str | None) -> pd.DataFrame | Missing:
         """Every view's statistics of one node at one step (one row of the stats array)."""
@@ -204,28 +212,34 @@ class Catalog:
         self.problem: str | None = None
         self._single: str | None = None
         self._root: Any = None
+        self._candidate: Any = None
         self._open()
 
     def _open(self) -> None:
         try:
-            root = open_root(self.target, self.storage_options or None)
+            self._candidate = open_root(self.target, self.storage_options or None)
         except ComgraError as exc:
             self.problem = str(exc)
             return
-        if not root.exists():
+        self._attach()
+
+    def _attach(self) -> bool:
+        """Use the target once it exists (a dashboard may be started before the training creates it)."""
+        if not self._candidate.exists():
             where = "URL" if is_url(self.target) else "path"
             self.problem = (
-                f"The {where} {self.target!r} does not exist. Expected a directory of runs (the `root` given to "
-                f"ComgraCallback, default 'comgra_runs') or one run inside it."
+                f"The {where} {self.target!r} does not exist (yet). Expected a directory of runs (the `root` given "
+                f"to ComgraCallback, default 'comgra_runs') or one run inside it; this page looks again every few seconds."
             )
-            return
+            return False
         if self._is_run(self.target):
             head, name = split_run_uri(self.target)
             self._root = open_root(head, self.storage_options or None)
             self._single = name
         else:
-            self._root = root
+            self._root = self._candidate
         self.refresh_list()
+        return True
 
     def _is_run(self, target: str) -> bool:
         head, name = split_run_uri(target)
@@ -237,7 +251,9 @@ class Catalog:
     def refresh_list(self) -> bool:
         """Look for runs that appeared since the last call; True when there is a new one."""
         if self._root is None:
-            return False
+            if self._candidate is None or not self._attach():
+                return False
+            return bool(self.runs)
         names = [self._single] if self._single else self._root.list_run_names()
         new = False
         for name in names:
@@ -259,6 +275,11 @@ class Catalog:
                 f"{self.target!r}) starts; this page looks again every few seconds."
             )
         return new
+
+    @property
+    def can_list(self) -> bool:
+        """True when runs may still appear (the target could be opened, even if it does not exist yet)."""
+        return self._candidate is not None
 
     @property
     def names(self) -> list[str]:

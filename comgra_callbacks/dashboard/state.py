@@ -23,6 +23,7 @@ NO_ROLE = "(single)"
 LAST = "last"
 STATISTICS = [s for s in fmt.STAT_NAMES]
 COMPARE_MODES = ["steps", "ranges", "step types", "runs"]
+LIST_EVERY = 10  # polls between two listings of the root (a listing is a LIST request on object stores)
 
 
 def nearest(values: list[int], target: int) -> int:
@@ -151,6 +152,7 @@ class Selection(param.Parameterized):
             self.param.update(**{k: v for k, v in values.items() if getattr(self, k) != v})
         finally:
             self._resolving = False
+        self._seen = self._seen_key()
 
     @staticmethod
     def default_node(data: RunData, nodes: list[str]) -> str | None:
@@ -189,23 +191,38 @@ class Selection(param.Parameterized):
             text += f" · {run.meta['error']}"
         return text
 
-    def poll(self) -> bool:
-        """Look for new runs and new records of the shown run; True when something changed."""
-        changed = False
-        if self.catalog.refresh_list():
-            self.param.run.objects = self.catalog.names
-            changed = True
-            if self.run is None and self.catalog.names:
-                self.run = self.catalog.names[0]
+    def _seen_key(self) -> tuple[Any, ...]:
         data = self.data
-        if data is not None and (data.run.status == "running" or changed):
+        if data is None:
+            return ()
+        m = data.run.manifest
+        return (data.run.uri, m.rows, len(m.series), data.run.status)
+
+    def poll(self, *, force: bool = False) -> bool:
+        """Look for new records of the shown run (and, every tenth call or when forced, for new runs).
+
+        Returns True when something changed. Runs are shared by every browser session, so what this
+        session has seen is compared with the run itself, not with what the last refresh returned.
+        """
+        changed = False
+        self._polls = getattr(self, "_polls", 0) + 1
+        if force or self._polls % LIST_EVERY == 1:
+            if self.catalog.refresh_list():
+                self.param.run.objects = self.catalog.names
+                changed = True
+                if self.run is None:
+                    self.run = self.catalog.default_run()
+        data = self.data
+        if data is not None and (data.run.status == "running" or force):
             at_end = bool(self.steps) and self.step == self.steps[-1]
-            if data.run.refresh():
+            data.run.refresh()
+            if self._seen_key() != getattr(self, "_seen", None):
                 self.resolve()
                 if at_end and self.steps and self.step != self.steps[-1]:
                     self.step = self.steps[-1]  # follow the training while looking at its last step
                 self.revision += 1
                 changed = True
+        self._seen = self._seen_key()
         status = self.describe_status()
         if status != self.status:
             self.status = status

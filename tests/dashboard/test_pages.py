@@ -115,3 +115,21 @@ def test_a_bad_custom_file_is_shown_on_the_page(runs_root, dashboard_for):
     root, _ = runs_root
     dash = dashboard_for(root, custom="/nowhere/view.py")
     assert dash.custom is None and "no such file" in _texts(dash.panel())
+
+
+def test_a_root_created_after_the_server_started(tmp_path):
+    from comgra_callbacks.dashboard.data import Catalog
+    from comgra_callbacks.dashboard.synthetic import write_run
+
+    catalog = Catalog(tmp_path / "later")
+    assert "does not exist (yet)" in catalog.problem and catalog.can_list and not catalog.runs
+    assert catalog.refresh_list() is False
+    write_run(tmp_path / "later", "first", records=3)
+    assert catalog.refresh_list() is True and catalog.names == ["first"] and catalog.problem is None
+
+
+def test_an_unusable_url_is_not_polled():
+    from comgra_callbacks.dashboard.data import Catalog
+
+    catalog = Catalog("nosuchscheme://bucket/runs")
+    assert not catalog.can_list and catalog.problem

@@ -63,3 +63,13 @@ def test_range_stats_without_records_names_the_range(runs_root):
     run = open_run(root / "grok")
     with pytest.raises(StepNotFoundError, match=r"no record of step type 'ablation' with 5000 <= step <= 6000"):
         run.range_stats(5000, 6000, step_type="ablation")
+
+
+@pytest.mark.parametrize("node,kwargs", [("layers.1.weight", {}), ("attn", {"role": "pos2"}), ("block", {"iteration": 0}), ("block", {}), ("loss", {"step_type": "ablation"})])
+def test_node_stats_equals_stats_per_view(runs_root, node, kwargs):
+    root, _ = runs_root
+    run = open_run(root / "grok")
+    every = run.node_stats(node, **kwargs)
+    assert list(every) == run.views(node)
+    for view, frame in every.items():
+        pd.testing.assert_frame_equal(frame, run.stats(node, view=view, **kwargs))

@@ -130,10 +130,22 @@ def test_a_live_run_grows_without_restarting(tmp_path):
     assert sel.steps == [0, 1, 2, 3] and sel.step == 3 and sel.revision == revision + 1
     assert tensor_data(sel.data, sel.snapshot()).history["mean"].tolist() == [1.0, 2.0, 3.0, 4.0]
     write_run(tmp_path, "second", records=5)
-    assert sel.poll() is True and "second" in sel.param.run.objects
+    assert sel.poll(force=True) is True and "second" in sel.param.run.objects
     writer.close("finished")
     sel.poll()
     assert sel.status.startswith("finished")
+
+
+def test_every_session_sees_a_live_runs_new_records(tmp_path):
+    """Runs are shared by the sessions of a server: one session's refresh must not hide news from another."""
+    writer = RunWriter(open_root(tmp_path).run("live"))
+    writer.append([_record(0, 1.0)])
+    catalog = Catalog(tmp_path)
+    first, second = Selection(catalog), Selection(catalog)
+    writer.append([_record(1, 2.0)])
+    assert first.poll() is True and second.poll() is True
+    assert first.steps == second.steps == [0, 1]
+    assert first.poll() is False and second.poll() is False
 
 
 def test_comparison_defaults_and_sides(runs_root):
