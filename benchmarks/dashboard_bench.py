@@ -219,7 +219,7 @@ def measure_compare(root: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=10_000)
-    parser.add_argument("--nodes", type=int, default=60, help="approximate number of graph nodes (3 per layer + 8)")
+    parser.add_argument("--nodes", type=int, default=60, help="approximate number of graph nodes (3 per layer + 7)")
     parser.add_argument("--width", type=int, default=16, help="neurons per tensor")
     parser.add_argument("--changes", type=int, default=400, help="selector changes in the random walk")
     parser.add_argument("--render-changes", type=int, default=60, help="changes applied to a full session")
@@ -228,9 +228,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--stats-rows", type=int, default=None, help="records per chunk of the stats arrays (default: StoreLayout's)")
     parser.add_argument("--flush-rows", type=int, default=256, help="records per appended block while writing (the live writer uses 64)")
     args = parser.parse_args(argv)
-    layers = max(1, (args.nodes - 8) // 3)
+    layers = max(1, round((args.nodes - 7) / 3))
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="comgra-dash-bench-"))
-    result: dict[str, Any] = {"records": args.records, "nodes": 3 * layers + 8, "width": args.width, "stats_rows": args.stats_rows or StoreLayout().stats_rows, "flush_rows": args.flush_rows}
+    result: dict[str, Any] = {"records": args.records, "nodes": 3 * layers + 7, "width": args.width, "stats_rows": args.stats_rows or StoreLayout().stats_rows, "flush_rows": args.flush_rows}
     try:
         if not (workdir / "bench" / "manifest.json").exists():
             start = time.perf_counter()

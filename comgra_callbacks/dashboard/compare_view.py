@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 import panel as pn
+from bokeh.models.widgets.tables import NumberFormatter
 from panel.viewable import Viewer
 
 from comgra_callbacks.dashboard import plots
@@ -46,9 +47,11 @@ class CompareView(Viewer):
         self.summary = pn.pane.Markdown("", sizing_mode="stretch_width", margin=(0, 10))
         self.node_pane = pn.pane.DataFrame(None, float_format="{:.4g}".format, width=520)
         self.node_plot = pn.pane.HoloViews(linked_axes=False)
+        number = NumberFormatter(format="0.0000")
         self.table = pn.widgets.Tabulator(
             pd.DataFrame(), disabled=True, selectable=1, show_index=False, pagination="local", page_size=20,
-            sizing_mode="stretch_width", height=560, layout="fit_data_stretch",
+            sizing_mode="stretch_width", height=560, layout="fit_data_table",
+            formatters={"a": number, "b": number, "change": NumberFormatter(format="+0.0000"), "relative": NumberFormatter(format="+0.0%")},
         )
         self.table.on_click(self._clicked)
         cmp.param.watch(self.refresh, ["mode", "step_a", "step_b", "range_a", "range_b", "type_a", "type_b", "run_b", "rank_by"])
@@ -106,7 +109,7 @@ class CompareView(Viewer):
             self.node_pane.object = None
             self.node_plot.object = plots.message(plots.wrap(problem))
             return
-        ranking = compare_nodes(sum_a, sum_b, sel.statistic, cmp.rank_by)  # type: ignore[arg-type]
+        ranking = compare_nodes(sum_a, sum_b, sel.statistic, cmp.rank_by)
         graph = data_a.run.graph if data_a is not None else None
         kinds = [graph.nodes[n].get("kind", "") if graph is not None and n in graph else "" for n in ranking.index]
         self.ranking = ranking

@@ -8,17 +8,18 @@ one figure; ``message(text)`` empties it and says why there is nothing to show.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import panel as pn
-from bokeh.models import ColorBar, ColumnDataSource, HoverTool, Label, LinearColorMapper, Span
+from bokeh.models import ColumnDataSource, HoverTool, LinearColorMapper
+from bokeh.models.annotations import ColorBar, Label, Span, Title
 from bokeh.palettes import RdBu11, Viridis256
 from bokeh.plotting import figure
 
 WIDTH, HEIGHT = 520, 260
 A_COLOR, B_COLOR, GREY = "#1f77b4", "#d62728", "#7f7f7f"
-DIVERGING = list(reversed(RdBu11))
+DIVERGING = list(RdBu11)  # Bokeh orders it blue (low) to red (high)
 
 
 class Figure:
@@ -26,7 +27,7 @@ class Figure:
 
     def __init__(
         self, title: str = "", *, x_label: str = "", y_label: str = "", height: int = HEIGHT, width: int = WIDTH,
-        tooltips: list[tuple[str, str]] | None = None, y_axis_type: str = "linear",
+        tooltips: list[tuple[str, str]] | None = None, y_axis_type: Literal["linear", "log"] = "linear",
     ) -> None:
         self.figure = figure(
             width=width, height=height, title=title, tools="pan,wheel_zoom,box_zoom,reset,save",
@@ -61,11 +62,16 @@ class Figure:
         self.label.visible = True
         self.marker.visible = False
         if title is not None:
-            self.figure.title.text = title
+            self._title(title)
 
     def shown(self, title: str) -> None:
         self.label.visible = False
-        self.figure.title.text = title
+        self._title(title)
+
+    def _title(self, text: str) -> None:
+        title = self.figure.title
+        if isinstance(title, Title):
+            title.text = text
 
     def mark(self, step: int | None) -> None:
         self.marker.visible = step is not None and not self.label.visible
@@ -137,9 +143,10 @@ class HeatmapFigure(Figure):
         super().__init__(x_label=x_label, y_label=y_label, height=HEIGHT + 40, tooltips=[("x", "$x{0}"), ("y", "$y{0}"), ("value", "@image{0.0000g}")])
         self.mapper = LinearColorMapper(palette=Viridis256, nan_color="#dddddd")
         self.src = self.source(image=[], dw=[], dh=[])
-        self.figure.image(image="image", x=0, y=0, dw="dw", dh="dh", source=self.src, color_mapper=self.mapper)
+        self.figure.image(image="image", x=0, y=0, dw="dw", dh="dh", source=self.src, color_mapper=self.mapper)  # type: ignore[call-arg]
         self.figure.add_layout(ColorBar(color_mapper=self.mapper, width=10), "right")
-        self.figure.x_range.range_padding = self.figure.y_range.range_padding = 0
+        for rng in (self.figure.x_range, self.figure.y_range):
+            rng.update(range_padding=0)
 
     def set(self, matrix: np.ndarray, title: str, y_ticks: dict[float, str] | None = None) -> None:
         rows, cols = matrix.shape
@@ -153,7 +160,8 @@ class HeatmapFigure(Figure):
         self.src.data = {"image": [np.ascontiguousarray(matrix[::-1], dtype=np.float32)], "dw": [cols], "dh": [rows]}
         if y_ticks:
             self.figure.yaxis.ticker = list(y_ticks)
-            self.figure.yaxis.major_label_overrides = y_ticks
+            overrides: dict[Any, Any] = dict(y_ticks)
+            self.figure.yaxis.major_label_overrides = overrides
         self.shown(title)
 
 

@@ -179,10 +179,10 @@ def side_summary(data: RunData | None, side: Side, view: str) -> pd.DataFrame | 
 
 def node_comparison(summary_a: pd.DataFrame | Missing, summary_b: pd.DataFrame | Missing, node: str | None) -> pd.DataFrame | Missing:
     """The selected node's statistics on both sides: rows statistics, columns A, B, change, relative."""
-    for summary in (summary_a, summary_b):
-        if isinstance(summary, Missing):
-            return summary
-    assert isinstance(summary_a, pd.DataFrame) and isinstance(summary_b, pd.DataFrame)
+    if isinstance(summary_a, Missing):
+        return summary_a
+    if isinstance(summary_b, Missing):
+        return summary_b
     if node not in summary_a.index or node not in summary_b.index:
         side = "A" if node not in summary_a.index else "B"
         return Missing(f"Node {node!r} has no records on side {side} for this view.")

@@ -14,6 +14,7 @@ import panel as pn
 import param
 from bokeh import events
 from bokeh.models import CDSView, ColumnDataSource, GroupFilter, HoverTool, Range1d, TapTool, WheelZoomTool
+from bokeh.models.annotations import LegendItem
 from bokeh.plotting import figure
 from panel.viewable import Viewer
 
@@ -33,7 +34,7 @@ class GraphView(Viewer):
         boxes / highlight / edges / heads: the figure's data sources.
     """
 
-    grouping = param.Selector(default="auto", objects=["auto", "none", "1", "2", "3", "4"], label="Group by module")
+    grouping: param.Selector[str] = param.Selector(default="auto", objects=["auto", "none", "1", "2", "3", "4"], label="Group by module")
     expanded = param.List(default=[], doc="Group boxes opened by a click.")
 
     def __init__(self, selection: Selection, **params: Any) -> None:
@@ -55,7 +56,7 @@ class GraphView(Viewer):
     def _build_figure(self) -> None:
         fig = figure(
             name=GRAPH_FIGURE, width=900, height=300, tools="pan,box_zoom,reset,save", toolbar_location="above",
-            x_range=Range1d(0, 1), y_range=Range1d(0, 1), outline_line_color=None,
+            x_range=Range1d(start=0, end=1), y_range=Range1d(start=0, end=1), outline_line_color=None,
         )
         fig.toolbar.logo = None
         fig.axis.visible = False
@@ -64,7 +65,7 @@ class GraphView(Viewer):
         fig.add_tools(wheel, TapTool(behavior="inspect"))  # inspect: a click does not dim the other boxes
         fig.toolbar.active_scroll = wheel
         self.boxes = ColumnDataSource({k: [] for k in ("left", "right", "bottom", "top", "x", "y", "name", "label", "kind", "info")})
-        renderers = []
+        renderers: list[Any] = []
         for kind, color in lay.KIND_COLORS.items():
             view = CDSView(filter=GroupFilter(column_name="kind", group=kind))
             renderers.append(
@@ -118,7 +119,8 @@ class GraphView(Viewer):
             self.layout = lay.build_layout(kinds, modules, [(u, v) for u, v in graph.edges()], depth=depth, expanded=expanded)
             self._draw_boxes(graph)
             groups = sum(1 for b in self.layout.boxes.values() if b.is_group)
-            self.info.object = f"{len(kinds)} nodes" + (f" in {len(self.layout.boxes)} boxes ({groups} module groups: click one to open it)" if groups else "")
+            plural = "group" if groups == 1 else "groups"
+            self.info.object = f"{len(kinds)} nodes" + (f" in {len(self.layout.boxes)} boxes ({groups} module {plural}: click one to open it)" if groups else "")
         self._draw_highlight(self._box_of(sel.node))
 
     def _open_for(self, node: str, kinds: dict[str, str], modules: dict[str, str | None], depth: int, expanded: list[str]) -> list[str]:
@@ -145,6 +147,8 @@ class GraphView(Viewer):
         }
         present = {b.kind for b in boxes}
         for item in self.figure.legend[0].items:
+            if not isinstance(item, LegendItem):
+                continue
             label = item.label
             item.visible = (label.get("value") if isinstance(label, dict) else getattr(label, "value", label)) in present
         n_layers, tallest = self.layout.n_layers, self.layout.max_layer_size

@@ -69,7 +69,7 @@ class SelectorBar(Viewer):
         self.refresh = pn.widgets.Button(label="↻ Refresh", width=90, description="Look for new records now")
         self.prev.on_click(lambda _: sel.move_step(-1))
         self.next.on_click(lambda _: sel.move_step(+1))
-        self.refresh.on_click(lambda _: sel.poll(force=True))
+        self.refresh.on_click(lambda _: None if sel.poll(force=True) else None)
         self.slider.param.watch(self._slider_moved, ["value_throttled"])
         self.sample.param.watch(lambda e: setattr(sel, "sample", int(e.new)), ["value"])
         sel.param.watch(self._sync, ["steps", "step", "detail", "n_samples", "sample", "status"])

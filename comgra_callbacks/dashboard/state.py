@@ -63,18 +63,18 @@ class SelectionSnapshot:
 class Selection(param.Parameterized):
     """What the user looks at. Views read it; selectors, the graph and the keyboard write it."""
 
-    run = param.Selector(default=None, objects=[], allow_None=True, doc="The run shown.")
-    step_type = param.Selector(default=None, objects=[], allow_None=True, label="Step type")
+    run: param.Selector[str | None] = param.Selector(default=None, objects=[], allow_None=True, doc="The run shown.")
+    step_type: param.Selector[str | None] = param.Selector(default=None, objects=[], allow_None=True, label="Step type")
     steps = param.List(default=[], doc="Recorded steps of the step type, ascending.")
     step = param.Integer(default=0, doc="The trainer's global step.")
-    node = param.Selector(default=None, objects=[], allow_None=True)
-    view = param.Selector(default="value", objects=["value"], doc="value, grad, grad:<loss> or update.")
-    detail = param.Selector(default="statistics", objects=list(DETAILS))
+    node: param.Selector[str | None] = param.Selector(default=None, objects=[], allow_None=True)
+    view: param.Selector[str] = param.Selector(default="value", objects=["value"], doc="value, grad, grad:<loss> or update.")
+    detail: param.Selector[str] = param.Selector(default="statistics", objects=list(DETAILS))
     sample = param.Integer(default=0, bounds=(0, None))
     n_samples = param.Integer(default=0, doc="Samples recorded for the selection at this step (set by the tensor view).")
-    role = param.Selector(default=NO_ROLE, objects=[NO_ROLE])
-    iteration = param.Selector(default=LAST, objects=[LAST])
-    statistic = param.Selector(default="abs_mean", objects=STATISTICS, doc="Plotted over training and compared.")
+    role: param.Selector[str] = param.Selector(default=NO_ROLE, objects=[NO_ROLE])
+    iteration: param.Selector[str] = param.Selector(default=LAST, objects=[LAST])
+    statistic: param.Selector[str] = param.Selector(default="abs_mean", objects=STATISTICS, doc="Plotted over training and compared.")
     status = param.String(default="", doc="One line about the run: status, records, last write.")
     revision = param.Integer(default=0, doc="Bumped when the run got new records (live runs).")
 
@@ -134,11 +134,11 @@ class Selection(param.Parameterized):
         nodes = [n for n in run.nodes if n in graph] or list(run.nodes)
         node = self.node if self.node in nodes else self.default_node(data, nodes)
         has = node is not None and data.has_data(node)
-        views = run.views(node) if has else ["value"]
+        views = run.views(node) if node is not None and has else ["value"]
         view = self.view if self.view in views else ("value" if "value" in views else views[0])
-        roles = [role_label(r) for r in run.roles(node)] if has else [NO_ROLE]
+        roles = [role_label(r) for r in run.roles(node)] if node is not None and has else [NO_ROLE]
         role = self.role if self.role in roles else roles[0]
-        iterations = run.iterations(node) if has else []
+        iterations = run.iterations(node) if node is not None and has else []
         iteration_options = [LAST] + [str(i) for i in iterations] if len(iterations) > 1 else [LAST]
         iteration = self.iteration if self.iteration in iteration_options else LAST
         self._resolving = True
@@ -251,15 +251,15 @@ class Comparison(param.Parameterized):
     Side A is always the selected run; what varies between the sides depends on ``mode``.
     """
 
-    mode = param.Selector(default="ranges", objects=COMPARE_MODES)
+    mode: param.Selector[str] = param.Selector(default="ranges", objects=COMPARE_MODES)
     step_a = param.Integer(default=0, label="Step A")
     step_b = param.Integer(default=0, label="Step B")
     range_a = param.Range(default=(0, 0), label="Steps A")
     range_b = param.Range(default=(0, 0), label="Steps B")
-    type_a = param.Selector(default=None, objects=[], allow_None=True, label="Step type A")
-    type_b = param.Selector(default=None, objects=[], allow_None=True, label="Step type B")
-    run_b = param.Selector(default=None, objects=[], allow_None=True, label="Run B")
-    rank_by = param.Selector(default="relative", objects=["relative", "absolute"], label="Rank by change")
+    type_a: param.Selector[str | None] = param.Selector(default=None, objects=[], allow_None=True, label="Step type A")
+    type_b: param.Selector[str | None] = param.Selector(default=None, objects=[], allow_None=True, label="Step type B")
+    run_b: param.Selector[str | None] = param.Selector(default=None, objects=[], allow_None=True, label="Run B")
+    rank_by: param.Selector[str] = param.Selector(default="relative", objects=["relative", "absolute"], label="Rank by change")
 
     def __init__(self, selection: Selection, **params: Any) -> None:
         super().__init__(**params)
@@ -298,11 +298,17 @@ class Comparison(param.Parameterized):
         lo, hi = (sel.steps[0], sel.steps[-1]) if sel.steps else (0, 0)
         if self.mode == "steps":
             return Side(run, st, self.step_a, self.step_a), Side(run, st, self.step_b, self.step_b)
+        a, b = _int_range(self.range_a), _int_range(self.range_b)
         if self.mode == "ranges":
-            return Side(run, st, *self.range_a), Side(run, st, *self.range_b)
+            return Side(run, st, *a), Side(run, st, *b)
         if self.mode == "step types":
             data = sel.data
             if data is not None and len(data.run.steps):
                 lo, hi = int(data.run.steps["step"].min()), int(data.run.steps["step"].max())
             return Side(run, self.type_a, lo, hi), Side(run, self.type_b, lo, hi)
-        return Side(run, st, *self.range_a), Side(self.run_b or run, st, *self.range_a)
+        return Side(run, st, *a), Side(self.run_b or run, st, *a)
+
+
+def _int_range(pair: Any) -> tuple[int, int]:
+    lo, hi = pair
+    return int(lo), int(hi)

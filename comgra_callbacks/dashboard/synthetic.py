@@ -134,7 +134,7 @@ def write_run(
     Args:
         records: number of recorded steps (step ``i * every``); every ``ablation_every``-th is of step type
             ``"ablation"`` (0: never), the others ``"train"``.
-        layers: hidden layers; the graph has ``3 * layers + 8`` nodes.
+        layers: hidden layers; the graph has ``3 * layers + 7`` nodes.
         width: neurons per tensor.
         status: ``"finished"``, ``"failed"`` or ``"running"`` (the writer is left open: no final status).
         sample_every_layer: keep samples of every n-th layer's output (and of the input, output, ``attn``).
@@ -158,7 +158,7 @@ def write_run(
             },
         }
     )
-    modules = [{"name": "", "type": "MLP", "parent": None, "depth": 0, "params": 0}]
+    modules: list[dict[str, Any]] = [{"name": "", "type": "MLP", "parent": None, "depth": 0, "params": 0}]
     modules += [{"name": "layers", "type": "ModuleList", "parent": "", "depth": 1, "params": 0}]
     modules += [{"name": f"layers.{i}", "type": "Linear", "parent": "layers", "depth": 2, "params": width * width + width} for i in range(layers)]
     modules += [{"name": "head", "type": "Identity", "parent": "", "depth": 1, "params": 0}]

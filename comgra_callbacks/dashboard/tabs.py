@@ -95,7 +95,7 @@ class NetworkView(Viewer):
         top = self.frame.iloc[0]
         self.summary.object = f"**{top['type']}**: {top['params_total']:,} parameters ({top['trainable_total']:,} trainable) in {len(self.frame)} modules."
         deepest = int(self.frame["depth"].max())
-        self.depth.param.update(end=max(deepest, 1), value=min(max(self.depth.value, 2), max(deepest, 1)))
+        self.depth.param.update(end=max(deepest, 1), value=min(max(int(self.depth.value or 0), 2), max(deepest, 1)))
         self._filter()
 
     def _filter(self, *_: Any) -> None:

@@ -88,3 +88,19 @@ def dashboard_for():
         return Dashboard(Catalog(root), DashboardOptions(str(root), **options))  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture
+def host_record():
+    """``host_record(step, value)``: a record of one node ``h`` whose value is ``value`` (for live runs)."""
+    import numpy as np
+
+    from comgra_callbacks.store.format import SeriesKey
+    from comgra_callbacks.store.writer import HostEntry, HostRecord
+
+    def make(step: int, value: float) -> HostRecord:
+        stats = np.full(11, np.nan, dtype=np.float32)
+        stats[:10] = [value, 0, abs(value), value, value, abs(value), 0, 0, 0, 1]
+        return HostRecord(step, "train", 0, step, time.time(), "every", [HostEntry(SeriesKey("h", None, 0, "value"), stats)])
+
+    return make

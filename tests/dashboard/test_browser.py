@@ -5,6 +5,7 @@ Set ``COMGRA_UPDATE_SCREENSHOTS=1`` to copy the screenshots taken here into ``do
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -70,14 +71,13 @@ def chromium() -> Iterator[object]:
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def server(runs_root: tuple[Path, dict]) -> Iterator[str]:
-    """``panel serve`` of the package's app file on 127.0.0.1, stopped after the module."""
-    root, _ = runs_root
+@contextlib.contextmanager
+def serving(root: Path, *args: str) -> Iterator[str]:
+    """``panel serve`` of the package's app file on 127.0.0.1 (a free port); stopped on exit."""
     port = _free_port()
     command = [
         sys.executable, "-m", "panel", "serve", str(APP), "--address", "127.0.0.1", "--port", str(port),
-        f"--allow-websocket-origin=127.0.0.1:{port}", "--args", str(root), "--custom", "fourier", "--poll", "2",
+        f"--allow-websocket-origin=127.0.0.1:{port}", "--args", str(root), *args,
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/app"
@@ -103,6 +103,13 @@ def server(runs_root: tuple[Path, dict]) -> Iterator[str]:
             process.wait()
 
 
+@pytest.fixture(scope="module")
+def server(runs_root: tuple[Path, dict]) -> Iterator[str]:
+    root, _ = runs_root
+    with serving(root, "--custom", "fourier", "--poll", "2") as url:
+        yield url
+
+
 @pytest.fixture
 def page(chromium, server):
     context = chromium.new_context(viewport={"width": 1500, "height": 1100})
@@ -124,6 +131,21 @@ def _shot(page, tmp_path: Path, name: str) -> None:
         shutil.copy(path, DOCS_IMG / path.name)
 
 
+def _click_box(page, name: str) -> None:
+    """Click the centre of a node's box once the figure has drawn it and the page stopped moving."""
+    deadline = time.time() + TIMEOUT_MS / 1000
+    previous = None
+    while True:
+        where = page.evaluate(BOX_CENTRE_JS, name)
+        if where is not None and where == previous:
+            break
+        if time.time() > deadline:
+            pytest.fail(f"the box {name!r} was not drawn in the graph (last position {where})")
+        previous = where
+        page.wait_for_timeout(150)
+    page.mouse.click(*where)
+
+
 def _header(page, text: str) -> None:
     page.get_by_text(re.compile(text)).first.wait_for(timeout=TIMEOUT_MS)
 
@@ -139,8 +161,7 @@ def test_main_view_step_view_node_and_keys(page, tmp_path):
     _header(page, r"step 2 \(train\) · view grad")
     page.get_by_text("▸ grad").wait_for(timeout=TIMEOUT_MS)
     # Click a node in the graph: the tensor panel shows that node's values.
-    x, y = page.evaluate(BOX_CENTRE_JS, "layers.1")
-    page.mouse.click(x, y)
+    _click_box(page, "layers.1")
     page.locator("h3", has_text=re.compile(r"^layers\.1$")).wait_for(timeout=TIMEOUT_MS)
     page.get_by_text(re.compile(r"module layers\.1")).first.wait_for(timeout=TIMEOUT_MS)
     # The arrow keys follow the graph and the steps.
@@ -150,6 +171,16 @@ def test_main_view_step_view_node_and_keys(page, tmp_path):
     _header(page, r"step 3 \(train\)")
     page.get_by_role("button", name="per-neuron").click()
     _header(page, r"· per-neuron")
+    page.wait_for_timeout(500)
+    _shot(page, tmp_path, "neurons")
+    page.get_by_role("button", name="individual sample").click()
+    _header(page, r"· individual sample")
+    page.get_by_text(re.compile(r"sample 0 of 8, a vector of 16 values")).first.wait_for(timeout=TIMEOUT_MS)
+    page.wait_for_timeout(500)
+    _shot(page, tmp_path, "sample")
+    page.get_by_role("button", name="batch statistics").click()
+    view.select_option("value")
+    _header(page, r"view value · batch statistics")
     page.wait_for_timeout(500)
     _shot(page, tmp_path, "main")
 
@@ -180,3 +211,44 @@ def test_custom_and_scalars_tabs(page, tmp_path):
     page.get_by_text("logged scalars").or_(page.locator(".choices")).first.wait_for(timeout=TIMEOUT_MS)
     page.wait_for_timeout(500)
     _shot(page, tmp_path, "scalars")
+
+
+
+def test_a_live_run_grows_on_the_page(chromium, tmp_path, host_record):
+    """New records of a run still being written appear without reloading, and the status follows."""
+    from comgra_callbacks.store.storage import open_root
+    from comgra_callbacks.store.writer import RunWriter
+
+    writer = RunWriter(open_root(tmp_path).run("live"))
+    writer.write_graph({"nodes": {"h": {"kind": "intermediate", "roles": [None], "iterations": 1}}, "graphs": {}})
+    writer.append([host_record(0, 1.0), host_record(1, 2.0)])
+    with serving(tmp_path, "--poll", "1") as url:
+        context = chromium.new_context(viewport={"width": 1400, "height": 900})
+        page = context.new_page()
+        try:
+            page.goto(url)
+            page.get_by_text(re.compile(r"running · 2 records")).wait_for(timeout=TIMEOUT_MS)
+            page.get_by_role("button", name="▶").click()
+            _header(page, r"step 1 \(train\)")
+            writer.append([host_record(2, 3.0), host_record(3, 4.0)])
+            page.get_by_text(re.compile(r"running · 4 records")).wait_for(timeout=TIMEOUT_MS)
+            _header(page, r"step 3 \(train\)")  # it was on the last step: it follows the training
+            writer.close("finished")
+            page.get_by_text(re.compile(r"finished · 4 records")).wait_for(timeout=TIMEOUT_MS)
+        finally:
+            context.close()
+
+
+def test_a_big_graph_starts_grouped_and_opens_on_click(chromium, big_root, tmp_path):
+    with serving(big_root, "--poll", "0") as url:
+        context = chromium.new_context(viewport={"width": 1500, "height": 1000})
+        page = context.new_page()
+        try:
+            page.goto(url)
+            page.get_by_text("127 nodes in 8 boxes (1 module group:").wait_for(timeout=TIMEOUT_MS)
+            _shot(page, tmp_path, "grouped")
+            _click_box(page, "layers.*")
+            page.get_by_text("127 nodes in 47 boxes (40 module groups:").wait_for(timeout=TIMEOUT_MS)
+            page.locator("h3", has_text=re.compile(r"^layers\.")).wait_for(timeout=TIMEOUT_MS)
+        finally:
+            context.close()

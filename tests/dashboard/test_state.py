@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
-import numpy as np
 import pytest
 
 from comgra_callbacks.dashboard.data import Catalog, Missing
 from comgra_callbacks.dashboard.gather import tensor_data
 from comgra_callbacks.dashboard.state import LAST, NO_ROLE, Comparison, Selection
 from comgra_callbacks.dashboard.synthetic import write_run
-from comgra_callbacks.store.format import SeriesKey
 from comgra_callbacks.store.storage import open_root
-from comgra_callbacks.store.writer import HostEntry, HostRecord, RunWriter
+from comgra_callbacks.store.writer import RunWriter
 
 
 def test_opening_resolves_every_selector(runs_root):
@@ -110,13 +106,8 @@ def test_a_failed_run_says_why(runs_root):
     assert len(sel.steps) == 27
 
 
-def _record(step: int, value: float) -> HostRecord:
-    stats = np.full(11, np.nan, dtype=np.float32)
-    stats[:10] = [value, 0, abs(value), value, value, abs(value), 0, 0, 0, 1]
-    return HostRecord(step, "train", 0, step, time.time(), "every", [HostEntry(SeriesKey("h", None, 0, "value"), stats)])
-
-
-def test_a_live_run_grows_without_restarting(tmp_path):
+def test_a_live_run_grows_without_restarting(tmp_path, host_record):
+    _record = host_record
     writer = RunWriter(open_root(tmp_path).run("live"))
     writer.write_graph({"nodes": {"h": {"kind": "intermediate", "roles": [None], "iterations": 1}}, "graphs": {}})
     writer.append([_record(0, 1.0), _record(1, 2.0)])
@@ -136,7 +127,8 @@ def test_a_live_run_grows_without_restarting(tmp_path):
     assert sel.status.startswith("finished")
 
 
-def test_every_session_sees_a_live_runs_new_records(tmp_path):
+def test_every_session_sees_a_live_runs_new_records(tmp_path, host_record):
+    _record = host_record
     """Runs are shared by the sessions of a server: one session's refresh must not hide news from another."""
     writer = RunWriter(open_root(tmp_path).run("live"))
     writer.append([_record(0, 1.0)])
