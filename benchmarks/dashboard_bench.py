@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from comgra_callbacks import open_run
 
         run = open_run(workdir / "bench")
+        result["nodes"] = len(run.nodes)
         result["series"] = len(run.manifest.series)
         result["store_mib_on_disk"] = round(store_bytes(workdir / "bench") / 2**20, 1)
         result["store_mib_uncompressed"] = round(uncompressed_bytes(run) / 2**20, 1)

@@ -55,27 +55,37 @@ class Figure:
         return src
 
     def message(self, text: str, title: str | None = None) -> None:
-        """Empty the figure and show ``text`` instead."""
+        """Empty the figure and show ``text`` instead (nothing is sent to the browser if it already does)."""
+        text = _wrap(text)
+        if self.label.visible and self.label.text == text and (title is None or self._title_text() == title):
+            return
         for src in self.sources:
             src.data = {key: [] for key in src.data}
-        self.label.text = _wrap(text)
+        self.label.text = text
         self.label.visible = True
         self.marker.visible = False
         if title is not None:
             self._title(title)
 
     def shown(self, title: str) -> None:
-        self.label.visible = False
+        if self.label.visible:
+            self.label.visible = False
         self._title(title)
 
     def _title(self, text: str) -> None:
         title = self.figure.title
-        if isinstance(title, Title):
+        if isinstance(title, Title) and title.text != text:
             title.text = text
 
+    def _title_text(self) -> str:
+        title = self.figure.title
+        return str(title.text) if isinstance(title, Title) else ""
+
     def mark(self, step: int | None) -> None:
-        self.marker.visible = step is not None and not self.label.visible
-        if step is not None:
+        visible = step is not None and not self.label.visible
+        if self.marker.visible != visible:
+            self.marker.visible = visible
+        if step is not None and self.marker.location != step:
             self.marker.location = step
 
 
