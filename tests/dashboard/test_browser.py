@@ -204,8 +204,11 @@ def test_comparison_and_network_tabs(page, tmp_path):
 
 
 def test_custom_and_scalars_tabs(page, tmp_path):
+    node = page.locator("select").filter(has=page.locator("option", has_text=re.compile(r"^layers\.0\.weight$")))
+    node.select_option("layers.0.weight")
+    page.locator("h3", has_text=re.compile(r"^layers\.0\.weight$")).wait_for(timeout=TIMEOUT_MS)
     page.get_by_text("Fourier", exact=True).first.click()
-    page.get_by_text(re.compile(r"Strongest frequencies")).wait_for(timeout=TIMEOUT_MS)
+    page.get_by_text(re.compile(r"Fourier spectrum of raw values, shape \(16, 16\)")).wait_for(timeout=TIMEOUT_MS)
     _shot(page, tmp_path, "custom")
     page.get_by_text("Scalars", exact=True).first.click()
     page.get_by_text("logged scalars").or_(page.locator(".choices")).first.wait_for(timeout=TIMEOUT_MS)
