@@ -21,7 +21,7 @@ from comgra_callbacks.store import format as fmt
 DETAILS = {"statistics": "batch statistics", "neurons": "per-neuron", "sample": "individual sample"}
 NO_ROLE = "(single)"
 LAST = "last"
-STATISTICS = [s for s in fmt.STAT_NAMES]
+STATISTICS = list(fmt.STAT_NAMES)
 COMPARE_MODES = ["steps", "ranges", "step types", "runs"]
 LIST_EVERY = 10  # polls between two listings of the root (a listing is a LIST request on object stores)
 
@@ -107,12 +107,6 @@ class Selection(param.Parameterized):
             self.run, self.step_type, self.step, self.node, self.view, self.detail, self.sample,
             self.role_value, self.iteration_value, self.statistic,
         )
-
-    def node_attrs(self, node: str | None = None) -> dict[str, Any]:
-        data, node = self.data, node or self.node
-        if data is None or node is None or node not in data.run.graph:
-            return {}
-        return dict(data.run.graph.nodes[node])
 
     # ------------------------------------------------------------------------------ resolving
     @param.depends("run", "step_type", "node", watch=True)

@@ -251,3 +251,34 @@ def test_the_real_run(real_root, dashboard_for):
 
 def test_layout_helpers():
     assert lay.short_label("a" * 30).startswith("…") and len(lay.short_label("a.b.c.d.e.f.g.h.i.j.k.l")) <= 22
+
+
+def test_selector_widgets_follow_every_node(runs_root, dashboard_for):
+    """Each node's views, roles and iterations are offered by the widgets, and only the selectors that apply show."""
+    root, _ = runs_root
+    dash = dashboard_for(root)
+    sel, bar = dash.selection, dash.selectors
+    for node in sel.param.node.objects:
+        sel.node = node
+        assert list(bar.view.options) == sel.param.view.objects == open_run(root / "grok").views(node)
+        assert bar.role.visible == (len(sel.param.role.objects) > 1) == (node == "attn")
+        assert bar.iteration.visible == (node == "block")
+        assert not bar.sample.visible
+    sel.detail = "sample"
+    assert bar.sample.visible
+
+
+def test_a_node_without_data_is_explained(tmp_path, dashboard_for, host_record):
+    from comgra_callbacks.store.storage import open_root
+    from comgra_callbacks.store.writer import RunWriter
+
+    writer = RunWriter(open_root(tmp_path).run("r"))
+    nodes = {"h": {"kind": "intermediate", "roles": [None], "iterations": 1}, "ghost": {"kind": "output", "roles": [None], "iterations": 1}}
+    writer.write_graph({"nodes": nodes, "graphs": {"train": {"nodes": ["h", "ghost"], "edges": [["h", "ghost", "autograd"]]}}})
+    writer.append([host_record(0, 1.0)])
+    writer.close("finished")
+    dash = dashboard_for(tmp_path)
+    assert dash.selection.node == "h", "the first node with data opens, not the output without any"
+    dash.graph.select_box("ghost")
+    assert dash.selection.node == "ghost" and "has no recorded data" in dash.tensor.table_note.object
+    assert "has no recorded data" in dash.tensor.history.message_text.replace("\n", " ")
