@@ -206,14 +206,12 @@ class GraphView(Viewer):
             self.select_box(name)
 
     def select_box(self, name: str) -> None:
-        """What a click on a box does: select the node, or open the group."""
+        """What a click on a box does: select the node, or open the group (the selection stays)."""
         box = self.layout.boxes.get(name)
         if box is None:
             return
         if box.is_group:
             self.expanded = [*self.expanded, name]
-            if self.selection.node not in box.members:
-                self.selection.node = box.members[0]
             return
         self.selection.node = name
 
