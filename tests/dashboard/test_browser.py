@@ -59,11 +59,17 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[object]:
+    required = os.environ.get("COMGRA_REQUIRE_BROWSER") == "1"
     if not os.path.exists(CHROMIUM):
-        if os.environ.get("COMGRA_REQUIRE_BROWSER") == "1":
+        if required:
             pytest.fail(f"{CHROMIUM} is missing and COMGRA_REQUIRE_BROWSER=1: install the Debian package 'chromium'.")
         pytest.skip(f"{CHROMIUM} is not installed (Debian package 'chromium'); the real-browser tests need it.")
-    from playwright.sync_api import sync_playwright
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if required:
+            pytest.fail("the Python package 'playwright' is missing and COMGRA_REQUIRE_BROWSER=1: pip install -e '.[dev]'.")
+        pytest.skip("the Python package 'playwright' is not installed (pip install -e '.[dev]').")
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
