@@ -1,1 +1,1 @@
-"""Runnable examples (``python -m comgra_callbacks.examples.<name>``)."""
+"""Examples shipped with comgra_callbacks: runnable scripts (``python -m comgra_callbacks.examples.<name>``) and custom dashboard views."""

@@ -435,6 +435,153 @@ class Run:
         frame.index.name = "node"
         return frame
 
+    # ----------------------------------------------------- added for the dashboard (issue 4)
+    # Reads that the dashboard needs on every selector change, each bounded to a chunk or a slab.
+
+    def entry_stats(
+        self,
+        node: str,
+        step: int,
+        *,
+        role: str | None = None,
+        iteration: int | None = None,
+        step_type: str | None = None,
+    ) -> pd.DataFrame:
+        """Batch statistics of every view of one node at one step: one row per view (index: view).
+
+        Reads one row of ``stats`` (the chunks holding the node's columns), never the node's history.
+        ``iteration=None`` takes the last iteration recorded at that step. Views not recorded at that
+        step are left out.
+        """
+        record = self.record_of(step, step_type=step_type)
+        picked: dict[str, list[int]] = {}
+        for view in self.views(node):
+            picked[view] = [col for _, col in self._columns(node, view, role, iteration)]
+        wanted = sorted({col for cols in picked.values() for col in cols})
+        rows: dict[str, np.ndarray] = {}
+        if wanted:
+            lo, hi = wanted[0], wanted[-1] + 1
+            block = self._read(fmt.STATS, (record, slice(lo, hi), slice(None)))
+            for view, cols in picked.items():
+                for col in reversed(cols):
+                    if not math.isnan(float(block[col - lo, _NUMEL])):
+                        rows[view] = block[col - lo]
+                        break
+        frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(fmt.STAT_NAMES)).astype("float64")
+        frame.index.name = "view"
+        return frame
+
+    def node_stats(
+        self,
+        node: str,
+        *,
+        role: str | None = None,
+        iteration: int | None = None,
+        step_type: str | None = None,
+    ) -> dict[str, pd.DataFrame]:
+        """Batch statistics of every view of one node over training: ``{view: frame}``, each frame exactly
+        what :meth:`stats` returns for that view.
+
+        A node's columns sit next to each other in the store, so one pass over the rows reads all its views
+        (value, gradients, update) for the cost of one; :meth:`stats` would read the same chunks once per view.
+        """
+        views = self.views(node)
+        picked = {view: self._columns(node, view, role, iteration) for view in views}
+        wanted = sorted(col for cols in picked.values() for _, col in cols)
+        rows = self._record_rows(step_type)
+        if len(rows) == 0 or not wanted or wanted[-1] - wanted[0] >= 4 * len(wanted):
+            return {view: self.stats(node, view=view, role=role, iteration=iteration, step_type=step_type) for view in views}
+        lo, hi, stop = wanted[0], wanted[-1] + 1, int(rows.max()) + 1
+        block = self._read(fmt.STATS, (slice(0, stop), slice(lo, hi), slice(None)))  # (records, columns, stats)
+        steps = self.steps.loc[rows, "step"].to_numpy()
+        out: dict[str, pd.DataFrame] = {}
+        for view, cols in picked.items():
+            names = list(fmt.STAT_NAMES) if view == "update" else [n for n in fmt.STAT_NAMES if n != "update_ratio"]
+            best = np.full((stop, len(fmt.STAT_NAMES)), np.nan, dtype=np.float32)
+            for _, col in cols:  # later iterations overwrite earlier ones where present
+                part = block[:, col - lo, :]
+                present = ~np.isnan(part[:, _NUMEL])
+                best[present] = part[present]
+            chosen = best[rows]
+            keep = ~np.isnan(chosen[:, _NUMEL])
+            frame = pd.DataFrame(chosen[keep], columns=list(fmt.STAT_NAMES)).astype("float64")
+            frame.index = pd.Index(steps[keep], name="step")
+            frame.attrs.update(node=node, view=view, role=role, run=self.name)
+            out[view] = frame[names]
+        return out
+
+    def range_stats(
+        self,
+        first_step: int,
+        last_step: int,
+        *,
+        view: str = "value",
+        step_type: str | None = None,
+    ) -> pd.DataFrame:
+        """Mean of each batch statistic of every node over the records with ``first_step <= step <=
+        last_step`` (of ``step_type``): one row per node, plus the column ``records`` (how many records
+        the node had in the range).
+
+        Reads the contiguous slab of rows between the first and the last matching record once, block by
+        block (memory stays bounded by one block of rows); the default role and, per record, the last
+        iteration of each node are used. ``first_step == last_step`` compares single steps.
+
+        Raises:
+            StepNotFoundError: no record in the range.
+        """
+        rows = self._record_rows(step_type)
+        steps = self.steps.loc[rows, "step"].to_numpy() if len(rows) else np.array([], dtype=np.int64)
+        chosen = rows[(steps >= int(first_step)) & (steps <= int(last_step))]
+        names = list(fmt.STAT_NAMES) if view == "update" else [n for n in fmt.STAT_NAMES if n != "update_ratio"]
+        if len(chosen) == 0:
+            what = f" of step type {step_type!r}" if step_type else ""
+            raise StepNotFoundError(
+                f"Run {self.name!r} has no record{what} with {first_step} <= step <= {last_step}."
+            )
+        nodes: list[str] = []
+        columns: list[list[int]] = []
+        for node in self.nodes:
+            if node in self._series_by_node and view in self.views(node):
+                nodes.append(node)
+                columns.append([col for _, col in self._columns(node, view, None, None)])
+        n_stats = len(fmt.STAT_NAMES)
+        sums = np.zeros((len(nodes), n_stats), dtype=np.float64)
+        counts = np.zeros((len(nodes), n_stats), dtype=np.int64)
+        r0, r1 = int(chosen.min()), int(chosen.max()) + 1
+        wanted = np.zeros(r1 - r0, dtype=bool)
+        wanted[chosen - r0] = True
+        single = [i for i, cols in enumerate(columns) if len(cols) == 1]
+        single_cols = [columns[i][0] for i in single]
+        block_rows = int(self._array(fmt.STATS).chunks[0])
+        start = r0
+        while start < r1:
+            stop = min(r1, (start // block_rows + 1) * block_rows)
+            keep = wanted[start - r0 : stop - r0]
+            if keep.any():
+                slab = self._read(fmt.STATS, (slice(start, stop), slice(None), slice(None)))[keep]
+                if single:
+                    part = slab[:, single_cols, :]  # (records, nodes, stats)
+                    sums[single] += np.nansum(part, axis=0)
+                    counts[single] += (~np.isnan(part)).sum(axis=0)
+                for i, cols in enumerate(columns):
+                    if len(cols) == 1:
+                        continue
+                    best = np.full((len(slab), n_stats), np.nan, dtype=np.float32)
+                    for col in cols:  # later iterations overwrite earlier ones where present
+                        present = ~np.isnan(slab[:, col, _NUMEL])
+                        best[present] = slab[present, col]
+                    sums[i] += np.nansum(best, axis=0)
+                    counts[i] += (~np.isnan(best)).sum(axis=0)
+            start = stop
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        frame = pd.DataFrame(means, index=pd.Index(nodes, name="node"), columns=list(fmt.STAT_NAMES))[names]
+        frame["records"] = counts[:, _NUMEL]
+        frame = frame[frame["records"] > 0]
+        frame.attrs.update(run=self.name, view=view, step_type=step_type, first_step=int(first_step), last_step=int(last_step))
+        return frame
+
+
 
 def open_run(path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> Run:
     """Open one run by its path or URL (``comgra_runs/2026-11-21_1200_ab12`` or ``s3://bucket/runs/name``).
