@@ -102,18 +102,15 @@ def lightning_run(config: dict[str, Any] | None, n_steps: int, root: Path) -> di
 
 # ------------------------------------------------------------------------------------- plain torch
 def torch_loop_run(record: bool, n_steps: int, root: Path) -> dict[str, Any]:
+    from comgra_callbacks.recording.process_writer import ProcessWriter
     from comgra_callbacks.recording.recorder import Recorder, RecorderConfig
-    from comgra_callbacks.store.background import BackgroundWriter
-    from comgra_callbacks.store.storage import open_root
-    from comgra_callbacks.store.writer import RunWriter
 
     model = workload.make_model()
     optimizer = workload.make_optimizer(model)
     batches = workload.make_batches(n_steps)
     recorder = None
     if record:
-        name = f"loop-{time.time_ns()}"
-        writer = BackgroundWriter(RunWriter(open_root(root).run(name)))
+        writer = ProcessWriter(root=str(root), run=f"loop-{time.time_ns()}")
         recorder = Recorder(RecorderConfig(neurons=False, n_samples=0), writer)
         recorder.attach(model)
     times = []

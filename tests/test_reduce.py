@@ -1,5 +1,5 @@
-"""The two reduction backends (numpy for CPU tensors, torch on the device) agree with each other and with
-statistics computed directly."""
+"""Statistics computed in groups agree with statistics computed directly, tensor by tensor; packing a step
+and cutting its host buffer back into entries loses nothing."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from comgra_callbacks.recording import reduce
-from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot
+from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot, pack
 from comgra_callbacks.store.format import STAT_INDEX, STAT_NAMES, SeriesKey
 
 torch.manual_seed(1234)  # the cases are fixed
 CASES = {
     "normal": torch.randn(16, 5),
+    "same_size_as_normal": torch.randn(80),  # grouped with "normal" (same number of elements)
     "with_nan_and_inf": torch.tensor([[1.0, float("nan"), 3.0], [float("inf"), -2.0, 0.0], [float("-inf"), 4.0, 0.0]]),
+    "same_size_as_nan": torch.arange(9.0),  # grouped with the NaN case, must not be affected by it
     "all_nan": torch.full((2, 3), float("nan")),
     "large_offset": 1000.0 + 0.01 * torch.randn(64, 8),
     "integers": torch.randint(-5, 50, (7, 4)),
@@ -25,6 +27,7 @@ CASES = {
     "booleans": torch.tensor([[True, False], [True, True]]),
     "empty": torch.zeros(0, 4),
     "float64": torch.randn(5, 3, dtype=torch.float64),
+    "half": torch.randn(4, 4).half(),
 }
 
 
@@ -51,83 +54,74 @@ def direct_stats(t: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def same(a: float, b: float) -> bool:
-    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+def same(a: float, b: float, rel: float = 1e-5) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel, abs_tol=1e-5)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_backends_agree_with_direct_statistics(case: str) -> None:
-    t = CASES[case]
-    expected = direct_stats(t)
-    by_numpy = reduce.stats_numpy(t.numpy())
-    by_torch = reduce.stats_torch(t).numpy()
-    for name, value in expected.items():
-        i = STAT_INDEX[name]
-        assert same(float(by_numpy[i]), value), (case, name, by_numpy[i], value)
-        assert same(float(by_torch[i]), value), (case, name, by_torch[i], value)
-    assert math.isnan(by_numpy[STAT_INDEX["update_ratio"]]) and math.isnan(by_torch[STAT_INDEX["update_ratio"]])
+def test_grouped_statistics_agree_with_direct_ones() -> None:
+    names = sorted(CASES)
+    rows = reduce.stats_rows([CASES[n] for n in names])
+    assert rows.shape == (len(names), len(STAT_NAMES)) and rows.dtype == torch.float32
+    for name, row in zip(names, rows.tolist()):
+        # at 1000 +- 0.01, float32 inputs fix the std only to ~1e-4 relative
+        rel = 1e-3 if name in ("large_offset", "half") else 1e-5
+        for stat, value in direct_stats(CASES[name]).items():
+            assert same(row[STAT_INDEX[stat]], value, rel), (name, stat, row[STAT_INDEX[stat]], value)
+        assert math.isnan(row[STAT_INDEX["update_ratio"]])
 
 
-@pytest.mark.parametrize("case", ["normal", "with_nan_and_inf", "integers", "large_offset", "all_nan"])
+def test_slow_path_agrees_with_the_fast_one() -> None:
+    for name in ("normal", "large_offset", "integers", "one_element"):
+        fast = reduce.stats_rows([CASES[name]])[0]
+        slow = reduce.stats_torch(CASES[name])
+        np.testing.assert_allclose(fast.numpy(), slow.numpy(), rtol=1e-3, atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("is_parameter", [False, True])
-def test_neuron_statistics_agree(case: str, is_parameter: bool) -> None:
-    t = CASES[case]
-    matrix_np = reduce.neuron_matrix_numpy(t.numpy(), is_parameter=is_parameter)
-    matrix_t = reduce.neuron_matrix_torch(t, is_parameter=is_parameter)
-    bad = bool((~torch.isfinite(t.double())).any())
-    by_numpy = reduce.neurons_numpy(matrix_np, has_nonfinite=bad)
-    by_torch = reduce.neurons_torch(matrix_t).numpy()
-    # at 1000 +- 0.01, float32 inputs fix the std only to ~1e-4 relative; the backends round differently
-    rtol = 1e-3 if case == "large_offset" else 1e-5
-    np.testing.assert_allclose(by_numpy, by_torch, rtol=rtol, atol=1e-6, equal_nan=True)
-    x = (t.double() if not is_parameter else t.double().reshape(t.shape[0], -1).T).numpy()
-    masked = np.ma.masked_invalid(x)
-    np.testing.assert_allclose(by_numpy[0], masked.mean(axis=0).filled(np.nan), rtol=1e-5, atol=1e-6, equal_nan=True)
+def test_neuron_statistics(is_parameter: bool) -> None:
+    names = ["normal", "with_nan_and_inf", "integers", "large_offset", "all_nan", "same_size_as_nan"]
+    matrices = [reduce.neuron_matrix(CASES[n], is_parameter=is_parameter) for n in names]
+    blocks = reduce.neuron_rows(matrices)
+    for name, matrix, block in zip(names, matrices, blocks):
+        x = np.ma.masked_invalid(matrix.double().numpy())
+        assert block.shape == (3, matrix.shape[1])
+        rel = 1e-3 if name == "large_offset" else 1e-5
+        np.testing.assert_allclose(block[0].numpy(), x.mean(axis=0).filled(np.nan), rtol=rel, atol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(block[2].numpy(), np.abs(x).mean(axis=0).filled(np.nan), rtol=rel, atol=1e-6, equal_nan=True)
+        counts = (~x.mask).sum(axis=0) if np.ma.is_masked(x) else np.full(x.shape[1], x.shape[0])
+        expected_std = np.where(counts > 1, x.std(axis=0, ddof=1).filled(0.0), np.where(counts == 1, 0.0, np.nan))
+        np.testing.assert_allclose(block[1].numpy(), expected_std, rtol=max(rel, 1e-4), atol=1e-5, equal_nan=True)
 
 
-def test_update_ratio_on_both_backends() -> None:
-    before = torch.tensor([3.0, 4.0])
-    delta = torch.tensor([0.3, 0.4])
-    by_numpy = reduce.stats_numpy(delta.numpy(), reference_l2=5.0)
-    by_torch = reduce.stats_torch(delta, torch.tensor(5.0, dtype=torch.float64))
-    assert math.isclose(by_numpy[STAT_INDEX["update_ratio"]], 0.1, rel_tol=1e-6)
-    assert math.isclose(float(by_torch[STAT_INDEX["update_ratio"]]), 0.1, rel_tol=1e-6)
-    del before
-
-
-def _pending(backend: str) -> PendingStep:
+def test_pack_and_materialize_round_trip() -> None:
     weight = torch.randn(6, 4)
+    update = 0.01 * torch.randn(6, 4)
+    act = torch.randn(8, 3, 5)
     snaps = [
-        Snapshot(SeriesKey("act", None, 0, "value"), torch.randn(8, 3, 5), "float32", False, True, 2),
-        Snapshot(SeriesKey("ids", None, 0, "value"), torch.randint(0, 9, (8, 7)), "int64", False, True, 3),
+        Snapshot(SeriesKey("act", None, 0, "value"), act, "float32", False, True, 2),
+        Snapshot(SeriesKey("ids", None, 0, "value"), torch.randint(0, 9, (8, 7)), "int64", False, False, 3),
         Snapshot(SeriesKey("loss", None, 0, "value"), torch.tensor(0.7), "float32", False, True, 4),
         Snapshot(SeriesKey("w", None, 0, "value"), weight, "float32", True, True, FULL),
-        Snapshot(SeriesKey("w", None, 0, "update"), 0.01 * torch.randn(6, 4), "float32", True, True, 0, reference=weight),
+        Snapshot(SeriesKey("w", None, 0, "update"), update, "float32", True, True, 0, reference=weight),
     ]
-    torch.manual_seed(0)
-    return PendingStep(5, "train", 0, 5, 1.0, "schedule", snaps, backend=backend)
-
-
-def test_pending_step_backends_give_the_same_record() -> None:
-    torch.manual_seed(0)
-    a = _pending("auto")
-    torch.manual_seed(0)
-    b = _pending("torch")
-    by_numpy, by_torch = a.materialize(), b.materialize()
-    assert [e.key for e in by_numpy.entries] == [e.key for e in by_torch.entries]
-    for x, y in zip(by_numpy.entries, by_torch.entries):
-        np.testing.assert_allclose(x.stats, y.stats, rtol=1e-5, atol=1e-6, equal_nan=True)
-        if x.neurons is None:
-            assert y.neurons is None
-        else:
-            np.testing.assert_allclose(x.neurons, y.neurons, rtol=1e-5, atol=1e-6)
-        if x.samples is None:
-            assert y.samples is None
-        else:
-            np.testing.assert_array_equal(x.samples, y.samples)
-    shapes = {e.key.node: (None if e.samples is None else e.samples.shape) for e in by_numpy.entries if e.key.view == "value"}
-    assert shapes == {"act": (2, 3, 5), "ids": (3, 7), "loss": (), "w": (6, 4)}
-    assert a.snapshots == []  # released after reduction
+    pending = PendingStep(5, "train", 1, 9, 123.0, "schedule", snaps, sample_index=torch.tensor([6, 1]), batch_size=8)
+    packed = pack(pending)
+    record = packed.materialize()
+    assert (record.step, record.step_type, record.epoch, record.batch_idx, record.reason) == (5, "train", 1, 9, "schedule")
+    entries = {(e.key.node, e.key.view): e for e in record.entries}
+    assert list(entries) == [("act", "value"), ("ids", "value"), ("loss", "value"), ("w", "value"), ("w", "update")]
+    assert entries[("act", "value")].stats[STAT_INDEX["mean"]] == pytest.approx(act.mean().item(), rel=1e-5)
+    np.testing.assert_array_equal(entries[("act", "value")].samples, act[[6, 1]].numpy())  # the selected samples
+    assert entries[("act", "value")].neurons.shape == (3, 5)
+    assert entries[("ids", "value")].neurons is None and entries[("ids", "value")].samples.shape == (2, 7)
+    assert entries[("loss", "value")].samples.shape == () and entries[("loss", "value")].neurons is None
+    np.testing.assert_array_equal(entries[("w", "value")].samples, weight.numpy())  # kept whole
+    assert entries[("w", "value")].neurons.shape == (3, 6)  # one neuron per output unit
+    ratio = update.double().norm().item() / weight.double().norm().item()
+    assert entries[("w", "update")].stats[STAT_INDEX["update_ratio"]] == pytest.approx(ratio, rel=1e-5)
+    assert entries[("w", "update")].samples is None
+    assert pending.snapshots == []  # the tensors were released after packing
+    assert packed.nbytes > 0
 
 
 def test_stat_names_are_the_documented_ones() -> None:

@@ -58,6 +58,7 @@ class RecordingOptions:
     on_write_error: str
     log_scalars: bool
     ranks: Ranks = "zero"
+    writer: Literal["process", "thread"] = "process"
     detail: Mapping[str, str] | None = None
     samples: SampleSelector | None = None
     policy: RecordingPolicy = field(default_factory=RecordingPolicy)
@@ -108,6 +109,7 @@ class RecordingOptions:
             on_write_error=v.one_of(owner, "on_write_error", kw["on_write_error"], ("warn", "raise")),
             log_scalars=v.boolean(owner, "log_scalars", kw["log_scalars"]),
             ranks=v.one_of(owner, "ranks", kw.get("ranks", "zero"), ("zero", "all")),
+            writer=v.one_of(owner, "writer", kw.get("writer", "process"), ("process", "thread")),
             detail=dict(kw["detail"]) if kw.get("detail") is not None else None,
             samples=as_selector(kw.get("samples", "first"), owner),
             policy=policy,
@@ -151,6 +153,7 @@ class RecordingOptions:
             "max_neurons": self.max_neurons,
             "max_sample_numel": self.max_sample_numel,
             "ranks": self.ranks,
+            "writer": self.writer,
             "detail": dict(self.detail) if self.detail else None,
             "samples": repr(self.samples),
             **self.policy.describe(),
@@ -161,16 +164,33 @@ class RecordingOptions:
         open_root(self.root, self.storage_options).ensure_writable()
 
     def open_recorder(self, run_name: str, model: Any, *, resume: bool, meta: dict[str, Any]) -> Recorder:
-        """Open (or resume) the run, attach a recorder to ``model`` and return it."""
-        location = open_root(self.root, self.storage_options).run(run_name)
-        writer = RunWriter(location, meta=meta, resume=resume)
-        background = BackgroundWriter(
-            writer,
-            max_queue_bytes=self.max_queue_mb << 20,
-            flush_secs=self.flush_secs,
-            on_error=self.on_write_error,  # type: ignore[arg-type]
-        )
-        recorder = Recorder(self.recorder_config(), background, policy=self.policy)
+        """Open (or resume) the run, attach a recorder to ``model`` and return it.
+
+        The run is written by a separate process (``writer="process"``, the default: no competition for the
+        GIL with training) or by a thread of this process (``writer="thread"``)."""
+        sink: Any
+        if self.writer == "process":
+            from comgra_callbacks.recording.process_writer import ProcessWriter
+
+            sink = ProcessWriter(
+                root=self.root,
+                run=run_name,
+                storage_options=self.storage_options,
+                resume=resume,
+                meta=json_safe(meta),
+                max_queue_bytes=self.max_queue_mb << 20,
+                flush_secs=self.flush_secs,
+                on_error=self.on_write_error,  # type: ignore[arg-type]
+            )
+        else:
+            location = open_root(self.root, self.storage_options).run(run_name)
+            sink = BackgroundWriter(
+                RunWriter(location, meta=meta, resume=resume),
+                max_queue_bytes=self.max_queue_mb << 20,
+                flush_secs=self.flush_secs,
+                on_error=self.on_write_error,  # type: ignore[arg-type]
+            )
+        recorder = Recorder(self.recorder_config(), sink, policy=self.policy)
         recorder.attach(model)
         return recorder
 

@@ -59,7 +59,6 @@ from comgra_callbacks.recording.recorder import Recorder
 from comgra_callbacks.recording.sampling import SampleSelector
 from comgra_callbacks.recording.schedules import Schedule
 from comgra_callbacks.recording.triggers import Trigger
-from comgra_callbacks.store.writer import RunWriter
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -90,7 +89,7 @@ class ComgraTrainerCallback(TrainerCallback):
             group ``<run_name>/rank<r>``).
         modules, parameters, n_samples, neurons, grads, updates, per_loss_grads, val_batches, batch_fn,
         max_neurons, max_sample_numel, storage_options, flush_secs, max_queue_mb, on_write_error,
-        log_scalars: as for :class:`~comgra_callbacks.ComgraCallback`.
+        log_scalars, writer: as for :class:`~comgra_callbacks.ComgraCallback`.
 
     Raises:
         ConfigError: an argument has a wrong value. ConfigTypeError: a wrong type.
@@ -138,6 +137,7 @@ class ComgraTrainerCallback(TrainerCallback):
         on_write_error: Literal["warn", "raise"] = "warn",
         log_scalars: bool = True,
         ranks: Literal["zero", "all"] = "zero",
+        writer: Literal["process", "thread"] = "process",
     ) -> None:
         super().__init__()
         self.options = RecordingOptions.validated(
@@ -168,6 +168,7 @@ class ComgraTrainerCallback(TrainerCallback):
             on_write_error=on_write_error,
             log_scalars=log_scalars,
             ranks=ranks,
+            writer=writer,
         )
         self.run_name: str = run_name or default_run_name()
         self._recorder: Recorder | None = None
@@ -231,12 +232,7 @@ class ComgraTrainerCallback(TrainerCallback):
         }
         run_name = self.options.run_name_for(self.run_name, rank)
         recorder = self.options.open_recorder(run_name, model, resume=self._opened_before, meta=meta)
-        start = int(state.global_step)
-
-        def begin_segment(writer: RunWriter) -> None:
-            writer.start_segment(start)
-
-        recorder.writer.submit(begin_segment)
+        recorder.writer.op("start_segment", int(state.global_step))
         self._recorder, self._opened_before = recorder, True
         self._step, self._accumulation = state.global_step, max(int(args.gradient_accumulation_steps), 1)
         _OPEN.add(self)

@@ -75,6 +75,9 @@ class ComgraCallback(Callback):
         log_scalars: also store the trainer's logged metrics every ``log_every_n_steps``.
         ranks: under distributed training, ``"zero"`` (global rank 0 records) or ``"all"`` (every rank records
             into its own run group ``<run_name>/rank<r>`` of the same root).
+        writer: ``"process"`` (default): a separate writer process reduces and writes recorded steps, so that
+            recording does not compete with training for the GIL; ``"thread"``: a thread of this process (for
+            environments that cannot start processes).
 
     Raises:
         ConfigError: an argument has a wrong value (the message names it and what is expected).
@@ -122,6 +125,7 @@ class ComgraCallback(Callback):
         on_write_error: Literal["warn", "raise"] = "warn",
         log_scalars: bool = True,
         ranks: Literal["zero", "all"] = "zero",
+        writer: Literal["process", "thread"] = "process",
     ) -> None:
         super().__init__()
         self.options = RecordingOptions.validated(
@@ -152,6 +156,7 @@ class ComgraCallback(Callback):
             on_write_error=on_write_error,
             log_scalars=log_scalars,
             ranks=ranks,
+            writer=writer,
         )
         self.run_name: str = run_name or default_run_name()
         self._explicit_name = run_name is not None
@@ -216,12 +221,7 @@ class ComgraCallback(Callback):
         }
         run_name = self.options.run_name_for(self.run_name, trainer.global_rank)
         self._recorder = self.options.open_recorder(run_name, pl_module, resume=resume, meta=meta)
-        start_step = trainer.global_step
-
-        def start_segment(writer: Any) -> None:
-            writer.start_segment(start_step)
-
-        self._recorder.writer.submit(start_segment)
+        self._recorder.writer.op("start_segment", trainer.global_step)
         self._opened_before = True
 
     # ------------------------------------------------------------------------------- training

@@ -1,12 +1,12 @@
-"""A recorded step on its way to the store: snapshots taken on the training thread, reduced on the writer's.
+"""A recorded step on its way to the store: packed on the training thread, unpacked on the writer's.
 
-:class:`PendingStep` is what :class:`~comgra_callbacks.store.background.BackgroundWriter` queues. Its
-:meth:`PendingStep.materialize` runs on the writer thread in two phases:
-
-1. batch statistics of every snapshot (see :mod:`comgra_callbacks.recording.reduce`): CPU snapshots with
-   numpy, others with torch on their device and one transfer of all results;
-2. for an *armed* step, the policy's triggers look at those statistics and decide whether it is kept;
-   only a kept step pays for per-neuron statistics and samples (again one transfer on a device).
+Why the statistics are computed on the training thread: on a recorded step the work is a few grouped
+reductions over tensors that are already in memory (and, on an accelerator, already on the device). Doing
+it on the writer thread instead was measured to cost training *more*: every torch operation of the
+training step releases the GIL and must win it back, and a busy Python thread next to it makes each of
+those hand-offs slow (docs/benchmarks.md). So :func:`pack` computes everything with torch where the
+tensors live, concatenates the results into one buffer and starts a single copy to the host; the writer
+thread only cuts that buffer into records (:meth:`PackedStep.materialize`) and appends them.
 """
 
 from __future__ import annotations
@@ -26,16 +26,18 @@ FULL = -1  # Snapshot.samples value: keep the whole tensor
 
 @dataclass
 class Snapshot:
-    """One tensor of one series, owned by the recorder (never changed after it was taken).
+    """One tensor of one series.
 
     Attributes:
         key: node, role, iteration and view.
-        tensor: the snapshot.
+        tensor: a private copy, or the recorded tensor itself when it is known not to change before the step
+            ends (see ``Recorder._value``).
         dtype: torch dtype name of the recorded tensor.
         is_parameter: per-neuron statistics go along the first axis for parameters.
         neurons: whether to keep per-neuron statistics.
         samples: how many leading samples to keep (0: none, ``FULL``: the whole tensor).
         reference: for an update, the weight before it (for ``update_ratio``).
+        version: the tensor's ``_version`` when it was recorded (None for a copy).
     """
 
     key: SeriesKey
@@ -45,16 +47,49 @@ class Snapshot:
     neurons: bool = True
     samples: int = 0
     reference: Any = None
+    version: int | None = None
+
+
+@dataclass
+class PackedStep:
+    """A step's results in one host buffer, and where each series' pieces are in it."""
+
+    record: HostRecord
+    host: Any  # a CPU tensor (its copy may still be in flight when ``event`` is set)
+    layout: list[tuple[SeriesKey, str, tuple[int, int] | None, tuple[int, ...] | None]]
+    event: Any = None
+    nbytes: int = 0
+
+    def materialize(self) -> HostRecord:
+        """On the writer thread: wait for the copy, cut the buffer into entries (numpy views, no copy).
+
+        The buffer holds the statistics of every series as one ``(series, n_stats)`` block, then each
+        series' per-neuron statistics and samples, in order."""
+        if self.event is not None:
+            self.event.synchronize()
+        buffer = self.host.numpy()
+        n = len(self.layout)
+        stats_block = buffer[: n * reduce.N_STATS].reshape(n, reduce.N_STATS)
+        offset = n * reduce.N_STATS
+        for i, (key, dtype, neuron_shape, sample_shape) in enumerate(self.layout):
+            stats = stats_block[i]
+            neurons = samples = None
+            if neuron_shape is not None:
+                size = neuron_shape[0] * neuron_shape[1]
+                neurons = buffer[offset : offset + size].reshape(neuron_shape)
+                offset += size
+            if sample_shape is not None:
+                size = math.prod(sample_shape)
+                samples = buffer[offset : offset + size].reshape(sample_shape)
+                offset += size
+            self.record.entries.append(HostEntry(key, stats, neurons, samples, dtype))
+        self.host = None
+        return self.record
 
 
 @dataclass
 class PendingStep:
-    """A recorded (or armed) step: its place in training and its snapshots.
-
-    ``reason`` is why it is kept (``"schedule"``, ``"forced"``, a trigger's name); None for an armed step
-    whose fate the policy decides from its statistics. ``sample_index`` holds the batch positions chosen
-    by a sample selector (None: the first samples), applied to tensors whose first axis is the batch.
-    """
+    """A step being recorded: where it is in training and its snapshots (on the training thread only)."""
 
     step: int
     step_type: str
@@ -63,145 +98,100 @@ class PendingStep:
     time: float
     reason: str | None
     snapshots: list[Snapshot] = field(default_factory=list)
-    backend: str = "auto"  # "auto": numpy for CPU tensors, torch for others; "torch": torch for all
-    policy: Any = None
-    parameters: frozenset[str] = frozenset()
     sample_index: Any = None
     batch_size: int | None = None
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the snapshots (what the queue bound counts; zero once materialized)."""
-        return sum(s.tensor.numel() * s.tensor.element_size() for s in self.snapshots)
 
-    def materialize(self) -> HostRecord | None:
-        """Statistics, the keep decision, then neurons and samples; None when an armed step is dropped."""
-        snaps, self.snapshots = self.snapshots, []  # release the tensors as soon as this returns
-        on_device = [self.backend != "auto" or s.tensor.device.type != "cpu" for s in snaps]
-        stats = _numpy_stats([s for s, d in zip(snaps, on_device) if not d])
-        device_stats = _torch_stats([s for s, d in zip(snaps, on_device) if d])
-        rows: list[np.ndarray] = []
-        for d in on_device:
-            rows.append(device_stats.pop(0) if d else stats.pop(0))
-        _update_ratios(snaps, rows)
-        if self.policy is not None:
-            from comgra_callbacks.recording.triggers import StepSummary
+def pack(pending: PendingStep) -> PackedStep:
+    """Compute every statistic of the step where its tensors live and start one copy to the host."""
+    import torch
 
-            summary = StepSummary.from_entries([HostEntry(s.key, r) for s, r in zip(snaps, rows)], self.parameters, self.step)
-            self.reason = self.policy.decide(summary, self.reason)
-            if self.reason is None:
-                return None
-        elif self.reason is None:
-            self.reason = "schedule"
-        index = None if self.sample_index is None else self.sample_index.detach().to("cpu").reshape(-1)
-        host_details = _numpy_details([(s, r) for s, r, d in zip(snaps, rows, on_device) if not d], index, self.batch_size)
-        device_details = _torch_details([s for s, d in zip(snaps, on_device) if d], index, self.batch_size)
-        record = HostRecord(self.step, self.step_type, self.epoch, self.batch_idx, self.time, self.reason)
-        for snap, row, d in zip(snaps, rows, on_device):
-            neurons, samples = device_details.pop(0) if d else host_details.pop(0)
-            record.entries.append(HostEntry(snap.key, row, neurons, samples, snap.dtype))
-        if self.policy is not None:
-            self.policy.kept(self.step, stored_bytes(record))
-        return record
+    snaps = pending.snapshots
+    stats = reduce.stats_rows([s.tensor for s in snaps])  # (S, n_stats)
+    _update_ratios(snaps, stats)
+    matrices = [reduce.neuron_matrix(s.tensor, is_parameter=s.is_parameter) if s.neurons else None for s in snaps]
+    wanted = [i for i, m in enumerate(matrices) if m is not None]
+    neurons = dict(zip(wanted, reduce.neuron_rows([matrices[i] for i in wanted])))
+    index = pending.sample_index
+    pieces: list[Any] = [stats.reshape(-1)]
+    layout = []
+    for i, snap in enumerate(snaps):
+        neuron_shape = sample_shape = None
+        if i in neurons:
+            block = neurons[i]
+            neuron_shape = (block.shape[0], block.shape[1])
+            pieces.append(block.reshape(-1))
+        if snap.samples:
+            chosen = _chosen_samples(snap, index, pending.batch_size)
+            sample_shape = tuple(chosen.shape)
+            pieces.append(chosen.reshape(-1).to(device=stats.device, dtype=torch.float32))
+        layout.append((snap.key, snap.dtype, neuron_shape, sample_shape))
+    flat = torch.cat([p.to(stats.device) for p in pieces])
+    host, event = _to_host(flat)
+    record = HostRecord(pending.step, pending.step_type, pending.epoch, pending.batch_idx, pending.time, pending.reason or "schedule")
+    packed = PackedStep(record, host, layout, event, nbytes=int(flat.numel()) * 4)
+    pending.snapshots = []  # the tensors are no longer needed
+    return packed
+
+
+def _to_host(flat: Any) -> tuple[Any, Any]:
+    import torch
+
+    if flat.device.type == "cpu":
+        return flat, None
+    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=torch.cuda.is_available() and flat.device.type == "cuda")
+    host.copy_(flat, non_blocking=True)
+    event = None
+    if flat.device.type == "cuda":
+        event = torch.cuda.Event()
+        event.record()
+    return host, event
+
+
+def _update_ratios(snaps: list[Snapshot], stats: Any) -> None:
+    """‖update‖ / ‖weight before‖, reusing the weight's norm from the same step when it was recorded."""
+    import torch
+
+    l2 = STAT_INDEX["l2"]
+    value_row = {s.key.node: i for i, s in enumerate(snaps) if s.key.view == "value" and s.is_parameter}
+    for i, snap in enumerate(snaps):
+        if snap.reference is None:
+            continue
+        j = value_row.get(snap.key.node)
+        ref_l2 = stats[j, l2] if j is not None else torch.linalg.vector_norm(snap.reference.detach().float()).to(stats.device)
+        ratio = stats[i, l2] / ref_l2
+        stats[i, STAT_INDEX["update_ratio"]] = torch.where(ref_l2 > 0, ratio, torch.where(stats[i, l2] > 0, math.inf, 0.0))
+
+
+def _chosen_samples(snap: Snapshot, index: Any, batch_size: int | None) -> Any:
+    t = snap.tensor.detach()
+    if snap.samples == FULL or t.dim() == 0:
+        return t
+    if index is not None and not snap.is_parameter and batch_size is not None and t.shape[0] == batch_size:
+        return t.index_select(0, index.to(t.device))
+    return t[: snap.samples]
+
+
+def estimate_bytes(pending: PendingStep) -> int:
+    """About how many bytes a step will take in the store (before compression), from its snapshots' detail."""
+    total = 0
+    for snap in pending.snapshots:
+        total += reduce.N_STATS * 4
+        shape = tuple(snap.tensor.shape)
+        if snap.neurons and shape:
+            width = shape[0] if snap.is_parameter else (shape[-1] if len(shape) > 1 else 1)
+            total += reduce.N_NEURON_STATS * width * 4
+        if snap.samples:
+            per = math.prod(shape[1:]) if shape else 1
+            total += 4 * (math.prod(shape) if snap.samples == FULL or not shape else min(snap.samples, shape[0]) * per)
+    return total
 
 
 def stored_bytes(record: HostRecord) -> int:
     """About how many bytes the record takes in the store (before compression)."""
     total = 0
     for entry in record.entries:
-        total += entry.stats.nbytes
+        total += np.asarray(entry.stats).nbytes
         total += 0 if entry.neurons is None else entry.neurons.nbytes
         total += 0 if entry.samples is None else entry.samples.nbytes
     return total
-
-
-def _update_ratios(snaps: list[Snapshot], rows: list[np.ndarray]) -> None:
-    """‖update‖ / ‖weight before‖, reusing the weight's norm from the same step when it was recorded."""
-    value_l2 = {s.key.node: float(r[STAT_INDEX["l2"]]) for s, r in zip(snaps, rows) if s.key.view == "value" and s.is_parameter}
-    for snap, row in zip(snaps, rows):
-        if snap.reference is None:
-            continue
-        ref_l2 = value_l2.get(snap.key.node)
-        if ref_l2 is None:
-            ref = snap.reference.detach().to("cpu").double().reshape(-1)
-            ref_l2 = float(ref.dot(ref).sqrt())
-        l2 = float(row[STAT_INDEX["l2"]])
-        row[STAT_INDEX["update_ratio"]] = l2 / ref_l2 if ref_l2 > 0 else (math.inf if l2 > 0 else 0.0)
-
-
-def _chosen_samples(t: Any, snap: Snapshot, index: Any, batch_size: int | None) -> Any:
-    if snap.samples == FULL or t.ndim == 0:
-        return t
-    if index is not None and not snap.is_parameter and batch_size is not None and t.shape[0] == batch_size:
-        return t[index]
-    return t[: snap.samples]
-
-
-# ------------------------------------------------------------------------------------ numpy (CPU)
-def _numpy_stats(snaps: list[Snapshot]) -> list[np.ndarray]:
-    return [reduce.stats_numpy(s.tensor.numpy()) for s in snaps]
-
-
-def _numpy_details(items: list[tuple[Snapshot, np.ndarray]], index: Any, batch_size: int | None) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
-    index_np = None if index is None else index.numpy()
-    out = []
-    for snap, row in items:
-        a = snap.tensor.numpy()
-        neurons = None
-        if snap.neurons:
-            matrix = reduce.neuron_matrix_numpy(a, is_parameter=snap.is_parameter)
-            if matrix is not None:
-                bad = row[STAT_INDEX["nan_count"]] + row[STAT_INDEX["inf_count"]] > 0
-                neurons = reduce.neurons_numpy(matrix, has_nonfinite=bool(bad))
-        samples = None
-        if snap.samples:
-            samples = np.array(_chosen_samples(a, snap, index_np, batch_size), dtype=np.float32, copy=True)
-        out.append((neurons, samples))
-    return out
-
-
-# --------------------------------------------------------------------------------- torch (device)
-def _torch_stats(snaps: list[Snapshot]) -> list[np.ndarray]:
-    if not snaps:
-        return []
-    import torch
-
-    host = torch.stack([reduce.stats_torch(s.tensor) for s in snaps]).cpu().numpy()  # one transfer
-    return [row.copy() for row in host]
-
-
-def _torch_details(snaps: list[Snapshot], index: Any, batch_size: int | None) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
-    if not snaps:
-        return []
-    import torch
-
-    pieces: list[Any] = []
-    layout: list[tuple[tuple[int, ...] | None, tuple[int, ...] | None]] = []
-    for snap in snaps:
-        neuron_shape = sample_shape = None
-        if snap.neurons:
-            matrix = reduce.neuron_matrix_torch(snap.tensor, is_parameter=snap.is_parameter)
-            if matrix is not None:
-                values = reduce.neurons_torch(matrix)
-                neuron_shape = tuple(values.shape)
-                pieces.append(values.reshape(-1))
-        if snap.samples:
-            device_index = None if index is None else index.to(snap.tensor.device)
-            chosen = _chosen_samples(snap.tensor, snap, device_index, batch_size)
-            sample_shape = tuple(chosen.shape)
-            pieces.append(chosen.reshape(-1).to(torch.float32))
-        layout.append((neuron_shape, sample_shape))
-    host = torch.cat([p.to(torch.float32) for p in pieces]).cpu().numpy() if pieces else np.empty(0, np.float32)  # one transfer
-    out = []
-    offset = 0
-    for neuron_shape, sample_shape in layout:
-        parts: list[np.ndarray | None] = []
-        for shape in (neuron_shape, sample_shape):
-            if shape is None:
-                parts.append(None)
-                continue
-            size = math.prod(shape)
-            parts.append(host[offset : offset + size].reshape(shape))
-            offset += size
-        out.append((parts[0], parts[1]))
-    return out

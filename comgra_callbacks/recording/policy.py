@@ -74,6 +74,7 @@ class RecordingPolicy:
         self.arm_every = arm_every if arm_every is not None else (1 if self.triggers else None)
         self._last: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.wants_bytes = any(_counts_bytes(s) for s in self.schedules.values())
 
     # ---------------------------------------------------------------------------- training thread
     def step_type_of(self, batch: Any, batch_idx: int) -> str:
@@ -152,6 +153,17 @@ class RecordingPolicy:
             "triggers": [repr(t) for t in self.triggers],
             "arm_every": self.arm_every,
         }
+
+
+def _counts_bytes(schedule: Schedule) -> bool:
+    """Whether a schedule (or one inside it) is a budget of bytes: only then are record sizes estimated."""
+    from comgra_callbacks.recording.schedules import AnyOf, Budget
+
+    if isinstance(schedule, Budget):
+        return schedule.max_bytes is not None or _counts_bytes(schedule.schedule)
+    if isinstance(schedule, AnyOf):
+        return any(_counts_bytes(s) for s in schedule.schedules)
+    return False
 
 
 def detail_rules(spec: Mapping[str, str] | None, owner: str) -> list[tuple[Callable[[str], bool], str]]:

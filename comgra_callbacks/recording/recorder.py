@@ -23,17 +23,21 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from comgra_callbacks.errors import RecordingError
 from comgra_callbacks.names import NameFilter, name_predicate
 from comgra_callbacks.recording import context, graph
 from comgra_callbacks.recording.capture import ModuleHooks, batch_tensors, input_tensors, output_tensors
-from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot
+from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot, estimate_bytes, pack
 from comgra_callbacks.recording.policy import RecordingPolicy, detail_rules
 from comgra_callbacks.recording.reduce import neuron_matrix_shape
 from comgra_callbacks.recording.sampling import First, SampleSelector
+from comgra_callbacks.recording.triggers import StepSummary
 from comgra_callbacks.store.background import BackgroundWriter
+
+if TYPE_CHECKING:
+    from comgra_callbacks.recording.process_writer import ProcessWriter
 from comgra_callbacks.store.format import SeriesKey
 
 log = logging.getLogger(__name__)
@@ -66,7 +70,6 @@ class RecorderConfig:
             ``n_samples`` samples for inputs, targets, outputs and losses.
         samples: which samples are kept (:mod:`~.sampling`: first, Indices, TopK, Balanced).
         detail_fn: ``(name, kind) -> Detail | None`` overrides everything else (for integrations).
-        backend: ``"auto"`` (numpy for CPU tensors, torch on the device otherwise) or ``"torch"``.
     """
 
     modules: NameFilter = None
@@ -82,11 +85,16 @@ class RecorderConfig:
     detail: Mapping[str, str] | None = None
     samples: SampleSelector | None = None
     detail_fn: Callable[[str, str], Detail | None] | None = None
-    backend: Literal["auto", "torch"] = "auto"
+
+
+_DTYPE_NAMES: dict[Any, str] = {}
 
 
 def _dtype_name(t: Any) -> str:
-    return str(t.dtype).replace("torch.", "")
+    name = _DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        name = _DTYPE_NAMES[t.dtype] = str(t.dtype).replace("torch.", "")
+    return name
 
 
 def _snapshot(t: Any) -> Any:
@@ -127,6 +135,7 @@ class _Step:
     graph_done: bool = False
     forward_done: bool = False
     values: dict[str, Any] = field(default_factory=dict)  # node name -> last recorded value (the original)
+    versions: list[tuple[str, Any, int]] = field(default_factory=list)  # (node, original, its _version then)
     batch: Any = None
 
     def add(self, snap: Snapshot) -> None:
@@ -147,7 +156,7 @@ class Recorder:
         policy: decides whether armed steps are kept (None: every begun step is kept).
     """
 
-    def __init__(self, config: RecorderConfig, writer: BackgroundWriter, policy: RecordingPolicy | None = None) -> None:
+    def __init__(self, config: RecorderConfig, writer: BackgroundWriter | ProcessWriter, policy: RecordingPolicy | None = None) -> None:
         self.config = config
         self.writer = writer
         self.policy = policy
@@ -167,9 +176,11 @@ class Recorder:
         self._node_attrs: dict[str, dict[str, Any]] = {}
         self._warned: set[str] = set()
         self._details: dict[tuple[str, str, tuple[int, ...], bool], Detail] = {}
+        self._stable: dict[str, bool] = {}  # node -> its recorded value was never changed in place later in a step
         self._hooks: ModuleHooks | None = None
         self.closed = False
         self.steps_recorded = 0
+        self.steps_dropped = 0  # armed steps that no trigger kept
 
     # -------------------------------------------------------------------------------- lifecycle
     @property
@@ -193,8 +204,7 @@ class Recorder:
             n: {"kind": "parameter", "module": n.rpartition(".")[0], "shape": list(p.shape), "dtype": _dtype_name(p), "roles": [None], "iterations": 1}
             for n, p in self._params
         }
-        tree = module_tree(model)
-        self.writer.submit(lambda w: w.write_modules(tree))
+        self.writer.op("write_modules", module_tree(model))
         context.activate(self)
 
     def begin_step(
@@ -218,7 +228,7 @@ class Recorder:
             raise RecordingError("the recorder is closed; it cannot record another step.")
         if self._step is not None:
             self.abort_step()
-        pending = PendingStep(step, step_type, epoch, batch_idx, time.time(), None if armed else reason, backend=self.config.backend)
+        pending = PendingStep(step, step_type, epoch, batch_idx, time.time(), None if armed else reason)
         self._step = _Step(pending, grads=grads and self.config.grads, batch=batch)
         try:
             self._hooks = ModuleHooks(self._hook_modules, self._on_module_forward)
@@ -258,11 +268,7 @@ class Recorder:
 
     def _flush_notes(self) -> None:
         notes, self._notes = self._notes, []
-
-        def write(writer: Any) -> None:
-            writer.add_notes(notes)
-
-        self.writer.submit(write)
+        self.writer.op("add_notes", notes)
 
     def capture(self, name: str, tensor: Any, *, kind: str, role: str | None = None, module: str | None = None, explicit: bool = False) -> None:
         """Capture one tensor on the current step (used by the hooks and by ``record()``)."""
@@ -288,7 +294,8 @@ class Recorder:
         if role not in node["roles"]:
             node["roles"].append(role)
         node["iterations"] = max(node["iterations"], iteration + 1)
-        step.add(Snapshot(SeriesKey(name, role, iteration, "value"), _snapshot(tensor), _dtype_name(tensor)))
+        step.add(self._value(SeriesKey(name, role, iteration, "value"), tensor))
+        step.versions.append((name, tensor, tensor._version))
         step.recorded.append(graph.Tensor_.of(name, tensor))
         step.names_by_id[id(tensor)] = name
         step.keep_alive.append(tensor)
@@ -297,6 +304,16 @@ class Recorder:
             step.losses.append((name, tensor))
         if step.grads and tensor.requires_grad:
             step.handles.append(tensor.register_hook(self._grad_hook(step, name, role, iteration, _dtype_name(tensor))))
+
+    def _value(self, key: SeriesKey, tensor: Any) -> Snapshot:
+        """A value's snapshot: a copy, unless the node is known to keep its value until the step ends.
+
+        A module output can be changed in place later in the same forward pass (``ReLU(inplace=True)``), so a
+        node is copied until a step has shown that its value stays as it was; from then on the tensor itself
+        is kept (its ``_version`` is checked again at the end of every step)."""
+        if self._stable.get(key.node) and not tensor.is_inference():
+            return Snapshot(key, tensor.detach(), _dtype_name(tensor), version=tensor._version)
+        return Snapshot(key, _snapshot(tensor), _dtype_name(tensor))
 
     def _grad_hook(self, step: _Step, name: str, role: str | None, iteration: int, dtype: str) -> Callable[[Any], None]:
         def hook(grad: Any) -> None:
@@ -395,7 +412,14 @@ class Recorder:
             dtype = _dtype_name(p)
             step.add(Snapshot(SeriesKey(name, None, 0, "value"), value, dtype, True))
             if step.grads and p.grad is not None:
-                step.add(Snapshot(SeriesKey(name, None, 0, "grad"), _snapshot(p.grad), dtype, True))
+                # gradient clipping changes .grad in place after this point: copied until a step has shown
+                # that it stays (the same learning as for module outputs)
+                grad_key = f"{name}#grad"
+                if self._stable.get(grad_key):
+                    step.add(Snapshot(SeriesKey(name, None, 0, "grad"), p.grad.detach(), dtype, True, version=p.grad._version))
+                else:
+                    step.add(Snapshot(SeriesKey(name, None, 0, "grad"), _snapshot(p.grad), dtype, True))
+                step.versions.append((grad_key, p.grad, p.grad._version))
             if keep_before and p.requires_grad:  # frozen weights (requires_grad=False) cannot have updates
                 step.before[name] = value
 
@@ -418,22 +442,84 @@ class Recorder:
                     step.add(Snapshot(SeriesKey(name, None, 0, "update"), delta, _dtype_name(p), True, reference=before))
             if not step.graph_done:
                 self._build_graph(step)
+            self._check_versions(step)
             pending = step.pending
             if self.policy is not None:
                 fired = self.policy.batch_reasons(outputs, batch if batch is not None else step.batch)
                 if fired and pending.reason is None:
                     pending.reason = fired[0]
-                pending.policy = self.policy
-                pending.parameters = frozenset(self._param_nodes)
+                if self.policy.triggers or pending.reason is None:
+                    pending.reason = self.policy.decide(self._summary(step), pending.reason)
+                if pending.reason is None:  # an armed step no trigger wanted: nothing more is computed
+                    self.steps_dropped += 1
+                    return False
             self._select_samples(step)
             self._finalize_details(step)
             self._step = None
-            queued = self.writer.submit_record(pending)
+            if self.policy is not None and self.policy.wants_bytes:
+                self.policy.kept(pending.step, estimate_bytes(pending))
+            if self.writer.accepts_raw and all(s.tensor.device.type == "cpu" for s in pending.snapshots):
+                queued = cast("ProcessWriter", self.writer).submit_record(pending)  # the writer process reduces it
+            else:
+                queued = self.writer.submit_record(pack(pending))  # reduced here, on the tensors' device
             if queued:
                 self.steps_recorded += 1
             return queued
         finally:
             self._step = None
+
+    def _check_versions(self, step: _Step) -> None:
+        """Learn which nodes keep their value until the step ends; drop a kept reference that changed."""
+        changed = set()
+        for name, tensor, version in step.versions:
+            if tensor._version != version:
+                changed.add(name)
+        for name, _, _ in step.versions:
+            self._stable[name] = name not in changed and self._stable.get(name, True)
+        if not changed:
+            return
+        kept = []
+        for snap in step.pending.snapshots:
+            slot = f"{snap.key.node}#grad" if snap.is_parameter and snap.key.view == "grad" else snap.key.node
+            if snap.version is not None and slot in changed and snap.key.view in ("value", "grad"):
+                cause = "gradient clipping" if snap.key.view == "grad" else "e.g. ReLU(inplace=True)"
+                self._warn_once(
+                    f"inplace:{slot}",
+                    f"comgra: the {snap.key.view} of node {snap.key.node!r} was changed in place after it was recorded ({cause}); "
+                    "it is dropped from this record and copied when recorded from now on.",
+                )
+                continue
+            kept.append(snap)
+        step.pending.snapshots = kept
+        step.index = {snap.key: i for i, snap in enumerate(kept)}
+
+    def _summary(self, step: _Step) -> StepSummary:
+        """What triggers look at, at little cost: the recorded losses, and on demand whether any recorded value
+        or gradient is non-finite (NaN and infinities make a tensor's sum non-finite) and the parameters'
+        gradient norm."""
+        import torch
+
+        stats: dict[tuple[str, str], dict[str, float]] = {}
+        for name, tensor in step.losses:
+            if tensor.numel() == 1:
+                stats[(name, "value")] = {"mean": float(tensor.detach().float().item())}
+        snaps = list(step.pending.snapshots)
+
+        def nonfinite() -> list[str]:
+            chosen = [s for s in snaps if s.tensor.is_floating_point() and s.tensor.numel()]
+            if not chosen:
+                return []
+            sums = torch.stack([s.tensor.sum().float().to(chosen[0].tensor.device) for s in chosen])
+            bad = (~torch.isfinite(sums)).nonzero().reshape(-1).tolist()
+            return [f"{chosen[i].key.node}/{chosen[i].key.view}" for i in bad]
+
+        def grad_norm() -> float:
+            grads = [s.tensor for s in snaps if s.is_parameter and s.key.view == "grad" and s.tensor.is_floating_point()]
+            if not grads:
+                return 0.0
+            return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+        return StepSummary(stats, frozenset(self._param_nodes), step.pending.step, nonfinite=nonfinite, grad_norm=grad_norm)
 
     def abort_step(self) -> None:
         """Drop the current step (an exception in training): remove hooks, write nothing."""
@@ -456,12 +542,8 @@ class Recorder:
         """Store logged scalars (loss curves, metrics) for ``step``; cheap, written in the background."""
         rows = [(int(step), str(name), float(value)) for name, value in values.items()]
         if rows and not self.closed:
-
-            def write(w: Any) -> None:
-                w.add_scalars(rows)
-                w.commit()
-
-            self.writer.submit(write)
+            self.writer.op("add_scalars", rows)
+            self.writer.op("commit")
 
     def close(self, status: Literal["finished", "failed"], error: str | None = None) -> None:
         """Stop recording, flush everything and mark the run. Safe to call twice."""
@@ -480,11 +562,11 @@ class Recorder:
     def _build_graph(self, step: _Step) -> None:
         step.graph_done = True
         step_type = step.pending.step_type
+        signature = frozenset(self._param_nodes).union(step.nodes)
+        if self._graph_signatures.get(step_type) == signature:
+            return  # the usual case: the same nodes as before, nothing to redraw
         nodes = {n: dict(a) for n, a in self._param_nodes.items()}
         nodes.update({n: dict(a) for n, a in step.nodes.items()})
-        signature = frozenset(nodes)
-        if self._graph_signatures.get(step_type) == signature:
-            return
         edges = graph.autograd_edges(step.recorded, self._param_ids) if step.grads else set()
         sub = graph.assemble(nodes, edges, step.module_edges, self._manual_edges, step.backward_loss)
         self._graph_signatures[step_type] = signature
@@ -498,7 +580,7 @@ class Recorder:
                 known["roles"] = list(dict.fromkeys(known["roles"] + attrs["roles"]))
                 known["iterations"] = max(known["iterations"], attrs["iterations"])
         document = {"nodes": {n: dict(a) for n, a in self._node_attrs.items()}, "graphs": {k: dict(v) for k, v in self._graphs.items()}}
-        self.writer.submit(lambda w: w.write_graph(document))
+        self.writer.op("write_graph", document)
 
     # ----------------------------------------------------------------------------------- detail
     def _detail(self, name: str, kind: str, shape: tuple[int, ...], *, is_parameter: bool) -> Detail:

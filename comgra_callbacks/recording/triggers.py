@@ -26,10 +26,20 @@ from comgra_callbacks.store.format import STAT_INDEX
 class StepSummary:
     """What a trigger sees of a step: the statistics of every series, and which nodes are parameters."""
 
-    def __init__(self, stats: Mapping[tuple[str, str], Mapping[str, float]], parameters: frozenset[str] = frozenset(), step: int | None = None) -> None:
+    def __init__(
+        self,
+        stats: Mapping[tuple[str, str], Mapping[str, float]],
+        parameters: frozenset[str] = frozenset(),
+        step: int | None = None,
+        *,
+        nonfinite: Callable[[], list[str]] | None = None,
+        grad_norm: Callable[[], float] | None = None,
+    ) -> None:
         self._stats = stats
         self.parameters = parameters
         self.step = step
+        self._nonfinite = nonfinite  # computed on first use: a trigger pays only for what it asks
+        self._grad_norm = grad_norm
 
     @classmethod
     def from_stats(cls, stats: Mapping[tuple[str, str], Mapping[str, float]], parameters: frozenset[str] = frozenset()) -> StepSummary:
@@ -54,10 +64,18 @@ class StepSummary:
 
     def nonfinite(self) -> list[str]:
         """Names of the nodes (and views) holding NaN or infinite values."""
+        if self._nonfinite is not None:
+            found = self._nonfinite()
+            self._nonfinite = lambda: found
+            return list(found)
         return [f"{node}/{view}" for (node, view), s in self._stats.items() if s.get("nan_count", 0) or s.get("inf_count", 0)]
 
     def grad_norm(self) -> float:
         """Global gradient norm over the parameters (as recorded: before clipping)."""
+        if self._grad_norm is not None:
+            value = self._grad_norm()
+            self._grad_norm = lambda: value
+            return value
         total = sum(s["l2"] ** 2 for (node, view), s in self._stats.items() if view == "grad" and node in self.parameters and math.isfinite(s.get("l2", math.nan)))
         return math.sqrt(total)
 

@@ -93,6 +93,17 @@ class BackgroundWriter:
         """Queue a record; returns False when it was dropped because writing has failed."""
         return self._submit("record", record, max(int(record.nbytes), 1))
 
+    accepts_raw = False  # records must be reduced before they are submitted (see recording/pending.py)
+
+    def op(self, name: str, *args: Any) -> bool:
+        """A sidecar operation by name (``write_graph``, ``add_notes``, ...): ``RunWriter.<name>(*args)``."""
+        method = getattr(RunWriter, name)
+
+        def run(writer: RunWriter) -> None:
+            method(writer, *args)
+
+        return self.submit(run)
+
     def submit(self, operation: Callable[[RunWriter], None]) -> bool:
         """Queue a sidecar operation, run on the writer thread in order with the records."""
         return self._submit("op", operation, 0)
