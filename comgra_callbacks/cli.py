@@ -8,7 +8,7 @@ Subcommands live in a registry: a module adds one with :func:`register` (a name,
 that declares its arguments and one that runs it), so new commands need no change here.
 
 >>> sorted(COMMANDS)
-['serve']
+['demo', 'serve']
 >>> main(["serve", "/tmp", "--storage-options", "nope"])
 Traceback (most recent call last):
 ...
@@ -131,3 +131,21 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 register("serve", "open the dashboard on a root of runs, one run, or an fsspec URL", _serve_arguments, _serve)
+
+
+# ------------------------------------------------------------------------------------------- demo
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from comgra_callbacks.demo import add_arguments
+
+    add_arguments(parser)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from comgra_callbacks.demo import run
+
+    return run(args)
+
+
+register("demo", "train a small model with the callback (a few hundred steps), then open the dashboard on it", _demo_arguments, _demo)

@@ -96,44 +96,42 @@ def train(root: str, steps: int, run_name: str | None = None) -> str:
     return str(Path(root) / callback.run_name)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m comgra_callbacks.demo", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default="comgra_runs", help="directory holding the runs (default: comgra_runs)")
     parser.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     parser.add_argument("--run-name", default=None, help="name of the run (default: a new unique name)")
     parser.add_argument("--no-serve", action="store_true", help="do not start the dashboard afterwards")
     parser.add_argument("--port", type=int, default=5006, help="dashboard port (default: 5006)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, say where the run is and how to open it, then serve the dashboard (unless ``--no-serve``)."""
     warnings.filterwarnings("ignore", module="lightning")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-
     path = train(args.root, args.steps, args.run_name)
     from comgra_callbacks import open_run
 
-    run = open_run(path)
+    recorded = open_run(path)
     print()
-    print(f"Recorded {len(run.steps)} steps of {len(run.nodes)} nodes into {path} (status: {run.status}).")
+    print(f"Recorded {len(recorded.steps)} steps of {len(recorded.nodes)} nodes into {path} (status: {recorded.status}).")
     print("Read it from Python:")
     print("    from comgra_callbacks import open_run")
     print(f"    run = open_run({path!r})")
-    print("    run.stats('mlp.0')            # batch statistics of a layer over training")
+    print("    run.stats('mlp.0')             # batch statistics of a layer over training")
     print("    run.neurons('mlp.0', step=100) # per-neuron statistics at one step")
     print(f"Explore it in the dashboard:  comgra-callbacks serve {args.root}")
     if args.no_serve:
         return 0
-    return _serve(args.root, args.port)
+    from comgra_callbacks import cli
+
+    print(f"Starting the dashboard on http://127.0.0.1:{args.port}/ (Ctrl+C to stop) ...", flush=True)
+    return cli.main(["serve", args.root, "--port", str(args.port), "--no-show"])
 
 
-def _serve(root: str, port: int) -> int:
-    try:
-        from comgra_callbacks import cli
-    except ImportError:
-        print("The dashboard is not available in this installation.", file=sys.stderr)
-        return 0
-    serve = getattr(cli, "main", None)
-    if serve is None:
-        return 0
-    return int(serve(["serve", root, "--port", str(port)]) or 0)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m comgra_callbacks.demo", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

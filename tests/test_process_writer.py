@@ -1,0 +1,150 @@
+"""The writer process: it writes what the trainer sends, pushes back when its buffer is full, and reports
+its failures instead of losing data silently."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from comgra_callbacks import StoreError, open_run
+from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot
+from comgra_callbacks.recording.process_writer import ProcessWriter
+from comgra_callbacks.store.format import STAT_INDEX, SeriesKey
+
+pytestmark = pytest.mark.slow  # each test starts a writer process (about a second)
+
+
+def step_with(step: int, size: int = 16, samples: int = 2) -> PendingStep:
+    g = torch.Generator().manual_seed(step)
+    value = torch.randn(size, 4, generator=g)
+    weight = torch.randn(3, 4, generator=g)
+    snaps = [
+        Snapshot(SeriesKey("act", None, 0, "value"), value, "float32", False, True, samples),
+        Snapshot(SeriesKey("ids", None, 0, "value"), torch.arange(size), "int64", False, False, samples),
+        Snapshot(SeriesKey("w", None, 0, "value"), weight, "float32", True, True, FULL),
+        Snapshot(SeriesKey("w", None, 0, "update"), 0.1 * weight, "float32", True, False, 0, reference=weight),
+    ]
+    return PendingStep(step, "train", 0, step, 1.0 + step, "schedule", snaps, batch_size=size)
+
+
+def test_records_and_sidecars_arrive_in_the_store(tmp_path: Path) -> None:
+    writer = ProcessWriter(root=str(tmp_path), run="r", meta={"hparams": {"lr": 0.1}})
+    assert not glob.glob(writer.ring.path)  # unlinked as soon as the writer process mapped it
+    writer.op("start_segment", 0)
+    for step in range(5):
+        assert writer.submit_record(step_with(step))
+    writer.op("add_notes", [{"step": 2, "time": 0.0, "text": "hi"}])
+    writer.flush()
+    live = open_run(tmp_path / "r")
+    assert live.status == "running" and len(live.steps) == 5
+    writer.close("finished")
+    run = open_run(tmp_path / "r")
+    assert run.status == "finished" and run.meta["hparams"] == {"lr": 0.1}
+    expected = step_with(3)
+    act = expected.snapshots[0].tensor
+    assert run.stats("act").loc[3, "mean"] == pytest.approx(act.mean().item(), rel=1e-5)
+    np.testing.assert_array_equal(run.samples("act", 3), act[:2].numpy())
+    assert run.samples("ids", 3).tolist() == [0, 1]
+    np.testing.assert_array_equal(run.samples("w", 3), expected.snapshots[2].tensor.numpy())
+    assert run.stats("w", view="update").loc[3, "update_ratio"] == pytest.approx(0.1, rel=1e-5)
+    assert run.notes["text"].tolist() == ["hi"]
+
+
+def test_selected_samples_travel_to_the_writer(tmp_path: Path) -> None:
+    writer = ProcessWriter(root=str(tmp_path), run="r")
+    pending = step_with(0)
+    pending.sample_index = torch.tensor([5, 1, 9])
+    act = pending.snapshots[0].tensor.clone()
+    writer.submit_record(pending)
+    writer.close("finished")
+    np.testing.assert_array_equal(open_run(tmp_path / "r").samples("act", 0), act[[5, 1, 9]].numpy())
+
+
+def test_a_full_buffer_makes_training_wait_and_says_so(tmp_path: Path) -> None:
+    writer = ProcessWriter(root=str(tmp_path), run="r", max_queue_bytes=16 << 10)
+    with pytest.warns(RuntimeWarning, match="cannot keep up .*HINT: record less often"):
+        for step in range(60):
+            assert writer.submit_record(step_with(step, size=256))  # ~9 KiB each through a 16 KiB buffer
+    writer.close("finished")
+    assert writer.wait_seconds > 0
+    assert open_run(tmp_path / "r").steps["step"].tolist() == list(range(60))
+
+
+def test_a_step_larger_than_the_buffer_is_dropped_with_a_warning(tmp_path: Path) -> None:
+    writer = ProcessWriter(root=str(tmp_path), run="r", max_queue_bytes=4096)
+    with pytest.warns(RuntimeWarning, match=r"needs 0 MiB, more than max_queue_mb .* HINT: raise max_queue_mb"):
+        assert writer.submit_record(step_with(0, size=4096)) is False
+    assert writer.submit_record(step_with(1, size=8))
+    writer.close("finished")
+    assert open_run(tmp_path / "r").steps["step"].tolist() == [1]
+
+
+def test_a_writer_process_that_dies_is_reported(tmp_path: Path) -> None:
+    writer = ProcessWriter(root=str(tmp_path), run="r")
+    writer.submit_record(step_with(0))
+    writer.flush()
+    os.kill(writer.proc.pid, signal.SIGKILL)
+    writer.proc.wait(10)
+    with pytest.warns(RuntimeWarning, match=r"writer process of run 'r' stopped .*recording stops, training goes on"):
+        assert writer.submit_record(step_with(1)) is False
+    with pytest.warns(RuntimeWarning, match="may be incomplete"):
+        writer.close("finished")
+    run = open_run(tmp_path / "r")
+    assert run.steps["step"].tolist() == [0] and run.status == "running"  # what was flushed stays valid
+
+
+def test_raise_on_write_error(tmp_path: Path) -> None:
+    writer = ProcessWriter(root=str(tmp_path), run="r", on_error="raise")
+    os.kill(writer.proc.pid, signal.SIGKILL)
+    writer.proc.wait(10)
+    with pytest.raises(StoreError, match="writer process of run 'r' stopped"):
+        writer.submit_record(step_with(0))
+    with pytest.raises(StoreError):
+        writer.close("finished")
+
+
+def test_failing_to_open_the_run_is_a_clear_error(tmp_path: Path) -> None:
+    ProcessWriter(root=str(tmp_path), run="taken").close("finished")
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=r"a run already exists at .*taken.* HINT: choose another `run_name`"):
+        ProcessWriter(root=str(tmp_path), run="taken")
+    assert time.monotonic() - started < 60
+    assert not glob.glob("/dev/shm/comgra-ring-*")  # nothing left behind
+
+
+def test_the_trainer_dying_leaves_everything_it_sent(tmp_path: Path) -> None:
+    """The writer process outlives its trainer long enough to write what it received."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "trainer.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from tests.test_process_writer import step_with
+        from comgra_callbacks.recording.process_writer import ProcessWriter
+        writer = ProcessWriter(root={str(tmp_path)!r}, run="orphan", flush_secs=600)
+        for step in range(20):
+            writer.submit_record(step_with(step))
+        os.kill(os.getpid(), signal.SIGKILL)
+    """))
+    subprocess.run([sys.executable, str(script)], timeout=120)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if len(open_run(tmp_path / "orphan").steps) == 20:
+                break
+        except Exception:
+            pass
+        time.sleep(0.2)
+    run = open_run(tmp_path / "orphan")
+    assert run.steps["step"].tolist() == list(range(20)) and run.status == "running"
+    assert run.stats("act")["numel"].eq(64).all() and not np.isnan(run.stats("act").iloc[:, STAT_INDEX["mean"]]).any()
