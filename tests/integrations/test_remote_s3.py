@@ -266,3 +266,18 @@ class socket_closed_port:
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+
+def test_the_dashboard_reads_the_s3_run(s3_run: Observed) -> None:
+    """The dashboard's views, built on the s3:// root (no browser), show the S3 run's data."""
+    from comgra_callbacks.dashboard.app import Dashboard
+    from comgra_callbacks.dashboard.data import Catalog
+    from comgra_callbacks.dashboard.options import DashboardOptions
+
+    root = "s3://recorded/runs"
+    dash = Dashboard(Catalog(root, s3_run.storage_options), DashboardOptions(root, s3_run.storage_options, poll_secs=0))
+    assert dash.catalog.problem is None and list(dash.catalog.runs) == ["exp/rank0"]
+    dash.selection.param.update(run="exp/rank0", node="net.0", step=7)
+    reference = open_run(s3_run.url, storage_options=s3_run.storage_options).stats("net.0", step_type="train").loc[7]
+    table = dash.tensor.table.object
+    np.testing.assert_allclose(table.loc[reference.index, "▸ value"].to_numpy(), reference.to_numpy(), rtol=1e-6)
