@@ -139,37 +139,9 @@ class ComgraTrainerCallback(TrainerCallback):
         ranks: Literal["zero", "all"] = "zero",
         writer: Literal["process", "thread"] = "process",
     ) -> None:
+        arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         super().__init__()
-        self.options = RecordingOptions.validated(
-            type(self).__name__,
-            root=root,
-            run_name=run_name,
-            every_n_steps=every_n_steps,
-            schedule=schedule,
-            step_type=step_type,
-            triggers=triggers,
-            arm_every=arm_every,
-            detail=detail,
-            samples=samples,
-            modules=modules,
-            parameters=parameters,
-            n_samples=n_samples,
-            neurons=neurons,
-            grads=grads,
-            updates=updates,
-            per_loss_grads=per_loss_grads,
-            val_batches=val_batches,
-            batch_fn=batch_fn,
-            max_neurons=max_neurons,
-            max_sample_numel=max_sample_numel,
-            storage_options=storage_options,
-            flush_secs=flush_secs,
-            max_queue_mb=max_queue_mb,
-            on_write_error=on_write_error,
-            log_scalars=log_scalars,
-            ranks=ranks,
-            writer=writer,
-        )
+        self.options = RecordingOptions.validated(type(self).__name__, **arguments)
         self.run_name: str = run_name or default_run_name()
         self._recorder: Recorder | None = None
         self._handles: list[Any] = []

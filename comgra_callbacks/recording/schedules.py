@@ -22,14 +22,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from comgra_callbacks.errors import ConfigError, ConfigTypeError
-
-
-def _positive(owner: str, arg: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigTypeError(f"`{owner}({arg}=...)`: expected a positive int, got {value!r} of type {type(value).__name__}.")
-    if value <= 0:
-        raise ConfigError(f"`{owner}({arg}=...)`: expected a positive int, got {value!r}.")
-    return value
+from comgra_callbacks.validation import positive_int
 
 
 class Schedule:
@@ -66,7 +59,7 @@ class Every(Schedule):
     """
 
     def __init__(self, n: int, start: int = 0) -> None:
-        self.n = _positive("Every", "n", n)
+        self.n = positive_int("Every", "n", n)
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise ConfigError(f"`Every(start=...)`: expected an int >= 0, got {start!r}.")
         self.start = start
@@ -92,7 +85,7 @@ class Spaced(Schedule):
     """
 
     def __init__(self, n: int) -> None:
-        self.n = _positive("Spaced", "n", n)
+        self.n = positive_int("Spaced", "n", n)
 
     def wants(self, step: int, last: int | None = None) -> bool:
         return last is None or step - last >= self.n
@@ -154,7 +147,7 @@ class Decaying(Schedule):
     def __init__(self, every: Sequence[int] = (1, 10, 100, 1000), until: Sequence[int] = (100, 1000, 10_000)) -> None:
         every, until = tuple(every), tuple(until)
         for n in every:
-            _positive("Decaying", "every", n)
+            positive_int("Decaying", "every", n)
         if len(every) != len(until) + 1:
             raise ConfigError(f"`Decaying(every=..., until=...)`: expected one more `every` than `until`, got every={list(every)} and until={list(until)}.")
         if any(b <= a for a, b in zip(until, until[1:])) or any(isinstance(u, bool) or not isinstance(u, int) or u <= 0 for u in until):
@@ -178,7 +171,7 @@ class LogSpaced(Schedule):
     """
 
     def __init__(self, per_decade: int = 10) -> None:
-        self.per_decade = _positive("LogSpaced", "per_decade", per_decade)
+        self.per_decade = positive_int("LogSpaced", "per_decade", per_decade)
         self._log_ratio = math.log(10) / per_decade
 
     def wants(self, step: int, last: int | None = None) -> bool:
@@ -259,9 +252,9 @@ class Budget(Schedule):
         if max_records is None and max_bytes is None:
             raise ConfigError("`Budget(...)`: expected max_records or max_bytes (or both), got neither.")
         if max_records is not None:
-            _positive("Budget", "max_records", max_records)
+            positive_int("Budget", "max_records", max_records)
         if max_bytes is not None:
-            _positive("Budget", "max_bytes", max_bytes)
+            positive_int("Budget", "max_bytes", max_bytes)
         self.schedule = schedule
         self.max_records, self.max_bytes = max_records, max_bytes
         self._lock = threading.Lock()

@@ -424,13 +424,12 @@ class Run:
         rows: dict[str, np.ndarray] = {}
         for node in self.nodes:
             try:
-                cols = self._columns(node, view, None, None)
+                cols = [col for _, col in self._columns(node, view, None, None)]
             except NodeNotFoundError:
                 continue
-            for _, col in reversed(cols):
-                if col < len(block) and not math.isnan(float(block[col, _NUMEL])):
-                    rows[node] = block[col]
-                    break
+            row = _last_present(block, cols)
+            if row is not None:
+                rows[node] = row
         frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(fmt.STAT_NAMES)).astype("float64")
         frame.index.name = "node"
         return frame
@@ -463,10 +462,9 @@ class Run:
             lo, hi = wanted[0], wanted[-1] + 1
             block = self._read(fmt.STATS, (record, slice(lo, hi), slice(None)))
             for view, cols in picked.items():
-                for col in reversed(cols):
-                    if not math.isnan(float(block[col - lo, _NUMEL])):
-                        rows[view] = block[col - lo]
-                        break
+                row = _last_present(block, cols, lo)
+                if row is not None:
+                    rows[view] = row
         frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(fmt.STAT_NAMES)).astype("float64")
         frame.index.name = "view"
         return frame
@@ -581,6 +579,15 @@ class Run:
         frame.attrs.update(run=self.name, view=view, step_type=step_type, first_step=int(first_step), last_step=int(last_step))
         return frame
 
+
+
+def _last_present(block: np.ndarray, cols: list[int], first: int = 0) -> np.ndarray | None:
+    """The statistics row of the last column in ``cols`` (the last iteration) that holds a record;
+    ``block`` holds the columns from ``first`` on."""
+    for col in reversed(cols):
+        if 0 <= col - first < len(block) and not math.isnan(float(block[col - first, _NUMEL])):
+            return block[col - first]
+    return None
 
 
 def open_run(path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> Run:
