@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
+import warnings
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -169,7 +171,11 @@ class RecordingOptions:
         The run is written by a separate process (``writer="process"``, the default: no competition for the
         GIL with training) or by a thread of this process (``writer="thread"``)."""
         sink: Any
-        if self.writer == "process":
+        writer = self.writer
+        if writer == "process" and sys.platform == "win32":  # the writer process waits on pipes with select()
+            warnings.warn("comgra: the writer process is not available on Windows; writing from a thread instead.", RuntimeWarning, stacklevel=3)
+            writer = "thread"
+        if writer == "process":
             from comgra_callbacks.recording.process_writer import ProcessWriter
 
             sink = ProcessWriter(
