@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
-import warnings
 import secrets
+import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
