@@ -58,9 +58,10 @@ def same(a: float, b: float, rel: float = 1e-5) -> bool:
     return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel, abs_tol=1e-5)
 
 
-def test_grouped_statistics_agree_with_direct_ones() -> None:
+@pytest.mark.parametrize("synchronous", [True, False], ids=["cpu-path", "accelerator-path"])
+def test_grouped_statistics_agree_with_direct_ones(synchronous: bool) -> None:
     names = sorted(CASES)
-    rows = reduce.stats_rows([CASES[n] for n in names])
+    rows = reduce.stats_rows([CASES[n] for n in names], synchronous=synchronous)
     assert rows.shape == (len(names), len(STAT_NAMES)) and rows.dtype == torch.float32
     for name, row in zip(names, rows.tolist()):
         # at 1000 +- 0.01, float32 inputs fix the std only to ~1e-4 relative
@@ -77,11 +78,12 @@ def test_slow_path_agrees_with_the_fast_one() -> None:
         np.testing.assert_allclose(fast.numpy(), slow.numpy(), rtol=1e-3, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("synchronous", [True, False], ids=["cpu-path", "accelerator-path"])
 @pytest.mark.parametrize("is_parameter", [False, True])
-def test_neuron_statistics(is_parameter: bool) -> None:
+def test_neuron_statistics(is_parameter: bool, synchronous: bool) -> None:
     names = ["normal", "with_nan_and_inf", "integers", "large_offset", "all_nan", "same_size_as_nan"]
     matrices = [reduce.neuron_matrix(CASES[n], is_parameter=is_parameter) for n in names]
-    blocks = reduce.neuron_rows(matrices)
+    blocks = reduce.neuron_rows(matrices, synchronous=synchronous)
     for name, matrix, block in zip(names, matrices, blocks):
         x = np.ma.masked_invalid(matrix.double().numpy())
         assert block.shape == (3, matrix.shape[1])

@@ -43,10 +43,13 @@ def _as_float(t: Any) -> Any:
     return x.to(torch.float32) if x.is_floating_point() or x.dtype == torch.bool or x.element_size() < 4 else x.to(torch.float64)
 
 
-def stats_rows(tensors: list[Any]) -> Any:
+def stats_rows(tensors: list[Any], *, synchronous: bool | None = None) -> Any:
     """Batch statistics of many tensors: a ``(len(tensors), len(STAT_NAMES))`` float32 tensor on the device
-    of the first tensor (``update_ratio`` NaN). No synchronisation except on the CPU, where a non-finite row
-    is detected and recomputed."""
+    of the first tensor (``update_ratio`` NaN).
+
+    On the CPU (``synchronous``, the default there) a row whose sums show a non-finite value is recomputed
+    over its finite elements. Elsewhere nothing waits for the device: the masked statistics of each group
+    are computed too and chosen row by row on the device."""
     import torch
 
     if not tensors:
@@ -63,15 +66,15 @@ def stats_rows(tensors: list[Any]) -> Any:
                 rows[i] = stats_torch(tensors[i]).to(device)
             continue
         flat = [_as_float(tensors[i]).reshape(-1) for i in members]
-        block = _group_stats(torch.stack(flat) if len(flat) > 1 else flat[0].unsqueeze(0), n)
-        if dev.type == "cpu":
-            bad = (~torch.isfinite(block[:, 0] + block[:, 1])).nonzero().reshape(-1).tolist()
-            for j in bad:  # NaN or inf in the tensor: describe its finite part
-                block[j] = stats_torch(tensors[members[j]])
+        x = torch.stack(flat) if len(flat) > 1 else flat[0].unsqueeze(0)
+        block = _group_stats(x, n)
+        if synchronous if synchronous is not None else dev.type == "cpu":
+            bad = (~torch.isfinite(block[:, 0] + block[:, 1])).nonzero().reshape(-1)
+            if len(bad):  # NaN or inf in those tensors: describe their finite part
+                block[bad] = _masked_group_stats(x[bad])
         else:  # on an accelerator, stay asynchronous: compute the masked statistics and choose on the device
-            masked = torch.stack([stats_torch(tensors[i]) for i in members])
             keep = torch.isfinite(block[:, 0] + block[:, 1]).unsqueeze(1)
-            block = torch.where(keep, block, masked)
+            block = torch.where(keep, block, _masked_group_stats(x))
         for j, i in enumerate(members):
             rows[i] = block[j].to(device)
     return torch.stack(rows)
@@ -93,6 +96,40 @@ def _group_stats(x: Any, n: int) -> Any:
     out = torch.stack([mean, std, abs_mean, low, high, l2, (n - nonzero) / n, zeros, zeros, torch.full_like(mean, float(n))], dim=1)
     nan = torch.full((x.shape[0], N_STATS - out.shape[1]), float("nan"), dtype=out.dtype, device=out.device)
     return torch.cat([out, nan], dim=1).float()
+
+
+def _masked_group_stats(x: Any) -> Any:
+    """Statistics of each row of ``x`` ``(k, n)`` over its finite elements (the general, slower path)."""
+    import torch
+
+    n = x.shape[1]
+    finite = torch.isfinite(x)
+    m = finite.sum(dim=1).to(x.dtype)  # finite elements per row
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    xf = torch.where(finite, x, zero)
+    safe = m.clamp(min=1)
+    mean = xf.sum(dim=1) / safe
+    dev = torch.where(finite, x - mean.unsqueeze(1), zero)
+    ss = (dev * dev).sum(dim=1)
+    std = torch.where(m > 1, torch.sqrt(ss / (m - 1).clamp(min=1)), zero)
+    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+    low = torch.where(finite, x, inf).amin(dim=1)
+    high = torch.where(finite, x, -inf).amax(dim=1)
+    nan_count = torch.isnan(x).sum(dim=1).to(x.dtype)
+    columns = [
+        mean,
+        std,
+        xf.abs().sum(dim=1) / safe,
+        low,
+        high,
+        torch.sqrt((ss + m * mean * mean).clamp(min=0)),
+    ]
+    nan = torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
+    columns = [torch.where(m > 0, c, nan) for c in columns]  # undefined without a finite element
+    columns += [(x == 0).sum(dim=1).to(x.dtype) / n, nan_count, n - m - nan_count, torch.full_like(mean, float(n))]
+    out = torch.stack(columns, dim=1)
+    pad = torch.full((x.shape[0], N_STATS - out.shape[1]), float("nan"), dtype=out.dtype, device=out.device)
+    return torch.cat([out, pad], dim=1).float()
 
 
 def stats_torch(t: Any) -> Any:
@@ -141,9 +178,10 @@ def stats_torch(t: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------- neurons
-def neuron_rows(matrices: list[Any]) -> list[Any]:
+def neuron_rows(matrices: list[Any], *, synchronous: bool | None = None) -> list[Any]:
     """Per-neuron statistics of 2-D ``(items, neurons)`` views, grouped by shape: one ``(3, neurons)``
-    float32 tensor each. Non-finite values are left out of each neuron's statistics."""
+    float32 tensor each. Non-finite values are left out of each neuron's statistics (checked on the host
+    on the CPU, chosen on the device elsewhere, as in :func:`stats_rows`)."""
     import torch
 
     out: list[Any] = [None] * len(matrices)
@@ -153,7 +191,7 @@ def neuron_rows(matrices: list[Any]) -> list[Any]:
     for (device, _), members in groups.items():
         x = torch.stack([_as_float(matrices[i]) for i in members])  # (k, items, neurons)
         block = _fast_neurons(x)
-        if device.type == "cpu":
+        if synchronous if synchronous is not None else device.type == "cpu":
             if not bool(torch.isfinite(block[:, 0]).all()):
                 block = _masked_neurons(x)
         else:
