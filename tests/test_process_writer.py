@@ -148,3 +148,22 @@ def test_the_trainer_dying_leaves_everything_it_sent(tmp_path: Path) -> None:
     run = open_run(tmp_path / "orphan")
     assert run.steps["step"].tolist() == list(range(20)) and run.status == "running"
     assert run.stats("act")["numel"].eq(64).all() and not np.isnan(run.stats("act").iloc[:, STAT_INDEX["mean"]]).any()
+
+
+def test_steps_reduced_on_a_device_travel_as_results(tmp_path: Path) -> None:
+    """The path tensors on an accelerator take (reduced where they live, only results shipped), on the CPU."""
+    from comgra_callbacks.recording.pending import pack
+
+    writer = ProcessWriter(root=str(tmp_path), run="r")
+    raw, packed = step_with(0), step_with(1)
+    act = packed.snapshots[0].tensor.clone()
+    writer.submit_record(raw)
+    assert writer.submit_record(pack(packed))
+    writer.close("finished")
+    run = open_run(tmp_path / "r")
+    assert run.steps["step"].tolist() == [0, 1]
+    assert run.stats("act").loc[1, "mean"] == pytest.approx(act.mean().item(), rel=1e-5)
+    np.testing.assert_array_equal(run.samples("act", 1), act[:2].numpy())
+    assert run.neurons("act", 1).shape == (4, 3)
+    assert run.stats("w", view="update").loc[1, "update_ratio"] == pytest.approx(0.1, rel=1e-5)
+    assert run.samples("ids", 1).tolist() == [0, 1]
