@@ -15,8 +15,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from comgra_callbacks.recording import reduce
 from comgra_callbacks.store.format import STAT_INDEX, SeriesKey
 from comgra_callbacks.store.writer import HostEntry, HostRecord
@@ -184,14 +182,4 @@ def estimate_bytes(pending: PendingStep) -> int:
         if snap.samples:
             per = math.prod(shape[1:]) if shape else 1
             total += 4 * (math.prod(shape) if snap.samples == FULL or not shape else min(snap.samples, shape[0]) * per)
-    return total
-
-
-def stored_bytes(record: HostRecord) -> int:
-    """About how many bytes the record takes in the store (before compression)."""
-    total = 0
-    for entry in record.entries:
-        total += np.asarray(entry.stats).nbytes
-        total += 0 if entry.neurons is None else entry.neurons.nbytes
-        total += 0 if entry.samples is None else entry.samples.nbytes
     return total

@@ -26,7 +26,7 @@ import numpy as np
 
 from comgra_callbacks.errors import StoreError
 from comgra_callbacks.recording.pending import FULL, PackedStep, PendingStep
-from comgra_callbacks.recording.ring import CLOSED, CONSUMED, ERROR, FLUSHED, RECORDS, Ring
+from comgra_callbacks.recording.ring import CLOSED, ERROR, FLUSHED, RECORDS, Ring
 
 _NUMPY_DTYPES = {"float32", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
 
@@ -305,6 +305,3 @@ class ProcessWriter:
             raise failure
         if failure is not None or not closed:
             warnings.warn(f"comgra: run {self.name!r} may be incomplete: {failure or 'the writer process did not close it'}", RuntimeWarning, stacklevel=2)
-
-    def consumed(self) -> int:
-        return int(self.ring.header[CONSUMED])

@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from comgra_callbacks.errors import ConfigError, ConfigTypeError
-from comgra_callbacks.store.format import STAT_INDEX
 
 
 class StepSummary:
@@ -44,19 +43,6 @@ class StepSummary:
     @classmethod
     def from_stats(cls, stats: Mapping[tuple[str, str], Mapping[str, float]], parameters: frozenset[str] = frozenset()) -> StepSummary:
         return cls(stats, parameters)
-
-    @classmethod
-    def from_entries(cls, entries: list[Any], parameters: frozenset[str], step: int | None = None) -> StepSummary:
-        """From a record's entries (the last iteration and first role of each node and view)."""
-        stats: dict[tuple[str, str], dict[str, float]] = {}
-        best: dict[tuple[str, str], int] = {}
-        for entry in entries:
-            slot = (entry.key.node, entry.key.view)
-            if slot in best and best[slot] > entry.key.iteration:
-                continue
-            best[slot] = entry.key.iteration
-            stats[slot] = {name: float(entry.stats[i]) for name, i in STAT_INDEX.items()}
-        return cls(stats, parameters, step)
 
     def stat(self, node: str, stat: str = "mean", view: str = "value") -> float | None:
         values = self._stats.get((node, view))
