@@ -47,7 +47,7 @@ class Probe(pl.Callback):
         recorder = self.comgra.recorder
         if recorder is not None and recorder.recording:
             step = recorder._step
-            assert step is not None and step.backward_loss == "loss" and step.graph_done
+            assert step is not None and step.backward_loss == "loss" and step.backwarded == ["loss"]
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: Any) -> None:
         self._note("before_optimizer_step", trainer, module)

@@ -20,6 +20,7 @@ from comgra_callbacks import validation as v
 from comgra_callbacks._version import __version__
 from comgra_callbacks.errors import ComgraError, ConfigError, ConfigTypeError, StoreError
 from comgra_callbacks.names import NameFilter, describe_filter, name_predicate
+from comgra_callbacks.recording.capture import check_modules_spec
 from comgra_callbacks.recording.policy import Plan, RecordingPolicy, detail_rules
 from comgra_callbacks.recording.recorder import Recorder, RecorderConfig
 from comgra_callbacks.recording.sampling import SampleSelector, as_selector
@@ -64,6 +65,8 @@ class RecordingOptions:
     detail: Mapping[str, str] | None = None
     samples: SampleSelector | None = None
     policy: RecordingPolicy = field(default_factory=RecordingPolicy)
+    buffers: NameFilter = None
+    neuron_axis: dict[str, int] | None = None
 
     @classmethod
     def validated(cls, owner: str, **kw: Any) -> RecordingOptions:
@@ -73,8 +76,17 @@ class RecordingOptions:
         run_name = kw["run_name"]
         if run_name is not None:
             check_run_name(run_name, owner=f"{owner}(run_name=...)")
-        name_predicate(kw["modules"], owner=f"{owner}(modules=...)")
+        check_modules_spec(kw["modules"], owner=f"{owner}(modules=...)")
         name_predicate(kw["parameters"], owner=f"{owner}(parameters=...)")
+        if kw.get("buffers") is not None:
+            name_predicate(kw["buffers"], owner=f"{owner}(buffers=...)")
+        neuron_axis = kw.get("neuron_axis")
+        if neuron_axis is not None:
+            if not isinstance(neuron_axis, Mapping) or not all(isinstance(k, str) and isinstance(a, int) and not isinstance(a, bool) for k, a in neuron_axis.items()):
+                raise ConfigTypeError(
+                    f"`{owner}(neuron_axis=...)`: expected a dict {{name glob: axis (int)}}, got {neuron_axis!r}. "
+                    'HINT: neuron_axis={"encoder.conv*": 1}.'
+                )
         every_n_steps = v.positive_int(owner, "every_n_steps", kw["every_n_steps"])
         schedule = kw.get("schedule")
         if schedule is not None and every_n_steps != 1:
@@ -115,6 +127,8 @@ class RecordingOptions:
             detail=dict(kw["detail"]) if kw.get("detail") is not None else None,
             samples=as_selector(kw.get("samples", "first"), owner),
             policy=policy,
+            buffers=kw.get("buffers"),
+            neuron_axis=dict(neuron_axis) if neuron_axis is not None else None,
         )
 
     def plan(self, step: int, step_type: str) -> Plan | None:
@@ -136,6 +150,8 @@ class RecordingOptions:
             batch_fn=self.batch_fn,
             detail=self.detail,
             samples=self.samples,
+            buffers=self.buffers,
+            neuron_axis=self.neuron_axis,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -158,6 +174,8 @@ class RecordingOptions:
             "writer": self.writer,
             "detail": dict(self.detail) if self.detail else None,
             "samples": repr(self.samples),
+            "buffers": describe_filter(self.buffers),
+            "neuron_axis": dict(self.neuron_axis) if self.neuron_axis else None,
             **self.policy.describe(),
         }
 

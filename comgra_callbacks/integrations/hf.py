@@ -87,7 +87,7 @@ class ComgraTrainerCallback(TrainerCallback):
         schedule, step_type, triggers, arm_every, detail, samples: as for :class:`~comgra_callbacks.ComgraCallback`.
         ranks: ``"zero"`` (only the process of global rank 0 records) or ``"all"`` (each rank writes the run
             group ``<run_name>/rank<r>``).
-        modules, parameters, n_samples, neurons, grads, updates, per_loss_grads, val_batches, batch_fn,
+        modules, parameters, buffers, neuron_axis, n_samples, neurons, grads, updates, per_loss_grads, val_batches, batch_fn,
         max_neurons, max_sample_numel, storage_options, flush_secs, max_queue_mb, on_write_error,
         log_scalars, writer: as for :class:`~comgra_callbacks.ComgraCallback`.
 
@@ -122,6 +122,8 @@ class ComgraTrainerCallback(TrainerCallback):
         samples: str | SampleSelector = "first",
         modules: NameFilter = None,
         parameters: NameFilter = None,
+        buffers: NameFilter = None,
+        neuron_axis: dict[str, int] | None = None,
         n_samples: int = 4,
         neurons: bool = True,
         grads: bool = True,
@@ -267,7 +269,10 @@ class ComgraTrainerCallback(TrainerCallback):
         if recorder is None or not self.options.log_scalars or not logs:
             return
         numbers = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        recorder.log_scalars(state.global_step, numbers)
+        # Training logs come after the step that made them (``global_step`` already counts it): they belong to
+        # step ``global_step - 1``. Evaluation logs describe the model the next step's forward pass sees.
+        evaluation = any(k.startswith(("eval_", "test_")) for k in numbers)
+        recorder.log_scalars(state.global_step if evaluation else max(state.global_step - 1, 0), numbers)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._close("finished")

@@ -42,8 +42,9 @@ class ComgraCallback(Callback):
         root: directory (or fsspec URL such as ``s3://bucket/prefix``) holding the runs.
         run_name: the run's group name under ``root``; default: a unique name sorting by start time.
             After resuming from a checkpoint the default is the checkpoint's run, continued.
-        every_n_steps: record every n-th optimizer step (``trainer.global_step``); short for
-            ``schedule=Every(n)``.
+        every_n_steps: record every n-th step; short for ``schedule=Every(n)``. A step is an optimizer step
+            (``trainer.global_step``) under automatic optimization, and a training batch under manual
+            optimization (where ``global_step`` counts every ``optimizer.step()``: two per batch for a GAN).
         schedule: which steps are recorded: a schedule (``Every``, ``Steps``, ``Decaying``, ``LogSpaced``,
             ``Spaced``, ``Budget``, combined with ``|`` / ``&``), or a dict ``{step_type: schedule}`` with an
             optional ``"*"`` for the other types.
@@ -58,21 +59,37 @@ class ComgraCallback(Callback):
             inputs, targets, outputs and losses.
         samples: which samples are kept: ``"first"``, ``Indices(field, ids)``, ``TopK(node)``,
             ``Balanced(labels)``; the same batch positions for every node.
-        modules: which modules' outputs are captured: None (every leaf module), a glob (``"encoder.*"``), a
-            list of globs, or a callable ``name -> bool``.
-        parameters: which parameters are recorded (same forms; None = all).
+        modules: which modules' outputs are captured. None (the default): every module whose output is a new
+            tensor (attention modules, residual blocks and transformer layers are captured; a container
+            that returns its last child's output adds nothing). ``"leaves"``: leaf modules only. A list of
+            globs that all start with ``"+"`` / ``"-"``: the default plus / minus those (``["-*.dropout"]``).
+            Otherwise exactly the matching modules: a glob (``"encoder.*"``), a list of globs, or a callable
+            ``name -> bool``. Names are ``named_modules()`` names, without the ``_orig_mod`` of
+            ``torch.compile``.
+        parameters: which parameters are recorded (a glob, a list of globs, a callable; None = all).
+        buffers: which buffers are recorded (e.g. ``"*running_mean"`` for BatchNorm running statistics), by
+            name; None (the default) = none. A buffer is recorded as it is after the forward pass.
+        neuron_axis: ``{name glob: axis}``: which axis of matching activations holds their neurons for
+            per-neuron statistics. Default: the channels (axis 1) of convolution, batch-norm and pooling
+            outputs and of any tensor with four or more dimensions, else the last axis. The axis used is
+            stored with each node (``run.nodes``).
         n_samples: how many individual samples are kept (where the detail asks for samples).
         neurons: keep per-neuron statistics.
         grads: record gradients. ``updates``: record parameter updates (costs a copy of the parameters on
             recorded steps). ``per_loss_grads``: gradients of every extra recorded loss (one backward each).
-        val_batches: record the first ``val_batches`` batches of every validation run (step type ``"val"``).
+        val_batches: record the first ``val_batches`` batches of every validation run (step type ``"val"``)
+            and of every test run (``"test"``), also under ``inference_mode``.
         batch_fn: ``batch -> {name: tensor}``, to name the batch's tensors yourself.
         max_neurons / max_sample_numel: limits above which per-neuron statistics / samples are skipped.
         storage_options: passed to fsspec for a URL ``root`` (endpoint, credentials).
         flush_secs: longest time before a record is visible to readers.
         max_queue_mb: bound on the memory of records waiting to be written.
         on_write_error: ``"warn"`` (stop recording, keep training) or ``"raise"``.
-        log_scalars: also store the trainer's logged metrics every ``log_every_n_steps``.
+        log_scalars: store the loss of every training batch (scalar ``loss``; under manual optimization
+            ``loss``, ``loss.1``, ... for the backward passes of a batch) and the trainer's logged metrics
+            (training metrics every ``log_every_n_steps``, validation metrics after each validation run),
+            each stamped with the step of the batch it belongs to (validation: the step whose forward pass
+            would see the model that was validated).
         ranks: under distributed training, ``"zero"`` (global rank 0 records) or ``"all"`` (every rank records
             into its own run group ``<run_name>/rank<r>`` of the same root).
         writer: ``"process"`` (default): a separate writer process reduces and writes recorded steps, so that
@@ -110,6 +127,8 @@ class ComgraCallback(Callback):
         samples: str | SampleSelector = "first",
         modules: NameFilter = None,
         parameters: NameFilter = None,
+        buffers: NameFilter = None,
+        neuron_axis: dict[str, int] | None = None,
         n_samples: int = 4,
         neurons: bool = True,
         grads: bool = True,
@@ -136,6 +155,13 @@ class ComgraCallback(Callback):
         self._recorder: Recorder | None = None
         self._opened_before = False
         self._last_recorded: tuple[int, str] | None = None
+        self._batches = 0  # training batches seen: the step under manual optimization
+        self._batch_step = 0  # the step of the running training batch
+        self._backwards = 0  # backward passes of the running batch (manual optimization)
+        self._losses: dict[str, Any] = {}  # loss name -> the running step's loss (detached, summed over micro-batches)
+        self._loss_queue: list[tuple[int, str, Any]] = []  # (step, name, loss tensor): turned into floats in batches
+        self._val_before: dict[str, int] = {}
+        self._val_keys: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -167,6 +193,11 @@ class ComgraCallback(Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.options.val_batches and not trainer.sanity_checking and self._recorder is None and trainer.state.fn != "fit":
+            self._open(trainer, pl_module)
+        self._val_before = {str(k): id(v) for k, v in trainer.callback_metrics.items()}
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.options.val_batches and self._recorder is None:
             self._open(trainer, pl_module)
 
     def _open(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -201,10 +232,12 @@ class ComgraCallback(Callback):
         recorder = self._recorder
         if recorder is None:
             return
-        step, epoch = trainer.global_step, trainer.current_epoch
+        manual = not pl_module.automatic_optimization
+        step, epoch = self._step_now(trainer, pl_module), trainer.current_epoch
+        self._batch_step, self._backwards = step, 0
         step_type = self.options.policy.step_type_of(batch, batch_idx)
         recorder.set_context(step=step, step_type=step_type, epoch=epoch, batch_idx=batch_idx, batch=batch)
-        if not _optimizer_steps_now(trainer, batch_idx) or self._last_recorded == (step, step_type):
+        if not (manual or _optimizer_steps_now(trainer, batch_idx)) or self._last_recorded == (step, step_type):
             return
         plan = self.options.plan(step, step_type)
         if plan is None:
@@ -213,33 +246,95 @@ class ComgraCallback(Callback):
         recorder.begin_step(step=step, step_type=step_type, epoch=epoch, batch_idx=batch_idx, batch=batch, armed=plan == "arm")
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
-        if self._recorder is not None:
-            self._recorder.before_backward(loss)
+        recorder = self._recorder
+        if recorder is None:
+            return
+        if self.options.log_scalars and getattr(loss, "numel", lambda: 0)() == 1:
+            # every batch's loss is kept (a detached tensor; turned into floats in batches, not one sync a step)
+            name = "loss" if pl_module.automatic_optimization or self._backwards == 0 else f"loss.{self._backwards}"
+            value = loss.detach().float().reshape(())
+            self._losses[name] = value if name not in self._losses else self._losses[name] + value
+        self._backwards += 1
+        recorder.before_backward(loss)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._recorder is not None:
-            self._recorder.before_optimizer_step()
+        recorder = self._recorder
+        if recorder is not None and recorder.recording:
+            groups = getattr(optimizer, "param_groups", None)
+            params = [p for g in groups for p in g.get("params", ())] if groups else None
+            recorder.before_optimizer_step(params)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         recorder = self._recorder
         if recorder is None:
             return
-        recorder.end_step(outputs=outputs, batch=batch)
+        manual = not pl_module.automatic_optimization
+        if manual:
+            self._batches += 1
+        step = self._batch_step
+        if recorder.recording and (manual or _optimizer_steps_now(trainer, batch_idx)):
+            recorder.end_step(outputs=outputs, batch=batch)
+        if not self.options.log_scalars or not (manual or _optimizer_steps_now(trainer, batch_idx)):
+            return
+        losses, self._losses = self._losses, {}
+        self._loss_queue.extend((step, name, value) for name, value in losses.items())
+        if len(self._loss_queue) >= 64:
+            self._flush_losses()
         every = getattr(trainer, "log_every_n_steps", 50)  # set by Lightning's logger connector
-        if self.options.log_scalars and every and trainer.global_step % every == 0:
-            recorder.log_scalars(trainer.global_step, _scalars(trainer, outputs))
+        if every and step % every == 0:
+            metrics = {k: v for k, v in _scalars(trainer).items() if k not in self._val_keys and k not in losses}
+            if metrics:
+                recorder.log_scalars(step, metrics)
+
+    def _step_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """The step of the next batch: optimizer steps so far, or batches so far under manual optimization."""
+        return trainer.global_step if pl_module.automatic_optimization else self._batches
+
+    def _flush_losses(self) -> None:
+        """Turn the queued losses into scalars: one host transfer for many steps."""
+        queue, self._loss_queue = self._loss_queue, []
+        recorder = self._recorder
+        if not queue or recorder is None:
+            return
+        import torch
+
+        values = torch.stack([v.to(queue[0][2].device) for _, _, v in queue]).tolist()
+        recorder.log_scalar_rows([(step, name, value) for (step, name, _), value in zip(queue, values)])
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        recorder = self._recorder
+        if recorder is None or trainer.sanity_checking or not self.options.log_scalars:
+            return
+        before = self._val_before
+        changed = {k: v for k, v in trainer.callback_metrics.items() if before.get(str(k)) != id(v)}
+        self._val_keys.update(str(k) for k in changed)
+        metrics = {k: v for k, v in _scalars(trainer).items() if k in changed}
+        if metrics:
+            recorder.log_scalars(self._step_now(trainer, pl_module), metrics)
 
     # ----------------------------------------------------------------------------- validation
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        recorder = self._recorder
-        if recorder is None or trainer.sanity_checking or batch_idx >= self.options.val_batches:
-            return
-        step_type = "val" if dataloader_idx == 0 else f"val/{dataloader_idx}"
-        recorder.begin_step(step=trainer.global_step, step_type=step_type, epoch=trainer.current_epoch, batch_idx=batch_idx, batch=batch, grads=False)
+        self._begin_eval("val", trainer, pl_module, batch, batch_idx, dataloader_idx)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._recorder is not None and self._recorder.recording:
             self._recorder.end_step()
+
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._begin_eval("test", trainer, pl_module, batch, batch_idx, dataloader_idx)
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._recorder is not None and self._recorder.recording:
+            self._recorder.end_step()
+
+    def _begin_eval(self, kind: str, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        """Record an evaluation batch (under ``no_grad`` or ``inference_mode``: values only, no gradients)."""
+        recorder = self._recorder
+        if recorder is None or trainer.sanity_checking or batch_idx >= self.options.val_batches:
+            return
+        step_type = kind if dataloader_idx == 0 else f"{kind}/{dataloader_idx}"
+        step = self._step_now(trainer, pl_module)
+        recorder.begin_step(step=step, step_type=step_type, epoch=trainer.current_epoch, batch_idx=batch_idx, batch=batch, grads=False)
 
     # --------------------------------------------------------------------------------- ending
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -249,17 +344,32 @@ class ComgraCallback(Callback):
         self._close("finished")
 
     def _close(self, status: str, error: str | None = None) -> None:
+        if self._recorder is not None:
+            try:
+                self._flush_losses()
+            except Exception:  # a failed device must not hide the run's own end
+                self._loss_queue = []
         recorder, self._recorder = self._recorder, None
+        self._losses = {}
         if recorder is not None:
             recorder.close(status, error)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------ resuming
     def state_dict(self) -> dict[str, Any]:
-        return {"run_name": self.run_name, "root": self.options.root, "format_version": FORMAT_VERSION, "policy": self.options.policy.state_dict()}
+        return {
+            "run_name": self.run_name,
+            "root": self.options.root,
+            "format_version": FORMAT_VERSION,
+            "policy": self.options.policy.state_dict(),
+            "batches": self._batches,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict)
         self.options.policy.load_state_dict(state_dict.get("policy", {}))
+        batches = state_dict.get("batches")
+        if isinstance(batches, int) and not isinstance(batches, bool) and batches >= 0:
+            self._batches = batches
         if not self._explicit_name and isinstance(state_dict.get("run_name"), str):
             self.run_name = state_dict["run_name"]
 
@@ -273,7 +383,8 @@ def _optimizer_steps_now(trainer: pl.Trainer, batch_idx: int) -> bool:
     return (batch_idx + 1) % k == 0 or (not math.isinf(total) and batch_idx + 1 >= total)
 
 
-def _scalars(trainer: pl.Trainer, outputs: Any) -> dict[str, float]:
+def _scalars(trainer: pl.Trainer) -> dict[str, float]:
+    """The trainer's logged metrics that are numbers."""
     found: dict[str, float] = {}
     for name, value in trainer.callback_metrics.items():
         try:
@@ -281,10 +392,4 @@ def _scalars(trainer: pl.Trainer, outputs: Any) -> dict[str, float]:
                 found[str(name)] = float(value)
         except (TypeError, ValueError, RuntimeError):
             continue
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-    if loss is not None and "loss" not in found:
-        try:
-            found["loss"] = float(loss)
-        except (TypeError, ValueError, RuntimeError):
-            pass
     return found

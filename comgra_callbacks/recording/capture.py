@@ -11,7 +11,7 @@ exactly the hooks it had before.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 TARGET_NAMES = frozenset({"labels", "label", "target", "targets", "y", "start_positions", "end_positions"})
@@ -149,3 +149,126 @@ class ModuleHooks:
 
     def __len__(self) -> int:
         return len(self._handles)
+
+
+# ------------------------------------------------------------------------- which modules, by name
+def clean_name(name: str) -> str:
+    """A module or parameter name without the ``_orig_mod`` level that ``torch.compile`` inserts.
+
+    >>> clean_name("net._orig_mod.0.weight"), clean_name("_orig_mod.head"), clean_name("net.0")
+    ('net.0.weight', 'head', 'net.0')
+    """
+    if "_orig_mod" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def _is_compile_wrapper(module: Any) -> bool:
+    return type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
+
+
+def select_modules(model: Any, spec: Any, *, owner: str = "modules") -> list[tuple[str, Any, bool]]:
+    """The modules whose outputs are captured: ``[(clean dotted name, module, forced)]``.
+
+    ``spec`` is the ``modules=`` option:
+
+    * ``None`` (the default): every module whose output is a new tensor. At run time an output that is a
+      tensor already captured on the step adds nothing when a container (``nn.Sequential``,
+      ``nn.ModuleList``, ``nn.ModuleDict``) passes on its last child's output, or a module returns its input
+      unchanged (``nn.Identity``); it is skipped. Attention modules, residual blocks and transformer layers
+      are captured (a block whose ``forward`` ends with a child's output, such as a post-norm transformer
+      layer, gets its own node too, fed by that child's).
+    * ``"leaves"``: modules without children only (what was captured before attention and blocks were).
+    * a list whose every entry starts with ``"+"`` or ``"-"``: the default, plus / minus those globs. A
+      module added with ``"+"`` is captured under its own name even when it returns a tensor already
+      captured.
+    * anything else (a glob, a list of globs, a callable): exactly the matching modules, each captured
+      under its own name.
+
+    ``forced`` says that a module's output is captured even when it is a tensor already captured.
+    The compile wrapper of ``torch.compile`` is not a module of its own here (its inner module is).
+    """
+    from comgra_callbacks.errors import ConfigError
+    from comgra_callbacks.names import name_predicate
+
+    found: list[tuple[str, Any]] = []
+    seen: set[str] = set()
+    for raw, module in model.named_modules():
+        name = clean_name(raw)
+        if not name or _is_compile_wrapper(module) or name in seen:
+            continue
+        seen.add(name)
+        found.append((name, module))
+    if spec is None:
+        return [(n, m, False) for n, m in found]
+    if spec == "leaves":
+        return [(n, m, False) for n, m in found if next(m.children(), None) is None]
+    if not isinstance(spec, str) and not callable(spec) and isinstance(spec, Iterable):
+        items = list(spec)
+        relative = [i for i in items if isinstance(i, str) and i[:1] in ("+", "-")]
+        if relative and len(relative) != len(items):
+            raise ConfigError(
+                f"`{owner}`: expected either globs (exactly these modules) or globs that all start with '+' / '-' "
+                f"(added to / removed from the default), got a mix: {items!r}."
+            )
+        if relative:
+            plus = name_predicate([i[1:] for i in items if i[0] == "+"], owner=owner)
+            minus = name_predicate([i[1:] for i in items if i[0] == "-"], owner=owner)
+            return [(n, m, plus(n)) for n, m in found if not minus(n) or plus(n)]
+        spec = items
+    wanted = name_predicate(spec, owner=owner)
+    return [(n, m, True) for n, m in found if wanted(n)]
+
+
+def check_modules_spec(spec: Any, *, owner: str) -> None:
+    """Validate a ``modules=`` option without a model (for the callbacks' constructors)."""
+    import torch
+
+    select_modules(torch.nn.Module(), spec, owner=owner)
+
+
+# ---------------------------------------------------------------------------------------- neurons
+_CHANNEL_FIRST = ("Conv", "BatchNorm", "InstanceNorm", "GroupNorm", "LazyConv", "SyncBatchNorm", "Dropout1d", "Dropout2d", "Dropout3d", "Pool1d", "Pool2d", "Pool3d")
+
+
+def channel_first_module(module: Any) -> bool:
+    """Whether a module's ``[N, C, ...]`` output has its neurons (channels) on axis 1.
+
+    >>> import torch
+    >>> channel_first_module(torch.nn.Conv1d(2, 3, 1)), channel_first_module(torch.nn.BatchNorm2d(3))
+    (True, True)
+    >>> channel_first_module(torch.nn.Linear(2, 3)), channel_first_module(torch.nn.LayerNorm(3))
+    (False, False)
+    """
+    if module is None:
+        return False
+    import torch
+
+    if isinstance(module, (torch.nn.modules.conv._ConvNd, torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)):
+        return True
+    kind = type(module).__name__
+    return kind.startswith(_CHANNEL_FIRST) or kind.endswith(("Pool1d", "Pool2d", "Pool3d"))
+
+
+def default_neuron_axis(shape: tuple[int, ...], *, module: Any = None, inherited: int | None = None) -> int | None:
+    """Which axis of an activation holds its neurons: None for a scalar or a per-sample vector (one neuron).
+
+    Axis 1 (channels) for the ``[N, C, ...]`` outputs of convolutions, normalisations over channels and
+    pooling, for any tensor of four or more dimensions (images and volumes are channel-first in torch), and
+    for an output of the same shape as an input that had its neurons on axis 1 (an activation function
+    after a ``Conv1d``); otherwise the last axis (``[B, C]``, ``[B, T, C]``).
+
+    >>> default_neuron_axis((8, 16, 5, 5)), default_neuron_axis((8, 5, 16)), default_neuron_axis((8,))
+    (1, 2, None)
+    >>> import torch
+    >>> default_neuron_axis((8, 16, 30), module=torch.nn.Conv1d(4, 16, 3))
+    1
+    """
+    ndim = len(shape)
+    if ndim <= 1:
+        return None
+    if ndim >= 3 and (channel_first_module(module) or inherited == 1):
+        return 1
+    if ndim >= 4:
+        return 1
+    return ndim - 1

@@ -16,6 +16,7 @@ comgra_callbacks.errors.ConfigError: `record(kind=...)`: expected one of ['input
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from comgra_callbacks.errors import ConfigError, ConfigTypeError
@@ -64,10 +65,19 @@ def record(name: str, tensor: Any, *, kind: str = "intermediate", role: str | No
     Returns:
         ``tensor``, unchanged, so the call can wrap an expression.
 
+    Inside a region compiled by ``torch.compile`` the call does nothing (it is not traced into the graph);
+    the recorder runs compiled code eagerly on the steps it records, where the call records as usual.
+
     Raises:
         ConfigError: ``kind`` is not a known kind.
-        ConfigTypeError: ``name`` is not a non-empty string, or ``role`` is not a string.
+        ConfigTypeError: ``name`` is not a non-empty string, ``role`` is not a string, or ``tensor`` is not
+            a ``torch.Tensor`` (checked on every step, recorded or not).
     """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.compiler.is_compiling():
+        return tensor
+    if torch is None or not isinstance(tensor, torch.Tensor):
+        raise ConfigTypeError(f"`record({name!r}, tensor=...)`: expected a torch.Tensor, got {type(tensor).__name__}.")
     if kind not in _KINDS:
         raise ConfigError(f"`record(kind=...)`: expected one of {list(KINDS)}, got {kind!r}.")
     if not isinstance(name, str) or not name:
@@ -110,6 +120,9 @@ def record_this_step() -> None:
     the call: the batch, tensors recorded after it, the loss, gradients and parameters are kept; module
     outputs computed before the call are not (call it early, or arm steps with triggers).
     """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.compiler.is_compiling():
+        return
     for recorder in _ACTIVE:
         recorder.force()
 

@@ -54,7 +54,7 @@ def autograd_edges(recorded: Iterable[Tensor_], parameters: dict[int, str]) -> s
         parameters: ``id(parameter) -> name`` for leaves reached through ``AccumulateGrad``.
     """
     recorded = list(recorded)
-    by_output: dict[tuple[int, int], set[str]] = {}
+    by_output: dict[tuple[int, int], list[str]] = {}  # names in capture order: one tensor may have several
     keep_alive: list[Any] = []
     leaf_names: dict[int, str] = dict(parameters)
     starts: list[tuple[str, Any]] = []
@@ -64,8 +64,11 @@ def autograd_edges(recorded: Iterable[Tensor_], parameters: dict[int, str]) -> s
                 leaf_names.setdefault(id(leaf), name)
             continue
         keep_alive.append(fn)
-        by_output.setdefault((id(fn), output_nr), set()).add(name)
-        starts.append((name, fn))
+        names = by_output.setdefault((id(fn), output_nr), [])
+        if not names:  # the walk starts from a tensor's first name only: the others are the same tensor
+            starts.append((name, fn))
+        if name not in names:
+            names.append(name)
     edges: set[tuple[str, str]] = set()
     for name, fn in starts:
         seen: dict[int, Any] = {}
@@ -73,8 +76,8 @@ def autograd_edges(recorded: Iterable[Tensor_], parameters: dict[int, str]) -> s
         while stack:
             node, output_nr = stack.pop()
             names = by_output.get((id(node), output_nr))
-            if names is not None:  # the nearest recorded tensor; its own name means an earlier iteration
-                edges.update((src, name) for src in names)
+            if names is not None:  # the nearest recorded tensor (the outermost of its names); its own name means an earlier iteration
+                edges.add((names[-1], name))
                 continue
             if id(node) in seen:
                 continue
@@ -96,12 +99,16 @@ def assemble(
     module: set[tuple[str, str]],
     manual: set[tuple[str, str]],
     backward_loss: str | None,
+    same: set[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """One step type's graph as stored in ``graph.json``: node names and ``[src, dst, source]`` edges.
 
+    ``same`` edges join two names of one tensor (a block whose ``forward`` returns its last child's output:
+    child -> block); they take the place of any other edge between the two.
+
     Also settles two kinds the walk cannot know: a target not connected to anything feeds the loss that was
-    passed to backward; an intermediate tensor whose every consumer is a loss is an ``output``. ``nodes`` is
-    updated in place with those kinds.
+    passed to backward; an intermediate tensor whose every consumer is a loss is an ``output`` (see
+    :func:`_settle_outputs`). ``nodes`` is updated in place with those kinds.
     """
     edges: dict[tuple[str, str], str] = {}
     for pair in autograd:
@@ -111,25 +118,83 @@ def assemble(
     for src, dst in manual:
         if src in nodes and dst in nodes:
             edges[(src, dst)] = "manual"
+    for pair in same or ():
+        edges[pair] = "same"
     if backward_loss in nodes:
         has_out = {src for src, _ in edges}
         for name, attrs in nodes.items():
             if attrs.get("kind") == "target" and name not in has_out:
                 edges[(name, backward_loss)] = "target"
-    successors: dict[str, set[str]] = {}
-    for src, dst in edges:
-        if src != dst:
-            successors.setdefault(src, set()).add(dst)
-    for name, attrs in nodes.items():
-        if attrs.get("kind") == "intermediate" and not attrs.get("kind_explicit"):
-            succ = successors.get(name)
-            if succ and all(nodes.get(d, {}).get("kind") == "loss" for d in succ):
-                attrs["kind"] = "output"
+    _settle_outputs(nodes, edges)
     ordered = topological_order(list(nodes), list(edges))
     return {
         "nodes": ordered,
         "edges": sorted([src, dst, source] for (src, dst), source in edges.items()),
     }
+
+
+def _settle_outputs(nodes: dict[str, dict[str, Any]], edges: dict[tuple[str, str], str]) -> None:
+    """Mark as ``output`` the intermediate tensors that only feed losses.
+
+    A tensor recorded with ``record()`` (``explicit``) in between is looked through: the logits feeding a
+    recorded ``per_sample_loss`` that feeds the loss are the output, and the per-sample loss keeps the kind
+    the user gave it. An explicit tensor becomes the output only when no tensor before it does (a model
+    without modules, whose logits are recorded by hand)."""
+    successors: dict[str, set[str]] = {}
+    predecessors: dict[str, set[str]] = {}
+    for (src, dst), source in edges.items():
+        if src != dst and source != "same":
+            successors.setdefault(src, set()).add(dst)
+            predecessors.setdefault(dst, set()).add(src)
+    aliases: dict[str, set[str]] = {}  # names of one tensor
+    for (src, dst), source in edges.items():
+        if source == "same":
+            aliases.setdefault(src, set()).add(dst)
+            aliases.setdefault(dst, set()).add(src)
+
+    def through(name: str) -> bool:
+        return nodes.get(name, {}).get("kind") == "intermediate" and bool(nodes[name].get("explicit"))
+
+    def feeds_only_losses(name: str) -> bool:
+        seen, stack, found = {name}, list(successors.get(name, ())), False
+        while stack:
+            d = stack.pop()
+            if d in seen:
+                continue
+            seen.add(d)
+            kind = nodes.get(d, {}).get("kind")
+            if kind == "loss":
+                found = True
+            elif through(d):
+                if not successors.get(d):
+                    return False  # a recorded tensor that feeds nothing: not a loss's input only
+                stack.extend(successors[d])
+            else:
+                return False
+        return found
+
+    candidates = {
+        name for name, attrs in nodes.items() if attrs.get("kind") == "intermediate" and not attrs.get("kind_explicit") and feeds_only_losses(name)
+    }
+    for name in sorted(candidates):
+        if nodes[name].get("explicit"):
+            ancestors, stack = set(), list(predecessors.get(name, ()))
+            while stack:
+                a = stack.pop()
+                if a not in ancestors:
+                    ancestors.add(a)
+                    stack.extend(predecessors.get(a, ()))
+            if ancestors & candidates:
+                continue
+        nodes[name]["kind"] = "output"
+        seen, stack = {name}, list(aliases.get(name, ()))
+        while stack:  # the other names of the same tensor (the blocks that return it) are the output too
+            other = stack.pop()
+            if other not in seen:
+                seen.add(other)
+                if nodes.get(other, {}).get("kind") == "intermediate":
+                    nodes[other]["kind"] = "output"
+                stack.extend(aliases.get(other, ()))
 
 
 def topological_order(names: list[str], edges: list[tuple[str, str]]) -> list[str]:

@@ -36,6 +36,8 @@ class Snapshot:
         samples: how many leading samples to keep (0: none, ``FULL``: the whole tensor).
         reference: for an update, the weight before it (for ``update_ratio``).
         version: the tensor's ``_version`` when it was recorded (None for a copy).
+        neuron_axis: for an activation, the axis holding its neurons (None: the last axis, or one neuron
+            for a vector).
     """
 
     key: SeriesKey
@@ -46,6 +48,7 @@ class Snapshot:
     samples: int = 0
     reference: Any = None
     version: int | None = None
+    neuron_axis: int | None = None
 
 
 @dataclass
@@ -107,7 +110,7 @@ def pack(pending: PendingStep) -> PackedStep:
     snaps = pending.snapshots
     stats = reduce.stats_rows([s.tensor for s in snaps])  # (S, n_stats)
     _update_ratios(snaps, stats)
-    matrices = [reduce.neuron_matrix(s.tensor, is_parameter=s.is_parameter) if s.neurons else None for s in snaps]
+    matrices = [reduce.neuron_matrix(s.tensor, is_parameter=s.is_parameter, axis=s.neuron_axis) if s.neurons else None for s in snaps]
     wanted = [i for i, m in enumerate(matrices) if m is not None]
     neurons = dict(zip(wanted, reduce.neuron_rows([matrices[i] for i in wanted])))
     index = pending.sample_index
@@ -177,8 +180,8 @@ def estimate_bytes(pending: PendingStep) -> int:
         total += reduce.N_STATS * 4
         shape = tuple(snap.tensor.shape)
         if snap.neurons and shape:
-            width = shape[0] if snap.is_parameter else (shape[-1] if len(shape) > 1 else 1)
-            total += reduce.N_NEURON_STATS * width * 4
+            matrix = reduce.neuron_matrix_shape(shape, is_parameter=snap.is_parameter, axis=snap.neuron_axis)
+            total += reduce.N_NEURON_STATS * (matrix[1] if matrix else 1) * 4
         if snap.samples:
             per = math.prod(shape[1:]) if shape else 1
             total += 4 * (math.prod(shape) if snap.samples == FULL or not shape else min(snap.samples, shape[0]) * per)

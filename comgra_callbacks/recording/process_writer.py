@@ -226,7 +226,7 @@ class ProcessWriter:
             ref = value_index.get(k.node) if snap.reference is not None else None
             samples = FULL if snap.samples == FULL else int(snap.samples)
             dtype = str(t.dtype).replace("torch.", "")
-            items.append([k.node, k.role, k.iteration, k.view, snap.dtype, dtype, list(t.shape), offsets[i], snap.is_parameter, bool(snap.neurons), samples, ref])
+            items.append([k.node, k.role, k.iteration, k.view, snap.dtype, dtype, list(t.shape), offsets[i], snap.is_parameter, bool(snap.neurons), samples, ref, snap.neuron_axis])
         if items != self._layout:  # the same tensors every step: describe them once
             self._layout, self._layout_id = items, self._layout_id + 1
             self._send({"op": "layout", "id": self._layout_id, "items": items})

@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from comgra_callbacks.errors import RecordingError
 from comgra_callbacks.names import NameFilter, name_predicate
 from comgra_callbacks.recording import context, graph
-from comgra_callbacks.recording.capture import ModuleHooks, batch_tensors, input_tensors, output_tensors
+from comgra_callbacks.recording.capture import (
+    ModuleHooks,
+    batch_tensors,
+    clean_name,
+    default_neuron_axis,
+    input_tensors,
+    output_tensors,
+    select_modules,
+)
 from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot, estimate_bytes, pack
 from comgra_callbacks.recording.policy import RecordingPolicy, detail_rules
 from comgra_callbacks.recording.reduce import neuron_matrix_shape
@@ -57,7 +65,8 @@ class RecorderConfig:
     """What a recorder captures. The callbacks validate these and pass them on.
 
     Attributes:
-        modules: which modules' outputs are captured; None = every leaf module.
+        modules: which modules' outputs are captured (see :func:`~.capture.select_modules`); None = every
+            module whose output is a tensor not captured already; ``"leaves"`` = leaf modules only.
         parameters: which parameters are recorded; None = all.
         n_samples: individual samples kept for non-parameter tensors.
         neurons: whether per-neuron statistics are kept.
@@ -70,6 +79,10 @@ class RecorderConfig:
             ``n_samples`` samples for inputs, targets, outputs and losses.
         samples: which samples are kept (:mod:`~.sampling`: first, Indices, TopK, Balanced).
         detail_fn: ``(name, kind) -> Detail | None`` overrides everything else (for integrations).
+        buffers: which buffers (BatchNorm running statistics, ...) are recorded, by name; None = none.
+        neuron_axis: ``{name glob: axis}``: the axis holding the neurons of matching activations (first
+            match wins); default :func:`~.capture.default_neuron_axis` (channels of convolutions, else the
+            last axis).
     """
 
     modules: NameFilter = None
@@ -85,6 +98,8 @@ class RecorderConfig:
     detail: Mapping[str, str] | None = None
     samples: SampleSelector | None = None
     detail_fn: Callable[[str, str], Detail | None] | None = None
+    buffers: NameFilter = None
+    neuron_axis: Mapping[str, int] | None = None
 
 
 _DTYPE_NAMES: dict[Any, str] = {}
@@ -129,7 +144,13 @@ class _Step:
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     losses: list[tuple[str, Any]] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
-    backward_loss: str | None = None
+    backward_loss: str | None = None  # the first loss passed to backward (targets feed it in the graph)
+    backwarded: list[str] = field(default_factory=list)  # every loss passed to backward so far, in order
+    storages: dict[int, str] = field(default_factory=dict)
+    same_edges: set[tuple[str, str]] = field(default_factory=set)  # (child, block) names of one tensor
+    consumers: dict[str, set[str]] = field(default_factory=dict)  # node -> modules that consumed it (module edges)
+    version_of: dict[int, int] = field(default_factory=dict)  # id of a captured tensor -> its _version then  # storage address -> node, for tensors without grad
+    params_seen: set[str] = field(default_factory=set)  # parameters captured at their optimizer's step
     params_done: bool = False
     before: dict[str, Any] = field(default_factory=dict)
     graph_done: bool = False
@@ -167,6 +188,12 @@ class Recorder:
         self._step: _Step | None = None
         self._model: Any = None
         self._hook_modules: list[tuple[str, Any]] = []
+        self._forced: frozenset[str] = frozenset()  # modules captured even when they pass a captured tensor on
+        self._module_of: dict[str, Any] = {}
+        self._buffers: list[tuple[str, Any, str]] = []  # (node name, owning module, attribute name)
+        self._axis_rules = [(name_predicate(glob, owner="neuron_axis"), int(axis)) for glob, axis in (config.neuron_axis or {}).items()]
+        self._axes: dict[tuple[str, tuple[int, ...]], int | None] = {}
+        self._stance: Any = None  # torch.compiler stance forced to eager while a step is recorded
         self._params: list[tuple[str, Any]] = []
         self._param_ids: dict[int, str] = {}
         self._param_nodes: dict[str, dict[str, Any]] = {}
@@ -191,19 +218,28 @@ class Recorder:
     def attach(self, model: Any) -> None:
         """Learn the model's modules and parameters, write the module tree, and start receiving ``record()``."""
         self._model = model
-        modules = [(n, m) for n, m in model.named_modules() if n]
-        if self.config.modules is None:
-            self._hook_modules = [(n, m) for n, m in modules if next(m.children(), None) is None]
-        else:
-            wanted = name_predicate(self.config.modules, owner="modules")
-            self._hook_modules = [(n, m) for n, m in modules if wanted(n)]
+        chosen = select_modules(model, self.config.modules, owner="modules")
+        self._hook_modules = [(n, m) for n, m, _ in chosen]
+        self._forced = frozenset(n for n, _, forced in chosen if forced)
+        self._module_of = {clean_name(n): m for n, m in model.named_modules()}
         keep = name_predicate(self.config.parameters, owner="parameters")
-        self._params = [(n, p) for n, p in model.named_parameters() if keep(n)]
+        self._params = [(clean_name(n), p) for n, p in model.named_parameters() if keep(clean_name(n))]
+        self._buffers = []
+        if self.config.buffers is not None:
+            wanted = name_predicate(self.config.buffers, owner="buffers")
+            for raw, _ in model.named_buffers():
+                name = clean_name(raw)
+                owner_name, _, attr = raw.rpartition(".")
+                if wanted(name):
+                    self._buffers.append((name, model.get_submodule(owner_name) if owner_name else model, attr))
         self._param_ids = {id(p): n for n, p in self._params}
         self._param_nodes = {
             n: {"kind": "parameter", "module": n.rpartition(".")[0], "shape": list(p.shape), "dtype": _dtype_name(p), "roles": [None], "iterations": 1}
             for n, p in self._params
         }
+        for name, module, attr in self._buffers:
+            b = getattr(module, attr)
+            self._param_nodes[name] = {"kind": "parameter", "module": name.rpartition(".")[0], "shape": list(b.shape), "dtype": _dtype_name(b), "roles": [None], "iterations": 1, "buffer": True}
         self.writer.op("write_modules", module_tree(model))
         context.activate(self)
 
@@ -231,6 +267,7 @@ class Recorder:
         pending = PendingStep(step, step_type, epoch, batch_idx, time.time(), None if armed else reason)
         self._step = _Step(pending, grads=grads and self.config.grads, batch=batch)
         try:
+            self._force_eager()
             self._hooks = ModuleHooks(self._hook_modules, self._on_module_forward)
             self._hooks.attach()
             if batch is not None:
@@ -270,7 +307,17 @@ class Recorder:
         notes, self._notes = self._notes, []
         self.writer.op("add_notes", notes)
 
-    def capture(self, name: str, tensor: Any, *, kind: str, role: str | None = None, module: str | None = None, explicit: bool = False) -> None:
+    def capture(
+        self,
+        name: str,
+        tensor: Any,
+        *,
+        kind: str,
+        role: str | None = None,
+        module: str | None = None,
+        explicit: bool = False,
+        inherited_axis: int | None = None,
+    ) -> None:
         """Capture one tensor on the current step (used by the hooks and by ``record()``)."""
         step = self._step
         if step is None or step.forward_done:
@@ -279,46 +326,80 @@ class Recorder:
 
         if not isinstance(tensor, torch.Tensor):
             raise RecordingError(f"`record({name!r}, ...)`: expected a torch.Tensor, got {type(tensor).__name__}.")
-        if tensor.is_sparse or tensor.is_complex() or tensor.is_meta:
-            self._warn_once(f"unsupported:{name}", f"comgra: node {name!r} is a sparse, complex or meta tensor; it is not recorded.")
+        if tensor.is_sparse or tensor.is_complex() or tensor.is_meta or tensor.is_nested:
+            self._warn_once(f"unsupported:{name}", f"comgra: node {name!r} is a sparse, nested, complex or meta tensor; it is not recorded.")
             return
         slot = (name, role)
         iteration = step.iterations.get(slot, 0)
         step.iterations[slot] = iteration + 1
+        axis = self._neuron_axis(name, tuple(tensor.shape), module, inherited_axis)
         node = step.nodes.get(name)
         if node is None:
             node = {"kind": kind, "module": module, "shape": list(tensor.shape), "dtype": _dtype_name(tensor), "roles": [], "iterations": 0}
-            if explicit and kind != "intermediate":
-                node["kind_explicit"] = True
+            if axis is not None:
+                node["neuron_axis"] = axis
+            if explicit:
+                node["explicit"] = True  # a record() call: its kind is the user's, never promoted to "output"
+                if kind != "intermediate":
+                    node["kind_explicit"] = True
             step.nodes[name] = node
         if role not in node["roles"]:
             node["roles"].append(role)
         node["iterations"] = max(node["iterations"], iteration + 1)
-        step.add(self._value(SeriesKey(name, role, iteration, "value"), tensor))
-        step.versions.append((name, tensor, tensor._version))
+        inference = tensor.is_inference()  # no version counter: always copied (see _value)
+        step.add(self._value(SeriesKey(name, role, iteration, "value"), tensor, axis))
+        if not inference:
+            step.versions.append((name, tensor, tensor._version))
+            step.version_of[id(tensor)] = tensor._version
         step.recorded.append(graph.Tensor_.of(name, tensor))
         step.names_by_id[id(tensor)] = name
+        if not tensor.requires_grad and tensor.numel():
+            # autograd cannot see how this tensor is used (integer ids): remember its memory, so that a module
+            # consuming a view of it (GPT-2's ``input_ids.view(...)``) is still connected to it
+            try:
+                step.storages.setdefault(tensor.untyped_storage().data_ptr(), name)
+            except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+                pass
         step.keep_alive.append(tensor)
         step.values[name] = tensor
         if node["kind"] == "loss":
             step.losses.append((name, tensor))
         if step.grads and tensor.requires_grad:
-            step.handles.append(tensor.register_hook(self._grad_hook(step, name, role, iteration, _dtype_name(tensor))))
+            step.handles.append(tensor.register_hook(self._grad_hook(step, name, role, iteration, _dtype_name(tensor), axis)))
 
-    def _value(self, key: SeriesKey, tensor: Any) -> Snapshot:
+    def _neuron_axis(self, name: str, shape: tuple[int, ...], module: str | None, inherited: int | None) -> int | None:
+        """The axis holding a node's neurons (cached per node and shape; see ``neuron_axis=``)."""
+        key = (name, shape)
+        if key in self._axes:
+            return self._axes[key]
+        axis: int | None = None
+        for matches, wanted in self._axis_rules:
+            if matches(name):
+                if len(shape) > 1 and -len(shape) <= wanted < len(shape):
+                    axis = wanted % len(shape)
+                else:
+                    self._warn_once(f"axis:{name}", f"comgra: `neuron_axis` gives axis {wanted} for node {name!r} of shape {list(shape)}; it has no such axis, so the default is used.")
+                    axis = default_neuron_axis(shape, module=self._module_of.get(module or ""), inherited=inherited)
+                break
+        else:
+            axis = default_neuron_axis(shape, module=self._module_of.get(module or ""), inherited=inherited)
+        self._axes[key] = axis
+        return axis
+
+    def _value(self, key: SeriesKey, tensor: Any, axis: int | None = None) -> Snapshot:
         """A value's snapshot: a copy, unless the node is known to keep its value until the step ends.
 
         A module output can be changed in place later in the same forward pass (``ReLU(inplace=True)``), so a
         node is copied until a step has shown that its value stays as it was; from then on the tensor itself
         is kept (its ``_version`` is checked again at the end of every step)."""
         if self._stable.get(key.node) and not tensor.is_inference():
-            return Snapshot(key, tensor.detach(), _dtype_name(tensor), version=tensor._version)
-        return Snapshot(key, _snapshot(tensor), _dtype_name(tensor))
+            return Snapshot(key, tensor.detach(), _dtype_name(tensor), version=tensor._version, neuron_axis=axis)
+        return Snapshot(key, _snapshot(tensor), _dtype_name(tensor), neuron_axis=axis)
 
-    def _grad_hook(self, step: _Step, name: str, role: str | None, iteration: int, dtype: str) -> Callable[[Any], None]:
+    def _grad_hook(self, step: _Step, name: str, role: str | None, iteration: int, dtype: str, axis: int | None) -> Callable[[Any], None]:
         def hook(grad: Any) -> None:
             if self._step is step and grad is not None:
-                step.add(Snapshot(SeriesKey(name, role, iteration, step.grad_view), _grad_view(grad), dtype))
+                step.add(Snapshot(SeriesKey(name, role, iteration, step.grad_view), _grad_view(grad), dtype, neuron_axis=axis))
 
         return hook
 
@@ -326,13 +407,55 @@ class Recorder:
         step = self._step
         if step is None:
             return
-        sources = {step.names_by_id.get(id(t)) for t in input_tensors(args, kwargs)}
-        outputs = output_tensors(output)
-        for suffix, tensor in outputs:
-            self.capture(name + suffix, tensor, kind="intermediate", module=name)
+        inputs = list(input_tensors(args, kwargs))
+        sources = {self._source_of(step, t) for t in inputs}
+        inherited = None
+        for t in inputs:  # an elementwise module keeps its input's neuron axis (ReLU after Conv1d)
+            src = step.names_by_id.get(id(t))
+            if src is not None and step.nodes.get(src, {}).get("neuron_axis") == 1:
+                inherited = 1
+                break
+        forced = name in self._forced
+        container = _is_container(self._module_of.get(name))
+        input_ids = {id(t) for t in inputs}
+        captured = []
+        for suffix, tensor in output_tensors(output):
+            earlier = step.names_by_id.get(id(tensor))
+            if earlier is not None and not forced and self._unchanged(step, tensor) and (container or id(tensor) in input_ids):
+                continue  # nothing new: a container passing on its last child's output, or an input passed through
+            if earlier is not None and earlier not in sources:
+                step.same_edges.add((earlier, name + suffix))  # a block returning its last child's output
+            self.capture(name + suffix, tensor, kind="intermediate", module=name, inherited_axis=inherited if inputs and tuple(tensor.shape) == tuple(inputs[0].shape) else None)
+            captured.append(name + suffix)
+        prefix = name + "."
         for src in sources:
-            if src is not None:
-                step.module_edges.update((src, name + suffix) for suffix, _ in outputs if src != name + suffix)
+            if src is None:
+                continue
+            consumers = step.consumers.setdefault(src, set())
+            if any(c.startswith(prefix) for c in consumers):
+                continue  # a child module consumed it already: that edge says it, not a shortcut to the block
+            for dst in captured:
+                if src != dst:
+                    step.module_edges.add((src, dst))
+            consumers.add(name)
+
+    @staticmethod
+    def _unchanged(step: _Step, tensor: Any) -> bool:
+        """Whether a captured tensor still holds the value it was captured with (``ReLU(inplace=True)``
+        returns its input, changed: a new value)."""
+        version = step.version_of.get(id(tensor))
+        return version is None or tensor.is_inference() or bool(tensor._version == version)
+
+    @staticmethod
+    def _source_of(step: _Step, t: Any) -> str | None:
+        """The node a module input is: the recorded tensor itself, or (no grad) a view of its memory."""
+        name = step.names_by_id.get(id(t))
+        if name is not None or t.requires_grad or not step.storages or not t.numel():
+            return name
+        try:
+            return step.storages.get(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):
+            return None
 
     def end_forward(self) -> None:
         """Stop capturing the forward pass of the current step; the step itself stays open.
@@ -356,28 +479,37 @@ class Recorder:
             self._graph_signatures.clear()  # redraw the graphs with the new edge
 
     def before_backward(self, loss: Any) -> None:
-        """The loss about to be backpropagated: record it, build the graph, compute per-loss gradients."""
+        """A loss about to be backpropagated: record it and compute the gradients of the other losses.
+
+        Every backward of a step has its loss recorded: a tensor already recorded as a loss (``record(name,
+        t, kind="loss")``) keeps its name; otherwise the first is ``loss`` and later ones (manual
+        optimization: one backward per optimizer) ``loss.1``, ``loss.2``, ...
+        """
         step = self._step
         if step is None:
             return
-        name = "loss"
-        existing = step.nodes.get(name)
-        if existing is not None:
-            same = any(t is loss for n, t in step.losses if n == name)
-            name = None if same else "loss.total"  # type: ignore[assignment]
-        if name is not None:
+        name = next((n for n, t in step.losses if t is loss), None)
+        if name is None:
+            name = "loss" if "loss" not in step.nodes else f"loss.{len(step.backwarded)}"
+            while name in step.nodes:
+                name += "_"
             self.capture(name, loss, kind="loss")
+            if name not in step.nodes:  # not capturable (e.g. after end_forward): nothing more to do
+                return
+        if step.backward_loss is None:
             step.backward_loss = name
-        else:
-            step.backward_loss = "loss"
-        self._build_graph(step)
+        step.backwarded.append(name)
         if self.config.per_loss_grads and step.grads:
             self._per_loss_grads(step, loss)
 
     def _per_loss_grads(self, step: _Step, total: Any) -> None:
+        """Gradients of each recorded loss that is not backpropagated (yet), as the view ``grad:<loss>``.
+
+        A loss already passed to backward is left out (its graph is gone); a loss whose graph was freed by an
+        earlier backward is skipped with a warning once, never retried."""
         import torch
 
-        extra = [(n, t) for n, t in step.losses if t is not total and n != step.backward_loss]
+        extra = [(n, t) for n, t in step.losses if t is not total and n not in step.backwarded]
         if not extra:
             return
         params = [(n, p) for n, p in self._params if p.requires_grad]
@@ -391,23 +523,50 @@ class Recorder:
                     self._warn_once(f"nograd-loss:{loss_name}", f"comgra: loss {loss_name!r} does not require grad; it has no gradient view.")
                     continue
                 step.grad_view = f"grad:{loss_name}"
-                grads = torch.autograd.grad(loss_tensor, [t for _, t in inputs], retain_graph=True, allow_unused=True)
+                try:
+                    grads = torch.autograd.grad(loss_tensor, [t for _, t in inputs], retain_graph=True, allow_unused=True)
+                except RuntimeError as exc:
+                    if "second time" not in str(exc) and "freed" not in str(exc):
+                        raise
+                    self._warn_once(
+                        f"freed-loss:{loss_name}",
+                        f"comgra: the graph of loss {loss_name!r} was freed by an earlier backward; its gradient view "
+                        f"'grad:{loss_name}' is not recorded. HINT: record it after the other backward, or pass per_loss_grads=False.",
+                    )
+                    continue
                 for (pname, _), g in zip(params, grads):
                     if g is not None:
                         step.add(Snapshot(SeriesKey(pname, None, 0, step.grad_view), _grad_view(g), _dtype_name(g), True))
         finally:
             step.grad_view = "grad"
 
-    def before_optimizer_step(self) -> None:
-        """Parameters and their gradients as the forward pass saw them (before clipping and the step)."""
-        step = self._step
-        if step is None or step.params_done:
-            return
-        self._capture_parameters(step, keep_before=self.config.updates)
+    def before_optimizer_step(self, params: Any = None) -> None:
+        """Parameters and their gradients as the forward pass saw them (before clipping and the step).
 
-    def _capture_parameters(self, step: _Step, *, keep_before: bool) -> None:
+        Args:
+            params: the parameters the optimizer about to step updates (e.g. from its ``param_groups``);
+                None: all. Each parameter is captured once per step, at the first optimizer step that
+                updates it, so that under manual optimization each gradient is the one its own optimizer
+                applies and each update is the one its own step made.
+        """
+        step = self._step
+        if step is None:
+            return
+        ids = None if params is None else {id(p) for p in params}
+        chosen = [(n, p) for n, p in self._params if n not in step.params_seen and (ids is None or id(p) in ids)]
+        if chosen:
+            self._capture_parameters(step, chosen, keep_before=self.config.updates)
+        if not step.params_done and self.config.updates and ids is not None:
+            # the other trainable parameters as they are now: their update, if no optimizer of theirs steps on
+            # this step, is what changed them by the end of the step (zero for parameters no optimizer holds)
+            for name, p in self._params:
+                if name not in step.params_seen and p.requires_grad:
+                    step.before[name] = _snapshot(p)
         step.params_done = True
-        for name, p in self._params:
+
+    def _capture_parameters(self, step: _Step, params: list[tuple[str, Any]], *, keep_before: bool) -> None:
+        for name, p in params:
+            step.params_seen.add(name)
             value = _snapshot(p)
             dtype = _dtype_name(p)
             step.add(Snapshot(SeriesKey(name, None, 0, "value"), value, dtype, True))
@@ -423,6 +582,12 @@ class Recorder:
             if keep_before and p.requires_grad:  # frozen weights (requires_grad=False) cannot have updates
                 step.before[name] = value
 
+    def _capture_buffers(self, step: _Step) -> None:
+        for name, module, attr in self._buffers:
+            b = getattr(module, attr, None)
+            if b is not None and hasattr(b, "shape") and not b.is_complex():
+                step.add(Snapshot(SeriesKey(name, None, 0, "value"), _snapshot(b), _dtype_name(b), True))
+
     def end_step(self, outputs: Any = None, batch: Any = None) -> bool:
         """Finish the step: parameter updates, hooks off, hand the step to the writer. True if it was queued.
 
@@ -433,15 +598,18 @@ class Recorder:
             return False
         try:
             self._remove_hooks(step)
-            if not step.params_done:
-                self._capture_parameters(step, keep_before=False)
+            rest = [(n, p) for n, p in self._params if n not in step.params_seen]
+            if rest:  # not stepped by any optimizer on this step (frozen, validation, no optimizer step)
+                early = {n: step.before[n] for n, _ in rest if n in step.before}
+                self._capture_parameters(step, rest, keep_before=False)
+                step.before.update(early)
+            self._capture_buffers(step)
             for name, p in self._params:
                 before = step.before.get(name)
                 if before is not None:
                     delta = p.detach().to(before.dtype) - before
                     step.add(Snapshot(SeriesKey(name, None, 0, "update"), delta, _dtype_name(p), True, reference=before))
-            if not step.graph_done:
-                self._build_graph(step)
+            self._build_graph(step)
             self._check_versions(step)
             pending = step.pending
             if self.policy is not None:
@@ -537,10 +705,39 @@ class Recorder:
             handles, step.handles = step.handles, []
             for handle in handles:
                 handle.remove()
+            self._restore_stance()
+
+    def _force_eager(self) -> None:
+        """Run compiled code eagerly while a step is recorded, so that hooks and ``record()`` see every tensor.
+
+        Steps that are not recorded run the compiled code unchanged: no hook is attached then, and
+        ``record()`` is a no-op inside a compiled region, so nothing of the recorder is traced into a graph
+        and nothing recompiles. Only when ``torch.compile`` has been used in this process (Dynamo loaded)."""
+        import sys
+
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is None or self._stance is not None:
+            return
+        try:
+            self._stance = dynamo.set_stance("force_eager")
+        except RuntimeError:  # called from inside a compiled region: leave the stance alone
+            self._stance = None
+
+    def _restore_stance(self) -> None:
+        stance, self._stance = self._stance, None
+        if stance is not None:
+            try:
+                stance.__exit__(None, None, None)
+            except RuntimeError:
+                self._stance = stance  # inside a compiled region now: try again when the step ends
 
     def log_scalars(self, step: int, values: Mapping[str, float]) -> None:
         """Store logged scalars (loss curves, metrics) for ``step``; cheap, written in the background."""
-        rows = [(int(step), str(name), float(value)) for name, value in values.items()]
+        self.log_scalar_rows([(int(step), str(name), float(value)) for name, value in values.items()])
+
+    def log_scalar_rows(self, rows: list[tuple[int, str, float]]) -> None:
+        """Store ``(step, name, value)`` scalars of any steps at once."""
+        rows = [(int(step), str(name), float(value)) for step, name, value in rows]
         if rows and not self.closed:
             self.writer.op("add_scalars", rows)
             self.writer.op("commit")
@@ -568,11 +765,12 @@ class Recorder:
         nodes = {n: dict(a) for n, a in self._param_nodes.items()}
         nodes.update({n: dict(a) for n, a in step.nodes.items()})
         edges = graph.autograd_edges(step.recorded, self._param_ids) if step.grads else set()
-        sub = graph.assemble(nodes, edges, step.module_edges, self._manual_edges, step.backward_loss)
+        sub = graph.assemble(nodes, edges, step.module_edges, self._manual_edges, step.backward_loss, step.same_edges)
         self._graph_signatures[step_type] = signature
         self._graphs[step_type] = sub
         for name, attrs in nodes.items():
             attrs.pop("kind_explicit", None)
+            attrs.pop("explicit", None)
             known = self._node_attrs.get(name)
             if known is None:
                 self._node_attrs[name] = attrs
@@ -648,6 +846,14 @@ class Recorder:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _is_container(module: Any) -> bool:
+    """Modules that only hold others (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``, the wrapper of
+    ``torch.compile``): an output they pass on from a child is nothing new."""
+    import torch
+
+    return isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)) or type(module).__name__ == "OptimizedModule"
 
 
 def module_tree(model: Any) -> list[dict[str, Any]]:

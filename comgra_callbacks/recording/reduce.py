@@ -12,7 +12,8 @@ norm); ``zero_frac`` (over all elements); ``numel``; and for an update ``update_
 ‖update‖ / ‖weight before the update‖ (filled in by the caller).
 
 Per-neuron statistics (``mean``, ``std``, ``abs_mean``) reduce a 2-D view ``(items, neurons)`` over items:
-for activations the neurons are the last dimension, for parameters the first.
+for activations the neurons are the last dimension (the channels, axis 1, of convolution-like outputs: the
+recorder says which), for parameters the first.
 
 >>> import torch
 >>> rows = stats_rows([torch.tensor([1.0, 2.0, float("nan"), 0.0]), torch.tensor([[3.0, 4.0]])])
@@ -228,11 +229,16 @@ def _masked_neurons(x: Any) -> Any:
     return torch.where((count > 0).unsqueeze(1), block, torch.full_like(block, float("nan"))).float()
 
 
-def neuron_matrix_shape(shape: tuple[int, ...], *, is_parameter: bool) -> tuple[int, int] | None:
+def neuron_matrix_shape(shape: tuple[int, ...], *, is_parameter: bool, axis: int | None = None) -> tuple[int, int] | None:
     """The 2-D ``(items, neurons)`` view used for per-neuron statistics, or None for a scalar.
+
+    ``axis`` is the activation axis that holds the neurons (default: the last one); parameters always
+    have theirs on the first axis (one neuron per output unit).
 
     >>> neuron_matrix_shape((8, 5, 16), is_parameter=False)
     (40, 16)
+    >>> neuron_matrix_shape((8, 16, 5, 5), is_parameter=False, axis=1)   # channels of a convolution
+    (200, 16)
     >>> neuron_matrix_shape((256, 64), is_parameter=True)   # one neuron per output unit
     (64, 256)
     >>> neuron_matrix_shape((8,), is_parameter=False)       # a per-sample vector: one neuron
@@ -248,15 +254,17 @@ def neuron_matrix_shape(shape: tuple[int, ...], *, is_parameter: bool) -> tuple[
         return (numel // out if out else 0, out)
     if len(shape) == 1:
         return (shape[0], 1)
-    width = shape[-1]
+    width = shape[-1 if axis is None else axis]
     return (numel // width if width else 0, width)
 
 
-def neuron_matrix(t: Any, *, is_parameter: bool) -> Any:
-    """``t`` viewed as ``(items, neurons)``; None for a scalar."""
-    shape = neuron_matrix_shape(tuple(t.shape), is_parameter=is_parameter)
+def neuron_matrix(t: Any, *, is_parameter: bool, axis: int | None = None) -> Any:
+    """``t`` viewed as ``(items, neurons)`` (a copy when the neurons are not on the last axis); None for a scalar."""
+    shape = neuron_matrix_shape(tuple(t.shape), is_parameter=is_parameter, axis=axis)
     if shape is None:
         return None
     if is_parameter:
         return t.reshape(t.shape[0], -1).T
+    if axis is not None and t.dim() > 1 and axis % t.dim() != t.dim() - 1:
+        return t.movedim(axis, -1).reshape(shape)
     return t.reshape(shape)

@@ -90,12 +90,15 @@ def neurons_numpy(a2: np.ndarray, *, has_nonfinite: bool) -> np.ndarray:
     return np.stack([mean, np.sqrt(var), abs_mean]).astype(np.float32)
 
 
-def neuron_matrix_numpy(a: np.ndarray, *, is_parameter: bool) -> np.ndarray | None:
-    """``a`` viewed as ``(items, neurons)`` (transposed for parameters: one neuron per output unit)."""
+def neuron_matrix_numpy(a: np.ndarray, *, is_parameter: bool, axis: int | None = None) -> np.ndarray | None:
+    """``a`` viewed as ``(items, neurons)`` (transposed for parameters: one neuron per output unit; the
+    neurons on ``axis`` for activations, default the last)."""
     if a.ndim == 0:
         return None
     if is_parameter:
         return a.reshape(a.shape[0], -1).T
     if a.ndim == 1:
         return a.reshape(a.shape[0], 1)
+    if axis is not None and axis % a.ndim != a.ndim - 1:
+        a = np.moveaxis(a, axis, -1)
     return a.reshape(-1, a.shape[-1])

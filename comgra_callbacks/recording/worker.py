@@ -52,7 +52,8 @@ def reduce_record(ring: Ring, msg: dict[str, Any], items: list[Any]) -> HostReco
         node, role, iteration, view, dtype, _, _, _, is_param, neurons_wanted, samples = it[:11]
         neurons = None
         if neurons_wanted:
-            matrix = rn.neuron_matrix_numpy(a, is_parameter=bool(is_param))
+            axis = it[12] if len(it) > 12 else None  # the neurons' axis (None: the last)
+            matrix = rn.neuron_matrix_numpy(a, is_parameter=bool(is_param), axis=None if axis is None else int(axis))
             if matrix is not None:
                 bad = row[STAT_INDEX["nan_count"]] + row[STAT_INDEX["inf_count"]] > 0
                 neurons = rn.neurons_numpy(matrix, has_nonfinite=bool(bad))
