@@ -148,7 +148,8 @@ class _Step:
     backwarded: list[str] = field(default_factory=list)  # every loss passed to backward so far, in order
     storages: dict[int, str] = field(default_factory=dict)
     same_edges: set[tuple[str, str]] = field(default_factory=set)  # (child, block) names of one tensor
-    consumers: dict[str, set[str]] = field(default_factory=dict)  # node -> modules that consumed it (module edges)
+    consumers: dict[str, set[str]] = field(default_factory=dict)
+    ran_children: dict[str, set[str]] = field(default_factory=dict)  # module -> its direct children that ran  # node -> modules that consumed it (module edges)
     version_of: dict[int, int] = field(default_factory=dict)  # id of a captured tensor -> its _version then  # storage address -> node, for tensors without grad
     params_seen: set[str] = field(default_factory=set)  # parameters captured at their optimizer's step
     params_done: bool = False
@@ -416,7 +417,16 @@ class Recorder:
                 inherited = 1
                 break
         forced = name in self._forced
-        container = _is_container(self._module_of.get(name))
+        # a wrapper: everything it ran was inside one of its children (nn.TransformerEncoder running its
+        # ``layers``, a head around one decoder); such a module passing a child's output on adds nothing
+        wrapper = len(step.ran_children.get(name, ())) <= 1
+        parent, _, child = name.rpartition(".")
+        while True:  # note this module among the children that ran, for each of its ancestors
+            step.ran_children.setdefault(parent, set()).add(child)
+            if not parent:
+                break
+            parent, _, child = parent.rpartition(".")[0], None, parent.rpartition(".")[2]
+        container = wrapper or _is_container(self._module_of.get(name))
         input_ids = {id(t) for t in inputs}
         captured = []
         for suffix, tensor in output_tensors(output):
@@ -857,10 +867,14 @@ def _is_container(module: Any) -> bool:
 
 
 def module_tree(model: Any) -> list[dict[str, Any]]:
-    """The module tree with parameter counts, one row per module (``""`` is the root)."""
+    """The module tree with parameter counts, one row per module (``""`` is the root), named as the nodes
+    are (without ``torch.compile``'s ``_orig_mod``)."""
     own: dict[str, tuple[int, int]] = {}
     rows = []
-    for name, module in model.named_modules():
+    for raw, module in model.named_modules():
+        name = clean_name(raw)
+        if type(module).__name__ == "OptimizedModule" or name in own:
+            continue  # the wrapper of torch.compile: its inner module takes its name
         params = list(module.parameters(recurse=False))
         own[name] = (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
         rows.append({"name": name, "type": type(module).__name__, "parent": None if not name else name.rpartition(".")[0], "depth": 0 if not name else name.count(".") + 1})
