@@ -17,6 +17,7 @@ from comgra_callbacks import (
     Budget,
     ComgraCallback,
     ConfigError,
+    ConfigTypeError,
     Every,
     Indices,
     LossSpike,
@@ -298,3 +299,46 @@ comgra:
         "arm_every": 5,
     }
     assert repr(cb.options.samples) == "TopK('per_sample_loss', k=None, largest=True)"
+
+
+class Poisoned(pl.LightningModule):
+    """From ``nan_at`` on, sample 3 of the first layer's output is NaN; the loss (and then the weights) follow."""
+
+    def __init__(self, nan_at: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.nan_at = nan_at
+        self.net[0].register_forward_hook(self._poison)
+
+    def _poison(self, module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        if self.global_step == self.nan_at:
+            out = out.clone()
+            out[3, 1] = float("nan")
+        return out
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("once, after, kept", [(False, 0, [4, 5, 6, 7, 8, 9]), (True, 0, [4]), (True, 2, [4, 5, 6])])
+def test_nonfinite_once_keeps_the_first_step_of_a_run(tmp_path: Path, once: bool, after: int, kept: list[int]) -> None:
+    cb = ComgraCallback(str(tmp_path), run_name="nan", schedule=Never(), triggers=[NonFinite(once=once, after=after)], n_samples=2)
+    quiet_trainer([cb], tmp_path, max_steps=10).fit(Poisoned(nan_at=4), classification_loader(n_batches=10))
+    run = open_run(tmp_path / "nan")
+    assert run.steps["step"].tolist() == kept and set(run.steps["reason"]) == {"NonFinite"}
+    # a triggered step keeps samples of every node, the sample that made it fire first
+    assert run.samples("sample_index", 4).tolist()[0] == 3
+    hidden = run.samples("net.0", 4)  # an intermediate node: no samples on scheduled steps by default
+    assert hidden.shape == (2, 5) and np.isnan(hidden[0, 1]) and np.isfinite(hidden[1]).all()
+
+
+def test_nonfinite_arguments_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"`NonFinite\(after=...\)`: expected an int >= 0"):
+        NonFinite(after=-1)
+    with pytest.raises(ConfigTypeError, match=r"`NonFinite\(once=...\)`: expected True or False, got 'yes'"):
+        NonFinite(once="yes")  # type: ignore[arg-type]

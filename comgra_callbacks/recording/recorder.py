@@ -631,8 +631,9 @@ class Recorder:
                 if pending.reason is None:  # an armed step no trigger wanted: nothing more is computed
                     self.steps_dropped += 1
                     return False
-            self._select_samples(step)
-            self._finalize_details(step)
+            triggered = self.policy is not None and pending.reason in {t.name for t in self.policy.triggers}
+            self._select_samples(step, triggered=triggered)
+            self._finalize_details(step, triggered=triggered)
             self._step = None
             if self.policy is not None and self.policy.wants_bytes:
                 self.policy.kept(pending.step, estimate_bytes(pending))
@@ -791,15 +792,19 @@ class Recorder:
         self.writer.op("write_graph", document)
 
     # ----------------------------------------------------------------------------------- detail
-    def _detail(self, name: str, kind: str, shape: tuple[int, ...], *, is_parameter: bool) -> Detail:
-        """The detail kept for a tensor (cached: it is asked for every tensor of every recorded step)."""
-        cache_key = (name, kind, shape, is_parameter)
+    def _detail(self, name: str, kind: str, shape: tuple[int, ...], *, is_parameter: bool, triggered: bool = False) -> Detail:
+        """The detail kept for a tensor (cached: it is asked for every tensor of every recorded step).
+
+        A step kept by a trigger keeps samples of every node that has a batch axis, whatever ``detail=``
+        says for scheduled steps: what tracing an anomaly back to its origin needs."""
+        cache_key = (name, kind, shape, is_parameter, triggered)
         cached = self._details.get(cache_key)
         if cached is None:
-            cached = self._details[cache_key] = self._decide_detail(name, kind, shape, is_parameter=is_parameter)
+            cached = self._decide_detail(name, kind, shape, is_parameter=is_parameter, triggered=triggered)
+            self._details[cache_key] = cached
         return cached
 
-    def _finalize_details(self, step: _Step) -> None:
+    def _finalize_details(self, step: _Step, *, triggered: bool = False) -> None:
         """Decide each snapshot's detail now that the graph has settled the kinds (e.g. ``output``)."""
         for snap in step.pending.snapshots:
             node = snap.key.node
@@ -807,17 +812,28 @@ class Recorder:
                 snap.neurons, snap.samples = False, FULL
                 continue
             attrs = self._node_attrs.get(node) or step.nodes.get(node) or self._param_nodes.get(node) or {}
-            detail = self._detail(node, str(attrs.get("kind", "intermediate")), tuple(snap.tensor.shape), is_parameter=snap.is_parameter)
+            detail = self._detail(node, str(attrs.get("kind", "intermediate")), tuple(snap.tensor.shape), is_parameter=snap.is_parameter, triggered=triggered)
             snap.neurons, snap.samples = detail.neurons, detail.samples
 
-    def _select_samples(self, step: _Step) -> None:
-        """Choose the batch positions kept as samples (one choice for every node) and record them."""
+    def _select_samples(self, step: _Step, *, triggered: bool = False) -> None:
+        """Choose the batch positions kept as samples (one choice for every node) and record them.
+
+        On a step kept by a trigger the samples that made it fire come first: the batch positions holding
+        non-finite values, or the largest values of a recorded per-sample loss."""
         pending = step.pending
-        if isinstance(self._selector, First) or pending.batch_size is None or not self.config.n_samples:
+        k = self.config.n_samples
+        if pending.batch_size is None or not k:
+            return
+        if isinstance(self._selector, First) and not triggered:
             return
         import torch
 
-        positions, dataset_ids = self._selector.select(step.batch, step.values, pending.batch_size, self.config.n_samples)
+        positions, dataset_ids = self._selector.select(step.batch, step.values, pending.batch_size, k)
+        if triggered:
+            culprits = self._culprits(step, pending.batch_size)
+            if culprits:
+                chosen = list(dict.fromkeys(culprits + (list(range(pending.batch_size)) if positions is None else [int(p) for p in positions])))
+                positions, dataset_ids = torch.as_tensor(chosen[: max(k, len(culprits[:k]))], dtype=torch.int64), None
         if positions is None:
             return
         pending.sample_index = positions
@@ -827,7 +843,27 @@ class Recorder:
                 step.nodes[name] = {"kind": "input", "module": None, "shape": list(tensor.shape), "dtype": "int64", "roles": [None], "iterations": 1, "selection": True}
                 step.add(Snapshot(SeriesKey(name, None, 0, "value"), tensor, "int64"))
 
-    def _decide_detail(self, name: str, kind: str, shape: tuple[int, ...], *, is_parameter: bool) -> Detail:
+    def _culprits(self, step: _Step, batch_size: int) -> list[int]:
+        """Batch positions that made a trigger fire: non-finite values anywhere (first), then the largest
+        entries of a recorded per-sample loss (a vector of the batch's length whose name says loss)."""
+        import torch
+
+        found: list[int] = []
+        for snap in step.pending.snapshots:
+            t = snap.tensor
+            if snap.is_parameter or t.dim() == 0 or t.shape[0] != batch_size or not t.is_floating_point() or not t.numel():
+                continue
+            bad = ~torch.isfinite(t.reshape(batch_size, -1)).all(dim=1)
+            if bool(bad.any()):
+                found.extend(int(i) for i in bad.nonzero().reshape(-1).tolist())
+        for name, tensor in step.values.items():
+            if "loss" in name and tensor.dim() == 1 and tensor.shape[0] == batch_size and tensor.is_floating_point():
+                order = torch.argsort(torch.nan_to_num(tensor.detach().float(), nan=float("inf")), descending=True)
+                found.extend(int(i) for i in order[: self.config.n_samples].tolist())
+                break
+        return list(dict.fromkeys(found))
+
+    def _decide_detail(self, name: str, kind: str, shape: tuple[int, ...], *, is_parameter: bool, triggered: bool = False) -> Detail:
         detail = self.config.detail_fn(name, kind) if self.config.detail_fn is not None else None
         if detail is None:
             for matches, level in self._rules:
@@ -838,6 +874,8 @@ class Recorder:
         if detail is None:
             with_samples = not is_parameter and kind in ("input", "target", "output", "loss")
             detail = Detail(neurons=self.config.neurons, samples=self.config.n_samples if with_samples else 0)
+        if triggered and not is_parameter and len(shape) > 0 and detail.samples != FULL:
+            detail = Detail(detail.neurons, max(detail.samples, self.config.n_samples))
         neurons, samples = detail.neurons, detail.samples
         matrix = neuron_matrix_shape(shape, is_parameter=is_parameter)
         if neurons and matrix is not None and matrix[1] > self.config.max_neurons:

@@ -131,13 +131,56 @@ class LossSpike(Trigger):
 
 
 class NonFinite(Trigger):
-    """Keeps a step in which any recorded tensor (value or gradient) holds NaN or an infinity."""
+    """Keeps a step in which any recorded tensor (value or gradient) holds NaN or an infinity.
+
+    Once a NaN is in the weights every later step holds one too; ``once=True`` keeps only the first step of
+    such a run of non-finite steps (a finite step ends the run), and ``after=k`` also the ``k`` steps shown to
+    the trigger after it (armed or recorded steps), whatever they hold. The kept step has samples of every
+    node, the batch positions with non-finite values first (see ``ComgraCallback(triggers=...)``).
+
+    Args:
+        once: keep only the first step of a run of non-finite steps.
+        after: also keep this many steps after a kept non-finite step.
+
+    >>> t = NonFinite(once=True, after=1)
+    >>> [t.check(StepSummary.from_stats({("x", "value"): {"nan_count": n}})) for n in [0, 1, 1, 1, 0, 1]]
+    [False, True, True, False, False, True]
+    """
+
+    def __init__(self, *, once: bool = False, after: int = 0) -> None:
+        if not isinstance(once, bool):
+            raise ConfigTypeError(f"`NonFinite(once=...)`: expected True or False, got {once!r}.")
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise ConfigError(f"`NonFinite(after=...)`: expected an int >= 0 (steps kept after a non-finite one), got {after!r}.")
+        self.once, self.after = once, after
+        self._in_run = False  # the previous step shown was non-finite
+        self._left = 0  # steps still to keep after the last kept non-finite step
 
     def check(self, summary: StepSummary) -> bool:
-        return bool(summary.nonfinite())
+        bad = bool(summary.nonfinite())
+        if bad and not self._in_run:
+            self._in_run, self._left = True, self.after
+            return True
+        if self._left > 0:
+            self._left -= 1
+            return True
+        if not bad:
+            self._in_run = False
+            return False
+        if not self.once:
+            self._left = self.after
+        return not self.once
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"in_run": self._in_run, "left": self._left}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._in_run = bool(state.get("in_run", False))
+        self._left = int(state.get("left", 0))
 
     def __repr__(self) -> str:
-        return "NonFinite()"
+        args = ([f"once={self.once}"] if self.once else []) + ([f"after={self.after}"] if self.after else [])
+        return f"NonFinite({', '.join(args)})"
 
 
 class GradNorm(Trigger):
