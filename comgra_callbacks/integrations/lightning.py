@@ -249,13 +249,18 @@ class ComgraCallback(Callback):
         recorder = self._recorder
         if recorder is None:
             return
+        scaler = _active_scaler(trainer)  # float16 mixed precision: the loss here is multiplied by the scale
         if self.options.log_scalars and getattr(loss, "numel", lambda: 0)() == 1:
             # every batch's loss is kept (a detached tensor; turned into floats in batches, not one sync a step)
             name = "loss" if pl_module.automatic_optimization or self._backwards == 0 else f"loss.{self._backwards}"
             value = loss.detach().float().reshape(())
+            if scaler is not None:
+                scale = getattr(scaler, "_scale", None)  # the scale as a tensor on the device: no synchronisation
+                value = value / (scale.to(value.device).reshape(()) if scale is not None else scaler.get_scale())
             self._losses[name] = value if name not in self._losses else self._losses[name] + value
         self._backwards += 1
-        recorder.before_backward(loss)
+        if recorder.recording:
+            recorder.before_backward(loss, scale=scaler.get_scale() if scaler is not None else None)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         recorder = self._recorder
@@ -372,6 +377,14 @@ class ComgraCallback(Callback):
             self._batches = batches
         if not self._explicit_name and isinstance(state_dict.get("run_name"), str):
             self.run_name = state_dict["run_name"]
+
+
+def _active_scaler(trainer: pl.Trainer) -> Any:
+    """The gradient scaler of float16 mixed precision, when one is in use (None for bf16 and full precision)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    return scaler
 
 
 def _optimizer_steps_now(trainer: pl.Trainer, batch_idx: int) -> bool:

@@ -148,6 +148,7 @@ class _Step:
     backwarded: list[str] = field(default_factory=list)  # every loss passed to backward so far, in order
     storages: dict[int, str] = field(default_factory=dict)
     same_edges: set[tuple[str, str]] = field(default_factory=set)  # (child, block) names of one tensor
+    grad_scale: float = 1.0  # the gradient scaler's factor on the running backward (float16 mixed precision)
     consumers: dict[str, set[str]] = field(default_factory=dict)
     ran_children: dict[str, set[str]] = field(default_factory=dict)  # module -> its direct children that ran  # node -> modules that consumed it (module edges)
     version_of: dict[int, int] = field(default_factory=dict)  # id of a captured tensor -> its _version then  # storage address -> node, for tensors without grad
@@ -400,7 +401,10 @@ class Recorder:
     def _grad_hook(self, step: _Step, name: str, role: str | None, iteration: int, dtype: str, axis: int | None) -> Callable[[Any], None]:
         def hook(grad: Any) -> None:
             if self._step is step and grad is not None:
-                step.add(Snapshot(SeriesKey(name, role, iteration, step.grad_view), _grad_view(grad), dtype, neuron_axis=axis))
+                g = _grad_view(grad)
+                if step.grad_scale != 1.0 and step.grad_view == "grad":  # a scaled loss's backward
+                    g = g / step.grad_scale
+                step.add(Snapshot(SeriesKey(name, role, iteration, step.grad_view), g, dtype, neuron_axis=axis))
 
         return hook
 
@@ -488,8 +492,11 @@ class Recorder:
             self._manual_edges.add((src, dst))
             self._graph_signatures.clear()  # redraw the graphs with the new edge
 
-    def before_backward(self, loss: Any) -> None:
+    def before_backward(self, loss: Any, *, scale: float | None = None) -> None:
         """A loss about to be backpropagated: record it and compute the gradients of the other losses.
+
+        ``scale``: the factor a gradient scaler (float16 mixed precision) multiplied the loss by; the loss
+        and the gradients of the backward that follows are recorded divided by it, as the model computed them.
 
         Every backward of a step has its loss recorded: a tensor already recorded as a loss (``record(name,
         t, kind="loss")``) keeps its name; otherwise the first is ``loss`` and later ones (manual
@@ -498,12 +505,20 @@ class Recorder:
         step = self._step
         if step is None:
             return
+        if scale is not None and scale != 1.0:
+            step.grad_scale = float(scale)
+            unscaled = loss / scale
+            step.keep_alive.append(loss)
+            loss_to_record = unscaled
+        else:
+            step.grad_scale = 1.0
+            loss_to_record = loss
         name = next((n for n, t in step.losses if t is loss), None)
         if name is None:
             name = "loss" if "loss" not in step.nodes else f"loss.{len(step.backwarded)}"
             while name in step.nodes:
                 name += "_"
-            self.capture(name, loss, kind="loss")
+            self.capture(name, loss_to_record, kind="loss")
             if name not in step.nodes:  # not capturable (e.g. after end_forward): nothing more to do
                 return
         if step.backward_loss is None:

@@ -84,3 +84,24 @@ def test_parameters_gradients_and_updates_match(bf16_run: tuple[Any, LightningOr
         assert_full(run, name, step, oracle.updates[batch][name], view="update", rtol=1e-4, atol=1e-7)
     loss = run.stats("loss")["mean"]
     assert [loss[step_of(run, b)] for b in range(BATCHES)] == pytest.approx(oracle.losses, rel=1e-5)
+
+
+def test_float16_with_a_gradient_scaler_records_unscaled_losses_and_gradients(tmp_path: Any) -> None:
+    """``16-mixed`` multiplies the loss by the scaler's scale before backward (on_before_backward sees it
+    scaled), so activation gradients are scaled too; the recorder divides both back."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scale = 1024.0
+    oracle = LightningOracle()
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10_000))
+    run = fit(MixedMLP(), points(), tmp_path, oracle=oracle, max_steps=BATCHES, trainer_kw={"plugins": [plugin]}, detail={"*": "full"})
+    loss = run.stats("loss")["mean"]
+    scalars = run.scalars[run.scalars["name"] == "loss"].set_index("step")["value"]
+    for batch in range(BATCHES):
+        step = step_of(run, batch)
+        assert loss[step] == pytest.approx(oracle.losses[batch] / scale, rel=1e-5)  # the oracle saw it scaled
+        assert scalars[step] == pytest.approx(oracle.losses[batch] / scale, rel=1e-5)
+        for node in ("net.0", "head"):
+            assert_stats(run, node, step, oracle.grad(batch, node) / scale, view="grad", rel=1e-3, abs_=1e-8)
+        # parameter gradients are unscaled by Lightning before on_before_optimizer_step: recorded as they are
+        assert_full(run, "head.weight", step, oracle.param_grads[batch]["head.weight"], view="grad", rtol=1e-4, atol=1e-7)
