@@ -366,3 +366,44 @@ def test_a_stable_node_is_kept_by_reference_after_the_first_step(tmp_path: Path)
     trainer.callbacks.append(Spy())
     trainer.fit(make_mlp_module(), classification_loader())
     assert seen == [True, True, True]  # learned after the first step; the values stay right (oracle tests)
+
+
+class Recording(pl.LightningModule):
+    """Calls record() with whatever ``what`` makes of the hidden activation."""
+
+    def __init__(self, what: Any) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.what = what
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        h = self.net[:2](x)
+        record("extra", self.what(h))
+        return nn.functional.cross_entropy(self.net[2](h), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_record_of_a_non_tensor_fails_on_a_step_that_is_not_recorded(tmp_path: Path) -> None:
+    cb = ComgraCallback(str(tmp_path), run_name="bad", every_n_steps=100)
+    trainer = quiet_trainer([cb], tmp_path, max_steps=3)
+    step = {"n": 0}
+
+    def what(h: torch.Tensor) -> Any:
+        step["n"] += 1
+        return h if step["n"] == 1 else h.tolist()  # step 0 is recorded; step 1 is not
+
+    with pytest.raises(ConfigTypeError, match=r"`record\('extra', tensor=...\)`: expected a torch.Tensor, got list"):
+        trainer.fit(Recording(what), classification_loader())
+    assert step["n"] == 2
+
+
+def test_a_nested_tensor_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    cb = ComgraCallback(str(tmp_path), run_name="nested")
+    with pytest.warns(RuntimeWarning, match=r"node 'extra' is a sparse, nested, complex or meta tensor; it is not recorded"):
+        quiet_trainer([cb], tmp_path, max_steps=2).fit(Recording(lambda h: torch.nested.nested_tensor([h[0].detach(), h[1, :3].detach()])), classification_loader())
+    run = open_run(tmp_path / "nested")
+    assert run.status == "finished" and "extra" not in run.nodes and run.steps["step"].tolist() == [0, 1]
