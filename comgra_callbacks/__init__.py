@@ -30,6 +30,7 @@ from comgra_callbacks.errors import (
     StoreError,
 )
 from comgra_callbacks.recording.context import connect, note, record, record_this_step
+from comgra_callbacks.recording.interventions import Ablate, Patch
 from comgra_callbacks.recording.sampling import Balanced, First, Indices, TopK
 from comgra_callbacks.recording.schedules import (
     AllOf,
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     from comgra_callbacks.store.reader import Run, open_run, open_runs
 
 __all__ = [
+    "Ablate",
     "AllOf",
     "AnyOf",
     "Balanced",
@@ -80,6 +82,7 @@ __all__ = [
     "Never",
     "NodeNotFoundError",
     "NonFinite",
+    "Patch",
     "Predicate",
     "RecordingError",
     "Run",

@@ -21,10 +21,11 @@ from comgra_callbacks._version import __version__
 from comgra_callbacks.errors import ComgraError, ConfigError, ConfigTypeError, StoreError
 from comgra_callbacks.names import NameFilter, describe_filter, name_predicate
 from comgra_callbacks.recording.capture import check_modules_spec
+from comgra_callbacks.recording.interventions import Intervention, check_interventions
 from comgra_callbacks.recording.policy import Plan, RecordingPolicy, detail_rules
 from comgra_callbacks.recording.recorder import Recorder, RecorderConfig
 from comgra_callbacks.recording.sampling import SampleSelector, as_selector
-from comgra_callbacks.recording.schedules import Every
+from comgra_callbacks.recording.schedules import Every, Schedule
 from comgra_callbacks.store.background import BackgroundWriter
 from comgra_callbacks.store.storage import check_run_name, open_root
 from comgra_callbacks.store.writer import RunWriter
@@ -67,6 +68,8 @@ class RecordingOptions:
     policy: RecordingPolicy = field(default_factory=RecordingPolicy)
     buffers: NameFilter = None
     neuron_axis: dict[str, int] | None = None
+    interventions: dict[str, Intervention] | None = None
+    intervention_schedule: Schedule | None = None
 
     @classmethod
     def validated(cls, owner: str, **kw: Any) -> RecordingOptions:
@@ -102,6 +105,13 @@ class RecordingOptions:
             owner=owner,
         )
         detail_rules(kw.get("detail"), owner)
+        interventions = check_interventions(owner, kw.get("interventions"))
+        intervention_schedule = kw.get("intervention_schedule")
+        if intervention_schedule is not None:
+            if not isinstance(intervention_schedule, Schedule):
+                raise ConfigTypeError(f"`{owner}(intervention_schedule=...)`: expected a schedule such as Every(100), got {intervention_schedule!r}.")
+            if not interventions:
+                raise ConfigError(f"`{owner}(intervention_schedule=...)`: expected interventions= too, got none. HINT: interventions={{'ablate': Ablate('net.0')}}.")
         return cls(
             root=os.fspath(root),
             run_name=run_name,
@@ -129,12 +139,23 @@ class RecordingOptions:
             policy=policy,
             buffers=kw.get("buffers"),
             neuron_axis=dict(neuron_axis) if neuron_axis is not None else None,
+            interventions=interventions,
+            intervention_schedule=intervention_schedule,
         )
 
     def plan(self, step: int, step_type: str) -> Plan | None:
         """Whether the training step ``step`` (the optimizer step about to run, from 0) of ``step_type`` is
         recorded, armed (kept only if a trigger fires) or skipped. The one place every integration asks."""
         return self.policy.plan(step, step_type)
+
+    def intervenes(self, step: int, plan: Plan | None) -> bool:
+        """Whether the interventions run on training step ``step``: on the steps of ``intervention_schedule``,
+        by default on every step the schedule records."""
+        if not self.interventions:
+            return False
+        if self.intervention_schedule is None:
+            return plan == "record"
+        return self.intervention_schedule.wants(step)
 
     def recorder_config(self) -> RecorderConfig:
         return RecorderConfig(
@@ -176,6 +197,8 @@ class RecordingOptions:
             "samples": repr(self.samples),
             "buffers": describe_filter(self.buffers),
             "neuron_axis": dict(self.neuron_axis) if self.neuron_axis else None,
+            "interventions": {k: v.describe() for k, v in self.interventions.items()} if self.interventions else None,
+            "intervention_schedule": repr(self.intervention_schedule) if self.intervention_schedule is not None else None,
             **self.policy.describe(),
         }
 

@@ -55,6 +55,7 @@ from comgra_callbacks.integrations.common import (
 from comgra_callbacks.integrations.dist import all_ok, broadcast_object
 from comgra_callbacks.names import NameFilter
 from comgra_callbacks.recording.capture import batch_tensors
+from comgra_callbacks.recording.interventions import Intervention, run_interventions
 from comgra_callbacks.recording.recorder import Recorder
 from comgra_callbacks.recording.sampling import SampleSelector
 from comgra_callbacks.recording.schedules import Schedule
@@ -87,6 +88,9 @@ class ComgraTrainerCallback(TrainerCallback):
         schedule, step_type, triggers, arm_every, detail, samples: as for :class:`~comgra_callbacks.ComgraCallback`.
         ranks: ``"zero"`` (only the process of global rank 0 records) or ``"all"`` (each rank writes the run
             group ``<run_name>/rank<r>``).
+        interventions, intervention_schedule: as for :class:`~comgra_callbacks.ComgraCallback`; the extra pass
+            calls the model with the first micro-batch's keyword arguments and uses its ``output.loss``, after
+            clipping and before the optimizer step (outside the ``Trainer``'s autocast context).
         modules, parameters, buffers, neuron_axis, n_samples, neurons, grads, updates, per_loss_grads, val_batches, batch_fn,
         max_neurons, max_sample_numel, storage_options, flush_secs, max_queue_mb, on_write_error,
         log_scalars, writer: as for :class:`~comgra_callbacks.ComgraCallback`.
@@ -124,6 +128,8 @@ class ComgraTrainerCallback(TrainerCallback):
         parameters: NameFilter = None,
         buffers: NameFilter = None,
         neuron_axis: dict[str, int] | None = None,
+        interventions: dict[str, Intervention] | None = None,
+        intervention_schedule: Schedule | None = None,
         n_samples: int = 4,
         neurons: bool = True,
         grads: bool = True,
@@ -159,6 +165,8 @@ class ComgraTrainerCallback(TrainerCallback):
         self._accumulation = 1
         self._opened_before = False
         self._stopped: str | None = None
+        self._intervene = False  # this step gets the interventions
+        self._intervene_inputs: dict[str, Any] | None = None  # the first micro-batch's keyword arguments
 
     @property
     def recorder(self) -> Recorder | None:
@@ -234,15 +242,40 @@ class ComgraTrainerCallback(TrainerCallback):
             self._attach(kwargs.get("model"))
             return
         plan = self.options.plan(step, "train")
-        if plan is None:
+        self._intervene, self._intervene_inputs = self.options.intervenes(step, plan), None
+        if plan is None and not self._intervene:
             return
-        recorder.begin_step(step=step, step_type="train", epoch=self._epoch, batch_idx=batch_idx, armed=plan == "arm")
+        reason = "schedule" if plan is not None else "intervention"
+        recorder.begin_step(step=step, step_type="train", epoch=self._epoch, batch_idx=batch_idx, armed=plan == "arm", reason=reason)
         self._capturing = True
         self._attach(kwargs.get("model"))
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self._recorder is not None:
-            self._recorder.before_optimizer_step()
+        recorder = self._recorder
+        if recorder is None:
+            return
+        recorder.before_optimizer_step()
+        inputs, self._intervene_inputs = self._intervene_inputs, None
+        model = kwargs.get("model")
+        if inputs is not None and model is not None and self.options.interventions:
+            try:
+                self._run_interventions(recorder, model, inputs)
+            except BaseException as exc:  # the Trainer has no exception event: close the run here
+                self._close("failed", f"{type(exc).__name__}: {exc} (raised in an intervention at step {self._step})")
+                raise
+
+    def _run_interventions(self, recorder: Recorder, model: Any, inputs: dict[str, Any]) -> None:
+        if self.options.interventions:
+            run_interventions(
+                recorder,
+                model,
+                self.options.interventions,
+                step=self._step,
+                epoch=self._epoch,
+                batch_idx=self._steps_in_epoch * self._accumulation,
+                batch=inputs,
+                loss_of=lambda batch: _loss_of(model(**batch)),
+            )
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._detach()  # normally gone already, after the first forward
@@ -310,6 +343,8 @@ class ComgraTrainerCallback(TrainerCallback):
             self._capturing = self._val_open = True
         named = _named_inputs(args, kwargs)
         self._last_inputs = named
+        if self._intervene and self._intervene_inputs is None and module.training and not args:
+            self._intervene_inputs = {k: v for k, v in kwargs.items() if k not in ("return_dict", "output_attentions", "output_hidden_states")}
         for name, (kind, tensor) in batch_tensors(named, self.options.batch_fn).items():
             recorder.capture(name, tensor, kind=kind)
 

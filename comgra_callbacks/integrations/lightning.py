@@ -22,6 +22,7 @@ from comgra_callbacks.integrations.common import (
     versions,
 )
 from comgra_callbacks.names import NameFilter, describe_filter
+from comgra_callbacks.recording.interventions import Intervention, run_interventions
 from comgra_callbacks.recording.recorder import Recorder
 from comgra_callbacks.recording.sampling import SampleSelector
 from comgra_callbacks.recording.schedules import Schedule
@@ -73,6 +74,13 @@ class ComgraCallback(Callback):
             per-neuron statistics. Default: the channels (axis 1) of convolution, batch-norm and pooling
             outputs and of any tensor with four or more dimensions, else the last axis. The axis used is
             stored with each node (``run.nodes``).
+        interventions: ``{name: Ablate(...) | Patch(...)}``: on intervention steps, after the batch's backward
+            and before the optimizer step, one extra forward and backward of the same batch per intervention,
+            with the same parameters, recorded as step type ``name`` at the same step; the gradients, random
+            generators and buffers are restored and no optimizer step follows (``training_step`` runs again,
+            with ``self.log`` silenced). Automatic optimization only.
+        intervention_schedule: which steps get the interventions (default: every step the schedule records);
+            the normal record of such a step is kept too.
         n_samples: how many individual samples are kept (where the detail asks for samples).
         neurons: keep per-neuron statistics.
         grads: record gradients. ``updates``: record parameter updates (costs a copy of the parameters on
@@ -129,6 +137,8 @@ class ComgraCallback(Callback):
         parameters: NameFilter = None,
         buffers: NameFilter = None,
         neuron_axis: dict[str, int] | None = None,
+        interventions: dict[str, Intervention] | None = None,
+        intervention_schedule: Schedule | None = None,
         n_samples: int = 4,
         neurons: bool = True,
         grads: bool = True,
@@ -162,6 +172,7 @@ class ComgraCallback(Callback):
         self._loss_queue: list[tuple[int, str, Any]] = []  # (step, name, loss tensor): turned into floats in batches
         self._val_before: dict[str, int] = {}
         self._val_keys: set[str] = set()
+        self._intervene: tuple[Any, int] | None = None  # (batch, batch_idx) of a step that gets the interventions
 
     @property
     def state_key(self) -> str:
@@ -189,6 +200,13 @@ class ComgraCallback(Callback):
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.options.interventions and not pl_module.automatic_optimization:
+            from comgra_callbacks.errors import ConfigError
+
+            raise ConfigError(
+                f"`{type(self).__name__}(interventions=...)`: expected a LightningModule with automatic optimization, got "
+                f"{type(pl_module).__name__} with automatic_optimization=False (its training_step steps the optimizers itself)."
+            )
         self._open(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -240,10 +258,12 @@ class ComgraCallback(Callback):
         if not (manual or _optimizer_steps_now(trainer, batch_idx)) or self._last_recorded == (step, step_type):
             return
         plan = self.options.plan(step, step_type)
-        if plan is None:
+        self._intervene = (batch, batch_idx) if step_type == "train" and self.options.intervenes(step, plan) else None
+        if plan is None and self._intervene is None:
             return
         self._last_recorded = (step, step_type)
-        recorder.begin_step(step=step, step_type=step_type, epoch=epoch, batch_idx=batch_idx, batch=batch, armed=plan == "arm")
+        reason = "schedule" if plan is not None else "intervention"
+        recorder.begin_step(step=step, step_type=step_type, epoch=epoch, batch_idx=batch_idx, batch=batch, armed=plan == "arm", reason=reason)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         recorder = self._recorder
@@ -268,6 +288,19 @@ class ComgraCallback(Callback):
             groups = getattr(optimizer, "param_groups", None)
             params = [p for g in groups for p in g.get("params", ())] if groups else None
             recorder.before_optimizer_step(params)
+        if recorder is not None and self._intervene is not None and self.options.interventions:
+            batch, batch_idx = self._intervene
+            self._intervene = None
+            run_interventions(
+                recorder,
+                pl_module,
+                self.options.interventions,
+                step=self._batch_step,
+                epoch=trainer.current_epoch,
+                batch_idx=batch_idx,
+                batch=batch,
+                loss_of=lambda b: _training_loss(trainer, pl_module, b, batch_idx),
+            )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         recorder = self._recorder
@@ -377,6 +410,26 @@ class ComgraCallback(Callback):
             self._batches = batches
         if not self._explicit_name and isinstance(state_dict.get("run_name"), str):
             self.run_name = state_dict["run_name"]
+
+
+def _training_loss(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Any:
+    """The loss of ``training_step`` on ``batch`` (in the precision's autocast context), without logging."""
+    import contextlib
+
+    context = getattr(trainer.precision_plugin, "forward_context", None)
+    saved = {name: pl_module.__dict__.get(name) for name in ("log", "log_dict")}
+    pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        with context() if context is not None else contextlib.nullcontext():
+            out = pl_module.training_step(batch, batch_idx)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                pl_module.__dict__.pop(name, None)
+            else:
+                pl_module.__dict__[name] = value
+    return out.get("loss") if isinstance(out, Mapping) else out
 
 
 def _active_scaler(trainer: pl.Trainer) -> Any:

@@ -148,6 +148,7 @@ class _Step:
     backwarded: list[str] = field(default_factory=list)  # every loss passed to backward so far, in order
     storages: dict[int, str] = field(default_factory=dict)
     same_edges: set[tuple[str, str]] = field(default_factory=set)  # (child, block) names of one tensor
+    decided: bool = False  # kept whatever the policy says (an intervention's pass)
     grad_scale: float = 1.0  # the gradient scaler's factor on the running backward (float16 mixed precision)
     consumers: dict[str, set[str]] = field(default_factory=dict)
     ran_children: dict[str, set[str]] = field(default_factory=dict)  # module -> its direct children that ran  # node -> modules that consumed it (module edges)
@@ -256,18 +257,20 @@ class Recorder:
         reason: str = "schedule",
         grads: bool = True,
         armed: bool = False,
+        decided: bool = False,
     ) -> None:
         """Start recording a step: attach the module hooks and capture the batch's tensors.
 
         An ``armed`` step is captured the same way, but the policy's triggers decide after the batch whether
-        it is kept (its ``reason`` is then the trigger's name).
+        it is kept (its ``reason`` is then the trigger's name). A ``decided`` step is kept without asking the
+        policy (its triggers never see it): an intervention's extra pass.
         """
         if self.closed:
             raise RecordingError("the recorder is closed; it cannot record another step.")
         if self._step is not None:
             self.abort_step()
         pending = PendingStep(step, step_type, epoch, batch_idx, time.time(), None if armed else reason)
-        self._step = _Step(pending, grads=grads and self.config.grads, batch=batch)
+        self._step = _Step(pending, grads=grads and self.config.grads, batch=batch, decided=decided)
         try:
             self._force_eager()
             self._hooks = ModuleHooks(self._hook_modules, self._on_module_forward)
@@ -565,7 +568,29 @@ class Recorder:
         finally:
             step.grad_view = "grad"
 
-    def before_optimizer_step(self, params: Any = None) -> None:
+    def park(self) -> Any:
+        """Set the step being recorded aside (its module hooks off) to record another one meanwhile."""
+        step, hooks = self._step, self._hooks
+        self._step, self._hooks = None, None
+        if hooks is not None:
+            hooks.remove()
+        self._restore_stance()
+        return (step, hooks)
+
+    def unpark(self, parked: Any) -> None:
+        """Resume the step :meth:`park` set aside."""
+        step, hooks = parked
+        if self._step is not None:
+            self.abort_step()
+        if step is None:
+            return
+        self._step = step
+        self._force_eager()
+        if hooks is not None and not step.forward_done:
+            self._hooks = hooks
+            hooks.attach()
+
+    def before_optimizer_step(self, params: Any = None, *, updates: bool = True) -> None:
         """Parameters and their gradients as the forward pass saw them (before clipping and the step).
 
         Args:
@@ -580,8 +605,8 @@ class Recorder:
         ids = None if params is None else {id(p) for p in params}
         chosen = [(n, p) for n, p in self._params if n not in step.params_seen and (ids is None or id(p) in ids)]
         if chosen:
-            self._capture_parameters(step, chosen, keep_before=self.config.updates)
-        if not step.params_done and self.config.updates and ids is not None:
+            self._capture_parameters(step, chosen, keep_before=self.config.updates and updates)
+        if not step.params_done and self.config.updates and updates and ids is not None:
             # the other trainable parameters as they are now: their update, if no optimizer of theirs steps on
             # this step, is what changed them by the end of the step (zero for parameters no optimizer holds)
             for name, p in self._params:
@@ -637,7 +662,7 @@ class Recorder:
             self._build_graph(step)
             self._check_versions(step)
             pending = step.pending
-            if self.policy is not None:
+            if self.policy is not None and not step.decided:
                 fired = self.policy.batch_reasons(outputs, batch if batch is not None else step.batch)
                 if fired and pending.reason is None:
                     pending.reason = fired[0]
