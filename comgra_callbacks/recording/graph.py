@@ -75,9 +75,9 @@ def autograd_edges(recorded: Iterable[Tensor_], parameters: dict[int, str]) -> s
         stack: list[tuple[Any, int]] = [pair for pair in fn.next_functions if pair[0] is not None]
         while stack:
             node, output_nr = stack.pop()
-            names = by_output.get((id(node), output_nr))
-            if names is not None:  # the nearest recorded tensor (the outermost of its names); its own name means an earlier iteration
-                edges.add((names[-1], name))
+            found = by_output.get((id(node), output_nr))
+            if found is not None:  # the nearest recorded tensor (the outermost of its names); its own name means an earlier iteration
+                edges.add((found[-1], name))
                 continue
             if id(node) in seen:
                 continue

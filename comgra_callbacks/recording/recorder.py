@@ -205,7 +205,7 @@ class Recorder:
         self._graph_signatures: dict[str, frozenset[str]] = {}
         self._node_attrs: dict[str, dict[str, Any]] = {}
         self._warned: set[str] = set()
-        self._details: dict[tuple[str, str, tuple[int, ...], bool], Detail] = {}
+        self._details: dict[tuple[str, str, tuple[int, ...], bool, bool], Detail] = {}
         self._stable: dict[str, bool] = {}  # node -> its recorded value was never changed in place later in a step
         self._hooks: ModuleHooks | None = None
         self.closed = False
@@ -948,7 +948,7 @@ def module_tree(model: Any) -> list[dict[str, Any]]:
     """The module tree with parameter counts, one row per module (``""`` is the root), named as the nodes
     are (without ``torch.compile``'s ``_orig_mod``)."""
     own: dict[str, tuple[int, int]] = {}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for raw, module in model.named_modules():
         name = clean_name(raw)
         if type(module).__name__ == "OptimizedModule" or name in own:
@@ -957,7 +957,7 @@ def module_tree(model: Any) -> list[dict[str, Any]]:
         own[name] = (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
         rows.append({"name": name, "type": type(module).__name__, "parent": None if not name else name.rpartition(".")[0], "depth": 0 if not name else name.count(".") + 1})
     for row in rows:
-        name = row["name"]
+        name = str(row["name"])
         prefix = f"{name}." if name else ""
         total = [v for n, v in own.items() if n == name or n.startswith(prefix)]
         row["params"] = own[name][0]
