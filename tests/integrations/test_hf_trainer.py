@@ -102,9 +102,10 @@ def test_records_first_micro_batch_and_clipped_gradients(tmp_path: Path) -> None
     assert "num_items_in_batch" not in " ".join(run.nodes)
     edges = set(run.graph.edges)
     assert ("batch.labels", "loss") in edges
-    # the logits have three names (the head modules return the decoder's output): one chain into the loss
-    assert {("cls.predictions.decoder", "cls.predictions"), ("cls.predictions", "cls"), ("cls", "loss")} <= edges
-    assert run.graph.edges["cls.predictions", "cls"]["source"] == "same"
+    # the logits have two names: cls.predictions ran two children (transform, decoder) and returns the decoder's
+    # output; cls only wraps cls.predictions and adds nothing
+    assert {("cls.predictions.decoder", "cls.predictions"), ("cls.predictions", "loss")} <= edges and "cls" not in run.nodes
+    assert run.graph.edges["cls.predictions.decoder", "cls.predictions"]["source"] == "same"
     assert ("bert.embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings") in edges
 
     loss = run.stats("loss")["mean"]
