@@ -48,6 +48,7 @@ STALL_WARN_SECS = 5.0  # a wait on the writer process warns after this long with
 STALL_SECS = 60.0  # ... and gives up after this long (then ``on_error`` decides)
 CLOSE_SECS_AFTER_ERROR = 30.0  # closing after an exception waits at most this long; the writer finishes alone
 _LAYOUTS_KEPT = 64  # the writer process keeps the last 64 layouts (worker.py)
+_FINISHING_ALONE: list[subprocess.Popen[bytes]] = []  # writers left to finish after close: reaped later
 
 
 class ProcessWriter:
@@ -100,6 +101,7 @@ class ProcessWriter:
             self.ring = Ring.create(max_queue_bytes)
         except OSError as exc:
             raise StoreError(f"`ProcessWriter`: cannot reserve the recording buffer: {exc}") from exc
+        _FINISHING_ALONE[:] = [p for p in _FINISHING_ALONE if p.poll() is None]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         try:
             self.proc = subprocess.Popen(
@@ -154,6 +156,13 @@ class ProcessWriter:
                 self._layout_ids.clear()  # a layout may have been torn: describe every layout again
             raise
 
+    def _send_nowait(self, message: dict[str, Any]) -> None:
+        data = b"\n" + json.dumps(message, separators=(",", ":"), allow_nan=True).encode() + b"\n"
+        try:
+            os.write(self._stdin, data)  # all of it, or a torn line the writer process skips
+        except OSError:
+            pass
+
     def _read_answer(self, timeout: float) -> dict[str, Any]:
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -169,7 +178,7 @@ class ProcessWriter:
     def _gone(self) -> StoreError:
         return StoreError(f"the writer process of run {self.name!r} stopped (exit code {self.proc.poll()}).")
 
-    def _wait(self, what: str, ready: Callable[[], bool], timeout: float | None = None) -> float:
+    def _wait(self, what: str, ready: Callable[[], bool], timeout: float | None = None, *, closing: bool = False) -> float:
         """Wait until ``ready()``; warn after STALL_WARN_SECS without progress of the writer process, give up
         (StoreError) after STALL_SECS without progress or ``timeout`` in all. Returns the seconds waited."""
         started = changed = time.monotonic()
@@ -178,7 +187,7 @@ class ProcessWriter:
         while not ready():
             if self.proc.poll() is not None:
                 raise self._gone()
-            if self.ring.header[ERROR]:
+            if self.ring.header[ERROR] and not closing:
                 raise self._writer_error()
             now = time.monotonic()
             progress = self._progress()
@@ -188,16 +197,16 @@ class ProcessWriter:
             if idle >= STALL_SECS or (timeout is not None and now - started >= timeout):
                 raise StoreError(
                     f"`ProcessWriter`: the writer process of run {self.name!r} (pid {self.proc.pid}) made no progress for "
-                    f"{idle:.0f} s while training waited to {what}: it is stopped or hung. Recording of this run stops. "
+                    f"{round(idle, 1):g} s while training waited to {what}: it is stopped or hung. Recording of this run stops. "
                     f"HINT: `kill -CONT {self.proc.pid}` if it was stopped; check the disk or the store it writes to."
                     if idle >= STALL_SECS else f"`ProcessWriter`: waiting for the writer process of run {self.name!r} to {what} "
-                    f"timed out after {timeout:.0f} s."
+                    f"timed out after {timeout:g} s."
                 )
             if idle >= STALL_WARN_SECS:
                 self._warn_once(
                     "stall",
                     f"comgra: the writer process of run {self.name!r} (pid {self.proc.pid}) has made no progress for "
-                    f"{idle:.0f} s; training waits to {what}, at most {STALL_SECS:.0f} s, then on_write_error="
+                    f"{round(idle, 1):g} s; training waits to {what}, at most {STALL_SECS:g} s, then on_write_error="
                     f"{self.on_error!r} decides.",
                 )
             time.sleep(pause)
@@ -456,13 +465,15 @@ class ProcessWriter:
         after_error = status == "failed"
         limit = min(timeout or CLOSE_SECS_AFTER_ERROR, CLOSE_SECS_AFTER_ERROR) if after_error else timeout
         failure = self.error
+        if failure is not None:
+            status, error = "failed", error or str(failure)
         try:
             if self.proc.poll() is None and self._failure is None:
-                if failure is not None:
-                    status, error = "failed", error or str(failure)
                 self._send({"op": "close", "status": status, "error": error})
                 self._close_pipes()
-                self._wait("write what it holds and close the run", lambda: self.proc.poll() is not None, limit)
+                self._wait("write what it holds and close the run", lambda: self.proc.poll() is not None, limit, closing=True)
+            elif self.proc.poll() is None:  # it stopped answering: one try, so that it says why when it goes on
+                self._send_nowait({"op": "close", "status": status, "error": error})
         except StoreError as exc:
             failure = failure or exc
         finally:
@@ -471,10 +482,10 @@ class ProcessWriter:
             failure = failure or (None if closed else self.error)
             self.records_written  # noqa: B018 - keep the last count
             self.ring.close()
-            if self.proc.poll() is not None:
-                self.proc.wait()
+            if self.proc.poll() is None:
+                _FINISHING_ALONE.append(self.proc)
         if not closed and self.proc.poll() is not None:
-            self._mark_failed(f"{failure or 'the writer process ended without closing the run'}")
+            self._mark_failed("; ".join(x for x in (error, str(failure or "the writer process ended without closing the run")) if x))
         if failure is None:
             return
         in_flight = sys.exc_info()[1]
