@@ -98,3 +98,47 @@ def test_signal_matrix(tmp_path: Path) -> None:
             tr.kill_all(trial["proc"], trial.get("writer"))
     print("\n".join(t.get("summary", t["name"]) for t in trials))
     assert not failures, f"seed {seed}:\n" + "\n".join(failures)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (FileNotFoundError, IndexError, ValueError):
+                pass
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_a_trainer_killed_while_its_writer_starts_leaves_no_shared_memory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "start.py"
+    script.write_text(
+        f"import sys; sys.path.insert(0, {tr.REPO!r})\n"
+        "from comgra_callbacks.recording.process_writer import ProcessWriter\n"
+        f"ProcessWriter(root={str(tmp_path / 'runs')!r}, run='r')\n"
+        "import time; time.sleep(60)\n"
+    )
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True, stderr=subprocess.DEVNULL)
+        writers: list[int] = []
+        try:
+            assert tr.wait_until(lambda p=proc, w=writers: bool(w.extend(c for c in _children(p.pid) if tr.is_writer(c)) or w), 30, 0.001)
+            os.killpg(proc.pid, signal.SIGKILL)  # the writer is still importing: it has not answered yet
+            proc.wait(10)
+            assert tr.wait_until(lambda w=writers: not any(tr.alive(pid) for pid in w), 30), "the writer outlived its trainer"
+            left = [p for d in ("/dev/shm", "/tmp") if os.path.isdir(d) for p in os.listdir(d) if p.startswith(f"comgra-ring-{proc.pid}-")]
+            assert not left, left
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            for pid in writers:
+                if tr.is_writer(pid):
+                    os.kill(pid, signal.SIGKILL)
