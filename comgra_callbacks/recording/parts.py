@@ -1,15 +1,17 @@
 """How a recorded step travels through the writer's ring: which tensors are copied whole, which are reduced
 on the training side, and how a step larger than the ring is cut into parts.
 
-The writer process reduces what it receives whole (no work on the training thread beyond a copy). But a
-tensor that needs only statistics and per-neuron statistics costs the ring its whole size for a few hundred
-numbers: a 27 M-parameter model needs 309 MiB per step for its values, gradients and updates, more than the
-default 256 MiB ring. So a tensor of ``REDUCE_BYTES`` or more whose results are less than half its size is
-reduced where it lives (:func:`~.pending.pack`, the accelerator path) and only its results travel. A step
-that still does not fit goes in parts of at most half the ring (the writer takes one while the next is
-copied); the writer process joins them into one record. A single result larger than half the ring (huge
-samples) loses its samples, then its per-neuron statistics, with a warning that says which ``max_queue_mb``
-keeps them.
+The writer process reduces what it receives whole: on the training thread a copy is all the work. A step
+larger than the ring (a 27 M-parameter model needs 309 MiB per step for its values, gradients and updates,
+more than the default 256 MiB ring) goes in parts of at most half the ring, so that the writer reduces one
+while the next is copied; the writer process joins them into one record. Only a tensor too large for half
+the ring is reduced where it lives (:func:`~.pending.pack`, the accelerator path) so that just its results
+travel; a single result still too large (huge samples) loses its samples, then its per-neuron statistics.
+Each of these says so once, with the ``max_queue_mb`` that avoids it.
+
+Why not reduce every large tensor that needs only statistics on the training side, which would spare the
+ring most of its bytes: measured on the 27 M-parameter model (docs/reliability.md), reducing with torch on
+the training thread made a recorded step take 4.9-6.8 s, copying and reducing in the writer 0.7-0.9 s.
 
 >>> need_mib(309 << 20), need_mib(66_000)
 (310, 1)
@@ -22,10 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from comgra_callbacks.recording.pending import FULL, PackedStep, PendingStep, Snapshot
-from comgra_callbacks.recording.reduce import N_NEURON_STATS, N_STATS, neuron_matrix_shape
+from comgra_callbacks.recording.pending import PackedStep, PendingStep, Snapshot
+from comgra_callbacks.recording.reduce import N_STATS
 
-REDUCE_BYTES = 4 << 20  # a tensor this large that needs only statistics is reduced on the training side
 REDUCE_GROUP_BYTES = 64 << 20  # reduced together (pack stacks tensors of one size: bounded extra memory)
 ALIGN = 64
 NUMPY_DTYPES = {"float32", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
@@ -55,24 +56,6 @@ def ring_nbytes(snap: Snapshot) -> int:
     return int(t.numel()) * size
 
 
-def result_nbytes(snap: Snapshot, pending: PendingStep) -> int:
-    """Bytes of the snapshot's results: statistics, per-neuron statistics, samples (float32)."""
-    shape = tuple(snap.tensor.shape)
-    n = N_STATS
-    if snap.neurons:
-        matrix = neuron_matrix_shape(shape, is_parameter=snap.is_parameter)
-        if matrix is not None:
-            n += N_NEURON_STATS * matrix[1]
-    if snap.samples:
-        if snap.samples == FULL or not shape:
-            n += math.prod(shape)
-        else:
-            index, batch = pending.sample_index, pending.batch_size
-            chosen = len(index) if index is not None and not snap.is_parameter and batch is not None and shape[0] == batch else min(snap.samples, shape[0])
-            n += chosen * math.prod(shape[1:])
-    return 4 * n
-
-
 def _aligned(nbytes: int) -> int:
     return ((nbytes + ALIGN - 1) // ALIGN) * ALIGN
 
@@ -81,9 +64,7 @@ def plan_raw(pending: PendingStep, capacity: int, warn: Warn, run: str) -> list[
     """Cut a step of CPU tensors into parts that each fit the ring (one part when the step fits)."""
     snaps = pending.snapshots
     raw = [ring_nbytes(s) for s in snaps]
-    out = [result_nbytes(s, pending) for s in snaps]
-    reduce = {i for i in range(len(snaps)) if raw[i] >= REDUCE_BYTES and 2 * out[i] <= raw[i]}
-    total = sum(_aligned(raw[i]) + ALIGN for i in range(len(snaps)) if i not in reduce) + sum(out[i] for i in reduce)
+    total = sum(_aligned(n) + ALIGN for n in raw)
     limit = capacity
     if total > capacity:
         limit = capacity // 2
@@ -93,7 +74,14 @@ def plan_raw(pending: PendingStep, capacity: int, warn: Warn, run: str) -> list[
             f"max_queue_mb ({capacity >> 20} MiB); it is sent in parts, and training waits while the writer takes "
             f"each. HINT: max_queue_mb={need_mib(total)} sends it at once.",
         )
-    reduce |= {i for i in range(len(snaps)) if _aligned(raw[i]) + ALIGN > limit}  # too large to copy whole
+    reduce = {i for i in range(len(snaps)) if _aligned(raw[i]) + ALIGN > limit}  # too large to copy whole
+    if reduce:
+        warn(
+            "reduce",
+            f"comgra: {len(reduce)} tensor(s) of run {run!r} do not fit half the writer's buffer (max_queue_mb="
+            f"{capacity >> 20}); their statistics are computed on the training thread, which is slow. "
+            f"HINT: max_queue_mb={need_mib(total)} lets the writer process compute them.",
+        )
     parts: list[Part] = []
     group: list[int] = []
     used = 0

@@ -15,8 +15,8 @@ What the training side promises (docs/reliability.md):
 - **Bounded loss.** No record waits in the ring longer than ``flush_secs`` (training waits instead), and the
   writer commits every record at most ``flush_secs`` after it took it: what was recorded more than about
   ``2 * flush_secs`` ago is committed, even if every process is killed.
-- **Any step fits.** A tensor of ``REDUCE_BYTES`` or more that needs only statistics is reduced here, where
-  it lives (:func:`~.pending.pack`), and only the results travel; a step larger than the ring goes in parts.
+- **Any step fits.** A step larger than the ring goes in parts; a tensor larger than half the ring is reduced
+  here, where it lives (:func:`~.pending.pack`), and only its results travel (:mod:`.parts`).
 - **The user's exception wins.** Closing after an exception (``status="failed"``) never raises; a writer's
   error is attached to the exception in flight as a note.
 
