@@ -188,3 +188,47 @@ def test_a_normal_run_leaves_no_resource_warning(tmp_path: Path) -> None:
     leaks = [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)]
     assert not leaks, leaks
     assert open_run(tmp_path / "runs" / "clean").status == "finished"
+
+
+class _Stuck:
+    """A record whose writing hangs until released (a file system that stopped answering)."""
+
+    nbytes = 1000
+
+    def __init__(self, release: Any) -> None:
+        self.release = release
+
+    def materialize(self) -> Any:
+        self.release.wait(30)
+        return None  # nothing to write after all
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("on_error", ["warn", "raise"])
+def test_a_stuck_writer_thread_does_not_hang_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_error: str) -> None:
+    import threading
+
+    from comgra_callbacks.store import background
+    from comgra_callbacks.store.background import BackgroundWriter
+    from comgra_callbacks.store.storage import open_root
+    from comgra_callbacks.store.writer import RunWriter
+
+    monkeypatch.setattr(background, "STALL_WARN_SECS", 0.3)
+    monkeypatch.setattr(background, "STALL_SECS", 1.5)
+    release = threading.Event()
+    writer = BackgroundWriter(RunWriter(open_root(tmp_path).run("r")), max_queue_bytes=1500, on_error=on_error)  # type: ignore[arg-type]
+    started = time.monotonic()
+    try:
+        with pytest.warns(RuntimeWarning, match="writer thread of run 'r' has made no progress"):
+            writer.submit_record(_Stuck(release))
+            if on_error == "raise":
+                with pytest.raises(StoreError, match="made no progress for 1.5 s .*stuck"):
+                    writer.submit_record(_Stuck(release))  # waits for room: bounded
+            else:
+                with pytest.warns(RuntimeWarning, match="recording stops, training goes on. Cause: .*made no progress"):
+                    assert writer.submit_record(_Stuck(release)) is False
+        assert time.monotonic() - started < 10
+        with pytest.warns(RuntimeWarning, match="may be incomplete"):
+            writer.close("failed", "KeyboardInterrupt")  # bounded too, and never raises over an exception
+    finally:
+        release.set()
