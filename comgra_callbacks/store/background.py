@@ -169,6 +169,7 @@ class BackgroundWriter:
         self._thread.join(1.0)
         self._closed = True
         _LIVE.discard(self)
+        failure: BaseException | None
         if self._thread.is_alive():  # stuck: it cannot be stopped, and the store must not get two writers
             failure = self.error or StoreError(f"the writer thread of run {self.writer.location.name!r} did not finish")
         else:

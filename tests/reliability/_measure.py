@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python -m tests.reliability._measure signals 10   # trials per signal
     PYTHONPATH=$PWD python -m tests.reliability._measure latency      # commit delay with flush_secs=0.2 under load
+    PYTHONPATH=$PWD python -m tests.reliability._measure large [MB]   # a 27 M-parameter model, max_queue_mb=MB
 """
 
 from __future__ import annotations
@@ -95,9 +96,47 @@ def latency(seconds: float = 15.0) -> None:
           f"median {statistics.median(delays):.2f} s, p99 {sorted(delays)[int(0.99 * len(delays))]:.2f} s, max {max(delays):.2f} s")
 
 
+def large(max_queue_mb: int) -> None:
+    import warnings
+
+    import torch
+
+    from comgra_callbacks import ComgraCallback, open_run
+    from tests.conftest import quiet_trainer
+    from tests.reliability.test_large_model import Wide
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp())
+    model = Wide([1024, 4096, 4096, 1536])
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(48, 1024, generator=g), torch.randint(0, 1536, (48,), generator=g))
+    times: list[float] = []
+
+    import lightning.pytorch as pl
+
+    class Clock(pl.Callback):
+        def on_train_batch_start(self, *args: object) -> None:
+            self.started = time.perf_counter()
+
+        def on_train_batch_end(self, *args: object) -> None:
+            times.append(time.perf_counter() - self.started)
+
+    comgra = ComgraCallback(str(tmp / "runs"), run_name="large", max_queue_mb=max_queue_mb, log_scalars=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_trainer([comgra, Clock()], tmp, max_steps=6).fit(model, torch.utils.data.DataLoader(data, batch_size=8))
+    run = open_run(tmp / "runs" / "large")
+    print(f"{sum(p.numel() for p in model.parameters())} parameters, max_queue_mb={max_queue_mb}: recorded steps "
+          f"{run.steps['step'].tolist()}, seconds a step {[round(t, 2) for t in times]}")
+    for message in dict.fromkeys(str(w.message) for w in seen if str(w.message).startswith("comgra")):
+        print("  warning:", message)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.getcwd())
     if sys.argv[1] == "signals":
         signals(int(sys.argv[2]) if len(sys.argv) > 2 else 5)
+    elif sys.argv[1] == "large":
+        large(int(sys.argv[2]) if len(sys.argv) > 2 else 256)
     else:
         latency()
