@@ -302,15 +302,16 @@ class ProcessWriter:
     def _send_all(self, meta: list[Any], pending: PendingStep | None, parts: Iterator[Part]) -> None:
         """Send the parts of one record; every message but the last says ``more``."""
         current = next(parts, None)
+        index = 0
         while current is not None:
             following = next(parts, None)
-            more = following is not None
+            part = {"part": index, "more": True} if following is not None else ({"part": index} if index else {})
             if current.packed is not None:
-                self._send_packed(current.packed, meta, more)
+                self._send_packed(current.packed, meta, part)
             else:
                 assert pending is not None and current.raw is not None
-                self._send_raw(pending, current.raw, meta, more)
-            current = following
+                self._send_raw(pending, current.raw, meta, part)
+            current, index = following, index + 1
 
     def _room(self, nbytes: int) -> int:
         """Where ``nbytes`` go in the ring: waits (bounded) for room, and while the oldest record in the ring
@@ -347,7 +348,7 @@ class ProcessWriter:
     def _sent(self) -> None:
         self._in_ring.append((self.ring.produced, time.monotonic()))
 
-    def _send_raw(self, pending: PendingStep, indices: list[int], meta: list[Any], more: bool) -> None:
+    def _send_raw(self, pending: PendingStep, indices: list[int], meta: list[Any], part: dict[str, Any]) -> None:
         """Copy tensors into the ring (one ``torch.cat`` per dtype, straight into the ring) and describe them."""
         import torch
 
@@ -390,8 +391,7 @@ class ProcessWriter:
             "batch_size": pending.batch_size,
             "sample_index": None if index is None else [int(v) for v in index.reshape(-1).tolist()],
         }
-        if more:
-            message["more"] = True
+        message.update(part)  # which part of the step, and whether more follow
         self._send(message)
         self._sent()
 
@@ -408,7 +408,7 @@ class ProcessWriter:
             self._layout_ids = {k: v for k, v in self._layout_ids.items() if v > self._next_layout - _LAYOUTS_KEPT}
         return self._next_layout
 
-    def _send_packed(self, packed: PackedStep, meta: list[Any], more: bool) -> None:
+    def _send_packed(self, packed: PackedStep, meta: list[Any], part: dict[str, Any]) -> None:
         if packed.event is not None:  # statistics computed on an accelerator: one synchronisation here
             packed.event.synchronize()
         flat = packed.host.numpy() if not isinstance(packed.host, np.ndarray) else packed.host
@@ -419,8 +419,7 @@ class ProcessWriter:
             "op": "packed", "end": self.ring.produced, "nbytes": flat.nbytes, "offset": base, "length": int(flat.size),
             "layout": layout, "meta": meta,
         }
-        if more:
-            message["more"] = True
+        message.update(part)  # which part of the step, and whether more follow
         self._send(message)
         self._sent()
 

@@ -11,7 +11,8 @@ Signals meant for training are not for it: it runs in its own process group and 
 stops when its trainer says ``close``, or when its standard input ends (the trainer is gone: killed, or it
 exited without closing the run): then it commits what it received and marks the run ``failed``.
 
-A record arrives in one message, or in several *parts* (``"more": true`` on all but the last) when a step
+A record arrives in one message, or in several *parts* (``"part": i``, and ``"more": true`` on all but the
+last) when a step
 is larger than the ring; the parts are joined into one record. Records are committed in blocks of
 ``flush_rows`` or ``flush_bytes``, and no record waits longer than ``flush_secs`` to be committed, however
 busy the writer is.
@@ -123,6 +124,7 @@ class Worker:
         self.layouts: dict[int, list[Any]] = {}
         self.partial: HostRecord | None = None  # a record whose parts are still arriving
         self.partial_ratios: set[SeriesKey] = set()
+        self.next_part = 0  # the part expected next (-1: skip until a new record starts)
 
     def fail(self, exc: BaseException) -> None:
         self.failed = True
@@ -146,13 +148,16 @@ class Worker:
         return max(self.flush_secs - (time.monotonic() - self.oldest), 0.0)
 
     def _take(self, op: str, msg: dict[str, Any]) -> None:
-        """A record, or a part of one."""
-        items = None
-        if op == "record":
-            items = self.layouts.get(int(msg["layout"]))
-            if items is None:  # its layout message was torn (the trainer was interrupted while sending it)
-                self.partial = None
-                return
+        """A record, or a part of one (``part`` 0, 1, ...; ``more`` on all but the last)."""
+        part = int(msg.get("part", 0))
+        if part == 0:  # a new record: parts of an earlier one that never ended (an interrupt) are dropped
+            self.partial, self.partial_ratios, self.next_part = None, set(), 0
+        items = self.layouts.get(int(msg["layout"])) if op == "record" else None
+        if part != self.next_part or (op == "record" and items is None):
+            # a part or its layout is missing (a message torn by an interrupt): the record is incomplete
+            self.partial, self.partial_ratios, self.next_part = None, set(), -1
+            return
+        self.next_part = part + 1
         record = reduce_record(self.ring, msg, items) if items is not None else unpack_record(self.ring, msg)
         if items is not None:
             self.partial_ratios.update(

@@ -232,3 +232,32 @@ def test_a_stuck_writer_thread_does_not_hang_training(tmp_path: Path, monkeypatc
             writer.close("failed", "KeyboardInterrupt")  # bounded too, and never raises over an exception
     finally:
         release.set()
+
+
+@pytest.mark.timeout(60)
+def test_an_interrupt_between_the_parts_of_a_step_drops_that_step_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from comgra_callbacks.recording.process_writer import ProcessWriter
+    from tests.test_process_writer import step_with
+
+    writer = ProcessWriter(root=str(tmp_path), run="r", max_queue_bytes=4096)
+    real = ProcessWriter._send
+
+    def interrupted(self: ProcessWriter, message: dict[str, Any]) -> None:
+        if message.get("part") == 1:
+            raise KeyboardInterrupt  # Ctrl+C after the first part of step 0 was sent
+        real(self, message)
+
+    monkeypatch.setattr(ProcessWriter, "_send", interrupted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(KeyboardInterrupt):
+            writer.submit_record(step_with(0, size=200))  # ~5 KiB: more than one part
+        monkeypatch.setattr(ProcessWriter, "_send", real)
+        expected = step_with(1, size=200)
+        act = expected.snapshots[0].tensor.clone()
+        assert writer.submit_record(expected)
+    writer.close("finished")
+    run = open_run(tmp_path / "r")
+    assert run.steps["step"].tolist() == [1]  # not a mix of the two steps
+    assert run.stats("act").loc[1, "mean"] == pytest.approx(act.mean().item(), rel=1e-5)
+    assert set(run.stats("w", view="update").index) == {1}
