@@ -228,7 +228,7 @@ def test_write_failure_raises_when_asked(tmp_path: Path) -> None:
     writer.submit_record(Item(synthetic(0)))
     with pytest.raises(StoreError, match="writing run 'r' failed"):
         writer.flush()
-    with pytest.raises(StoreError):
+    with pytest.warns(RuntimeWarning, match="may be incomplete"):  # raised once, not again at the close
         writer.close("finished")
 
 
@@ -276,8 +276,11 @@ def test_run_killed_with_sigkill_stays_readable(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+    deadline = time.monotonic() + 30  # the writer process outlives its trainer: it writes what it got, then says why
+    while open_run(root / "killed").status == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
     run = open_run(root / "killed")
-    assert run.status == "running"  # never marked finished
+    assert run.status == "failed" and run.meta["error"].startswith("interrupted")  # the writer process says why
     steps = run.steps["step"].tolist()
     assert len(steps) >= 6 and steps == list(range(len(steps)))
     for node in ("net.0", "net.2", "loss", "net.0.weight"):

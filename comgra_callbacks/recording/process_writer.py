@@ -4,8 +4,21 @@ Measured on the benchmark workload (docs/benchmarks.md): any Python work on a th
 slows training far more than its own CPU time, because every torch operation of the training step releases
 the GIL and has to win it back. So the training thread only copies a recorded step's tensors into a shared
 ring (:mod:`.ring`) and sends a JSON line describing them; the writer process (:mod:`.worker`) computes the
-statistics with numpy on another core and does every write. It also outlives a training process killed
-with ``SIGKILL`` long enough to commit what it had received.
+statistics with numpy on another core and does every write.
+
+What the training side promises (docs/reliability.md):
+
+- **No wait without end.** Every wait on the writer process (room in the ring, the pipe, a flush, the close)
+  ends when the writer makes progress; after ``STALL_WARN_SECS`` without progress a warning says so, after
+  ``STALL_SECS`` the wait gives up and ``on_error`` decides: ``"warn"`` stops recording and training goes on,
+  ``"raise"`` raises :class:`StoreError`.
+- **Bounded loss.** No record waits in the ring longer than ``flush_secs`` (training waits instead), and the
+  writer commits every record at most ``flush_secs`` after it took it: what was recorded more than about
+  ``2 * flush_secs`` ago is committed, even if every process is killed.
+- **Any step fits.** A step larger than the ring goes in parts; a tensor larger than half the ring is reduced
+  here, where it lives (:func:`~.pending.pack`), and only its results travel (:mod:`.parts`).
+- **The user's exception wins.** Closing after an exception (``status="failed"``) never raises; a writer's
+  error is attached to the exception in flight as a note.
 
 Same interface as :class:`~comgra_callbacks.store.background.BackgroundWriter`: ``submit_record``, ``op``,
 ``flush``, ``close``, ``error``, ``wait_seconds``.
@@ -20,15 +33,22 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import numpy as np
 
 from comgra_callbacks.errors import StoreError
-from comgra_callbacks.recording.pending import FULL, PackedStep, PendingStep
-from comgra_callbacks.recording.ring import CLOSED, ERROR, FLUSHED, RECORDS, Ring
+from comgra_callbacks.recording.parts import NUMPY_DTYPES, Part, plan_raw, split_packed
+from comgra_callbacks.recording.pending import FULL, PackedStep, PendingStep, pack
+from comgra_callbacks.recording.ring import CLOSED, CONSUMED, ERROR, FLUSHED, PROGRESS, RECORDS, Ring
 
-_NUMPY_DTYPES = {"float32", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
+STALL_WARN_SECS = 5.0  # a wait on the writer process warns after this long without progress ...
+STALL_SECS = 60.0  # ... and gives up after this long (then ``on_error`` decides)
+CLOSE_SECS_AFTER_ERROR = 30.0  # closing after an exception waits at most this long; the writer finishes alone
+_LAYOUTS_KEPT = 64  # the writer process keeps the last 64 layouts (worker.py)
+_FINISHING_ALONE: list[subprocess.Popen[bytes]] = []  # writers left to finish after close: reaped later
 
 
 class ProcessWriter:
@@ -38,8 +58,9 @@ class ProcessWriter:
         root / run / storage_options / resume / meta: where the run is and how to open it (see ``RunWriter``).
         max_queue_bytes: size of the shared ring (memory reserved up front); recorded steps wait when it is
             full, and a warning says so once.
-        flush_rows / flush_bytes / flush_secs: how the writer process blocks records (see BackgroundWriter).
-        on_error: ``"warn"`` or ``"raise"`` when writing fails.
+        flush_rows / flush_bytes / flush_secs: how the writer process blocks records (see BackgroundWriter);
+            ``flush_secs`` also bounds how long a record may wait in the ring.
+        on_error: ``"warn"`` or ``"raise"`` when writing fails or the writer process stops answering.
         start_timeout: seconds to wait for the writer process to open the run.
 
     Raises:
@@ -65,70 +86,166 @@ class ProcessWriter:
     ) -> None:
         self.name = run
         self.on_error = on_error
+        self.flush_secs = flush_secs
         self.wait_seconds = 0.0
-        self._warned_slow = self._warned_error = self._closed = False
+        self._root, self._storage_options = root, storage_options
+        self._warned: set[str] = set()
+        self._closed = self._raised = False
+        self._failure: StoreError | None = None  # found on this side: the writer stopped answering
         self._flush_id = 0
-        self._layout: list[Any] | None = None
-        self._layout_id = 0
+        self._layout_ids: dict[str, int] = {}
+        self._next_layout = 0
+        self._in_ring: deque[tuple[int, float]] = deque()  # (produced counter after a message, when it was sent)
+        self._records_written = 0
         try:
             self.ring = Ring.create(max_queue_bytes)
         except OSError as exc:
-            raise StoreError(f"cannot reserve the recording buffer: {exc}") from exc
+            raise StoreError(f"`ProcessWriter`: cannot reserve the recording buffer: {exc}") from exc
+        _FINISHING_ALONE[:] = [p for p in _FINISHING_ALONE if p.poll() is None]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "comgra_callbacks.recording.worker", self.ring.path, str(self.ring.size)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-            env=env,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "comgra_callbacks.recording.worker", str(self.ring.fd), str(self.ring.size)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                pass_fds=(self.ring.fd,),
+                start_new_session=True,  # signals sent to the trainer's process group do not reach it
+                env=env,
+            )
+        except BaseException:
+            self.ring.close()
+            raise
+        assert self.proc.stdin is not None
+        self._stdin = self.proc.stdin.fileno()
+        os.set_blocking(self._stdin, False)  # every write is bounded (_send)
         try:
             self._send({
                 "root": root, "run": run, "storage_options": storage_options, "resume": resume, "meta": meta or {},
                 "flush_rows": flush_rows, "flush_bytes": flush_bytes, "flush_secs": flush_secs,
             })
             answer = self._read_answer(start_timeout)
+            if "error" in answer:
+                raise StoreError(answer["error"])
         except BaseException:
             self._kill()
+            self.ring.close()
             raise
-        finally:
-            self.ring.unlink()  # both processes have it mapped (or the writer process is gone)
-        if "error" in answer:
-            self._kill()
-            raise StoreError(answer["error"])
 
     # ----------------------------------------------------------------------------- plumbing
     def _send(self, message: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
+        """Write one message without ever blocking for long (see :meth:`_wait`).
+
+        Every message starts on a new line: one torn by an interrupt (Ctrl+C while it was written) ends
+        there, the writer process skips it and reads the next one whole."""
+        data = b"\n" + json.dumps(message, separators=(",", ":"), allow_nan=True).encode() + b"\n"
+        view = memoryview(data)
         try:
-            self.proc.stdin.write(json.dumps(message, separators=(",", ":"), allow_nan=True) + "\n")
-        except (BrokenPipeError, OSError) as exc:
-            raise StoreError(f"the writer process of run {self.name!r} is gone (exit code {self.proc.poll()})") from exc
+            while view:
+                try:
+                    n = os.write(self._stdin, view)
+                except BlockingIOError:
+                    n = 0
+                except OSError as exc:
+                    raise self._gone() from exc
+                if n:
+                    view = view[n:]
+                else:
+                    self._wait("send to it", lambda: bool(select.select([], [self._stdin], [], 0.005)[1]))
+        except BaseException:
+            if len(view) != len(data):
+                self._layout_ids.clear()  # a layout may have been torn: describe every layout again
+            raise
+
+    def _send_nowait(self, message: dict[str, Any]) -> None:
+        data = b"\n" + json.dumps(message, separators=(",", ":"), allow_nan=True).encode() + b"\n"
+        try:
+            os.write(self._stdin, data)  # all of it, or a torn line the writer process skips
+        except OSError:
+            pass
 
     def _read_answer(self, timeout: float) -> dict[str, Any]:
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
+        line = self.proc.stdout.readline() if ready else b""
         if not line:
             code = self.proc.poll()
             raise StoreError(
-                f"the writer process of run {self.name!r} did not start (exit code {code}); see its error output above."
-                if code is not None else f"the writer process of run {self.name!r} did not answer within {timeout:.0f} s."
+                f"`ProcessWriter`: the writer process of run {self.name!r} did not start (exit code {code}); see its error output above."
+                if code is not None else f"`ProcessWriter`: the writer process of run {self.name!r} did not answer within {timeout:.0f} s."
             )
         return dict(json.loads(line))
+
+    def _gone(self) -> StoreError:
+        return StoreError(f"the writer process of run {self.name!r} stopped (exit code {self.proc.poll()}).")
+
+    def _wait(self, what: str, ready: Callable[[], bool], timeout: float | None = None, *, closing: bool = False) -> float:
+        """Wait until ``ready()``; warn after STALL_WARN_SECS without progress of the writer process, give up
+        (StoreError) after STALL_SECS without progress or ``timeout`` in all. Returns the seconds waited."""
+        started = changed = time.monotonic()
+        seen = self._progress()
+        pause = 0.0002
+        while not ready():
+            if self.proc.poll() is not None:
+                raise self._gone()
+            if self.ring.header[ERROR] and not closing:
+                raise self._writer_error()
+            now = time.monotonic()
+            progress = self._progress()
+            if progress != seen:
+                seen, changed = progress, now
+            idle = now - changed
+            if idle >= STALL_SECS or (timeout is not None and now - started >= timeout):
+                raise StoreError(
+                    f"`ProcessWriter`: the writer process of run {self.name!r} (pid {self.proc.pid}) made no progress for "
+                    f"{round(idle, 1):g} s while training waited to {what}: it is stopped or hung. Recording of this run stops. "
+                    f"HINT: `kill -CONT {self.proc.pid}` if it was stopped; check the disk or the store it writes to."
+                    if idle >= STALL_SECS else f"`ProcessWriter`: waiting for the writer process of run {self.name!r} to {what} "
+                    f"timed out after {timeout:g} s."
+                )
+            if idle >= STALL_WARN_SECS:
+                self._warn_once(
+                    "stall",
+                    f"comgra: the writer process of run {self.name!r} (pid {self.proc.pid}) has made no progress for "
+                    f"{round(idle, 1):g} s; training waits to {what}, at most {STALL_SECS:g} s, then on_write_error="
+                    f"{self.on_error!r} decides.",
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
+        return time.monotonic() - started
+
+    def _progress(self) -> tuple[int, int]:
+        return int(self.ring.header[CONSUMED]), int(self.ring.header[PROGRESS])
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=5)
 
     def _kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None and not pipe.closed:
+                try:
+                    pipe.close()
+                except OSError:  # a pipe to a dead process: closing it still releases it
+                    pass
+
+    def _writer_error(self) -> StoreError:
+        return StoreError(f"writing run {self.name!r} failed: {self.ring.error_text()}")
 
     @property
     def error(self) -> StoreError | None:
+        if self._failure is not None:
+            return self._failure
         if self.ring.header is not None and self.ring.header[ERROR]:
-            return StoreError(f"writing run {self.name!r} failed: {self.ring.error_text()}")
+            return self._writer_error()
         if self.proc.poll() not in (None, 0):
-            return StoreError(f"the writer process of run {self.name!r} stopped (exit code {self.proc.poll()}).")
+            return self._gone()
         return None
 
     def _check_error(self) -> bool:
@@ -136,68 +253,107 @@ class ProcessWriter:
         if error is None:
             return False
         if self.on_error == "raise":
+            self._raised = True
             raise error
-        if not self._warned_error:
-            self._warned_error = True
-            warnings.warn(f"comgra: {error}; recording stops, training goes on.", RuntimeWarning, stacklevel=4)
+        self._warn_once("error", f"comgra: {error}; recording stops, training goes on.")
         return True
 
     @property
     def records_written(self) -> int:
-        return int(self.ring.header[RECORDS]) if self.ring.header is not None else 0
+        """Records the writer process has taken so far (committed within ``flush_secs``)."""
+        if self.ring.header is not None:
+            self._records_written = int(self.ring.header[RECORDS])
+        return self._records_written
 
     # ------------------------------------------------------------------------------- records
-    def _place(self, nbytes: int) -> int | None:
-        if nbytes > self.ring.capacity:
-            self._check_error()
-            warnings.warn(
-                f"comgra: a recorded step of run {self.name!r} needs {nbytes >> 20} MiB, more than max_queue_mb "
-                f"({self.ring.capacity >> 20} MiB); it is not recorded. HINT: raise max_queue_mb or keep less (detail=).",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return None
-        spot = self.ring.place(nbytes)
-        if spot is None:
-            started = time.perf_counter()
-            while spot is None:
-                if self.proc.poll() is not None or self._check_error():
-                    return None
-                time.sleep(0.0005)
-                spot = self.ring.place(nbytes)
-            waited = time.perf_counter() - started
-            self.wait_seconds += waited
-            if not self._warned_slow:
-                self._warned_slow = True
-                warnings.warn(
-                    f"comgra: the writer of run {self.name!r} cannot keep up (buffer full at {self.ring.capacity >> 20} MiB); "
-                    f"training waited {waited * 1000:.0f} ms. HINT: record less often (schedule=) or keep less (detail=).",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-        return spot[0]
-
     def submit_record(self, item: PendingStep | PackedStep) -> bool:
-        """Copy a step into the ring and describe it to the writer process; False when it was dropped."""
+        """Hand a step to the writer process; False when it was dropped (writing has failed)."""
         if self._closed:
             raise StoreError(f"the writer of run {self.name!r} is closed; nothing more can be written.")
         if self._check_error():
             return False
-        if isinstance(item, PackedStep):
-            return self._submit_packed(item)
-        return self._submit_raw(item)
+        try:
+            if isinstance(item, PackedStep):
+                r = item.record
+                meta = [r.step, r.step_type, r.epoch, r.batch_idx, r.time, r.reason]
+                self._send_all(meta, None, (Part(packed=p) for p in split_packed(item, self.ring.capacity, self._warn_once, self.name)))
+            else:
+                meta = [item.step, item.step_type, item.epoch, item.batch_idx, item.time, item.reason or "schedule"]
+                self._send_all(meta, item, self._resolve(item, plan_raw(item, self.ring.capacity, self._warn_once, self.name)))
+                item.snapshots = []
+        except StoreError as exc:
+            if self.error is None:
+                self._failure = exc
+            self._check_error()
+            return False
+        return True
 
-    def _submit_raw(self, pending: PendingStep) -> bool:
-        """Copy the step's tensors into the ring: one ``torch.cat`` per dtype, straight into the ring."""
+    def _resolve(self, pending: PendingStep, parts: list[Part]) -> Iterator[Part]:
+        """Parts as they are sent: snapshots reduced here become results (one ``pack`` per group, when due)."""
+        for part in parts:
+            if part.reduce is None:
+                yield part
+                continue
+            p = pending
+            sub = PendingStep(p.step, p.step_type, p.epoch, p.batch_idx, p.time, p.reason, [p.snapshots[i] for i in part.reduce], p.sample_index, p.batch_size)
+            for piece in split_packed(pack(sub), self.ring.capacity, self._warn_once, self.name):
+                yield Part(packed=piece)
+
+    def _send_all(self, meta: list[Any], pending: PendingStep | None, parts: Iterator[Part]) -> None:
+        """Send the parts of one record; every message but the last says ``more``."""
+        current = next(parts, None)
+        index = 0
+        while current is not None:
+            following = next(parts, None)
+            part = {"part": index, "more": True} if following is not None else ({"part": index} if index else {})
+            if current.packed is not None:
+                self._send_packed(current.packed, meta, part)
+            else:
+                assert pending is not None and current.raw is not None
+                self._send_raw(pending, current.raw, meta, part)
+            current, index = following, index + 1
+
+    def _room(self, nbytes: int) -> int:
+        """Where ``nbytes`` go in the ring: waits (bounded) for room, and while the oldest record in the ring
+        has waited longer than ``flush_secs`` (what SIGKILL can take is bounded by time, not by size)."""
+        now = time.monotonic()
+        consumed = int(self.ring.header[CONSUMED])
+        while self._in_ring and self._in_ring[0][0] <= consumed:
+            self._in_ring.popleft()
+        overdue = [end for end, sent in self._in_ring if now - sent > self.flush_secs]
+        waited = 0.0
+        if overdue:
+            target = overdue[-1]
+            waited += self._wait("take records older than flush_secs", lambda: int(self.ring.header[CONSUMED]) >= target)
+        box: list[tuple[int, int]] = []
+
+        def placed() -> bool:
+            spot = self.ring.place(nbytes)
+            if spot is not None:
+                box.append(spot)
+            return spot is not None
+
+        if not placed():
+            waited += self._wait("find room in the buffer", placed)
+        if waited:
+            self.wait_seconds += waited
+            self._warn_once(
+                "slow",
+                f"comgra: the writer of run {self.name!r} cannot keep up (buffer of {self.ring.capacity >> 20} MiB full, or "
+                f"records waited more than flush_secs={self.flush_secs:g} s); training waited {waited * 1000:.0f} ms. "
+                "HINT: record less often (schedule=) or keep less (detail=).",
+            )
+        return box[0][0]
+
+    def _sent(self) -> None:
+        self._in_ring.append((self.ring.produced, time.monotonic()))
+
+    def _send_raw(self, pending: PendingStep, indices: list[int], meta: list[Any], part: dict[str, Any]) -> None:
+        """Copy tensors into the ring (one ``torch.cat`` per dtype, straight into the ring) and describe them."""
         import torch
 
-        snaps = pending.snapshots
-        tensors = []
-        for snap in snaps:
-            t = snap.tensor.detach()
-            if str(t.dtype).replace("torch.", "") not in _NUMPY_DTYPES:
-                t = t.to(torch.float32)
-            tensors.append(t)
+        snaps = [pending.snapshots[i] for i in indices]
+        tensors = [_ring_tensor(s.tensor) for s in snaps]
         by_dtype: dict[Any, list[int]] = {}
         for i, t in enumerate(tensors):
             by_dtype.setdefault(t.dtype, []).append(i)
@@ -207,9 +363,7 @@ class ProcessWriter:
             size = sum(tensors[i].numel() for i in members) * tensors[members[0]].element_size()
             blocks.append((dtype, members, total, size))
             total += ((size + 63) // 64) * 64
-        base = self._place(max(total, 64))
-        if base is None:
-            return False
+        base = self._room(max(total, 64))
         offsets = [0] * len(tensors)  # relative to base
         for dtype, members, start, size in blocks:
             if size:
@@ -219,89 +373,147 @@ class ProcessWriter:
             for i in members:
                 offsets[i] = position
                 position += tensors[i].numel() * tensors[i].element_size()
-        value_index = {s.key.node: i for i, s in enumerate(snaps) if s.key.view == "value" and s.is_parameter}
+        here = {s.key.node: i for i, s in enumerate(snaps) if s.key.view == "value" and s.is_parameter}
+        elsewhere = {s.key.node for s in pending.snapshots if s.key.view == "value" and s.is_parameter}
         items = []
         for i, (snap, t) in enumerate(zip(snaps, tensors)):
             k = snap.key
-            ref = value_index.get(k.node) if snap.reference is not None else None
+            ref = None
+            if snap.reference is not None:
+                ref = here.get(k.node, -1 if k.node in elsewhere else None)  # -1: in another part of the step
             samples = FULL if snap.samples == FULL else int(snap.samples)
             dtype = str(t.dtype).replace("torch.", "")
             items.append([k.node, k.role, k.iteration, k.view, snap.dtype, dtype, list(t.shape), offsets[i], snap.is_parameter, bool(snap.neurons), samples, ref, snap.neuron_axis])
-        if items != self._layout:  # the same tensors every step: describe them once
-            self._layout, self._layout_id = items, self._layout_id + 1
-            self._send({"op": "layout", "id": self._layout_id, "items": items})
+        layout = self._layout(items)
         index = pending.sample_index
-        self._send({
-            "op": "record",
-            "layout": self._layout_id,
-            "base": base,
-            "end": self.ring.produced,
-            "nbytes": total,
-            "meta": [pending.step, pending.step_type, pending.epoch, pending.batch_idx, pending.time, pending.reason or "schedule"],
+        message: dict[str, Any] = {
+            "op": "record", "layout": layout, "base": base, "end": self.ring.produced, "nbytes": total, "meta": meta,
             "batch_size": pending.batch_size,
             "sample_index": None if index is None else [int(v) for v in index.reshape(-1).tolist()],
-        })
-        pending.snapshots = []
-        return True
+        }
+        message.update(part)  # which part of the step, and whether more follow
+        self._send(message)
+        self._sent()
 
-    def _submit_packed(self, packed: PackedStep) -> bool:
+    def _layout(self, items: list[Any]) -> int:
+        """The id of a layout the writer process knows (the same tensors every step: described once)."""
+        key = json.dumps(items, separators=(",", ":"))
+        known = self._layout_ids.get(key)
+        if known is not None and known > self._next_layout - _LAYOUTS_KEPT:
+            return known
+        self._next_layout += 1
+        self._send({"op": "layout", "id": self._next_layout, "items": items})
+        self._layout_ids[key] = self._next_layout
+        if len(self._layout_ids) > 2 * _LAYOUTS_KEPT:
+            self._layout_ids = {k: v for k, v in self._layout_ids.items() if v > self._next_layout - _LAYOUTS_KEPT}
+        return self._next_layout
+
+    def _send_packed(self, packed: PackedStep, meta: list[Any], part: dict[str, Any]) -> None:
         if packed.event is not None:  # statistics computed on an accelerator: one synchronisation here
             packed.event.synchronize()
-        flat = packed.host.numpy()
-        base = self._place(flat.nbytes)
-        if base is None:
-            return False
+        flat = packed.host.numpy() if not isinstance(packed.host, np.ndarray) else packed.host
+        base = self._room(flat.nbytes)
         self.ring.array(base, np.float32, flat.shape)[:] = flat
         layout = [[k.node, k.role, k.iteration, k.view, dtype, ns and list(ns), ss and list(ss)] for k, dtype, ns, ss in packed.layout]
-        r = packed.record
-        self._send({
-            "op": "packed", "end": self.ring.produced, "nbytes": flat.nbytes, "offset": base, "length": int(flat.size), "layout": layout,
-            "meta": [r.step, r.step_type, r.epoch, r.batch_idx, r.time, r.reason],
-        })
-        return True
+        message: dict[str, Any] = {
+            "op": "packed", "end": self.ring.produced, "nbytes": flat.nbytes, "offset": base, "length": int(flat.size),
+            "layout": layout, "meta": meta,
+        }
+        message.update(part)  # which part of the step, and whether more follow
+        self._send(message)
+        self._sent()
 
     # ------------------------------------------------------------------------------ the rest
     def op(self, name: str, *args: Any) -> bool:
         """A sidecar operation (``write_graph``, ``add_notes``, ``start_segment``, ...), in order with records."""
         if self._closed or self._check_error():
             return False
-        self._send({"op": name, "args": list(args)})
+        try:
+            self._send({"op": name, "args": list(args)})
+        except StoreError as exc:
+            self._failure = self._failure or exc
+            self._check_error()
+            return False
         return True
 
     def flush(self, timeout: float | None = None) -> None:
-        """Block until everything sent so far is written and committed."""
+        """Block until everything sent so far is written and committed (bounded: see :meth:`_wait`)."""
+        if self._check_error():
+            return
         self._flush_id += 1
-        self._send({"op": "flush", "id": self._flush_id})
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while int(self.ring.header[FLUSHED]) < self._flush_id:
-            if self.proc.poll() is not None or self.ring.header[ERROR]:
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                raise StoreError(f"flushing run {self.name!r} timed out after {timeout} s.")
-            time.sleep(0.001)
+        target = self._flush_id
+        try:
+            self._send({"op": "flush", "id": target})
+            self._wait("flush", lambda: int(self.ring.header[FLUSHED]) >= target, timeout)
+        except StoreError as exc:
+            if timeout is not None and self._failure is None and "timed out" in str(exc):
+                raise StoreError(f"flushing run {self.name!r} timed out after {timeout} s.") from exc
+            self._failure = self._failure or self.error or exc
         self._check_error()
 
     def close(self, status: Literal["running", "finished", "failed"], error: str | None = None, timeout: float | None = 600.0) -> None:
-        """Write what is queued, mark the run, stop the writer process. Safe to call twice."""
+        """Write what is queued, mark the run, stop the writer process. Safe to call twice.
+
+        With ``status="failed"`` (an exception is on its way) it waits at most CLOSE_SECS_AFTER_ERROR and never
+        raises: a writer's error becomes a note on the exception being handled. A writer process that does
+        not finish in time is left to finish alone (it has everything; it ignores the signals meant for
+        training)."""
         if self._closed:
             return
         self._closed = True
+        after_error = status == "failed"
+        limit = min(timeout or CLOSE_SECS_AFTER_ERROR, CLOSE_SECS_AFTER_ERROR) if after_error else timeout
         failure = self.error
+        if failure is not None:
+            status, error = "failed", error or str(failure)
         try:
-            if self.proc.poll() is None:
-                if failure is not None:
-                    status, error = "failed", error or str(failure)
+            if self.proc.poll() is None and self._failure is None:
                 self._send({"op": "close", "status": status, "error": error})
-                assert self.proc.stdin is not None
-                self.proc.stdin.close()
-                self.proc.wait(timeout)
-        except (StoreError, subprocess.TimeoutExpired):
-            self._kill()
+                self._close_pipes()
+                self._wait("write what it holds and close the run", lambda: self.proc.poll() is not None, limit, closing=True)
+            elif self.proc.poll() is None:  # it stopped answering: one try, so that it says why when it goes on
+                self._send_nowait({"op": "close", "status": status, "error": error})
+        except StoreError as exc:
+            failure = failure or exc
         finally:
+            self._close_pipes()  # the writer process sees the end of its input: it finishes alone if it must
             closed = bool(self.ring.header[CLOSED])
-            failure = failure or self.error
+            failure = failure or (None if closed else self.error)
+            self.records_written  # noqa: B018 - keep the last count
             self.ring.close()
-        if failure is not None and self.on_error == "raise":
+            if self.proc.poll() is None:
+                _FINISHING_ALONE.append(self.proc)
+        if not closed and self.proc.poll() is not None:
+            self._mark_failed("; ".join(x for x in (error, str(failure or "the writer process ended without closing the run")) if x))
+        if failure is None:
+            return
+        in_flight = sys.exc_info()[1]
+        if in_flight is not None and in_flight is not failure and not self._raised:
+            in_flight.add_note(f"comgra: {failure} (the run {self.name!r} may be incomplete)")
+        if self.on_error == "raise" and not self._raised and not after_error and in_flight is None:
+            self._raised = True
             raise failure
-        if failure is not None or not closed:
-            warnings.warn(f"comgra: run {self.name!r} may be incomplete: {failure or 'the writer process did not close it'}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"comgra: run {self.name!r} may be incomplete: {failure}", RuntimeWarning, stacklevel=2)
+
+    def _mark_failed(self, reason: str) -> None:
+        """The writer process died: mark the run ``failed`` from here (what it committed stays valid)."""
+        from comgra_callbacks.store import format as fmt
+        from comgra_callbacks.store.storage import open_root
+
+        try:
+            location = open_root(self._root, self._storage_options).run(self.name)
+            meta = location.read_json(fmt.META_FILE) or {}
+            if meta.get("status") == "running":
+                meta.update(status="failed", finished=time.time(), error=reason)
+                location.write_json(fmt.META_FILE, meta)
+        except Exception as exc:  # the store is gone too; a reader sees "running" with an old heartbeat
+            warnings.warn(f"comgra: could not mark run {self.name!r} as failed: {exc}", RuntimeWarning, stacklevel=3)
+
+
+def _ring_tensor(tensor: Any) -> Any:
+    import torch
+
+    t = tensor.detach()
+    if str(t.dtype).replace("torch.", "") not in NUMPY_DTYPES:
+        t = t.to(torch.float32)
+    return t

@@ -5,9 +5,11 @@ anyway) and tells the writer process where they are; the writer process reduces 
 *consumed* counter, which frees the space. Nothing is pickled: the layout of every record travels as JSON.
 
 Layout: a 4 KiB header (int64 counters, then the writer's last error as UTF-8), then the data region.
-The file lives in ``/dev/shm`` when it has room (memory), else in the temporary directory; it is unlinked as
-soon as the writer process has mapped it, so it cannot outlive the two processes, even after ``SIGKILL``.
-Its pages are touched once when it is created, so that no step pays for page faults later.
+The ring has no name that could outlive the two processes, even after ``SIGKILL`` during the writer's start:
+on Linux it is an anonymous ``memfd`` (memory, not limited by the size of ``/dev/shm``); elsewhere a file in
+``/dev/shm`` or the temporary directory, unlinked right after it was opened. The writer process inherits the
+open descriptor (``pass_fds``). Its pages are touched once when it is created, so that no step pays for page
+faults later.
 """
 
 from __future__ import annotations
@@ -23,26 +25,57 @@ import numpy as np
 
 HEADER = 4096
 ALIGN = 64
-CONSUMED, FLUSHED, ERROR, RECORDS, CLOSED = 0, 1, 2, 3, 4  # header slots (int64)
+CONSUMED, FLUSHED, ERROR, RECORDS, CLOSED, PROGRESS, COMMITTED = 0, 1, 2, 3, 4, 5, 6  # header slots (int64)
 _ERROR_TEXT = 256  # byte offset of the error text in the header
 
 
-def _candidate_dirs() -> list[str]:
-    dirs = []
-    if os.path.isdir("/dev/shm"):
-        dirs.append("/dev/shm")
-    dirs.append(tempfile.gettempdir())
-    return dirs
+def _open_anonymous(size: int) -> tuple[int, str]:
+    """An open descriptor of ``size`` bytes with no name left in any directory, and a description of it.
+
+    Raises OSError when no place has room."""
+    errors = []
+    tag = f"comgra-ring-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if hasattr(os, "memfd_create"):
+        try:
+            fd = os.memfd_create(tag, os.MFD_CLOEXEC)
+        except OSError as exc:
+            errors.append(f"memfd: {exc}")
+        else:
+            try:
+                os.posix_fallocate(fd, 0, size)  # fails cleanly where memory is short, instead of SIGBUS later
+                return fd, f"memfd:{tag}"
+            except OSError as exc:
+                errors.append(f"memfd: {exc}")
+                os.close(fd)
+    dirs = (["/dev/shm"] if os.path.isdir("/dev/shm") else []) + [tempfile.gettempdir()]
+    for directory in dirs:
+        path = os.path.join(directory, tag)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        except OSError as exc:
+            errors.append(f"{directory}: {exc}")
+            continue
+        os.unlink(path)  # at once: from here on nothing can leak, whoever dies when
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            else:  # pragma: no cover - macOS
+                os.ftruncate(fd, size)
+            return fd, f"{path} (unlinked)"
+        except OSError as exc:
+            errors.append(f"{directory}: {exc}")
+            os.close(fd)
+    raise OSError(f"no room for a {size >> 20} MiB recording buffer ({'; '.join(errors)}). HINT: lower max_queue_mb.")
 
 
 class Ring:
     """The ring, from either side. Create it with :meth:`create` (trainer) or :meth:`attach` (writer)."""
 
     def __init__(self, path: str, size: int, fd: int) -> None:
-        self.path = path
+        self.path = path  # a description only: the ring has no name in any directory
         self.size = size
         self.capacity = size - HEADER
-        self._fd = fd
+        self.fd = fd
         self.mm = mmap.mmap(fd, size)
         self.header = np.frombuffer(self.mm, dtype=np.int64, count=_ERROR_TEXT // 8)
         self.produced = 0  # trainer side: bytes handed out so far (monotonic)
@@ -58,37 +91,21 @@ class Ring:
 
     @classmethod
     def create(cls, capacity: int) -> Ring:
-        """Create a ring with ``capacity`` data bytes; raises OSError when no directory has room."""
+        """Create a ring with ``capacity`` data bytes; raises OSError when no place has room."""
         size = HEADER + ((capacity + ALIGN - 1) // ALIGN) * ALIGN
-        errors = []
-        for directory in _candidate_dirs():
-            path = os.path.join(directory, f"comgra-ring-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            try:
-                if hasattr(os, "posix_fallocate"):
-                    os.posix_fallocate(fd, 0, size)  # fails cleanly where a small /dev/shm would SIGBUS later
-                else:  # pragma: no cover - macOS
-                    os.ftruncate(fd, size)
-                ring = cls(path, size, fd)
-                np.frombuffer(ring.mm, dtype=np.uint8)[:] = 0  # touch every page now, not during training
-                return ring
-            except OSError as exc:
-                errors.append(f"{directory}: {exc}")
-                os.close(fd)
-                os.unlink(path)
-        raise OSError(f"no room for a {size >> 20} MiB recording buffer ({'; '.join(errors)}). HINT: lower max_queue_mb.")
+        fd, path = _open_anonymous(size)
+        try:
+            ring = cls(path, size, fd)
+            np.frombuffer(ring.mm, dtype=np.uint8)[:] = 0  # touch every page now, not during training
+        except BaseException:
+            os.close(fd)
+            raise
+        return ring
 
     @classmethod
-    def attach(cls, path: str, size: int) -> Ring:
-        fd = os.open(path, os.O_RDWR)
-        return cls(path, size, fd)
-
-    def unlink(self) -> None:
-        """Remove the file name (both processes keep their mapping)."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+    def attach(cls, fd: int, size: int) -> Ring:
+        """The writer's side: map the descriptor it inherited."""
+        return cls(f"fd {fd}", size, fd)
 
     def close(self) -> None:
         self.header = None  # type: ignore[assignment]
@@ -97,7 +114,7 @@ class Ring:
             self.mm.close()
         except BufferError:  # a numpy view is still alive somewhere; the mapping goes with the process
             pass
-        os.close(self._fd)
+        os.close(self.fd)
 
     # ------------------------------------------------------------------------------ trainer side
     def free(self) -> int:

@@ -1,19 +1,28 @@
-"""The writer process: ``python -m comgra_callbacks.recording.worker RING SIZE``, started by ProcessWriter.
+"""The writer process: ``python -m comgra_callbacks.recording.worker RING_FD SIZE``, started by ProcessWriter.
 
 It owns the run's store. From its standard input it reads one JSON line to start (where the run is, its
 metadata) and then one JSON line per message; the tensors of a recorded step are in the shared ring
-(:mod:`.ring`). It computes the statistics with numpy (it never imports torch), appends blocks of records,
-writes sidecars, and advances the ring's *consumed* counter. It answers the start with one JSON line on
-standard output: ``{"ready": true}`` or ``{"error": "..."}``.
+(:mod:`.ring`), whose descriptor it inherits. It computes the statistics with numpy (it never imports torch),
+appends blocks of records, writes sidecars, and advances the ring's *consumed* counter. It answers the start
+with one JSON line on standard output: ``{"ready": true}`` or ``{"error": "..."}``.
 
-When its standard input ends without a ``close`` message (the training process died), it commits what it
-received and exits; the run's status stays ``"running"``.
+Signals meant for training are not for it: it runs in its own process group and ignores ``SIGINT`` and
+``SIGTERM``, so a Ctrl+C, a ``timeout`` or a scheduler's ``SIGTERM`` never cost the records it holds. It
+stops when its trainer says ``close``, or when its standard input ends (the trainer is gone: killed, or it
+exited without closing the run): then it commits what it received and marks the run ``failed``.
+
+A record arrives in one message, or in several *parts* (``"part": i``, and ``"more": true`` on all but the
+last) when a step
+is larger than the ring; the parts are joined into one record. Records are committed in blocks of
+``flush_rows`` or ``flush_bytes``, and no record waits longer than ``flush_secs`` to be committed, however
+busy the writer is.
 """
 
 from __future__ import annotations
 
 import json
 import queue
+import signal
 import sys
 import threading
 import time
@@ -23,13 +32,14 @@ from typing import Any
 import numpy as np
 
 from comgra_callbacks.recording import reduce_numpy as rn
-from comgra_callbacks.recording.ring import CLOSED, CONSUMED, FLUSHED, RECORDS, Ring
+from comgra_callbacks.recording.ring import CLOSED, COMMITTED, CONSUMED, FLUSHED, PROGRESS, RECORDS, Ring
 from comgra_callbacks.store.format import STAT_INDEX, SeriesKey
 from comgra_callbacks.store.storage import open_root
 from comgra_callbacks.store.writer import HostEntry, HostRecord, RunWriter
 
 FULL = -1
 OPS = frozenset({"write_graph", "write_modules", "add_notes", "add_scalars", "start_segment", "update_meta", "commit"})
+GONE = "interrupted: the training process ended without closing the run (it was killed, or exited during training)"
 
 
 def reduce_record(ring: Ring, msg: dict[str, Any], items: list[Any]) -> HostRecord:
@@ -44,7 +54,7 @@ def reduce_record(ring: Ring, msg: dict[str, Any], items: list[Any]) -> HostReco
     rows = [rn.stats_numpy(a) for a in arrays]
     for it, row in zip(items, rows):  # update-to-weight ratio, from the weight's own row
         ref = it[11]
-        if ref is not None:
+        if ref is not None and int(ref) >= 0:  # -1: the weight is in another part (see join_ratios)
             ref_l2 = float(rows[int(ref)][STAT_INDEX["l2"]])
             l2 = float(row[STAT_INDEX["l2"]])
             row[STAT_INDEX["update_ratio"]] = l2 / ref_l2 if ref_l2 > 0 else (np.inf if l2 > 0 else 0.0)
@@ -94,15 +104,28 @@ def unpack_record(ring: Ring, msg: dict[str, Any]) -> HostRecord:
     return record
 
 
+def join_ratios(record: HostRecord, pending_ratio: set[SeriesKey]) -> None:
+    """Update-to-weight ratios of updates whose weight travelled in another part of the same record."""
+    l2_index, ratio_index = STAT_INDEX["l2"], STAT_INDEX["update_ratio"]
+    weights = {e.key.node: float(e.stats[l2_index]) for e in record.entries if e.key.view == "value"}
+    for entry in record.entries:
+        if entry.key in pending_ratio and entry.key.node in weights:
+            ref_l2, l2 = weights[entry.key.node], float(entry.stats[l2_index])
+            entry.stats[ratio_index] = l2 / ref_l2 if ref_l2 > 0 else (np.inf if l2 > 0 else 0.0)
+
+
 class Worker:
     def __init__(self, ring: Ring, writer: RunWriter, flush_rows: int, flush_bytes: int, flush_secs: float) -> None:
         self.ring, self.writer = ring, writer
         self.flush_rows, self.flush_bytes, self.flush_secs = flush_rows, flush_bytes, flush_secs
         self.pending: list[HostRecord] = []
         self.pending_bytes = 0
-        self.last_flush = time.monotonic()
+        self.oldest = 0.0  # when the oldest pending record arrived
         self.failed = False
         self.layouts: dict[int, list[Any]] = {}
+        self.partial: HostRecord | None = None  # a record whose parts are still arriving
+        self.partial_ratios: set[SeriesKey] = set()
+        self.next_part = 0  # the part expected next (-1: skip until a new record starts)
 
     def fail(self, exc: BaseException) -> None:
         self.failed = True
@@ -113,9 +136,48 @@ class Worker:
         if self.pending and not self.failed:
             try:
                 self.writer.append(self.pending)
+                self.ring.header[COMMITTED] += len(self.pending)
             except Exception as exc:
                 self.fail(exc)
-        self.pending, self.pending_bytes, self.last_flush = [], 0, time.monotonic()
+        self.pending, self.pending_bytes = [], 0
+        self.ring.header[PROGRESS] += 1
+
+    def due_in(self) -> float | None:
+        """Seconds until the pending block must be committed (None: nothing pending)."""
+        if not self.pending:
+            return None
+        return max(self.flush_secs - (time.monotonic() - self.oldest), 0.0)
+
+    def _take(self, op: str, msg: dict[str, Any]) -> None:
+        """A record, or a part of one (``part`` 0, 1, ...; ``more`` on all but the last)."""
+        part = int(msg.get("part", 0))
+        if part == 0:  # a new record: parts of an earlier one that never ended (an interrupt) are dropped
+            self.partial, self.partial_ratios, self.next_part = None, set(), 0
+        items = self.layouts.get(int(msg["layout"])) if op == "record" else None
+        if part != self.next_part or (op == "record" and items is None):
+            # a part or its layout is missing (a message torn by an interrupt): the record is incomplete
+            self.partial, self.partial_ratios, self.next_part = None, set(), -1
+            return
+        self.next_part = part + 1
+        record = reduce_record(self.ring, msg, items) if items is not None else unpack_record(self.ring, msg)
+        if items is not None:
+            self.partial_ratios.update(
+                SeriesKey(str(it[0]), None if it[1] is None else str(it[1]), int(it[2]), str(it[3])) for it in items if it[11] == -1
+            )
+        if self.partial is not None:
+            self.partial.entries.extend(record.entries)
+            record = self.partial
+        if msg.get("more"):
+            self.partial = record
+            return
+        self.partial = None
+        if self.partial_ratios:
+            join_ratios(record, self.partial_ratios)
+            self.partial_ratios = set()
+        if not self.pending:
+            self.oldest = time.monotonic()
+        self.pending.append(record)
+        self.ring.header[RECORDS] += 1
 
     def handle(self, msg: dict[str, Any]) -> bool:
         """Handle one message; False when the run is closed."""
@@ -123,10 +185,8 @@ class Worker:
         if op in ("record", "packed"):
             try:
                 if not self.failed:
-                    record = reduce_record(self.ring, msg, self.layouts[int(msg["layout"])]) if op == "record" else unpack_record(self.ring, msg)
-                    self.pending.append(record)
+                    self._take(op, msg)
                     self.pending_bytes += int(msg.get("nbytes", 0))
-                    self.ring.header[RECORDS] += 1
             except Exception as exc:
                 self.fail(exc)
             finally:
@@ -134,17 +194,14 @@ class Worker:
             if len(self.pending) >= self.flush_rows or self.pending_bytes >= self.flush_bytes:
                 self.append_pending()
         elif op == "layout":
-            self.layouts = {int(msg["id"]): msg["items"]}  # only the newest is used from now on
+            self.layouts[int(msg["id"])] = msg["items"]
+            for old in [k for k in self.layouts if k <= int(msg["id"]) - 64]:  # the trainer keeps the last 64
+                del self.layouts[old]
         elif op == "flush":
             self.append_pending()
             self.ring.header[FLUSHED] = int(msg["id"])
         elif op == "close":
-            self.append_pending()
-            try:
-                self.writer.close(msg.get("status", "finished"), msg.get("error"))
-            except Exception as exc:
-                self.fail(exc)
-            self.ring.header[CLOSED] = 1
+            self.finish(msg.get("status", "finished"), msg.get("error"))
             return False
         elif op in OPS:
             if not self.failed:
@@ -154,47 +211,80 @@ class Worker:
                     self.fail(exc)
         else:
             self.fail(ValueError(f"unknown message {op!r}"))
+        self.ring.header[PROGRESS] += 1
         return True
+
+    def finish(self, status: str, error: str | None) -> None:
+        self.append_pending()
+        try:
+            self.writer.close(status, error)  # type: ignore[arg-type]
+        except Exception as exc:
+            self.fail(exc)
+        self.ring.header[CLOSED] = 1
 
     def run(self, messages: queue.Queue[dict[str, Any] | None]) -> None:
         while True:
-            timeout = None
-            if self.pending:
-                timeout = max(self.flush_secs - (time.monotonic() - self.last_flush), 0.0)
             try:
-                msg = messages.get(timeout=timeout)
+                msg = messages.get(timeout=self.due_in())
             except queue.Empty:
                 self.append_pending()
                 continue
-            if msg is None:  # the training process is gone: keep what was received
-                self.append_pending()
+            if msg is None:  # the training process is gone: keep what was received, say why it ended
+                self.finish("failed", GONE)
                 return
             if not self.handle(msg):
                 return
+            due = self.due_in()
+            if due is not None and due <= 0:  # busy or not, nothing waits longer than flush_secs
+                self.append_pending()
 
 
 def _read_lines(stream: Any, out: queue.Queue[dict[str, Any] | None]) -> None:
+    """Every line is one message. A line that does not parse was torn by an interrupt on the trainer's side
+    (the trainer starts every message on a new line, so only that one is lost); it is skipped."""
     for line in stream:
         if line.strip():
-            out.put(json.loads(line))
+            try:
+                out.put(json.loads(line))
+            except ValueError:
+                print(f"comgra writer: skipped a torn message ({len(line)} bytes)", file=sys.stderr)
     out.put(None)
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides when the run ends (see the docstring)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     args = argv if argv is not None else sys.argv[1:]
-    ring = Ring.attach(args[0], int(args[1]))
-    start = json.loads(sys.stdin.readline())
+    ring = Ring.attach(int(args[0]), int(args[1]))
+    stdin = sys.stdin.buffer
+    first = stdin.readline()
+    while first and not first.strip():  # every message starts on a new line
+        first = stdin.readline()
+    if not first:  # the trainer died while this process started: nothing to write
+        return 0
+    start = json.loads(first)
     try:
         location = open_root(start["root"], start.get("storage_options")).run(start["run"])
         writer = RunWriter(location, meta=start.get("meta"), resume=bool(start.get("resume")))
     except Exception as exc:
-        print(json.dumps({"error": f"{exc}", "type": type(exc).__name__}), flush=True)
+        _answer({"error": f"{exc}", "type": type(exc).__name__})
         return 1
-    print(json.dumps({"ready": True}), flush=True)
+    worker = Worker(ring, writer, int(start["flush_rows"]), int(start["flush_bytes"]), float(start["flush_secs"]))
+    if not _answer({"ready": True}):  # the trainer is gone already
+        worker.finish("failed", GONE)
+        return 0
     messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
-    threading.Thread(target=_read_lines, args=(sys.stdin, messages), daemon=True).start()
-    Worker(ring, writer, int(start["flush_rows"]), int(start["flush_bytes"]), float(start["flush_secs"])).run(messages)
+    threading.Thread(target=_read_lines, args=(stdin, messages), daemon=True).start()
+    worker.run(messages)
     return 0
+
+
+def _answer(message: dict[str, Any]) -> bool:
+    try:
+        print(json.dumps(message), flush=True)
+        return True
+    except (BrokenPipeError, OSError):
+        return False
 
 
 if __name__ == "__main__":

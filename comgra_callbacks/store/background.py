@@ -5,12 +5,18 @@ operations; the thread writes them in submission order. The queue is bounded in 
 behind, :meth:`BackgroundWriter.submit_record` waits, and says so once with a warning, rather than letting
 memory grow without limit. Records are appended in blocks of ``flush_rows``, or whatever is waiting after
 ``flush_secs`` so that a live dashboard sees new steps.
+
+No wait on the thread is without end: waiting for room, a flush or the close ends when the thread makes
+progress; after ``STALL_WARN_SECS`` without progress a warning says so, after ``STALL_SECS`` the wait gives
+up and ``on_error`` decides (a thread stuck on an unreachable file system cannot be stopped, only left).
+Closing after an exception (``status="failed"``) never raises over it: a write error becomes a note.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import sys
 import threading
 import time
 import traceback
@@ -27,6 +33,8 @@ from comgra_callbacks.store.writer import HostRecord, RunWriter
 log = logging.getLogger(__name__)
 OnError = Literal["warn", "raise"]
 _LIVE: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
+STALL_WARN_SECS = 5.0  # a wait on the writer warns after this long without progress ...
+STALL_SECS = 60.0  # ... and gives up after this long (then ``on_error`` decides)
 
 
 class PendingRecord(Protocol):
@@ -80,6 +88,9 @@ class BackgroundWriter:
         self._error_text = ""
         self._warned_error = False
         self._warned_slow = False
+        self._warned_stall = False
+        self._raised = False
+        self._finished = False  # set by the thread as it ends
         self.wait_seconds = 0.0  # time the training thread spent waiting for room in the queue
         self.records_written = 0
         self.records_dropped = 0  # armed steps that were not kept
@@ -116,11 +127,10 @@ class BackgroundWriter:
         with self._cond:
             if self._queued_bytes and self._queued_bytes + nbytes > self.max_queue_bytes:
                 started = time.perf_counter()
-                while self._queued_bytes and self._queued_bytes + nbytes > self.max_queue_bytes and self.error is None:
-                    self._cond.wait(0.5)
+                self._wait_locked("find room in its queue", lambda: not self._queued_bytes or self._queued_bytes + nbytes <= self.max_queue_bytes)
                 waited = time.perf_counter() - started
                 self.wait_seconds += waited
-                if not self._warned_slow:
+                if not self._warned_slow and self.error is None:
                     self._warned_slow = True
                     warnings.warn(
                         f"comgra: the writer of run {self.writer.location.name!r} cannot keep up "
@@ -129,6 +139,8 @@ class BackgroundWriter:
                         RuntimeWarning,
                         stacklevel=4,
                     )
+            if self.error is not None:  # it stopped answering while we waited
+                return not self._check_error()
             self._queue.append((kind, item, nbytes))
             self._queued_bytes += nbytes
             self._submitted += 1
@@ -141,36 +153,86 @@ class BackgroundWriter:
             target = self._submitted
             self._flush_wanted += 1
             self._cond.notify_all()
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while self._done < target and self.error is None:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise StoreError(f"flushing run {self.writer.location.name!r} timed out after {timeout} s.")
-                self._cond.wait(remaining if remaining is not None else 1.0)
+            if not self._wait_locked("flush", lambda: self._done >= target, timeout):
+                raise StoreError(f"flushing run {self.writer.location.name!r} timed out after {timeout} s.")
         self._check_error()
 
     def close(self, status: RunStatus, error: str | None = None, timeout: float | None = 600.0) -> None:
         """Write what is queued, mark the run, stop the thread. Safe to call twice."""
         if self._closed:
             return
+        after_error = status == "failed"  # an exception is on its way: never raise over it
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+            self._wait_locked("write what is queued", lambda: self._finished, timeout, closing=True)
+        self._thread.join(1.0)
         self._closed = True
         _LIVE.discard(self)
-        if self.error is not None:
-            status, error = "failed", error or f"writing failed: {self._error_text}"
-        try:
-            self.writer.close(status, error)
-        except Exception as exc:  # the store is gone; nothing more we can do but say so
-            log.error("comgra: could not mark run %r as %s: %s", self.writer.location.name, status, exc)
-        self._check_error()
+        failure: BaseException | None
+        if self._thread.is_alive():  # stuck: it cannot be stopped, and the store must not get two writers
+            failure = self.error or StoreError(f"the writer thread of run {self.writer.location.name!r} did not finish")
+        else:
+            if self.error is not None:
+                status, error = "failed", error or f"writing failed: {self._error_text}"
+            try:
+                self.writer.close(status, error)
+            except Exception as exc:  # the store is gone; nothing more we can do but say so
+                log.error("comgra: could not mark run %r as %s: %s", self.writer.location.name, status, exc)
+            failure = None if self.error is None else StoreError(f"writing run {self.writer.location.name!r} failed: {self._error_text}")
+        if failure is None:
+            return
+        in_flight = sys.exc_info()[1]
+        if in_flight is not None and not self._raised:
+            in_flight.add_note(f"comgra: {failure} (the run {self.writer.location.name!r} may be incomplete)")
+        if self.on_error == "raise" and not self._raised and not after_error and in_flight is None:
+            self._raised = True
+            raise failure from self.error
+        warnings.warn(f"comgra: run {self.writer.location.name!r} may be incomplete: {failure}", RuntimeWarning, stacklevel=2)
+
+    def _wait_locked(self, what: str, ready: Callable[[], bool], timeout: float | None = None, *, closing: bool = False) -> bool:
+        """With the lock held: wait until ``ready()``. Warns after STALL_WARN_SECS without progress of the
+        thread; after STALL_SECS without progress it records a StoreError as the writer's error. False when
+        ``timeout`` (in all) ran out first."""
+        started = changed = time.monotonic()
+        seen = self._progress()
+        while not ready() and (closing or self.error is None):
+            now = time.monotonic()
+            if self._progress() != seen:
+                seen, changed = self._progress(), now
+            idle = now - changed
+            if timeout is not None and now - started >= timeout:
+                return False
+            if idle >= STALL_SECS:
+                if closing and self.error is not None:
+                    break
+                self.error = StoreError(
+                    f"`BackgroundWriter`: the writer thread of run {self.writer.location.name!r} made no progress for "
+                    f"{round(idle, 1):g} s while training waited to {what}: it is stuck. Recording of this run stops. "
+                    "HINT: check the disk or the store it writes to."
+                )
+                self._error_text = str(self.error)
+                break
+            if idle >= STALL_WARN_SECS and not self._warned_stall:
+                self._warned_stall = True
+                warnings.warn(
+                    f"comgra: the writer thread of run {self.writer.location.name!r} has made no progress for "
+                    f"{round(idle, 1):g} s; training waits to {what}, at most {STALL_SECS:g} s, then on_write_error="
+                    f"{self.on_error!r} decides.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            self._cond.wait(min(0.5, max(STALL_SECS / 20, 0.01)))
+        return True
+
+    def _progress(self) -> tuple[int, int, int]:
+        return self._done, self.records_written, self._queued_bytes
 
     def _check_error(self) -> bool:
         if self.error is None:
             return False
         if self.on_error == "raise":
+            self._raised = True
             raise StoreError(
                 f"writing run {self.writer.location.name!r} failed: {self._error_text}"
             ) from self.error
@@ -186,6 +248,14 @@ class BackgroundWriter:
 
     # ------------------------------------------------------------------------------ writer thread
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            with self._cond:
+                self._finished = True
+                self._cond.notify_all()
+
+    def _loop(self) -> None:
         pending: list[HostRecord] = []
         pending_items = 0
         pending_bytes = 0

@@ -1,0 +1,174 @@
+"""How a recorded step travels through the writer's ring: which tensors are copied whole, which are reduced
+on the training side, and how a step larger than the ring is cut into parts.
+
+The writer process reduces what it receives whole: on the training thread a copy is all the work. A step
+larger than the ring (a 27 M-parameter model needs 309 MiB per step for its values, gradients and updates,
+more than the default 256 MiB ring) goes in parts of at most half the ring, so that the writer reduces one
+while the next is copied; the writer process joins them into one record. Only a tensor too large for half
+the ring is reduced where it lives (:func:`~.pending.pack`, the accelerator path) so that just its results
+travel; a single result still too large (huge samples) loses its samples, then its per-neuron statistics.
+Each of these says so once, with the ``max_queue_mb`` that avoids it.
+
+Why not reduce every large tensor that needs only statistics on the training side, which would spare the
+ring most of its bytes: measured on the 27 M-parameter model (docs/reliability.md), reducing with torch on
+the training thread made a recorded step take 4.9-6.8 s, copying and reducing in the writer 0.7-0.9 s.
+
+>>> need_mib(309 << 20), need_mib(66_000)
+(310, 1)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from comgra_callbacks.recording.pending import PackedStep, PendingStep, Snapshot
+from comgra_callbacks.recording.reduce import N_STATS
+
+REDUCE_GROUP_BYTES = 64 << 20  # reduced together (pack stacks tensors of one size: bounded extra memory)
+ALIGN = 64
+NUMPY_DTYPES = {"float32", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+Warn = Callable[[str, str], None]  # (key, message): warn once per key
+
+
+@dataclass
+class Part:
+    """One message's worth of a step: snapshots copied whole (``raw``) or reduced here (``reduce``), by index
+    into the step's snapshots; or results ready to copy (``packed``)."""
+
+    raw: list[int] | None = None
+    reduce: list[int] | None = None
+    packed: PackedStep | None = None
+
+
+def need_mib(nbytes: int) -> int:
+    """The smallest ``max_queue_mb`` that holds ``nbytes`` in one piece (with room for alignment)."""
+    return max(1, math.ceil((nbytes + 4096) / (1 << 20)))
+
+
+def ring_nbytes(snap: Snapshot) -> int:
+    """Bytes of the snapshot in the ring when copied whole (dtypes numpy lacks travel as float32)."""
+    t = snap.tensor
+    size = t.element_size() if str(t.dtype).replace("torch.", "") in NUMPY_DTYPES else 4
+    return int(t.numel()) * size
+
+
+def _aligned(nbytes: int) -> int:
+    return ((nbytes + ALIGN - 1) // ALIGN) * ALIGN
+
+
+def plan_raw(pending: PendingStep, capacity: int, warn: Warn, run: str) -> list[Part]:
+    """Cut a step of CPU tensors into parts that each fit the ring (one part when the step fits)."""
+    snaps = pending.snapshots
+    raw = [ring_nbytes(s) for s in snaps]
+    total = sum(_aligned(n) + ALIGN for n in raw)
+    limit = capacity
+    if total > capacity:
+        limit = capacity // 2
+        warn(
+            "split",
+            f"comgra: a recorded step of run {run!r} needs {total / (1 << 20):.1f} MiB in the writer's buffer, more than "
+            f"max_queue_mb ({capacity >> 20} MiB); it is sent in parts, and training waits while the writer takes "
+            f"each. HINT: max_queue_mb={need_mib(total)} sends it at once.",
+        )
+    reduce = {i for i in range(len(snaps)) if _aligned(raw[i]) + ALIGN > limit}  # too large to copy whole
+    if reduce:
+        warn(
+            "reduce",
+            f"comgra: {len(reduce)} tensor(s) of run {run!r} do not fit half the writer's buffer (max_queue_mb="
+            f"{capacity >> 20}); their statistics are computed on the training thread, which is slow. "
+            f"HINT: max_queue_mb={need_mib(total)} lets the writer process compute them.",
+        )
+    parts: list[Part] = []
+    group: list[int] = []
+    used = 0
+    for i in range(len(snaps)):
+        if i in reduce:
+            continue
+        size = _aligned(raw[i]) + ALIGN  # each dtype block of a part is aligned: room for it
+        if group and used + size > limit:
+            parts.append(Part(raw=group))
+            group, used = [], 0
+        group.append(i)
+        used += size
+    if group or not reduce:
+        parts.append(Part(raw=group))
+    group, used = [], 0
+    for i in sorted(reduce):
+        if group and used + raw[i] > REDUCE_GROUP_BYTES:
+            parts.append(Part(reduce=group))
+            group, used = [], 0
+        group.append(i)
+        used += raw[i]
+    if group:
+        parts.append(Part(reduce=group))
+    return parts
+
+
+def split_packed(packed: PackedStep, capacity: int, warn: Warn, run: str) -> list[PackedStep]:
+    """Results of a step (:func:`~.pending.pack`) in pieces that each fit the ring (itself when it fits).
+
+    A piece is a PackedStep of the same record whose ``host`` is a numpy float32 buffer laid out as ``pack``
+    lays out its own: the statistics of its series, then each series' per-neuron statistics and samples."""
+    import numpy as np
+
+    if packed.event is not None:
+        packed.event.synchronize()
+        packed.event = None
+    flat = packed.host if isinstance(packed.host, np.ndarray) else packed.host.numpy()
+    if flat.nbytes <= capacity:
+        return [packed]
+    limit = capacity // 2
+    n = len(packed.layout)
+    stats = flat[: n * N_STATS].reshape(n, N_STATS)
+    offset = n * N_STATS
+    entries = []  # (layout entry, neurons slice or None, samples slice or None)
+    for key, dtype, neuron_shape, sample_shape in packed.layout:
+        pieces: list[Any] = []
+        for shape in (neuron_shape, sample_shape):
+            size = math.prod(shape) if shape is not None else 0
+            pieces.append(flat[offset : offset + size] if shape is not None else None)
+            offset += size
+        neurons, samples = pieces
+        entry_bytes = 4 * (N_STATS + (0 if neurons is None else neurons.size) + (0 if samples is None else samples.size))
+        if entry_bytes > limit and samples is not None:
+            warn(
+                f"samples:{key.node}",
+                f"comgra: the samples of {key.node!r} in run {run!r} take {samples.nbytes / (1 << 20):.1f} MiB, more than the "
+                f"writer's buffer takes at once (max_queue_mb={capacity >> 20}); they are not kept. "
+                f"HINT: max_queue_mb={need_mib(flat.nbytes)} keeps them.",
+            )
+            samples, sample_shape = None, None
+            entry_bytes = 4 * (N_STATS + (0 if neurons is None else neurons.size))
+        if entry_bytes > limit and neurons is not None:
+            warn(
+                f"neurons:{key.node}",
+                f"comgra: the per-neuron statistics of {key.node!r} in run {run!r} do not fit the writer's buffer "
+                f"(max_queue_mb={capacity >> 20}); they are not kept. HINT: max_queue_mb={need_mib(flat.nbytes)} keeps them.",
+            )
+            neurons, neuron_shape = None, None
+        entries.append(((key, dtype, neuron_shape, sample_shape), neurons, samples))
+    out: list[PackedStep] = []
+    group: list[int] = []
+    used = 0
+
+    def emit() -> None:
+        blocks = [stats[group].reshape(-1)]
+        for j in group:
+            blocks.extend(p for p in entries[j][1:] if p is not None)
+        out.append(PackedStep(packed.record, np.concatenate(blocks).astype(np.float32, copy=False), [entries[j][0] for j in group]))
+
+    for j, (_, neurons, samples) in enumerate(entries):
+        size = 4 * (N_STATS + (0 if neurons is None else neurons.size) + (0 if samples is None else samples.size))
+        if group and used + size > limit:
+            emit()
+            group, used = [], 0
+        group.append(j)
+        used += size
+    if group:
+        emit()
+    packed.host = None
+    return out
