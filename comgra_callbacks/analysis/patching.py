@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 COLUMNS = ["node", "unit", "score", "effect"]
+MAX_ROWS = 16384  # rows (copies x batch) per batched forward pass: bounds the memory of one pass
 Units = Literal["neuron", "node"]
 Metric = Callable[[Any, Any, Any], Any]
 
@@ -150,6 +151,10 @@ def _unit_axis(owner: str, name: str, act: torch.Tensor, units: str) -> int | No
     return 1 if act.dim() >= 4 else act.dim() - 1
 
 
+def _width(act: torch.Tensor, axis: int | None) -> int:
+    return 1 if axis is None else int(act.shape[axis])
+
+
 def _capture(owner: str, model: nn.Module, x: Any, names: list[str], *, grad: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One forward pass: the logits, each node's output (detached) and, with ``grad``, a zero tensor added to
     each node's output whose gradient is the gradient with respect to that output."""
@@ -209,7 +214,7 @@ class _Patcher:
             if self.clean_acts[name].shape != corr_acts[name].shape:
                 raise ConfigError(f"`{owner}`: node {name!r} has output shape {tuple(self.clean_acts[name].shape)} on `clean` and {tuple(corr_acts[name].shape)} on `corrupted`.")
         self.axis = {n: _unit_axis(owner, n, self.clean_acts[n], units) for n in names}
-        self.width = {n: 1 if self.axis[n] is None else self.clean_acts[n].shape[self.axis[n]] for n in names}
+        self.width = {n: _width(self.clean_acts[n], self.axis[n]) for n in names}
         self.m_clean = float(_metric_value(metric, self.logits_clean, self.logits_clean, self.logits_corr))
         self.m_corr = float(_metric_value(metric, self.logits_corr, self.logits_clean, self.logits_corr))
 
@@ -260,20 +265,22 @@ class _Patcher:
         return [float(self.metric(copy, self.logits_clean, self.logits_corr)) for copy in logits]
 
     def sweep(self, names: list[str], *, batched: bool, chunk: int, fixed: Mapping[str, list[int]] | None = None) -> pd.DataFrame:
-        todo = [(n, u) for n in names for u in self.units_of(n)]
-        per_pass = chunk if batched else 1
+        per_pass = max(1, min(chunk, MAX_ROWS // self.batch)) if batched else 1
+        # With several copies per pass, the first copy of the first pass is left unpatched: it must score what
+        # the corrupted batch alone scored, or the copies influence each other.
+        check = per_pass > 1 and not fixed
+        todo: list[tuple[str, int] | None] = ([None] if check else []) + [(n, u) for n in names for u in self.units_of(n)]
         rows: list[tuple[str, int, float, float]] = []
         for start in range(0, len(todo), per_pass):
-            part: list[tuple[str, int] | None] = list(todo[start : start + per_pass])
-            check = batched and start == 0 and not fixed
-            scores = self.scores(self.run(part + [None] if check else part, fixed))
-            if check and abs(scores[-1] - self.m_corr) > 1e-4 * (1.0 + abs(self.m_corr)):
-                raise ConfigError(
-                    f"`{self.owner}(batched=True)`: the model is not batch-independent: an unpatched copy of `corrupted` in a "
-                    f"repeated batch scored {scores[-1]:.6g}, alone {self.m_corr:.6g}. HINT: model.eval() (dropout, batch norm), or batched=False."
-                )
-            for (name, unit), score in zip(part, scores):  # type: ignore[misc]
-                rows.append((name, unit, score, _effect(score, self.m_corr, self.m_clean)))
+            part = todo[start : start + per_pass]
+            for copy, score in zip(part, self.scores(self.run(part, fixed))):
+                if copy is not None:
+                    rows.append((copy[0], copy[1], score, _effect(score, self.m_corr, self.m_clean)))
+                elif abs(score - self.m_corr) > 1e-4 * (1.0 + abs(self.m_corr)):
+                    raise ConfigError(
+                        f"`{self.owner}(batched=True)`: the model is not batch-independent: an unpatched copy of `corrupted` in a "
+                        f"repeated batch scored {score:.6g}, alone {self.m_corr:.6g}. HINT: model.eval() (dropout, batch norm), or batched=False."
+                    )
         return _sorted(rows)
 
 
@@ -312,7 +319,8 @@ def activation_patching(
             each copy. This assumes that the model treats examples independently (no batch norm in training
             mode, no attention across the batch); the first pass checks it with one unpatched copy and raises
             if it differs. ``batched=False``: one forward pass per unit.
-        chunk: at most this many copies (units) per forward pass.
+        chunk: at most this many copies per forward pass, and at most ``MAX_ROWS`` (16 384) rows of copies
+            times batch.
 
     Returns:
         A DataFrame with columns ``node``, ``unit``, ``score``, ``effect``, one row per (node, unit), sorted by

@@ -100,6 +100,18 @@ def test_batched_equals_one_pass_per_unit(chunk: int) -> None:
     assert a["score"].tolist() == pytest.approx(b["score"].tolist(), abs=1e-5)
 
 
+def test_rows_per_pass_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from comgra_callbacks.analysis import patching
+
+    model, clean, corrupted = random_mlp(1), torch.randn(4, 5), torch.randn(4, 5)
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    monkeypatch.setattr(patching, "MAX_ROWS", 8)
+    small = activation_patching(model, clean, corrupted, "1")
+    assert sizes[2:] == [8] * 6 + [4]  # after clean and corrupted: the unpatched check and 12 units, 2 copies a pass
+    assert small["score"].tolist() == pytest.approx(activation_patching(model, clean, corrupted, "1", batched=False)["score"].tolist(), abs=1e-5)
+
+
 def test_attribution_approximates_activation_patching_for_small_patches() -> None:
     model = random_mlp(2)
     corrupted = torch.randn(3, 5)
