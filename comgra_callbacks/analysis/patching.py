@@ -213,6 +213,8 @@ class _Patcher:
         for name in names:
             if self.clean_acts[name].shape != corr_acts[name].shape:
                 raise ConfigError(f"`{owner}`: node {name!r} has output shape {tuple(self.clean_acts[name].shape)} on `clean` and {tuple(corr_acts[name].shape)} on `corrupted`.")
+            if self.clean_acts[name].dim() == 0 or self.clean_acts[name].shape[0] != self.batch:
+                raise ConfigError(f"`{owner}`: node {name!r} has output shape {tuple(self.clean_acts[name].shape)}, expected the batch ({self.batch}) on its first axis.")
         self.axis = {n: _unit_axis(owner, n, self.clean_acts[n], units) for n in names}
         self.width = {n: _width(self.clean_acts[n], self.axis[n]) for n in names}
         self.m_clean = float(_metric_value(metric, self.logits_clean, self.logits_clean, self.logits_corr))
@@ -244,8 +246,8 @@ class _Patcher:
 
         def hook_for(name: str) -> Callable[..., Any]:
             def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-                live = out.view(n_copies, batch, *out.shape[1:])  # (P, B, ...)
-                return torch.where(masks[name], self.clean_acts[name].unsqueeze(0), live).view(out.shape)
+                live = out.reshape(n_copies, batch, *out.shape[1:])  # (P, B, ...)
+                return torch.where(masks[name], self.clean_acts[name].unsqueeze(0), live).reshape(out.shape)
 
             return hook
 
@@ -253,7 +255,7 @@ class _Patcher:
             logits = _logits(self.owner, self.model, _repeat(self.corrupted, n_copies))
         if logits.shape[0] != n_copies * batch:
             raise ConfigError(f"`{self.owner}`: expected logits with {n_copies * batch} rows for {n_copies} copies of the batch, got shape {tuple(logits.shape)}. HINT: batched=False.")
-        return logits.view(n_copies, batch, *logits.shape[1:])
+        return logits.reshape(n_copies, batch, *logits.shape[1:])
 
     def scores(self, logits: torch.Tensor) -> list[float]:
         """The metric of each copy of ``(P, B, ...)`` logits."""
@@ -261,7 +263,7 @@ class _Patcher:
 
         if self.metric is None:
             diff = logits - self.logits_clean.unsqueeze(0)
-            return torch.linalg.vector_norm(diff, dim=-1).flatten(1).mean(1).tolist()
+            return torch.linalg.vector_norm(diff, dim=-1).reshape(len(logits), -1).mean(1).tolist()
         return [float(self.metric(copy, self.logits_clean, self.logits_corr)) for copy in logits]
 
     def sweep(self, names: list[str], *, batched: bool, chunk: int, fixed: Mapping[str, list[int]] | None = None) -> pd.DataFrame:

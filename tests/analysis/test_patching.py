@@ -281,8 +281,13 @@ def test_nodes_that_cannot_be_patched() -> None:
         activation_patching(net, x, y, "shared")
     with pytest.raises(ConfigError, match=r"nodes \['unused'\] did not run"):
         attribution_patching(net, x, y, "unused")
+    with pytest.raises(ConfigError, match=r"node '0' has output shape \(8,\), expected the batch \(2\) on its first axis"):
+        activation_patching(nn.Sequential(nn.Flatten(0), nn.Linear(8, 2)).eval(), x, y, "0")
     with pytest.raises(ConfigError, match="no neuron axis.*HINT: units='node'"):
         activation_patching(nn.Sequential(nn.Linear(4, 1), nn.Flatten(0)).eval(), x, y, "1")
+    scalar = nn.Sequential(nn.Linear(4, 1), nn.Flatten(0)).eval()  # one number per example: patch it whole
+    for fn in (activation_patching, attribution_patching):
+        assert fn(scalar, x, y, "1", units="node")["effect"].tolist() == pytest.approx([1.0], abs=1e-5)
     assert no_hooks_left(net)
 
 
