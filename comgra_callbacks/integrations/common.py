@@ -19,6 +19,8 @@ from typing import Any, Literal
 from comgra_callbacks import validation as v
 from comgra_callbacks._version import __version__
 from comgra_callbacks.errors import ComgraError, ConfigError, ConfigTypeError, StoreError
+from comgra_callbacks.measures import check_measures
+from comgra_callbacks.measures import evaluate as evaluate_measures
 from comgra_callbacks.names import NameFilter, describe_filter, name_predicate
 from comgra_callbacks.recording.capture import check_modules_spec
 from comgra_callbacks.recording.interventions import Intervention, check_interventions
@@ -27,6 +29,7 @@ from comgra_callbacks.recording.recorder import Recorder, RecorderConfig
 from comgra_callbacks.recording.sampling import SampleSelector, as_selector
 from comgra_callbacks.recording.schedules import Every, Schedule
 from comgra_callbacks.store.background import BackgroundWriter
+from comgra_callbacks.store.format import MEASURE_PREFIX
 from comgra_callbacks.store.storage import check_run_name, open_root
 from comgra_callbacks.store.writer import RunWriter
 
@@ -70,6 +73,8 @@ class RecordingOptions:
     neuron_axis: dict[str, int] | None = None
     interventions: dict[str, Intervention] | None = None
     intervention_schedule: Schedule | None = None
+    measures: dict[str, Callable[..., Any]] | None = None
+    measure_schedule: Schedule | None = None
 
     @classmethod
     def validated(cls, owner: str, **kw: Any) -> RecordingOptions:
@@ -106,6 +111,12 @@ class RecordingOptions:
         )
         detail_rules(kw.get("detail"), owner)
         interventions = check_interventions(owner, kw.get("interventions"))
+        measures = check_measures(owner, kw.get("measures"))
+        measure_schedule = kw.get("measure_schedule")
+        if measure_schedule is not None and not isinstance(measure_schedule, Schedule):
+            raise ConfigTypeError(f"`{owner}(measure_schedule=...)`: expected a schedule such as Every(100), got {measure_schedule!r}.")
+        if measure_schedule is not None and not measures:
+            raise ConfigError(f"`{owner}(measure_schedule=...)`: expected measures= too, got none. HINT: measures={{'wnorm': WeightNorm()}}.")
         intervention_schedule = kw.get("intervention_schedule")
         if intervention_schedule is not None:
             if not isinstance(intervention_schedule, Schedule):
@@ -141,6 +152,8 @@ class RecordingOptions:
             neuron_axis=dict(neuron_axis) if neuron_axis is not None else None,
             interventions=interventions,
             intervention_schedule=intervention_schedule,
+            measures=measures,
+            measure_schedule=measure_schedule,
         )
 
     def plan(self, step: int, step_type: str) -> Plan | None:
@@ -156,6 +169,16 @@ class RecordingOptions:
         if self.intervention_schedule is None:
             return plan == "record"
         return self.intervention_schedule.wants(step)
+
+    def measure(self, recorder: Recorder, model: Any, trainer: Any, step: int, plan: Plan | None) -> None:
+        """Evaluate the measures when step ``step`` wants them (``measure_schedule``, by default every step the
+        schedule records) and store them with the run, stamped ``step``."""
+        if not self.measures:
+            return
+        wanted = plan == "record" if self.measure_schedule is None else self.measure_schedule.wants(step)
+        if wanted:
+            values = evaluate_measures(self.measures, model, trainer)
+            recorder.log_scalar_rows([(step, MEASURE_PREFIX + name, value) for name, value in values.items()])
 
     def recorder_config(self) -> RecorderConfig:
         return RecorderConfig(
@@ -199,6 +222,8 @@ class RecordingOptions:
             "neuron_axis": dict(self.neuron_axis) if self.neuron_axis else None,
             "interventions": {k: v.describe() for k, v in self.interventions.items()} if self.interventions else None,
             "intervention_schedule": repr(self.intervention_schedule) if self.intervention_schedule is not None else None,
+            "measures": {k: repr(v) for k, v in self.measures.items()} if self.measures else None,
+            "measure_schedule": repr(self.measure_schedule) if self.measure_schedule is not None else None,
             **self.policy.describe(),
         }
 

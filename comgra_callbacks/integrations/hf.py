@@ -88,7 +88,7 @@ class ComgraTrainerCallback(TrainerCallback):
         schedule, step_type, triggers, arm_every, detail, samples: as for :class:`~comgra_callbacks.ComgraCallback`.
         ranks: ``"zero"`` (only the process of global rank 0 records) or ``"all"`` (each rank writes the run
             group ``<run_name>/rank<r>``).
-        interventions, intervention_schedule: as for :class:`~comgra_callbacks.ComgraCallback`; the extra pass
+        measures, measure_schedule, interventions, intervention_schedule: as for :class:`~comgra_callbacks.ComgraCallback`; the extra pass
             calls the model with the first micro-batch's keyword arguments and uses its ``output.loss``, after
             clipping and before the optimizer step (outside the ``Trainer``'s autocast context).
         modules, parameters, buffers, neuron_axis, n_samples, neurons, grads, updates, per_loss_grads, val_batches, batch_fn,
@@ -130,6 +130,8 @@ class ComgraTrainerCallback(TrainerCallback):
         neuron_axis: dict[str, int] | None = None,
         interventions: dict[str, Intervention] | None = None,
         intervention_schedule: Schedule | None = None,
+        measures: dict[str, Callable[..., Any]] | None = None,
+        measure_schedule: Schedule | None = None,
         n_samples: int = 4,
         neurons: bool = True,
         grads: bool = True,
@@ -242,6 +244,8 @@ class ComgraTrainerCallback(TrainerCallback):
             self._attach(kwargs.get("model"))
             return
         plan = self.options.plan(step, "train")
+        if kwargs.get("model") is not None:
+            self.options.measure(recorder, kwargs["model"], None, step, plan)
         self._intervene, self._intervene_inputs = self.options.intervenes(step, plan), None
         if plan is None and not self._intervene:
             return

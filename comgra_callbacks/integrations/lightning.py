@@ -81,6 +81,11 @@ class ComgraCallback(Callback):
             with ``self.log`` silenced). Automatic optimization only.
         intervention_schedule: which steps get the interventions (default: every step the schedule records);
             the normal record of such a step is kept too.
+        measures: ``{name: measure}``: callables of the model (or of the model and the trainer), such as
+            ``Accuracy(test_data)``, ``Loss(test_data)``, ``WeightNorm()``, ``FourierSparsity(...)`` from
+            :mod:`comgra_callbacks.measures`, evaluated before the forward pass of the steps the schedule
+            records, in eval mode and without gradients, and stored with the run (``run.measures``).
+        measure_schedule: evaluate the measures on these steps instead.
         n_samples: how many individual samples are kept (where the detail asks for samples).
         neurons: keep per-neuron statistics.
         grads: record gradients. ``updates``: record parameter updates (costs a copy of the parameters on
@@ -139,6 +144,8 @@ class ComgraCallback(Callback):
         neuron_axis: dict[str, int] | None = None,
         interventions: dict[str, Intervention] | None = None,
         intervention_schedule: Schedule | None = None,
+        measures: dict[str, Callable[..., Any]] | None = None,
+        measure_schedule: Schedule | None = None,
         n_samples: int = 4,
         neurons: bool = True,
         grads: bool = True,
@@ -260,8 +267,10 @@ class ComgraCallback(Callback):
         plan = self.options.plan(step, step_type)
         self._intervene = (batch, batch_idx) if step_type == "train" and self.options.intervenes(step, plan) else None
         if plan is None and self._intervene is None:
+            self.options.measure(recorder, pl_module, trainer, step, plan)
             return
         self._last_recorded = (step, step_type)
+        self.options.measure(recorder, pl_module, trainer, step, plan)
         reason = "schedule" if plan is not None else "intervention"
         recorder.begin_step(step=step, step_type=step_type, epoch=epoch, batch_idx=batch_idx, batch=batch, armed=plan == "arm", reason=reason)
 

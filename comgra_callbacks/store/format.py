@@ -37,6 +37,7 @@ NEURONS = "neurons"  # float32 (N,): per entry len(NEURON_STAT_NAMES) blocks of 
 SAMPLES_PTR = "samples_ptr"  # int64 (R, n_series, 2): (offset into SAMPLES, shape id); -1 where absent
 SAMPLES = "samples"  # float32 (M,): per entry the samples, C order, shape from manifest["shapes"]
 SCALARS = "scalars"  # float64 (K, 3): (step, name id, value), names in manifest["scalar_names"]
+MEASURE_PREFIX = "measure/"  # scalars named so are measures (run.measures), not logged scalars
 
 RECORD_COLUMNS = ("step", "epoch", "batch_idx", "step_type", "reason", "segment")
 
