@@ -136,22 +136,117 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Manifest:
+    def from_json(cls, data: Any, where: str = f"the file {MANIFEST_FILE!r}") -> Manifest:
+        """Parse and validate a manifest; every field is checked for its type and range.
+
+        Raises:
+            CorruptStoreError: a field is missing or has a wrong type or value (the message starts with
+                ``where``, which names the run and the file).
+
+        >>> Manifest.from_json({"format_version": "1.0", "rows": -1, "neurons_len": 0}, "run 'x': its file 'manifest.json'")
+        Traceback (most recent call last):
+        ...
+        comgra_callbacks.errors.CorruptStoreError: run 'x': its file 'manifest.json' has "rows": -1; expected an int >= 0.
+        """
+        if not isinstance(data, dict):
+            raise _corrupt(where, f"holds {type(data).__name__} {_short(data)}; expected a JSON object.")
+        get = _Fields(data, where)
+        rows, neurons_len, samples_len = get.count("rows"), get.count("neurons_len"), get.count("samples_len")
+        series = []
+        for i, item in enumerate(get.list("series")):
+            if not (isinstance(item, list) and len(item) == 4):
+                raise _corrupt(where, f'has "series"[{i}] = {_short(item)}; expected [node, role, iteration, view].')
+            node, role, iteration, view = item
+            if not isinstance(node, str) or not (role is None or isinstance(role, str)) or not _is_int(iteration) or iteration < 0 or not isinstance(view, str):
+                raise _corrupt(where, f'has "series"[{i}] = {_short(item)}; expected [str, str or null, int >= 0, str].')
+            series.append(SeriesKey(node, role, iteration, view))
+        shapes = []
+        for i, shape in enumerate(get.list("shapes")):
+            if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+                raise _corrupt(where, f'has "shapes"[{i}] = {_short(shape)}; expected a list of ints >= 0.')
+            shapes.append([int(n) for n in shape])
+        segments = get.list("segments", required=False)
+        for i, seg in enumerate(segments):
+            if not (isinstance(seg, dict) and _is_int(seg.get("segment")) and seg["segment"] >= 0 and _is_int(seg.get("start_step"))):
+                raise _corrupt(where, f'has "segments"[{i}] = {_short(seg)}; expected {{"segment": int >= 0, "start_step": int, ...}}.')
+        for name, known in (("stat_names", STAT_NAMES), ("record_columns", RECORD_COLUMNS)):
+            value = data.get(name, list(known))
+            if not isinstance(value, list) or value[: len(known)] != list(known):
+                raise _corrupt(where, f'has "{name}": {_short(data[name])}; expected a list starting with {list(known)}.')
+        heartbeat = data.get("heartbeat", 0.0)
+        if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)):
+            raise _corrupt(where, f'has "heartbeat": {_short(heartbeat)}; expected a number.')
+        version = data.get("format_version")
+        if not isinstance(version, str):
+            raise _corrupt(where, f'has "format_version": {_short(version)}; expected a string such as "1.0".')
         return cls(
-            format_version=str(data["format_version"]),
-            rows=int(data["rows"]),
-            series=[SeriesKey.from_json(item) for item in data["series"]],
-            dtypes=[str(d) for d in data.get("dtypes", [])],
-            shapes=[[int(n) for n in shape] for shape in data["shapes"]],
-            neurons_len=int(data["neurons_len"]),
-            samples_len=int(data["samples_len"]),
-            step_types=[str(s) for s in data["step_types"]],
-            reasons=[str(s) for s in data["reasons"]],
-            segments=list(data.get("segments", [])),
-            scalar_names=[str(s) for s in data.get("scalar_names", [])],
-            scalars_len=int(data.get("scalars_len", 0)),
-            heartbeat=float(data.get("heartbeat", 0.0)),
+            format_version=version,
+            rows=rows,
+            series=series,
+            dtypes=get.strings("dtypes", required=False),
+            shapes=shapes,
+            neurons_len=neurons_len,
+            samples_len=samples_len,
+            step_types=get.strings("step_types"),
+            reasons=get.strings("reasons"),
+            segments=list(segments),
+            scalar_names=get.strings("scalar_names", required=False),
+            scalars_len=get.count("scalars_len", required=False),
+            heartbeat=float(heartbeat),
         )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` of a value read from a damaged file, cut short (a damaged file may hold megabytes)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deeply>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _corrupt(where: str, problem: str) -> Exception:
+    from comgra_callbacks.errors import CorruptStoreError
+
+    return CorruptStoreError(f"{where} {problem}")
+
+
+class _Fields:
+    """Typed access to a JSON object read from a store; a wrong field raises CorruptStoreError naming it."""
+
+    def __init__(self, data: dict[str, Any], where: str) -> None:
+        self.data = data
+        self.where = where
+
+    def _get(self, name: str, required: bool, default: Any) -> Any:
+        if name not in self.data:
+            if required:
+                raise _corrupt(self.where, f'has no field "{name}".')
+            return default
+        return self.data[name]
+
+    def count(self, name: str, *, required: bool = True) -> int:
+        value = self._get(name, required, 0)
+        if not _is_int(value) or value < 0:
+            raise _corrupt(self.where, f'has "{name}": {_short(value)}; expected an int >= 0.')
+        return int(value)
+
+    def list(self, name: str, *, required: bool = True) -> list[Any]:
+        value = self._get(name, required, [])
+        if not isinstance(value, list):
+            raise _corrupt(self.where, f'has "{name}": {_short(value)}; expected a list.')
+        return value
+
+    def strings(self, name: str, *, required: bool = True) -> list[str]:
+        value = self.list(name, required=required)
+        bad = next((v for v in value if not isinstance(v, str)), None)
+        if bad is not None:
+            raise _corrupt(self.where, f'has "{name}" holding {_short(bad)}; expected a list of strings.')
+        return list(value)
 
 
 def check_version(version: object, where: str) -> None:

@@ -20,6 +20,9 @@ import numpy as np
 import pandas as pd
 
 from comgra_callbacks.errors import (
+    ComgraError,
+    ConfigError,
+    ConfigTypeError,
     CorruptStoreError,
     NodeNotFoundError,
     RunNotFoundError,
@@ -32,6 +35,19 @@ from comgra_callbacks.store.storage import RunLocation, open_root, split_run_uri
 T = TypeVar("T")
 _NUMEL = fmt.STAT_INDEX["numel"]
 _RETRIES = 6
+TRAIN = "train"  # the training step type: the default when a run has several step types
+
+# dtype, number of dimensions and the manifest field that bounds the first axis, per array.
+_ARRAYS: dict[str, tuple[str, int, str]] = {
+    fmt.RECORDS: ("int64", 2, "rows"),
+    fmt.RECORD_TIME: ("float64", 1, "rows"),
+    fmt.STATS: ("float32", 3, "rows"),
+    fmt.NEURONS_PTR: ("int64", 3, "rows"),
+    fmt.SAMPLES_PTR: ("int64", 3, "rows"),
+    fmt.NEURONS: ("float32", 1, "neurons_len"),
+    fmt.SAMPLES: ("float32", 1, "samples_len"),
+    fmt.SCALARS: ("float64", 2, "scalars_len"),
+}
 
 
 def _retry(read: Callable[[], T], refresh: Callable[[], None]) -> T:
@@ -39,9 +55,9 @@ def _retry(read: Callable[[], T], refresh: Callable[[], None]) -> T:
     for attempt in range(_RETRIES):
         try:
             return read()
+        except ComgraError:
+            raise  # our own verdicts (a damaged file, a missing node) do not change on a retry
         except (KeyError, IndexError) as exc:
-            if isinstance(exc, (NodeNotFoundError, StepNotFoundError)):
-                raise
             error: Exception = exc
         except Exception as exc:
             error = exc
@@ -61,6 +77,15 @@ class Run:
         meta: run metadata (``meta.json``): status, versions, configuration, hyper-parameters.
 
     Use :func:`open_run` rather than the constructor.
+
+    Step types: every read method that takes ``step_type`` reads records of one step type only. With
+    ``step_type=None`` it uses the run's only step type, or ``"train"`` when the run has several and one of
+    them is ``"train"``; otherwise it raises a ``ConfigError`` listing the step types (see
+    :meth:`resolve_step_type`). Steps must be ints (``step=1.7`` raises ``ConfigTypeError``).
+
+    Damaged runs: whatever is read is validated first (JSON types, array dtypes and shapes, codes, offsets);
+    a run that fails raises :class:`~comgra_callbacks.errors.CorruptStoreError` naming the run and the file,
+    and no data is returned from it.
     """
 
     def __init__(self, location: RunLocation) -> None:
@@ -80,26 +105,76 @@ class Run:
         """Re-read the manifest and sidecars; True when there are new records (or anything changed)."""
         meta = self.location.read_json(fmt.META_FILE)
         if meta is None:
+            path = getattr(self.location, "path", None)
+            if path is not None and os.path.isfile(path):
+                raise RunNotFoundError(
+                    f"`open_run`: expected the directory of a run, got {self.uri!r}, which is a file. "
+                    f"HINT: pass the run's directory (the one holding {fmt.META_FILE})."
+                )
             raise RunNotFoundError(f"no comgra run at {self.uri!r}: it has no {fmt.META_FILE}.")
+        if not isinstance(meta, dict):
+            raise self.location.corrupt(fmt.META_FILE, f"holds {type(meta).__name__} {fmt._short(meta)}; expected a JSON object.")
         if meta.get("format") != fmt.FORMAT_NAME:
             raise RunNotFoundError(f"{self.uri!r} is not a comgra_callbacks run (its {fmt.META_FILE} says format={meta.get('format')!r}).")
         fmt.check_version(meta.get("format_version"), f"the run at {self.uri!r}")
         raw = self.location.read_json(fmt.MANIFEST_FILE)
         if raw is None:
-            raise CorruptStoreError(f"the run at {self.uri!r} has no {fmt.MANIFEST_FILE}.")
-        fmt.check_version(raw.get("format_version"), f"the run at {self.uri!r}")
-        manifest = Manifest.from_json(raw)
+            raise self.location.corrupt(fmt.MANIFEST_FILE, "is missing; a run without it cannot be read.", "the writer may have died before its first commit: delete the run.")
+        if isinstance(raw, dict):
+            fmt.check_version(raw.get("format_version"), f"the run at {self.uri!r}")
+        manifest = Manifest.from_json(raw, self._where(fmt.MANIFEST_FILE))
+        if len(manifest.dtypes) > len(manifest.series):
+            raise self.location.corrupt(fmt.MANIFEST_FILE, f"lists {len(manifest.dtypes)} dtypes for {len(manifest.series)} series; expected at most one per series.")
         old = getattr(self, "manifest", None)
         changed = force or old is None or manifest.rows != old.rows or len(manifest.series) != len(old.series)
         self.meta: dict[str, Any] = meta
         self.manifest = manifest
         if changed:
             self._arrays.clear()
-            graph_raw = self.location.read_json(fmt.GRAPH_FILE) or {}
+            self._checked_chunks = False
+            graph_raw = self._valid_graph(self.location.read_json(fmt.GRAPH_FILE) or {})
             self._graph_raw: dict[str, Any] = graph_raw
             for attr in ("steps", "records", "graph", "nodes", "_series_by_node", "_rows_by_step", "scalars", "notes"):
                 self.__dict__.pop(attr, None)
         return changed or (old is not None and old.heartbeat != manifest.heartbeat and meta.get("status") != "running")
+
+    def _where(self, key: str) -> str:
+        return f"run {self.name!r} ({self.uri}): its file {key!r}"
+
+    def _corrupt_array(self, name: str, problem: str) -> CorruptStoreError:
+        return CorruptStoreError(
+            f"run {self.name!r} ({self.uri}): its array {name!r} {problem} HINT: the run is damaged; "
+            f"restore it from a backup, or delete it."
+        )
+
+    def _valid_graph(self, raw: Any) -> dict[str, Any]:
+        """``graph.json`` checked for the structure the reader and the dashboard rely on."""
+        def bad(problem: str) -> CorruptStoreError:
+            return self.location.corrupt(fmt.GRAPH_FILE, problem, "restore the file from a backup, or delete it (the graph is then rebuilt from the series).")
+
+        if not isinstance(raw, dict):
+            raise bad(f"holds {type(raw).__name__} {fmt._short(raw)}; expected a JSON object.")
+        nodes, graphs = raw.get("nodes", {}), raw.get("graphs", {})
+        if not isinstance(nodes, dict) or not all(isinstance(a, dict) for a in nodes.values()):
+            raise bad(f'has "nodes": {fmt._short(nodes)}; expected an object of node name -> attributes.')
+        for name, attrs in nodes.items():
+            shape, module = attrs.get("shape"), attrs.get("module")
+            if shape is not None and not (isinstance(shape, list) and all(fmt._is_int(n) and n >= 0 for n in shape)):
+                raise bad(f'gives node {name!r} the shape {fmt._short(shape)}; expected a list of ints >= 0 or null.')
+            if module is not None and not isinstance(module, str):
+                raise bad(f'gives node {name!r} the module {fmt._short(module)}; expected a string or null.')
+            if not isinstance(attrs.get("kind", ""), str) or not isinstance(attrs.get("roles", []), list):
+                raise bad(f"gives node {name!r} the attributes {fmt._short(attrs)}; expected a string kind and a list of roles.")
+        if not isinstance(graphs, dict):
+            raise bad(f'has "graphs": {fmt._short(graphs)}; expected an object of step type -> graph.')
+        for step_type, sub in graphs.items():
+            members = sub.get("nodes", []) if isinstance(sub, dict) else None
+            edges = sub.get("edges", []) if isinstance(sub, dict) else None
+            if not isinstance(members, list) or not all(isinstance(n, str) for n in members):
+                raise bad(f"has the graph of {step_type!r} = {fmt._short(sub)}; expected {{\"nodes\": [str, ...], \"edges\": [...]}}.")
+            if not isinstance(edges, list) or not all(isinstance(e, list) and len(e) == 3 and all(isinstance(v, str) for v in e) for e in edges):
+                raise bad(f"has edges of {step_type!r} = {fmt._short(edges)}; expected a list of [source, target, how].")
+        return raw
 
     def _array(self, name: str) -> Any:
         array = self._arrays.get(name)
@@ -108,9 +183,35 @@ class Run:
 
             if self._store is None:
                 self._store = self.location.zarr_store(read_only=True)
-            array = zarr.open_array(self._store, path=name, mode="r", zarr_format=3)
+            try:
+                array = zarr.open_array(self._store, path=name, mode="r", zarr_format=3)
+            except ComgraError:
+                raise
+            except FileNotFoundError:
+                raise self._corrupt_array(name, "is missing (no zarr.json).") from None
+            except Exception as exc:
+                raise self._corrupt_array(name, f"cannot be opened: {type(exc).__name__}: {fmt._short(str(exc), 200)}.") from None
+            self._check_array(name, array)
             self._arrays[name] = array
         return array
+
+    def _check_array(self, name: str, array: Any) -> None:
+        """The array's dtype and shape must be what the format says and hold what the manifest promises."""
+        dtype, ndim, length_field = _ARRAYS[name]
+        shape = tuple(int(n) for n in array.shape)
+        if str(array.dtype) != dtype or len(shape) != ndim:
+            raise self._corrupt_array(name, f"has dtype {str(array.dtype)!r} and shape {shape}; expected dtype {dtype!r} with {ndim} dimensions.")
+        m = self.manifest
+        want = [getattr(m, length_field)]
+        if ndim == 3:
+            want += [len(m.series), len(fmt.STAT_NAMES) if name == fmt.STATS else 2]
+        elif name == fmt.RECORDS:
+            want.append(len(fmt.RECORD_COLUMNS))
+        elif name == fmt.SCALARS:
+            want.append(3)
+        short = [i for i, (have, need) in enumerate(zip(shape, want)) if have < need or (i == ndim - 1 and ndim > 1 and have != need)]
+        if short:
+            raise self._corrupt_array(name, f"has shape {shape} but {fmt.MANIFEST_FILE} promises {tuple(want)}.")
 
     def _read(self, name: str, selection: Any) -> np.ndarray:
         def read() -> np.ndarray:
@@ -119,7 +220,14 @@ class Run:
         def reopen() -> None:
             self._arrays.pop(name, None)
 
-        return _retry(read, reopen)
+        try:
+            return _retry(read, reopen)
+        except ComgraError:
+            raise
+        except MemoryError:
+            raise self._corrupt_array(name, "decodes to more data than fits in memory.") from None
+        except Exception as exc:
+            raise self._corrupt_array(name, f"cannot be read: {type(exc).__name__}: {fmt._short(str(exc), 200)}.") from None
 
     # ---------------------------------------------------------------------------------- index
     @property
@@ -147,6 +255,8 @@ class Run:
             return frame
         rec = self._read(fmt.RECORDS, slice(0, m.rows))
         times = self._read(fmt.RECORD_TIME, slice(0, m.rows))
+        self._check_records(rec, times)
+        self._check_chunks()
         frame = pd.DataFrame(rec, columns=list(fmt.RECORD_COLUMNS))
         frame["step_type"] = [m.step_types[i] for i in frame["step_type"]]
         frame["reason"] = [m.reasons[i] for i in frame["reason"]]
@@ -157,6 +267,72 @@ class Run:
         frame["superseded"] = superseded
         frame.index.name = "record"
         return frame
+
+    def _check_records(self, rec: np.ndarray, times: np.ndarray) -> None:
+        """Every code must name a step type, a reason and a segment; steps and times must be real (a
+        chunk deleted from ``records`` reads as -1 everywhere, one deleted from ``record_time`` as NaN)."""
+        m = self.manifest
+        columns = {name: i for i, name in enumerate(fmt.RECORD_COLUMNS)}
+        checks = [("step_type", len(m.step_types), '"step_types"'), ("reason", len(m.reasons), '"reasons"'), ("segment", max(len(m.segments), 1), '"segments"')]
+        for column, count, field in checks:
+            codes = rec[:, columns[column]]
+            bad = np.flatnonzero((codes < 0) | (codes >= count))
+            if len(bad):
+                raise self._corrupt_array(
+                    fmt.RECORDS, f"has the {column} code {int(codes[bad[0]])} in record {int(bad[0])}; expected 0 <= code < {count} "
+                    f"(the length of {field} in {fmt.MANIFEST_FILE}).",
+                )
+        for column in ("step", "epoch", "batch_idx"):
+            values = rec[:, columns[column]]
+            bad = np.flatnonzero(values < 0)
+            if len(bad):
+                raise self._corrupt_array(fmt.RECORDS, f"has {column} {int(values[bad[0]])} in record {int(bad[0])}; expected an int >= 0.")
+        bad = np.flatnonzero(~np.isfinite(times))
+        if len(bad):
+            raise self._corrupt_array(fmt.RECORD_TIME, f"has the time {float(times[bad[0]])!r} in record {int(bad[0])}; expected seconds since the epoch.")
+
+    def _chunk_keys(self, name: str) -> set[tuple[int, ...]]:
+        """The chunk-grid positions of ``name`` that are stored (one listing of the array's chunks)."""
+        from zarr.core.sync import sync
+
+        async def collect() -> list[str]:
+            return [key async for key in self._store.list_prefix(f"{name}/c/")]
+
+        found = set()
+        for key in sync(collect()):
+            parts = key[len(name) + 3 :].split("/")
+            if all(p.isdigit() for p in parts):
+                found.add(tuple(int(p) for p in parts))
+        return found
+
+    def _check_chunks(self) -> None:
+        """Catch chunks deleted from ``stats``: zarr reads a missing chunk as "nothing recorded", which would
+        silently empty the plots. Empty chunks are never written, so a missing ``stats`` chunk is legitimate
+        only when its rows hold nothing; but every record holds at least one series, and a stored pointer
+        chunk means the same cells of ``stats`` hold data."""
+        if self._checked_chunks or self.manifest.rows == 0 or not self.manifest.series:
+            return
+        stats = self._array(fmt.STATS)
+        try:
+            have = self._chunk_keys(fmt.STATS)
+            pointers = self._chunk_keys(fmt.NEURONS_PTR) | self._chunk_keys(fmt.SAMPLES_PTR)
+        except ComgraError:
+            raise
+        except Exception:  # a store that cannot list: nothing to compare
+            self._checked_chunks = True
+            return
+        if getattr(stats, "shards", None):
+            self._checked_chunks = True  # shards are stored per shard; the grid below is per chunk
+            return
+        rows_per_chunk = int(stats.chunks[0])
+        row_blocks = math.ceil(self.manifest.rows / rows_per_chunk)
+        for block in range(row_blocks):
+            if not any(key[0] == block for key in have):
+                raise self._corrupt_array(fmt.STATS, f"has no chunk for records {block * rows_per_chunk}..{min(self.manifest.rows, (block + 1) * rows_per_chunk) - 1}, but every record holds data (the chunk was deleted).")
+        missing = sorted(key for key in pointers if key[0] < row_blocks and (key[0], key[1], 0) not in have)
+        if missing:
+            raise self._corrupt_array(fmt.STATS, f"has no chunk {missing[0]}, but the pointer arrays say those records hold data there (the chunk was deleted).")
+        self._checked_chunks = True
 
     @cached_property
     def steps(self) -> pd.DataFrame:
@@ -234,6 +410,20 @@ class Run:
         """The module tree: one row per module (index: dotted name, ``""`` for the root) with ``type``,
         ``parent``, ``depth``, ``params`` (its own), ``params_total`` and ``trainable_total`` (with children)."""
         rows = self.location.read_json(fmt.MODULES_FILE) or []
+        ints = ("depth", "params", "params_total", "trainable_total")
+        if not isinstance(rows, list):
+            raise self.location.corrupt(fmt.MODULES_FILE, f"holds {type(rows).__name__} {fmt._short(rows)}; expected a list of modules.")
+        for i, row in enumerate(rows):
+            ok = (
+                isinstance(row, dict) and isinstance(row.get("name"), str) and isinstance(row.get("type"), str)
+                and (row.get("parent") is None or isinstance(row.get("parent"), str))
+                and all(fmt._is_int(row.get(k, 0)) and row.get(k, 0) >= 0 for k in ints)
+            )
+            if not ok:
+                raise self.location.corrupt(
+                    fmt.MODULES_FILE, f"has the entry [{i}] = {fmt._short(row)}; expected {{\"name\": str, \"type\": str, \"parent\": str or null, "
+                    f"\"depth\" / \"params\" / \"params_total\" / \"trainable_total\": ints >= 0}}.",
+                )
         frame = pd.DataFrame(rows, columns=["name", "type", "parent", "depth", "params", "params_total", "trainable_total"])
         return frame.set_index("name")
 
@@ -244,6 +434,13 @@ class Run:
         if m.scalars_len == 0:
             return pd.DataFrame({"step": pd.Series(dtype="int64"), "name": pd.Series(dtype=object), "value": pd.Series(dtype="float64")})
         block = self._read(fmt.SCALARS, slice(0, m.scalars_len))
+        ids = block[:, 1]
+        bad = np.flatnonzero(~np.isfinite(ids) | (ids < 0) | (ids >= len(m.scalar_names)) | (ids != np.floor(ids)) | ~np.isfinite(block[:, 0]))
+        if len(bad):
+            raise self._corrupt_array(
+                fmt.SCALARS, f"has the row {int(bad[0])} = {block[bad[0]].tolist()!r}; expected (step, name id, value) with "
+                f"0 <= name id < {len(m.scalar_names)} (the length of \"scalar_names\" in {fmt.MANIFEST_FILE}).",
+            )
         return pd.DataFrame(
             {"step": block[:, 0].astype(np.int64), "name": [m.scalar_names[int(i)] for i in block[:, 1]], "value": block[:, 2]}
         )
@@ -252,6 +449,12 @@ class Run:
     def notes(self) -> pd.DataFrame:
         """Notes recorded during training: columns step, time, text."""
         items = self.location.read_json(fmt.NOTES_FILE) or []
+        if not isinstance(items, list):
+            raise self.location.corrupt(fmt.NOTES_FILE, f"holds {type(items).__name__} {fmt._short(items)}; expected a list of notes.")
+        for i, item in enumerate(items):
+            number = (int, float)
+            if not (isinstance(item, dict) and isinstance(item.get("step"), number) and isinstance(item.get("time", 0), number) and isinstance(item.get("text"), str)):
+                raise self.location.corrupt(fmt.NOTES_FILE, f"has the entry [{i}] = {fmt._short(item)}; expected {{\"step\": int, \"time\": number, \"text\": str}}.")
         return pd.DataFrame(items, columns=["step", "time", "text"])
 
     # ------------------------------------------------------------------------ series selection
@@ -298,24 +501,67 @@ class Run:
                 raise NodeNotFoundError(f"`iteration`: node {node!r} has no iteration {iteration} for view {view!r}; it has {its}.")
         return cols
 
-    def _record_rows(self, step_type: str | None) -> np.ndarray:
+    def resolve_step_type(self, step_type: str | None, method: str = "stats") -> str | None:
+        """The step type a read method uses: ``step_type`` itself when given; for ``None``, the run's only
+        step type, or ``"train"`` when the run has several and one of them is ``"train"``. Step types are
+        never mixed silently (train and validation records at the same steps would zigzag in a plot).
+
+        Raises:
+            ConfigError: ``step_type=None`` on a run with several step types, none of them ``"train"``.
+        """
+        if step_type is not None:
+            if not isinstance(step_type, str):
+                raise ConfigTypeError(f"`Run.{method}(step_type=...)`: expected a step type name or None, got {step_type!r} of type {type(step_type).__name__}.")
+            return step_type
+        types = self.step_types
+        if len(types) <= 1:
+            return types[0] if types else None
+        if TRAIN in types:
+            return TRAIN
+        raise ConfigError(
+            f"`Run.{method}(step_type=None)`: run {self.name!r} has records of several step types {types} and none of "
+            f"them is {TRAIN!r}, so there is no default; expected one of {types}. HINT: pass step_type={types[0]!r}."
+        )
+
+    @staticmethod
+    def _step(step: Any, method: str, arg: str = "step") -> int:
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+            raise ConfigTypeError(f"`Run.{method}({arg}=...)`: expected an int (a trainer step), got {step!r} of type {type(step).__name__}.")
+        return int(step)
+
+    def _check_view(self, view: Any, method: str) -> str:
+        views = sorted({key.view for key in self.manifest.series})
+        if view not in views:
+            raise NodeNotFoundError(f"`Run.{method}(view=...)`: run {self.name!r} has no view {view!r}; it has {views}.")
+        return str(view)
+
+    def _record_rows(self, step_type: str | None, method: str = "stats") -> np.ndarray:
         steps = self.steps
+        step_type = self.resolve_step_type(step_type, method)
         if step_type is not None:
             if step_type not in set(steps["step_type"]):
                 raise StepNotFoundError(f"`step_type`: run {self.name!r} has no records of step type {step_type!r}; it has {self.step_types}.")
             steps = steps[steps["step_type"] == step_type]
         return steps.index.to_numpy()
 
-    def record_of(self, step: int, *, step_type: str | None = None) -> int:
-        """The record number of ``step`` (of ``step_type``); raises when ambiguous or missing."""
-        rows = self._rows_by_step.get(int(step), [])
+    def record_of(self, step: int, *, step_type: str | None = None, method: str = "record_of") -> int:
+        """The record number of ``step`` (of ``step_type``; for ``None`` see :meth:`resolve_step_type`);
+        raises when ambiguous or missing."""
+        step = self._step(step, method)
+        step_type = self.resolve_step_type(step_type, method)
+        every = self._rows_by_step.get(step, [])
+        rows = every
         if step_type is not None:
             rows = [r for r in rows if self.steps.at[r, "step_type"] == step_type]
         if not rows:
             known = self.steps["step"].to_numpy()
-            near = known[np.argsort(np.abs(known - int(step)))[:3]].tolist() if len(known) else []
+            if step_type is not None:
+                known = self.steps.loc[self.steps["step_type"] == step_type, "step"].to_numpy()
+            near = known[np.argsort(np.abs(known - step))[:3]].tolist() if len(known) else []
             what = f" of step type {step_type!r}" if step_type else ""
-            raise StepNotFoundError(f"Run {self.name!r} has no record of step {step}{what}. Nearest recorded steps: {sorted(set(near))}.")
+            others = sorted({str(self.steps.at[r, "step_type"]) for r in every})
+            hint = f" HINT: step {step} has records of step type {others}: pass step_type={others[0]!r}." if others else ""
+            raise StepNotFoundError(f"Run {self.name!r} has no record of step {step}{what}. Nearest recorded steps: {sorted(set(near))}.{hint}")
         if len(rows) > 1:
             types = [str(self.steps.at[r, "step_type"]) for r in rows]
             if len(set(types)) > 1:
@@ -340,7 +586,7 @@ class Run:
         recorded are left out. The column ``update_ratio`` (‖update‖ / ‖weight‖) appears for ``view="update"``.
         """
         cols = self._columns(node, view, role, iteration)
-        rows = self._record_rows(step_type)
+        rows = self._record_rows(step_type, "stats")
         names = list(fmt.STAT_NAMES) if view == "update" else [n for n in fmt.STAT_NAMES if n != "update_ratio"]
         if len(rows) == 0 or not cols:
             return pd.DataFrame(columns=names, index=pd.Index([], name="step", dtype="int64"), dtype="float64")
@@ -381,12 +627,17 @@ class Run:
         For activations a neuron is a feature of the last dimension, with statistics over every other axis
         (the batch, positions); for parameters it is an output unit (the first axis).
         """
-        record = self.record_of(step, step_type=step_type)
+        record = self.record_of(step, step_type=step_type, method="neurons")
         col = self._entry_column(node, record, view, role, iteration)
         offset, width = (int(v) for v in self._read(fmt.NEURONS_PTR, (record, col, slice(None))))
-        if offset < 0:
+        if offset == -1:
             raise StepNotFoundError(f"Node {node!r} has no per-neuron statistics at step {step} (detail was lower).")
         n = len(fmt.NEURON_STAT_NAMES)
+        if offset < 0 or width < 0 or offset + n * width > self.manifest.neurons_len:
+            raise self._corrupt_array(
+                fmt.NEURONS_PTR, f"points node {node!r} at step {step} to (offset {offset}, width {width}); expected an offset >= 0 "
+                f"and offset + {n} * width <= {self.manifest.neurons_len} (\"neurons_len\" in {fmt.MANIFEST_FILE}).",
+            )
         flat = self._read(fmt.NEURONS, slice(offset, offset + n * width))
         frame = pd.DataFrame(flat.reshape(n, width).T.astype("float64"), columns=list(fmt.NEURON_STAT_NAMES))
         frame.index.name = "neuron"
@@ -404,13 +655,24 @@ class Run:
     ) -> np.ndarray:
         """The recorded individual samples at one step; first axis = sample (the full tensor for a
         parameter recorded in full). Integer tensors come back with an integer dtype."""
-        record = self.record_of(step, step_type=step_type)
+        record = self.record_of(step, step_type=step_type, method="samples")
         col = self._entry_column(node, record, view, role, iteration)
         offset, shape_id = (int(v) for v in self._read(fmt.SAMPLES_PTR, (record, col, slice(None))))
-        if offset < 0:
+        if offset == -1:
             raise StepNotFoundError(f"Node {node!r} has no samples at step {step} (detail was lower).")
-        shape = tuple(self.manifest.shapes[shape_id])
-        size = int(np.prod(shape)) if shape else 1
+        shapes = self.manifest.shapes
+        if offset < 0 or not 0 <= shape_id < len(shapes):
+            raise self._corrupt_array(
+                fmt.SAMPLES_PTR, f"points node {node!r} at step {step} to (offset {offset}, shape id {shape_id}); expected an offset >= 0 "
+                f"and 0 <= shape id < {len(shapes)} (the length of \"shapes\" in {fmt.MANIFEST_FILE}).",
+            )
+        shape = tuple(shapes[shape_id])
+        size = math.prod(shape)
+        if offset + size > self.manifest.samples_len:
+            raise self._corrupt_array(
+                fmt.SAMPLES_PTR, f"points node {node!r} at step {step} to {size} values from offset {offset}, past the end "
+                f"({self.manifest.samples_len}, \"samples_len\" in {fmt.MANIFEST_FILE}).",
+            )
         values = self._read(fmt.SAMPLES, slice(offset, offset + size)).reshape(shape)
         dtype = self.manifest.dtypes[col] if col < len(self.manifest.dtypes) else "float32"
         if dtype.startswith(("int", "uint")) or dtype == "bool":
@@ -418,8 +680,12 @@ class Run:
         return values
 
     def step_stats(self, step: int, *, view: str = "value", step_type: str | None = None) -> pd.DataFrame:
-        """Statistics of every node at one step (last iteration, default role): one row per node."""
-        record = self.record_of(step, step_type=step_type)
+        """Statistics of every node at one step (last iteration, default role): one row per node.
+
+        ``step_type=None``: see :meth:`resolve_step_type`. Raises NodeNotFoundError for a view the run does
+        not have (the message lists those it has)."""
+        view = self._check_view(view, "step_stats")
+        record = self.record_of(step, step_type=step_type, method="step_stats")
         block = self._read(fmt.STATS, (record, slice(None), slice(None)))
         rows: dict[str, np.ndarray] = {}
         for node in self.nodes:
@@ -452,7 +718,7 @@ class Run:
         ``iteration=None`` takes the last iteration recorded at that step. Views not recorded at that
         step are left out.
         """
-        record = self.record_of(step, step_type=step_type)
+        record = self.record_of(step, step_type=step_type, method="entry_stats")
         picked: dict[str, list[int]] = {}
         for view in self.views(node):
             picked[view] = [col for _, col in self._columns(node, view, role, iteration)]
@@ -486,7 +752,7 @@ class Run:
         views = self.views(node)
         picked = {view: self._columns(node, view, role, iteration) for view in views}
         wanted = sorted(col for cols in picked.values() for _, col in cols)
-        rows = self._record_rows(step_type)
+        rows = self._record_rows(step_type, "node_stats")
         if len(rows) == 0 or not wanted or wanted[-1] - wanted[0] >= 4 * len(wanted):
             return {view: self.stats(node, view=view, role=role, iteration=iteration, step_type=step_type) for view in views}
         lo, hi, stop = wanted[0], wanted[-1] + 1, int(rows.max()) + 1
@@ -526,8 +792,11 @@ class Run:
 
         Raises:
             StepNotFoundError: no record in the range.
+            NodeNotFoundError: the run has no view ``view`` (the message lists those it has).
         """
-        rows = self._record_rows(step_type)
+        first_step, last_step = self._step(first_step, "range_stats", "first_step"), self._step(last_step, "range_stats", "last_step")
+        step_type = self.resolve_step_type(step_type, "range_stats")
+        rows = self._record_rows(step_type, "range_stats")
         steps = self.steps.loc[rows, "step"].to_numpy() if len(rows) else np.array([], dtype=np.int64)
         chosen = rows[(steps >= int(first_step)) & (steps <= int(last_step))]
         names = list(fmt.STAT_NAMES) if view == "update" else [n for n in fmt.STAT_NAMES if n != "update_ratio"]
@@ -536,6 +805,7 @@ class Run:
             raise StepNotFoundError(
                 f"Run {self.name!r} has no record{what} with {first_step} <= step <= {last_step}."
             )
+        view = self._check_view(view, "range_stats")
         nodes: list[str] = []
         columns: list[list[int]] = []
         for node in self.nodes:
