@@ -18,6 +18,7 @@ import param
 from panel.custom import JSComponent
 from panel.viewable import Viewer
 
+from comgra_callbacks.dashboard import safe
 from comgra_callbacks.dashboard.state import DETAILS, Selection
 
 KEYS = ("ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown", "PageUp", "PageDown")
@@ -103,7 +104,7 @@ class SelectorBar(Viewer):
                 sel.sample = len(options) - 1
             self.sample.param.update(options=options, value=min(sel.sample, len(options) - 1))
         if "status" in names:
-            self.status.object = f"**{sel.run}** · {sel.status}" if sel.run else ""
+            self.status.object = f"**{safe.text(sel.run)}** · {safe.text(sel.status)}" if sel.run else ""
         self.prev.disabled = not sel.steps or sel.step <= sel.steps[0]
         self.next.disabled = not sel.steps or sel.step >= sel.steps[-1]
 

@@ -329,6 +329,9 @@ class Run:
         for block in range(row_blocks):
             if not any(key[0] == block for key in have):
                 raise self._corrupt_array(fmt.STATS, f"has no chunk for records {block * rows_per_chunk}..{min(self.manifest.rows, (block + 1) * rows_per_chunk) - 1}, but every record holds data (the chunk was deleted).")
+        for name, length in ((fmt.NEURONS_PTR, self.manifest.neurons_len), (fmt.SAMPLES_PTR, self.manifest.samples_len)):
+            if length and not self._chunk_keys(name):
+                raise self._corrupt_array(name, f"has no chunk at all, but {fmt.MANIFEST_FILE} says {length} values are stored behind it (its chunks were deleted).")
         missing = sorted(key for key in pointers if key[0] < row_blocks and (key[0], key[1], 0) not in have)
         if missing:
             raise self._corrupt_array(fmt.STATS, f"has no chunk {missing[0]}, but the pointer arrays say those records hold data there (the chunk was deleted).")
@@ -603,14 +606,22 @@ class Run:
         frame.attrs.update(node=node, view=view, role=role, run=self.name)
         return frame[names]
 
-    def _entry_column(self, node: str, record: int, view: str, role: str | None, iteration: int | None) -> int:
+    def _entry_column(self, node: str, record: int, view: str, role: str | None, iteration: int | None) -> tuple[int, np.ndarray]:
+        """The column of the entry (the last iteration present) and its statistics row."""
         cols = self._columns(node, view, role, iteration)
-        numel = self._read(fmt.STATS, (record, [c for _, c in cols], _NUMEL)) if cols else np.array([])
-        present = [c for (_, c), n in zip(cols, np.atleast_1d(numel)) if not math.isnan(float(n))]
+        rows = self._read(fmt.STATS, (record, [c for _, c in cols], slice(None))) if cols else np.empty((0, len(fmt.STAT_NAMES)))
+        present = [(c, row) for (_, c), row in zip(cols, rows) if not math.isnan(float(row[_NUMEL]))]
         if not present:
             step = int(self.steps.at[record, "step"]) if record in self.steps.index else record
             raise StepNotFoundError(f"Node {node!r} (view {view!r}) was not recorded at step {step} of run {self.name!r}.")
         return present[-1]
+
+    def _check_not_lost(self, name: str, values: np.ndarray, stats: np.ndarray, node: str, step: int) -> None:
+        """Values that are all NaN where the statistics counted no NaN come from a deleted chunk (zarr reads a
+        missing chunk as its fill value, NaN), not from the training."""
+        clean = stats[fmt.STAT_INDEX["nan_count"]] == 0 and stats[fmt.STAT_INDEX["inf_count"]] == 0
+        if values.size and clean and np.isnan(values).all():
+            raise self._corrupt_array(name, f"has no data for node {node!r} at step {step} (a chunk was deleted): its statistics count no NaN, but every value reads as NaN.")
 
     def neurons(
         self,
@@ -628,7 +639,7 @@ class Run:
         (the batch, positions); for parameters it is an output unit (the first axis).
         """
         record = self.record_of(step, step_type=step_type, method="neurons")
-        col = self._entry_column(node, record, view, role, iteration)
+        col, row = self._entry_column(node, record, view, role, iteration)
         offset, width = (int(v) for v in self._read(fmt.NEURONS_PTR, (record, col, slice(None))))
         if offset == -1:
             raise StepNotFoundError(f"Node {node!r} has no per-neuron statistics at step {step} (detail was lower).")
@@ -639,6 +650,7 @@ class Run:
                 f"and offset + {n} * width <= {self.manifest.neurons_len} (\"neurons_len\" in {fmt.MANIFEST_FILE}).",
             )
         flat = self._read(fmt.NEURONS, slice(offset, offset + n * width))
+        self._check_not_lost(fmt.NEURONS, flat[:width], row, node, step)
         frame = pd.DataFrame(flat.reshape(n, width).T.astype("float64"), columns=list(fmt.NEURON_STAT_NAMES))
         frame.index.name = "neuron"
         return frame
@@ -656,7 +668,7 @@ class Run:
         """The recorded individual samples at one step; first axis = sample (the full tensor for a
         parameter recorded in full). Integer tensors come back with an integer dtype."""
         record = self.record_of(step, step_type=step_type, method="samples")
-        col = self._entry_column(node, record, view, role, iteration)
+        col, row = self._entry_column(node, record, view, role, iteration)
         offset, shape_id = (int(v) for v in self._read(fmt.SAMPLES_PTR, (record, col, slice(None))))
         if offset == -1:
             raise StepNotFoundError(f"Node {node!r} has no samples at step {step} (detail was lower).")
@@ -674,6 +686,7 @@ class Run:
                 f"({self.manifest.samples_len}, \"samples_len\" in {fmt.MANIFEST_FILE}).",
             )
         values = self._read(fmt.SAMPLES, slice(offset, offset + size)).reshape(shape)
+        self._check_not_lost(fmt.SAMPLES, values, row, node, step)
         dtype = self.manifest.dtypes[col] if col < len(self.manifest.dtypes) else "float32"
         if dtype.startswith(("int", "uint")) or dtype == "bool":
             return np.rint(values).astype(np.int64 if dtype != "bool" else np.bool_)
