@@ -74,3 +74,16 @@ def damaged(tiny_run: Path, tmp_path: Path) -> Callable[[], Path]:
         return target
 
     return copy
+
+
+@pytest.fixture
+def dashboard_for() -> Callable[..., Any]:
+    """Build every view of one session on a root, without a browser or a server."""
+    from comgra_callbacks.dashboard.app import Dashboard
+    from comgra_callbacks.dashboard.data import Catalog
+    from comgra_callbacks.dashboard.options import DashboardOptions
+
+    def make(root: Path, **options: Any) -> Any:
+        return Dashboard(Catalog(root), DashboardOptions(str(root), **options))
+
+    return make
