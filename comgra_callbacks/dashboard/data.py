@@ -235,7 +235,14 @@ class Catalog:
         except ComgraError as exc:
             self.problem = str(exc)
             return
-        self._attach()
+        self._attach_or_say_why()
+
+    def _attach_or_say_why(self) -> bool:
+        try:
+            return self._attach()
+        except ComgraError as exc:  # e.g. the object store's endpoint cannot be reached (yet): look again later
+            self.problem = str(exc)
+            return False
 
     def _attach(self) -> bool:
         """Use the target once it exists (a dashboard may be started before the training creates it)."""
@@ -265,7 +272,7 @@ class Catalog:
     def refresh_list(self) -> bool:
         """Look for runs that appeared since the last call; True when there is a new one."""
         if self._root is None:
-            if self._candidate is None or not self._attach():
+            if self._candidate is None or not self._attach_or_say_why():
                 return False
             return bool(self.runs)
         names = [self._single] if self._single else self._root.list_run_names()

@@ -162,3 +162,16 @@ def test_the_custom_file_runs_once_per_server(tmp_path, tiny_run, dashboard_for)
     for _ in range(3):  # three browser sessions
         dashboard_for(tmp_path / "runs", custom=str(custom))
     assert counter.read_text() == "x"
+
+
+def test_the_dashboard_says_when_the_object_store_cannot_be_reached():
+    pytest.importorskip("s3fs")
+    from comgra_callbacks.dashboard.data import Catalog
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.monotonic()
+    catalog = Catalog("s3://bucket/runs", {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s"})
+    assert time.monotonic() - start < 5
+    assert catalog.problem is not None and "could not be reached" in catalog.problem and not catalog.runs
