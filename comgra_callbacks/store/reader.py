@@ -94,6 +94,8 @@ class Run:
         self.uri = location.uri
         self._arrays: dict[str, Any] = {}
         self._store: Any = None
+        self._blocks_checked = 0  # row blocks of `stats` whose chunks were checked (see _check_chunks)
+        self._pointers_seen: set[str] = set()
         self.refresh(force=True)
         self.name = str(self.meta.get("run_name") or location.name)  # "exp/rank0" for a rank's run group
 
@@ -131,7 +133,6 @@ class Run:
         self.manifest = manifest
         if changed:
             self._arrays.clear()
-            self._checked_chunks = False
             graph_raw = self._valid_graph(self.location.read_json(fmt.GRAPH_FILE) or {})
             self._graph_raw: dict[str, Any] = graph_raw
             for attr in ("steps", "records", "graph", "nodes", "_series_by_node", "_rows_by_step", "scalars", "notes"):
@@ -291,51 +292,64 @@ class Run:
         if len(bad):
             raise self._corrupt_array(fmt.RECORD_TIME, f"has the time {float(times[bad[0]])!r} in record {int(bad[0])}; expected seconds since the epoch.")
 
-    def _chunk_keys(self, name: str) -> set[tuple[int, ...]]:
-        """The chunk-grid positions of ``name`` that are stored (one listing of the array's chunks)."""
+    def _chunk_keys(self, prefix: str) -> set[tuple[int, ...]]:
+        """The stored chunk keys under ``prefix`` (e.g. ``stats/c/3/``) as tuples of the grid positions after it."""
         from zarr.core.sync import sync
 
         async def collect() -> list[str]:
-            return [key async for key in self._store.list_prefix(f"{name}/c/")]
+            return [key async for key in self._store.list_prefix(prefix)]
 
         found = set()
         for key in sync(collect()):
-            parts = key[len(name) + 3 :].split("/")
+            parts = key[len(prefix) :].split("/")
             if all(p.isdigit() for p in parts):
                 found.add(tuple(int(p) for p in parts))
         return found
+
+    def _has_chunks(self, name: str) -> bool:
+        from zarr.core.sync import sync
+
+        async def first() -> bool:
+            async for _ in self._store.list_dir(f"{name}/c"):
+                return True
+            return False
+
+        return bool(sync(first()))
 
     def _check_chunks(self) -> None:
         """Catch chunks deleted from ``stats``: zarr reads a missing chunk as "nothing recorded", which would
         silently empty the plots. Empty chunks are never written, so a missing ``stats`` chunk is legitimate
         only when its rows hold nothing; but every record holds at least one series, and a stored pointer
-        chunk means the same cells of ``stats`` hold data."""
-        if self._checked_chunks or self.manifest.rows == 0 or not self.manifest.series:
+        chunk means the same cells of ``stats`` hold data. Row blocks are listed one at a time, once each
+        (the last one again when it grows), so a live run costs one small listing per new block."""
+        m = self.manifest
+        if m.rows == 0 or not m.series:
             return
         stats = self._array(fmt.STATS)
+        if getattr(stats, "shards", None):
+            return  # shards are stored per shard; the grid below is per chunk
+        rows_per_chunk = int(stats.chunks[0])
+        row_blocks = math.ceil(m.rows / rows_per_chunk)
         try:
-            have = self._chunk_keys(fmt.STATS)
-            pointers = self._chunk_keys(fmt.NEURONS_PTR) | self._chunk_keys(fmt.SAMPLES_PTR)
+            for name, length in ((fmt.NEURONS_PTR, m.neurons_len), (fmt.SAMPLES_PTR, m.samples_len)):
+                if length and name not in self._pointers_seen:
+                    if not self._has_chunks(name):
+                        raise self._corrupt_array(name, f"has no chunk at all, but {fmt.MANIFEST_FILE} says {length} values are stored behind it (its chunks were deleted).")
+                    self._pointers_seen.add(name)
+            for block in range(max(self._blocks_checked - 1, 0), row_blocks):
+                have = {key[0] for key in self._chunk_keys(f"{fmt.STATS}/c/{block}/")}
+                first, last = block * rows_per_chunk, min(m.rows, (block + 1) * rows_per_chunk) - 1
+                if not have:
+                    raise self._corrupt_array(fmt.STATS, f"has no chunk for records {first}..{last}, but every record holds data (the chunk was deleted).")
+                pointers = {key[0] for name in (fmt.NEURONS_PTR, fmt.SAMPLES_PTR) for key in self._chunk_keys(f"{name}/c/{block}/")}
+                missing = sorted(pointers - have)
+                if missing:
+                    raise self._corrupt_array(fmt.STATS, f"has no chunk {(block, missing[0], 0)}, but the pointer arrays say records {first}..{last} hold data there (the chunk was deleted).")
         except ComgraError:
             raise
         except Exception:  # a store that cannot list: nothing to compare
-            self._checked_chunks = True
             return
-        if getattr(stats, "shards", None):
-            self._checked_chunks = True  # shards are stored per shard; the grid below is per chunk
-            return
-        rows_per_chunk = int(stats.chunks[0])
-        row_blocks = math.ceil(self.manifest.rows / rows_per_chunk)
-        for block in range(row_blocks):
-            if not any(key[0] == block for key in have):
-                raise self._corrupt_array(fmt.STATS, f"has no chunk for records {block * rows_per_chunk}..{min(self.manifest.rows, (block + 1) * rows_per_chunk) - 1}, but every record holds data (the chunk was deleted).")
-        for name, length in ((fmt.NEURONS_PTR, self.manifest.neurons_len), (fmt.SAMPLES_PTR, self.manifest.samples_len)):
-            if length and not self._chunk_keys(name):
-                raise self._corrupt_array(name, f"has no chunk at all, but {fmt.MANIFEST_FILE} says {length} values are stored behind it (its chunks were deleted).")
-        missing = sorted(key for key in pointers if key[0] < row_blocks and (key[0], key[1], 0) not in have)
-        if missing:
-            raise self._corrupt_array(fmt.STATS, f"has no chunk {missing[0]}, but the pointer arrays say those records hold data there (the chunk was deleted).")
-        self._checked_chunks = True
+        self._blocks_checked = row_blocks
 
     @cached_property
     def steps(self) -> pd.DataFrame:

@@ -305,10 +305,14 @@ class LocalRoot(Root):
         for child in sorted(self.path.iterdir()):
             if not child.is_dir():
                 continue
-            if (child / "meta.json").is_file():
+            if os.path.lexists(child / "meta.json"):  # whatever it is: a damaged one is reported, not hidden
                 names.append(child.name)
-            for grandchild in sorted(child.iterdir()):
-                if grandchild.is_dir() and (grandchild / "meta.json").is_file():
+            try:
+                grandchildren = sorted(child.iterdir())
+            except OSError:  # a directory we may not list is no run of ours; the others are
+                continue
+            for grandchild in grandchildren:
+                if grandchild.is_dir() and os.path.lexists(grandchild / "meta.json"):
                     names.append(f"{child.name}/{grandchild.name}")
         return names
 
