@@ -310,7 +310,7 @@ class Run:
         from zarr.core.sync import sync
 
         async def first() -> bool:
-            async for _ in self._store.list_dir(f"{name}/c"):
+            async for _ in self._store.list_prefix(f"{name}/c/"):  # files, not the directories left behind
                 return True
             return False
 
