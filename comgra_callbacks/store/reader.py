@@ -133,7 +133,7 @@ class Run:
         self.manifest = manifest
         if changed:
             self._arrays.clear()
-            graph_raw = self._valid_graph(self.location.read_json(fmt.GRAPH_FILE) or {})
+            graph_raw = fmt.check_graph(self.location.read_json(fmt.GRAPH_FILE) or {}, self._where(fmt.GRAPH_FILE))
             self._graph_raw: dict[str, Any] = graph_raw
             for attr in ("steps", "records", "graph", "nodes", "_series_by_node", "_rows_by_step", "scalars", "notes"):
                 self.__dict__.pop(attr, None)
@@ -147,35 +147,6 @@ class Run:
             f"run {self.name!r} ({self.uri}): its array {name!r} {problem} HINT: the run is damaged; "
             f"restore it from a backup, or delete it."
         )
-
-    def _valid_graph(self, raw: Any) -> dict[str, Any]:
-        """``graph.json`` checked for the structure the reader and the dashboard rely on."""
-        def bad(problem: str) -> CorruptStoreError:
-            return self.location.corrupt(fmt.GRAPH_FILE, problem, "restore the file from a backup, or delete it (the graph is then rebuilt from the series).")
-
-        if not isinstance(raw, dict):
-            raise bad(f"holds {type(raw).__name__} {fmt._short(raw)}; expected a JSON object.")
-        nodes, graphs = raw.get("nodes", {}), raw.get("graphs", {})
-        if not isinstance(nodes, dict) or not all(isinstance(a, dict) for a in nodes.values()):
-            raise bad(f'has "nodes": {fmt._short(nodes)}; expected an object of node name -> attributes.')
-        for name, attrs in nodes.items():
-            shape, module = attrs.get("shape"), attrs.get("module")
-            if shape is not None and not (isinstance(shape, list) and all(fmt._is_int(n) and n >= 0 for n in shape)):
-                raise bad(f'gives node {name!r} the shape {fmt._short(shape)}; expected a list of ints >= 0 or null.')
-            if module is not None and not isinstance(module, str):
-                raise bad(f'gives node {name!r} the module {fmt._short(module)}; expected a string or null.')
-            if not isinstance(attrs.get("kind", ""), str) or not isinstance(attrs.get("roles", []), list):
-                raise bad(f"gives node {name!r} the attributes {fmt._short(attrs)}; expected a string kind and a list of roles.")
-        if not isinstance(graphs, dict):
-            raise bad(f'has "graphs": {fmt._short(graphs)}; expected an object of step type -> graph.')
-        for step_type, sub in graphs.items():
-            members = sub.get("nodes", []) if isinstance(sub, dict) else None
-            edges = sub.get("edges", []) if isinstance(sub, dict) else None
-            if not isinstance(members, list) or not all(isinstance(n, str) for n in members):
-                raise bad(f"has the graph of {step_type!r} = {fmt._short(sub)}; expected {{\"nodes\": [str, ...], \"edges\": [...]}}.")
-            if not isinstance(edges, list) or not all(isinstance(e, list) and len(e) == 3 and all(isinstance(v, str) for v in e) for e in edges):
-                raise bad(f"has edges of {step_type!r} = {fmt._short(edges)}; expected a list of [source, target, how].")
-        return raw
 
     def _array(self, name: str) -> Any:
         array = self._arrays.get(name)
@@ -256,7 +227,9 @@ class Run:
             return frame
         rec = self._read(fmt.RECORDS, slice(0, m.rows))
         times = self._read(fmt.RECORD_TIME, slice(0, m.rows))
-        self._check_records(rec, times)
+        problem = fmt.record_problem(rec, times, m)
+        if problem is not None:
+            raise self._corrupt_array(*problem)
         self._check_chunks()
         frame = pd.DataFrame(rec, columns=list(fmt.RECORD_COLUMNS))
         frame["step_type"] = [m.step_types[i] for i in frame["step_type"]]
@@ -268,29 +241,6 @@ class Run:
         frame["superseded"] = superseded
         frame.index.name = "record"
         return frame
-
-    def _check_records(self, rec: np.ndarray, times: np.ndarray) -> None:
-        """Every code must name a step type, a reason and a segment; steps and times must be real (a
-        chunk deleted from ``records`` reads as -1 everywhere, one deleted from ``record_time`` as NaN)."""
-        m = self.manifest
-        columns = {name: i for i, name in enumerate(fmt.RECORD_COLUMNS)}
-        checks = [("step_type", len(m.step_types), '"step_types"'), ("reason", len(m.reasons), '"reasons"'), ("segment", max(len(m.segments), 1), '"segments"')]
-        for column, count, field in checks:
-            codes = rec[:, columns[column]]
-            bad = np.flatnonzero((codes < 0) | (codes >= count))
-            if len(bad):
-                raise self._corrupt_array(
-                    fmt.RECORDS, f"has the {column} code {int(codes[bad[0]])} in record {int(bad[0])}; expected 0 <= code < {count} "
-                    f"(the length of {field} in {fmt.MANIFEST_FILE}).",
-                )
-        for column in ("step", "epoch", "batch_idx"):
-            values = rec[:, columns[column]]
-            bad = np.flatnonzero(values < 0)
-            if len(bad):
-                raise self._corrupt_array(fmt.RECORDS, f"has {column} {int(values[bad[0]])} in record {int(bad[0])}; expected an int >= 0.")
-        bad = np.flatnonzero(~np.isfinite(times))
-        if len(bad):
-            raise self._corrupt_array(fmt.RECORD_TIME, f"has the time {float(times[bad[0]])!r} in record {int(bad[0])}; expected seconds since the epoch.")
 
     def _chunk_keys(self, prefix: str) -> set[tuple[int, ...]]:
         """The stored chunk keys under ``prefix`` (e.g. ``stats/c/3/``) as tuples of the grid positions after it."""
@@ -426,21 +376,7 @@ class Run:
     def modules(self) -> pd.DataFrame:
         """The module tree: one row per module (index: dotted name, ``""`` for the root) with ``type``,
         ``parent``, ``depth``, ``params`` (its own), ``params_total`` and ``trainable_total`` (with children)."""
-        rows = self.location.read_json(fmt.MODULES_FILE) or []
-        ints = ("depth", "params", "params_total", "trainable_total")
-        if not isinstance(rows, list):
-            raise self.location.corrupt(fmt.MODULES_FILE, f"holds {type(rows).__name__} {fmt._short(rows)}; expected a list of modules.")
-        for i, row in enumerate(rows):
-            ok = (
-                isinstance(row, dict) and isinstance(row.get("name"), str) and isinstance(row.get("type"), str)
-                and (row.get("parent") is None or isinstance(row.get("parent"), str))
-                and all(fmt._is_int(row.get(k, 0)) and row.get(k, 0) >= 0 for k in ints)
-            )
-            if not ok:
-                raise self.location.corrupt(
-                    fmt.MODULES_FILE, f"has the entry [{i}] = {fmt._short(row)}; expected {{\"name\": str, \"type\": str, \"parent\": str or null, "
-                    f"\"depth\" / \"params\" / \"params_total\" / \"trainable_total\": ints >= 0}}.",
-                )
+        rows = fmt.check_modules(self.location.read_json(fmt.MODULES_FILE) or [], self._where(fmt.MODULES_FILE))
         frame = pd.DataFrame(rows, columns=["name", "type", "parent", "depth", "params", "params_total", "trainable_total"])
         return frame.set_index("name")
 
@@ -451,13 +387,9 @@ class Run:
         if m.scalars_len == 0:
             return pd.DataFrame({"step": pd.Series(dtype="int64"), "name": pd.Series(dtype=object), "value": pd.Series(dtype="float64")})
         block = self._read(fmt.SCALARS, slice(0, m.scalars_len))
-        ids = block[:, 1]
-        bad = np.flatnonzero(~np.isfinite(ids) | (ids < 0) | (ids >= len(m.scalar_names)) | (ids != np.floor(ids)) | ~np.isfinite(block[:, 0]))
-        if len(bad):
-            raise self._corrupt_array(
-                fmt.SCALARS, f"has the row {int(bad[0])} = {block[bad[0]].tolist()!r}; expected (step, name id, value) with "
-                f"0 <= name id < {len(m.scalar_names)} (the length of \"scalar_names\" in {fmt.MANIFEST_FILE}).",
-            )
+        problem = fmt.scalar_problem(block, m)
+        if problem is not None:
+            raise self._corrupt_array(fmt.SCALARS, problem)
         return pd.DataFrame(
             {"step": block[:, 0].astype(np.int64), "name": [m.scalar_names[int(i)] for i in block[:, 1]], "value": block[:, 2]}
         )
@@ -465,13 +397,7 @@ class Run:
     @cached_property
     def notes(self) -> pd.DataFrame:
         """Notes recorded during training: columns step, time, text."""
-        items = self.location.read_json(fmt.NOTES_FILE) or []
-        if not isinstance(items, list):
-            raise self.location.corrupt(fmt.NOTES_FILE, f"holds {type(items).__name__} {fmt._short(items)}; expected a list of notes.")
-        for i, item in enumerate(items):
-            number = (int, float)
-            if not (isinstance(item, dict) and isinstance(item.get("step"), number) and isinstance(item.get("time", 0), number) and isinstance(item.get("text"), str)):
-                raise self.location.corrupt(fmt.NOTES_FILE, f"has the entry [{i}] = {fmt._short(item)}; expected {{\"step\": int, \"time\": number, \"text\": str}}.")
+        items = fmt.check_notes(self.location.read_json(fmt.NOTES_FILE) or [], self._where(fmt.NOTES_FILE))
         return pd.DataFrame(items, columns=["step", "time", "text"])
 
     # ------------------------------------------------------------------------ series selection
