@@ -41,7 +41,10 @@ class FormatVersionError(ComgraError, ValueError):
 
 
 class CorruptStoreError(ComgraError, ValueError):
-    """The run's files are inconsistent with each other (a sidecar missing, an array shorter than promised)."""
+    """A run is damaged: a file is not valid JSON or not of the format's types, an array is shorter than the
+    manifest promises, a code or pointer is out of range, a chunk was deleted, or a file is a link out of the
+    run, a special file or too large. The message names the run and the file; no data is returned from it
+    (see docs/reliability.md)."""
 
 
 class NodeNotFoundError(ComgraError, KeyError):

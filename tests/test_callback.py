@@ -141,8 +141,8 @@ def test_recording_under_no_grad_eval_and_validation(tmp_path: Path) -> None:
     assert set(run.views("head")) == {"value", "grad"}
     assert run.stats("head", step_type="val").index.tolist() == [2, 4]
     assert run.stats("head", step_type="train").index.tolist() == [0, 1, 2, 3]
-    with pytest.raises(KeyError, match=r"Step 2 of run 'mixed' has records of several step types .* HINT: pass step_type="):
-        run.neurons("head", 2)
+    # Step 2 has a train and a val record: step_type=None means "train", never a mix (issue 8).
+    assert run.neurons("head", 2).equals(run.neurons("head", 2, step_type="train"))
     assert len(run.neurons("head", 2, step_type="val")) == 3
     assert run.graph_for("val").number_of_nodes() > 0
     # not in the optimizer: no gradient (no_grad), and an update of exactly zero

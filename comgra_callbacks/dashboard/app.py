@@ -18,6 +18,7 @@ from typing import Any
 import holoviews as hv
 import panel as pn
 
+from comgra_callbacks.dashboard import safe
 from comgra_callbacks.dashboard.compare_view import CompareView
 from comgra_callbacks.dashboard.custom import CustomView, load_custom
 from comgra_callbacks.dashboard.data import Catalog, shared_catalog
@@ -80,20 +81,20 @@ class Dashboard:
         self.tabs.active = self.tab_names.index(name)
 
     def panel(self) -> pn.viewable.Viewable:
-        header = pn.pane.Markdown(f"## {TITLE} · `{self.catalog.target}`", margin=(0, 10))
+        header = pn.pane.Markdown(f"## {TITLE} · {safe.code(self.catalog.target)}", margin=(0, 10))
         parts: list[Any] = [header, self.keys]
         if self.custom_error:
-            parts.append(pn.pane.Alert(self.custom_error, alert_type="warning"))
+            parts.append(pn.pane.Alert(safe.text(self.custom_error), alert_type="warning"))
         if self.catalog.skipped:
-            skipped = "; ".join(f"**{name}**: {msg}" for name, msg in self.catalog.skipped.items())
-            parts.append(pn.pane.Alert(f"Some runs could not be opened: {skipped}", alert_type="warning"))
+            skipped = "".join(f"\n- **{safe.text(name)}**: {safe.text(msg)}" for name, msg in self.catalog.skipped.items())
+            parts.append(pn.pane.Alert(f"Some runs could not be opened; the others are shown.{skipped}", alert_type="warning"))
         return pn.Column(*parts, self.tabs, sizing_mode="stretch_width")
 
 
 def problem_page(catalog: Catalog, options: DashboardOptions) -> pn.viewable.Viewable:
     """The page when there is nothing to show yet; it turns into the dashboard when a run appears."""
-    alert = pn.pane.Alert(catalog.problem or "", alert_type="warning" if catalog.can_list else "danger")
-    page = pn.Column(pn.pane.Markdown(f"## {TITLE} · `{options.target}`", margin=(0, 10)), alert, sizing_mode="stretch_width")
+    alert = pn.pane.Alert(safe.text(catalog.problem or ""), alert_type="warning" if catalog.can_list else "danger")
+    page = pn.Column(pn.pane.Markdown(f"## {TITLE} · {safe.code(options.target)}", margin=(0, 10)), alert, sizing_mode="stretch_width")
 
     def look_again() -> None:
         if catalog.refresh_list() and catalog.runs:
@@ -103,7 +104,7 @@ def problem_page(catalog: Catalog, options: DashboardOptions) -> pn.viewable.Vie
             page.objects = [dashboard.panel()]
             start_polling(dashboard.selection.poll, options)
         elif catalog.problem:
-            alert.object = catalog.problem
+            alert.object = safe.text(catalog.problem)
 
     callback = start_polling(look_again, options) if catalog.can_list else None
     return page
@@ -129,7 +130,7 @@ def build_app(options: DashboardOptions) -> pn.viewable.Viewable:
 
 
 def error_page(message: str) -> pn.viewable.Viewable:
-    return pn.Column(pn.pane.Markdown(f"## {TITLE}"), pn.pane.Alert(message, alert_type="danger"))
+    return pn.Column(pn.pane.Markdown(f"## {TITLE}"), pn.pane.Alert(safe.text(message), alert_type="danger"))
 
 
 def serve_page() -> pn.viewable.Viewable:

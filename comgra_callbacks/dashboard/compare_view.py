@@ -15,7 +15,7 @@ import panel as pn
 from bokeh.models.widgets.tables import NumberFormatter
 from panel.viewable import Viewer
 
-from comgra_callbacks.dashboard import plots
+from comgra_callbacks.dashboard import plots, safe
 from comgra_callbacks.dashboard.data import Missing
 from comgra_callbacks.dashboard.gather import compare_nodes, node_comparison, side_summary
 from comgra_callbacks.dashboard.state import Comparison, Selection
@@ -100,11 +100,14 @@ class CompareView(Viewer):
         side_a, side_b = cmp.sides()
         data_a, data_b = sel.catalog.runs.get(side_a.run), sel.catalog.runs.get(side_b.run)
         sum_a, sum_b = side_summary(data_a, side_a, sel.view), side_summary(data_b, side_b, sel.view)
-        self.summary.object = f"**A** = {side_a.label}  \n**B** = {side_b.label}  \nview **{sel.view}**, statistic **{sel.statistic}**, averaged over each side's records."
+        self.summary.object = (
+            f"**A** = {safe.text(side_a.label)}  \n**B** = {safe.text(side_b.label)}  \nview **{safe.text(sel.view)}**, "
+            f"statistic **{safe.text(sel.statistic)}**, averaged over each side's records."
+        )
         problem = next((s.message for s in (sum_a, sum_b) if isinstance(s, Missing)), None)
         if problem is not None:
             self.ranking = Missing(problem)
-            self.summary.object += f"\n\n⚠ {problem}"
+            self.summary.object += f"\n\n⚠ {safe.text(problem)}"
             self.table.value = pd.DataFrame({"message": [problem]})
             self.node_pane.object = None
             self.node_plot.object = plots.message(plots.wrap(problem))
@@ -119,7 +122,7 @@ class CompareView(Viewer):
         self.node_table = node_comparison(sum_a, sum_b, sel.node)
         self.node_pane.object = None if isinstance(self.node_table, Missing) else self.node_table
         if isinstance(self.node_table, Missing):
-            self.summary.object += f"\n\n⚠ {self.node_table.message}"
+            self.summary.object += f"\n\n⚠ {safe.text(self.node_table.message)}"
         self._node_plot(side_a, side_b)
 
     def _node_plot(self, side_a: Any, side_b: Any) -> None:

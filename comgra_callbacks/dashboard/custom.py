@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any
 import panel as pn
 from panel.viewable import Viewer
 
+from comgra_callbacks.dashboard import safe
 from comgra_callbacks.dashboard.state import Selection
 from comgra_callbacks.errors import ConfigError
 
@@ -44,7 +46,8 @@ class CustomPlugin:
 
 
 def load_custom(path: str | os.PathLike[str]) -> CustomPlugin:
-    """Load the user's custom-view file.
+    """Load the user's custom-view file. It is executed once per process: later calls (every browser
+    session asks) return the same :class:`CustomPlugin`.
 
     Raises:
         ConfigError: the file does not exist, fails to import, or defines no ``view(selection, run)``.
@@ -59,6 +62,20 @@ def load_custom(path: str | os.PathLike[str]) -> CustomPlugin:
     where = "`serve(--custom=...)`: expected a Python file that defines view(selection, run), got"
     if not file.is_file():
         raise ConfigError(f"{where} {text!r} (no such file). Shipped examples: {sorted(EXAMPLES)}.")
+    key = str(file.resolve())
+    with _LOCK:
+        loaded = _LOADED.get(key)
+        if loaded is None:
+            loaded = _LOADED[key] = _load(file, text, where)
+    return loaded
+
+
+_LOADED: dict[str, CustomPlugin] = {}
+_LOCK = threading.Lock()
+
+
+def _load(file: Path, text: str, where: str) -> CustomPlugin:
+    """Execute the file (once per server process: every browser session shares the loaded view)."""
     spec = importlib.util.spec_from_file_location(f"comgra_custom_view_{abs(hash(str(file)))}", file)
     if spec is None or spec.loader is None:
         raise ConfigError(f"{where} {text!r} (not a Python file).")
@@ -85,7 +102,7 @@ class CustomView(Viewer):
         self.active = False
         self.error: str | None = None
         self.body = pn.Column(sizing_mode="stretch_width")
-        self.caption = pn.pane.Markdown(f"`view()` from `{plugin.path}`", margin=(0, 10), styles={"color": "#666"})
+        self.caption = pn.pane.Markdown(f"{safe.code('view()')} from {safe.code(plugin.path)}", margin=(0, 10), styles={"color": "#666"})
         selection.param.watch(self.refresh, _WATCHED)
 
     def __panel__(self) -> pn.viewable.Viewable:
@@ -111,6 +128,6 @@ class CustomView(Viewer):
             self.error = f"{type(exc).__name__}: {exc}"
             lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
             self.body.objects = [
-                pn.pane.Alert(f"The custom view `{self.plugin.path}` raised **{self.error}**", alert_type="danger"),
-                pn.Card(pn.pane.Markdown("```\n" + "".join(lines[-12:]) + "\n```"), title="Where (your file's traceback)", collapsed=True),
+                pn.pane.Alert(f"The custom view {safe.code(self.plugin.path)} raised **{safe.text(self.error)}**", alert_type="danger"),
+                pn.Card(pn.pane.Markdown(safe.block("".join(lines[-12:]))), title="Where (your file's traceback)", collapsed=True),
             ]

@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from comgra_callbacks.errors import ComgraError, ConfigError, NodeNotFoundError, StepNotFoundError
+from comgra_callbacks.errors import (
+    ComgraError,
+    ConfigError,
+    CorruptStoreError,
+    NodeNotFoundError,
+    StepNotFoundError,
+)
 from comgra_callbacks.store import format as fmt
 from comgra_callbacks.store.reader import Run
 from comgra_callbacks.store.storage import is_url, open_root, split_run_uri
@@ -113,7 +119,7 @@ class RunData:
         def guarded() -> Any:
             try:
                 return compute()
-            except (StepNotFoundError, NodeNotFoundError) as exc:
+            except (StepNotFoundError, NodeNotFoundError, CorruptStoreError, ConfigError) as exc:
                 return Missing(str(exc))
 
         return self.cache.get_or_compute(self._key(*key), guarded)
@@ -190,6 +196,14 @@ class RunData:
         )
 
 
+def open_checked(location: Any) -> Run:
+    """Open a run and read everything every page shows at once (index, module tree, notes, scalars), so a
+    damaged run is listed with its error when the server starts rather than breaking a page later."""
+    run = Run(location)
+    run.steps, run.modules, run.notes, run.scalars, run.graph  # noqa: B018 - read for their validation
+    return run
+
+
 class Catalog:
     """The runs the server shows: every run under a root, or one run.
 
@@ -221,7 +235,14 @@ class Catalog:
         except ComgraError as exc:
             self.problem = str(exc)
             return
-        self._attach()
+        self._attach_or_say_why()
+
+    def _attach_or_say_why(self) -> bool:
+        try:
+            return self._attach()
+        except ComgraError as exc:  # e.g. the object store's endpoint cannot be reached (yet): look again later
+            self.problem = str(exc)
+            return False
 
     def _attach(self) -> bool:
         """Use the target once it exists (a dashboard may be started before the training creates it)."""
@@ -251,7 +272,7 @@ class Catalog:
     def refresh_list(self) -> bool:
         """Look for runs that appeared since the last call; True when there is a new one."""
         if self._root is None:
-            if self._candidate is None or not self._attach():
+            if self._candidate is None or not self._attach_or_say_why():
                 return False
             return bool(self.runs)
         names = [self._single] if self._single else self._root.list_run_names()
@@ -260,11 +281,13 @@ class Catalog:
             if name in self.runs:
                 continue
             try:
-                self.runs[name] = RunData(Run(self._root.run(name)), self.cache)
+                self.runs[name] = RunData(open_checked(self._root.run(name)), self.cache)
                 self.skipped.pop(name, None)
                 new = True
             except ComgraError as exc:
                 self.skipped[name] = str(exc)
+            except Exception as exc:  # a damage the reader does not know yet: list the run, serve the others
+                self.skipped[name] = f"run {name!r} could not be opened: {type(exc).__name__}: {exc}"
         if self.runs:
             self.problem = None
         elif self.skipped:

@@ -18,6 +18,7 @@ import param
 from panel.custom import JSComponent
 from panel.viewable import Viewer
 
+from comgra_callbacks.dashboard import safe
 from comgra_callbacks.dashboard.state import DETAILS, Selection
 
 KEYS = ("ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown", "PageUp", "PageDown")
@@ -72,7 +73,7 @@ class SelectorBar(Viewer):
         self.refresh.on_click(lambda _: None if sel.poll(force=True) else None)
         self.slider.param.watch(self._slider_moved, ["value_throttled"])
         self.sample.param.watch(lambda e: setattr(sel, "sample", int(e.new)), ["value"])
-        sel.param.watch(self._sync, ["steps", "step", "detail", "n_samples", "sample", "status"])
+        sel.param.watch(self._sync, ["run", "steps", "step", "detail", "n_samples", "sample", "status"])
         sel.param.watch(self._visibility, ["node", "role", "iteration", "detail"])
         self._sync()
         self._visibility()
@@ -102,8 +103,8 @@ class SelectorBar(Viewer):
             if sel.sample >= len(options):
                 sel.sample = len(options) - 1
             self.sample.param.update(options=options, value=min(sel.sample, len(options) - 1))
-        if "status" in names:
-            self.status.object = f"**{sel.run}** · {sel.status}" if sel.run else ""
+        if names & {"status", "run"}:  # two runs can have the same status line
+            self.status.object = f"**{safe.text(sel.run)}** · {safe.text(sel.status)}" if sel.run else ""
         self.prev.disabled = not sel.steps or sel.step <= sel.steps[0]
         self.next.disabled = not sel.steps or sel.step >= sel.steps[-1]
 

@@ -22,7 +22,7 @@ import pandas as pd
 import panel as pn
 from panel.viewable import Viewer
 
-from comgra_callbacks.dashboard import plots
+from comgra_callbacks.dashboard import plots, safe
 from comgra_callbacks.dashboard.state import Selection, nearest
 
 
@@ -93,7 +93,7 @@ class NetworkView(Viewer):
             self.table.value = self.frame
             return
         top = self.frame.iloc[0]
-        self.summary.object = f"**{top['type']}**: {top['params_total']:,} parameters ({top['trainable_total']:,} trainable) in {len(self.frame)} modules."
+        self.summary.object = f"**{safe.text(top['type'])}**: {top['params_total']:,} parameters ({top['trainable_total']:,} trainable) in {len(self.frame)} modules."
         deepest = int(self.frame["depth"].max())
         self.depth.param.update(end=max(deepest, 1), value=min(max(int(self.depth.value or 0), 2), max(deepest, 1)))
         self._filter()
@@ -127,7 +127,8 @@ class ScalarsView(Viewer):
             return
         names = sorted(set(data.run.scalars["name"]))
         chosen = [n for n in self.names.value if n in names] or [n for n in names if "loss" in n] or names[:3]
-        self.names.param.update(options=names, value=chosen)
+        # MultiChoice renders its labels as HTML: the labels are escaped, the values stay the names.
+        self.names.param.update(options={safe.label(n): n for n in names}, value=chosen)
         self._draw()
 
     def _draw(self, *_: Any) -> None:

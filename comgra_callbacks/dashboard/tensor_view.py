@@ -24,6 +24,7 @@ import panel as pn
 from panel.viewable import Viewer
 
 from comgra_callbacks.dashboard import figures as fg
+from comgra_callbacks.dashboard import safe
 from comgra_callbacks.dashboard.data import Missing
 from comgra_callbacks.dashboard.gather import TensorData, tensor_data
 from comgra_callbacks.dashboard.state import DETAILS, Selection
@@ -103,24 +104,24 @@ class TensorView(Viewer):
     # -------------------------------------------------------------------------------- parts
     def _header(self, data: TensorData) -> str:
         sel, attrs = self.selection, data.attrs
-        bits = [f"### {sel.node}", f"**{attrs.get('kind', 'node')}**"]
+        bits = [f"### {safe.text(sel.node)}", f"**{safe.text(attrs.get('kind', 'node'))}**"]
         if attrs.get("shape") is not None:
-            bits.append(f"shape `{tuple(attrs['shape'])}`")
+            bits.append(f"shape {safe.code(tuple(attrs['shape']))}")
         if attrs.get("dtype"):
-            bits.append(f"`{attrs['dtype']}`")
+            bits.append(safe.code(attrs["dtype"]))
         if attrs.get("module"):
-            bits.append(f"module `{attrs['module']}`")
-        where = f"step **{sel.step}** ({sel.step_type}) · view **{sel.view}** · {DETAILS[sel.detail]}"
+            bits.append(f"module {safe.code(attrs['module'])}")
+        where = f"step **{sel.step}** ({safe.text(sel.step_type)}) · view **{safe.text(sel.view)}** · {DETAILS[sel.detail]}"
         if sel.role_value is not None:
-            where += f" · role **{sel.role}**"
+            where += f" · role **{safe.text(sel.role)}**"
         if sel.iteration_value is not None:
-            where += f" · iteration **{sel.iteration}**"
+            where += f" · iteration **{safe.text(sel.iteration)}**"
         return bits[0] + "\n" + " · ".join(bits[1:]) + "  \n" + where
 
     def _table(self, data: TensorData) -> None:
         if isinstance(data.table, Missing):
             self.table.object = None
-            self.table_note.object = f"⚠ {data.table.message}"
+            self.table_note.object = f"⚠ {safe.text(data.table.message)}"
             return
         frame = data.table.T  # rows: statistics, columns: views
         if "update" not in frame.columns and "update_ratio" in frame.index:
@@ -159,7 +160,7 @@ class TensorView(Viewer):
             else:
                 self.sample_map.set(data.matrix, f"{title}: {data.matrix_note}")
             self._histogram(data)
-            self.note.object = data.matrix_note
+            self.note.object = safe.text(data.matrix_note)
 
     def _ratio(self, data: TensorData) -> None:
         if data.ratio is None:

@@ -20,6 +20,9 @@ import numpy as np
 import pandas as pd
 
 from comgra_callbacks.errors import (
+    ComgraError,
+    ConfigError,
+    ConfigTypeError,
     CorruptStoreError,
     NodeNotFoundError,
     RunNotFoundError,
@@ -32,6 +35,19 @@ from comgra_callbacks.store.storage import RunLocation, open_root, split_run_uri
 T = TypeVar("T")
 _NUMEL = fmt.STAT_INDEX["numel"]
 _RETRIES = 6
+TRAIN = "train"  # the training step type: the default when a run has several step types
+
+# dtype, number of dimensions and the manifest field that bounds the first axis, per array.
+_ARRAYS: dict[str, tuple[str, int, str]] = {
+    fmt.RECORDS: ("int64", 2, "rows"),
+    fmt.RECORD_TIME: ("float64", 1, "rows"),
+    fmt.STATS: ("float32", 3, "rows"),
+    fmt.NEURONS_PTR: ("int64", 3, "rows"),
+    fmt.SAMPLES_PTR: ("int64", 3, "rows"),
+    fmt.NEURONS: ("float32", 1, "neurons_len"),
+    fmt.SAMPLES: ("float32", 1, "samples_len"),
+    fmt.SCALARS: ("float64", 2, "scalars_len"),
+}
 
 
 def _retry(read: Callable[[], T], refresh: Callable[[], None]) -> T:
@@ -39,9 +55,9 @@ def _retry(read: Callable[[], T], refresh: Callable[[], None]) -> T:
     for attempt in range(_RETRIES):
         try:
             return read()
+        except ComgraError:
+            raise  # our own verdicts (a damaged file, a missing node) do not change on a retry
         except (KeyError, IndexError) as exc:
-            if isinstance(exc, (NodeNotFoundError, StepNotFoundError)):
-                raise
             error: Exception = exc
         except Exception as exc:
             error = exc
@@ -61,6 +77,15 @@ class Run:
         meta: run metadata (``meta.json``): status, versions, configuration, hyper-parameters.
 
     Use :func:`open_run` rather than the constructor.
+
+    Step types: every read method that takes ``step_type`` reads records of one step type only. With
+    ``step_type=None`` it uses the run's only step type, or ``"train"`` when the run has several and one of
+    them is ``"train"``; otherwise it raises a ``ConfigError`` listing the step types (see
+    :meth:`resolve_step_type`). Steps must be ints (``step=1.7`` raises ``ConfigTypeError``).
+
+    Damaged runs: whatever is read is validated first (JSON types, array dtypes and shapes, codes, offsets);
+    a run that fails raises :class:`~comgra_callbacks.errors.CorruptStoreError` naming the run and the file,
+    and no data is returned from it.
     """
 
     def __init__(self, location: RunLocation) -> None:
@@ -69,6 +94,8 @@ class Run:
         self.uri = location.uri
         self._arrays: dict[str, Any] = {}
         self._store: Any = None
+        self._blocks_checked = 0  # row blocks of `stats` whose chunks were checked (see _check_chunks)
+        self._pointers_seen: set[str] = set()
         self.refresh(force=True)
         self.name = str(self.meta.get("run_name") or location.name)  # "exp/rank0" for a rank's run group
 
@@ -80,26 +107,46 @@ class Run:
         """Re-read the manifest and sidecars; True when there are new records (or anything changed)."""
         meta = self.location.read_json(fmt.META_FILE)
         if meta is None:
+            path = getattr(self.location, "path", None)
+            if path is not None and os.path.isfile(path):
+                raise RunNotFoundError(
+                    f"`open_run`: expected the directory of a run, got {self.uri!r}, which is a file. "
+                    f"HINT: pass the run's directory (the one holding {fmt.META_FILE})."
+                )
             raise RunNotFoundError(f"no comgra run at {self.uri!r}: it has no {fmt.META_FILE}.")
+        if not isinstance(meta, dict):
+            raise self.location.corrupt(fmt.META_FILE, f"holds {type(meta).__name__} {fmt._short(meta)}; expected a JSON object.")
         if meta.get("format") != fmt.FORMAT_NAME:
             raise RunNotFoundError(f"{self.uri!r} is not a comgra_callbacks run (its {fmt.META_FILE} says format={meta.get('format')!r}).")
         fmt.check_version(meta.get("format_version"), f"the run at {self.uri!r}")
         raw = self.location.read_json(fmt.MANIFEST_FILE)
         if raw is None:
-            raise CorruptStoreError(f"the run at {self.uri!r} has no {fmt.MANIFEST_FILE}.")
-        fmt.check_version(raw.get("format_version"), f"the run at {self.uri!r}")
-        manifest = Manifest.from_json(raw)
+            raise self.location.corrupt(fmt.MANIFEST_FILE, "is missing; a run without it cannot be read.", "the writer may have died before its first commit: delete the run.")
+        if isinstance(raw, dict):
+            fmt.check_version(raw.get("format_version"), f"the run at {self.uri!r}")
+        manifest = Manifest.from_json(raw, self._where(fmt.MANIFEST_FILE))
+        if len(manifest.dtypes) > len(manifest.series):
+            raise self.location.corrupt(fmt.MANIFEST_FILE, f"lists {len(manifest.dtypes)} dtypes for {len(manifest.series)} series; expected at most one per series.")
         old = getattr(self, "manifest", None)
         changed = force or old is None or manifest.rows != old.rows or len(manifest.series) != len(old.series)
         self.meta: dict[str, Any] = meta
         self.manifest = manifest
         if changed:
             self._arrays.clear()
-            graph_raw = self.location.read_json(fmt.GRAPH_FILE) or {}
+            graph_raw = fmt.check_graph(self.location.read_json(fmt.GRAPH_FILE) or {}, self._where(fmt.GRAPH_FILE))
             self._graph_raw: dict[str, Any] = graph_raw
             for attr in ("steps", "records", "graph", "nodes", "_series_by_node", "_rows_by_step", "scalars", "notes"):
                 self.__dict__.pop(attr, None)
         return changed or (old is not None and old.heartbeat != manifest.heartbeat and meta.get("status") != "running")
+
+    def _where(self, key: str) -> str:
+        return f"run {self.name!r} ({self.uri}): its file {key!r}"
+
+    def _corrupt_array(self, name: str, problem: str) -> CorruptStoreError:
+        return CorruptStoreError(
+            f"run {self.name!r} ({self.uri}): its array {name!r} {problem} HINT: the run is damaged; "
+            f"restore it from a backup, or delete it."
+        )
 
     def _array(self, name: str) -> Any:
         array = self._arrays.get(name)
@@ -108,9 +155,35 @@ class Run:
 
             if self._store is None:
                 self._store = self.location.zarr_store(read_only=True)
-            array = zarr.open_array(self._store, path=name, mode="r", zarr_format=3)
+            try:
+                array = zarr.open_array(self._store, path=name, mode="r", zarr_format=3)
+            except ComgraError:
+                raise
+            except FileNotFoundError:
+                raise self._corrupt_array(name, "is missing (no zarr.json).") from None
+            except Exception as exc:
+                raise self._corrupt_array(name, f"cannot be opened: {type(exc).__name__}: {fmt._short(str(exc), 200)}.") from None
+            self._check_array(name, array)
             self._arrays[name] = array
         return array
+
+    def _check_array(self, name: str, array: Any) -> None:
+        """The array's dtype and shape must be what the format says and hold what the manifest promises."""
+        dtype, ndim, length_field = _ARRAYS[name]
+        shape = tuple(int(n) for n in array.shape)
+        if str(array.dtype) != dtype or len(shape) != ndim:
+            raise self._corrupt_array(name, f"has dtype {str(array.dtype)!r} and shape {shape}; expected dtype {dtype!r} with {ndim} dimensions.")
+        m = self.manifest
+        want = [getattr(m, length_field)]
+        if ndim == 3:
+            want += [len(m.series), len(fmt.STAT_NAMES) if name == fmt.STATS else 2]
+        elif name == fmt.RECORDS:
+            want.append(len(fmt.RECORD_COLUMNS))
+        elif name == fmt.SCALARS:
+            want.append(3)
+        short = [i for i, (have, need) in enumerate(zip(shape, want)) if have < need or (i == ndim - 1 and ndim > 1 and have != need)]
+        if short:
+            raise self._corrupt_array(name, f"has shape {shape} but {fmt.MANIFEST_FILE} promises {tuple(want)}.")
 
     def _read(self, name: str, selection: Any) -> np.ndarray:
         def read() -> np.ndarray:
@@ -119,7 +192,14 @@ class Run:
         def reopen() -> None:
             self._arrays.pop(name, None)
 
-        return _retry(read, reopen)
+        try:
+            return _retry(read, reopen)
+        except ComgraError:
+            raise
+        except MemoryError:
+            raise self._corrupt_array(name, "decodes to more data than fits in memory.") from None
+        except Exception as exc:
+            raise self._corrupt_array(name, f"cannot be read: {type(exc).__name__}: {fmt._short(str(exc), 200)}.") from None
 
     # ---------------------------------------------------------------------------------- index
     @property
@@ -147,6 +227,10 @@ class Run:
             return frame
         rec = self._read(fmt.RECORDS, slice(0, m.rows))
         times = self._read(fmt.RECORD_TIME, slice(0, m.rows))
+        problem = fmt.record_problem(rec, times, m)
+        if problem is not None:
+            raise self._corrupt_array(*problem)
+        self._check_chunks()
         frame = pd.DataFrame(rec, columns=list(fmt.RECORD_COLUMNS))
         frame["step_type"] = [m.step_types[i] for i in frame["step_type"]]
         frame["reason"] = [m.reasons[i] for i in frame["reason"]]
@@ -157,6 +241,65 @@ class Run:
         frame["superseded"] = superseded
         frame.index.name = "record"
         return frame
+
+    def _chunk_keys(self, prefix: str) -> set[tuple[int, ...]]:
+        """The stored chunk keys under ``prefix`` (e.g. ``stats/c/3/``) as tuples of the grid positions after it."""
+        from zarr.core.sync import sync
+
+        async def collect() -> list[str]:
+            return [key async for key in self._store.list_prefix(prefix)]
+
+        found = set()
+        for key in sync(collect()):
+            parts = key[len(prefix) :].split("/")
+            if all(p.isdigit() for p in parts):
+                found.add(tuple(int(p) for p in parts))
+        return found
+
+    def _has_chunks(self, name: str) -> bool:
+        from zarr.core.sync import sync
+
+        async def first() -> bool:
+            async for _ in self._store.list_prefix(f"{name}/c/"):  # files, not the directories left behind
+                return True
+            return False
+
+        return bool(sync(first()))
+
+    def _check_chunks(self) -> None:
+        """Catch chunks deleted from ``stats``: zarr reads a missing chunk as "nothing recorded", which would
+        silently empty the plots. Empty chunks are never written, so a missing ``stats`` chunk is legitimate
+        only when its rows hold nothing; but every record holds at least one series, and a stored pointer
+        chunk means the same cells of ``stats`` hold data. Row blocks are listed one at a time, once each
+        (the last one again when it grows), so a live run costs one small listing per new block."""
+        m = self.manifest
+        if m.rows == 0 or not m.series:
+            return
+        stats = self._array(fmt.STATS)
+        if getattr(stats, "shards", None):
+            return  # shards are stored per shard; the grid below is per chunk
+        rows_per_chunk = int(stats.chunks[0])
+        row_blocks = math.ceil(m.rows / rows_per_chunk)
+        try:
+            for name, length in ((fmt.NEURONS_PTR, m.neurons_len), (fmt.SAMPLES_PTR, m.samples_len)):
+                if length and name not in self._pointers_seen:
+                    if not self._has_chunks(name):
+                        raise self._corrupt_array(name, f"has no chunk at all, but {fmt.MANIFEST_FILE} says {length} values are stored behind it (its chunks were deleted).")
+                    self._pointers_seen.add(name)
+            for block in range(max(self._blocks_checked - 1, 0), row_blocks):
+                have = {key[0] for key in self._chunk_keys(f"{fmt.STATS}/c/{block}/")}
+                first, last = block * rows_per_chunk, min(m.rows, (block + 1) * rows_per_chunk) - 1
+                if not have:
+                    raise self._corrupt_array(fmt.STATS, f"has no chunk for records {first}..{last}, but every record holds data (the chunk was deleted).")
+                pointers = {key[0] for name in (fmt.NEURONS_PTR, fmt.SAMPLES_PTR) for key in self._chunk_keys(f"{name}/c/{block}/")}
+                missing = sorted(pointers - have)
+                if missing:
+                    raise self._corrupt_array(fmt.STATS, f"has no chunk {(block, missing[0], 0)}, but the pointer arrays say records {first}..{last} hold data there (the chunk was deleted).")
+        except ComgraError:
+            raise
+        except Exception:  # a store that cannot list: nothing to compare
+            return
+        self._blocks_checked = row_blocks
 
     @cached_property
     def steps(self) -> pd.DataFrame:
@@ -233,7 +376,7 @@ class Run:
     def modules(self) -> pd.DataFrame:
         """The module tree: one row per module (index: dotted name, ``""`` for the root) with ``type``,
         ``parent``, ``depth``, ``params`` (its own), ``params_total`` and ``trainable_total`` (with children)."""
-        rows = self.location.read_json(fmt.MODULES_FILE) or []
+        rows = fmt.check_modules(self.location.read_json(fmt.MODULES_FILE) or [], self._where(fmt.MODULES_FILE))
         frame = pd.DataFrame(rows, columns=["name", "type", "parent", "depth", "params", "params_total", "trainable_total"])
         return frame.set_index("name")
 
@@ -244,14 +387,39 @@ class Run:
         if m.scalars_len == 0:
             return pd.DataFrame({"step": pd.Series(dtype="int64"), "name": pd.Series(dtype=object), "value": pd.Series(dtype="float64")})
         block = self._read(fmt.SCALARS, slice(0, m.scalars_len))
-        return pd.DataFrame(
+        problem = fmt.scalar_problem(block, m)
+        if problem is not None:
+            raise self._corrupt_array(fmt.SCALARS, problem)
+        frame = pd.DataFrame(
             {"step": block[:, 0].astype(np.int64), "name": [m.scalar_names[int(i)] for i in block[:, 1]], "value": block[:, 2]}
         )
+        return frame[~frame["name"].str.startswith(fmt.MEASURE_PREFIX)].reset_index(drop=True)
+
+    @property
+    def measures(self) -> pd.DataFrame:
+        """Measures evaluated during training (``ComgraCallback(measures=...)``): one row per step they were
+        evaluated at (index ``step``), one column per value (``test``, ``wnorm.total``, ...); the last value
+        when a step was evaluated twice (a resumed run)."""
+        m = self.manifest
+        if m.scalars_len == 0:
+            return pd.DataFrame(index=pd.Index([], name="step", dtype="int64"))
+        block = self._read(fmt.SCALARS, slice(0, m.scalars_len))
+        problem = fmt.scalar_problem(block, m)
+        if problem is not None:
+            raise self._corrupt_array(fmt.SCALARS, problem)
+        names = [m.scalar_names[int(i)] for i in block[:, 1]]
+        keep = [i for i, name in enumerate(names) if name.startswith(fmt.MEASURE_PREFIX)]
+        if not keep:
+            return pd.DataFrame(index=pd.Index([], name="step", dtype="int64"))
+        long = pd.DataFrame({"step": block[keep, 0].astype(np.int64), "name": [names[i][len(fmt.MEASURE_PREFIX):] for i in keep], "value": block[keep, 2]})
+        wide = long.pivot_table(index="step", columns="name", values="value", aggfunc="last")
+        wide.columns.name = None
+        return wide
 
     @cached_property
     def notes(self) -> pd.DataFrame:
         """Notes recorded during training: columns step, time, text."""
-        items = self.location.read_json(fmt.NOTES_FILE) or []
+        items = fmt.check_notes(self.location.read_json(fmt.NOTES_FILE) or [], self._where(fmt.NOTES_FILE))
         return pd.DataFrame(items, columns=["step", "time", "text"])
 
     # ------------------------------------------------------------------------ series selection
@@ -298,24 +466,67 @@ class Run:
                 raise NodeNotFoundError(f"`iteration`: node {node!r} has no iteration {iteration} for view {view!r}; it has {its}.")
         return cols
 
-    def _record_rows(self, step_type: str | None) -> np.ndarray:
+    def resolve_step_type(self, step_type: str | None, method: str = "stats") -> str | None:
+        """The step type a read method uses: ``step_type`` itself when given; for ``None``, the run's only
+        step type, or ``"train"`` when the run has several and one of them is ``"train"``. Step types are
+        never mixed silently (train and validation records at the same steps would zigzag in a plot).
+
+        Raises:
+            ConfigError: ``step_type=None`` on a run with several step types, none of them ``"train"``.
+        """
+        if step_type is not None:
+            if not isinstance(step_type, str):
+                raise ConfigTypeError(f"`Run.{method}(step_type=...)`: expected a step type name or None, got {step_type!r} of type {type(step_type).__name__}.")
+            return step_type
+        types = self.step_types
+        if len(types) <= 1:
+            return types[0] if types else None
+        if TRAIN in types:
+            return TRAIN
+        raise ConfigError(
+            f"`Run.{method}(step_type=None)`: run {self.name!r} has records of several step types {types} and none of "
+            f"them is {TRAIN!r}, so there is no default; expected one of {types}. HINT: pass step_type={types[0]!r}."
+        )
+
+    @staticmethod
+    def _step(step: Any, method: str, arg: str = "step") -> int:
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+            raise ConfigTypeError(f"`Run.{method}({arg}=...)`: expected an int (a trainer step), got {step!r} of type {type(step).__name__}.")
+        return int(step)
+
+    def _check_view(self, view: Any, method: str) -> str:
+        views = sorted({key.view for key in self.manifest.series})
+        if view not in views:
+            raise NodeNotFoundError(f"`Run.{method}(view=...)`: run {self.name!r} has no view {view!r}; it has {views}.")
+        return str(view)
+
+    def _record_rows(self, step_type: str | None, method: str = "stats") -> np.ndarray:
         steps = self.steps
+        step_type = self.resolve_step_type(step_type, method)
         if step_type is not None:
             if step_type not in set(steps["step_type"]):
                 raise StepNotFoundError(f"`step_type`: run {self.name!r} has no records of step type {step_type!r}; it has {self.step_types}.")
             steps = steps[steps["step_type"] == step_type]
         return steps.index.to_numpy()
 
-    def record_of(self, step: int, *, step_type: str | None = None) -> int:
-        """The record number of ``step`` (of ``step_type``); raises when ambiguous or missing."""
-        rows = self._rows_by_step.get(int(step), [])
+    def record_of(self, step: int, *, step_type: str | None = None, method: str = "record_of") -> int:
+        """The record number of ``step`` (of ``step_type``; for ``None`` see :meth:`resolve_step_type`);
+        raises when ambiguous or missing."""
+        step = self._step(step, method)
+        step_type = self.resolve_step_type(step_type, method)
+        every = self._rows_by_step.get(step, [])
+        rows = every
         if step_type is not None:
             rows = [r for r in rows if self.steps.at[r, "step_type"] == step_type]
         if not rows:
             known = self.steps["step"].to_numpy()
-            near = known[np.argsort(np.abs(known - int(step)))[:3]].tolist() if len(known) else []
+            if step_type is not None:
+                known = self.steps.loc[self.steps["step_type"] == step_type, "step"].to_numpy()
+            near = known[np.argsort(np.abs(known - step))[:3]].tolist() if len(known) else []
             what = f" of step type {step_type!r}" if step_type else ""
-            raise StepNotFoundError(f"Run {self.name!r} has no record of step {step}{what}. Nearest recorded steps: {sorted(set(near))}.")
+            others = sorted({str(self.steps.at[r, "step_type"]) for r in every})
+            hint = f" HINT: step {step} has records of step type {others}: pass step_type={others[0]!r}." if others else ""
+            raise StepNotFoundError(f"Run {self.name!r} has no record of step {step}{what}. Nearest recorded steps: {sorted(set(near))}.{hint}")
         if len(rows) > 1:
             types = [str(self.steps.at[r, "step_type"]) for r in rows]
             if len(set(types)) > 1:
@@ -340,10 +551,10 @@ class Run:
         recorded are left out. The column ``update_ratio`` (‖update‖ / ‖weight‖) appears for ``view="update"``.
         """
         cols = self._columns(node, view, role, iteration)
-        rows = self._record_rows(step_type)
+        rows = self._record_rows(step_type, "stats")
         names = list(fmt.STAT_NAMES) if view == "update" else [n for n in fmt.STAT_NAMES if n != "update_ratio"]
         if len(rows) == 0 or not cols:
-            return pd.DataFrame(columns=names, index=pd.Index([], name="step", dtype="int64"), dtype="float64")
+            return pd.DataFrame(columns=names, index=pd.Index([], name="step", dtype="int64"), dtype="float32")
         stop = int(rows.max()) + 1
         best = np.full((stop, len(fmt.STAT_NAMES)), np.nan, dtype=np.float32)
         for _, col in cols:  # later iterations overwrite earlier ones where present
@@ -352,19 +563,27 @@ class Run:
             best[present] = block[present]
         chosen = best[rows]
         keep = ~np.isnan(chosen[:, _NUMEL])
-        frame = pd.DataFrame(chosen[keep], columns=list(fmt.STAT_NAMES)).astype("float64")
+        frame = pd.DataFrame(chosen[keep], columns=list(fmt.STAT_NAMES)).astype("float32")
         frame.index = pd.Index(self.steps.loc[rows[keep], "step"].to_numpy(), name="step")
         frame.attrs.update(node=node, view=view, role=role, run=self.name)
         return frame[names]
 
-    def _entry_column(self, node: str, record: int, view: str, role: str | None, iteration: int | None) -> int:
+    def _entry_column(self, node: str, record: int, view: str, role: str | None, iteration: int | None) -> tuple[int, np.ndarray]:
+        """The column of the entry (the last iteration present) and its statistics row."""
         cols = self._columns(node, view, role, iteration)
-        numel = self._read(fmt.STATS, (record, [c for _, c in cols], _NUMEL)) if cols else np.array([])
-        present = [c for (_, c), n in zip(cols, np.atleast_1d(numel)) if not math.isnan(float(n))]
+        rows = self._read(fmt.STATS, (record, [c for _, c in cols], slice(None))) if cols else np.empty((0, len(fmt.STAT_NAMES)))
+        present = [(c, row) for (_, c), row in zip(cols, rows) if not math.isnan(float(row[_NUMEL]))]
         if not present:
             step = int(self.steps.at[record, "step"]) if record in self.steps.index else record
             raise StepNotFoundError(f"Node {node!r} (view {view!r}) was not recorded at step {step} of run {self.name!r}.")
         return present[-1]
+
+    def _check_not_lost(self, name: str, values: np.ndarray, stats: np.ndarray, node: str, step: int) -> None:
+        """Values that are all NaN where the statistics counted no NaN come from a deleted chunk (zarr reads a
+        missing chunk as its fill value, NaN), not from the training."""
+        clean = stats[fmt.STAT_INDEX["nan_count"]] == 0 and stats[fmt.STAT_INDEX["inf_count"]] == 0
+        if values.size and clean and np.isnan(values).all():
+            raise self._corrupt_array(name, f"has no data for node {node!r} at step {step} (a chunk was deleted): its statistics count no NaN, but every value reads as NaN.")
 
     def neurons(
         self,
@@ -381,14 +600,20 @@ class Run:
         For activations a neuron is a feature of the last dimension, with statistics over every other axis
         (the batch, positions); for parameters it is an output unit (the first axis).
         """
-        record = self.record_of(step, step_type=step_type)
-        col = self._entry_column(node, record, view, role, iteration)
+        record = self.record_of(step, step_type=step_type, method="neurons")
+        col, row = self._entry_column(node, record, view, role, iteration)
         offset, width = (int(v) for v in self._read(fmt.NEURONS_PTR, (record, col, slice(None))))
-        if offset < 0:
+        if offset == -1:
             raise StepNotFoundError(f"Node {node!r} has no per-neuron statistics at step {step} (detail was lower).")
         n = len(fmt.NEURON_STAT_NAMES)
+        if offset < 0 or width < 0 or offset + n * width > self.manifest.neurons_len:
+            raise self._corrupt_array(
+                fmt.NEURONS_PTR, f"points node {node!r} at step {step} to (offset {offset}, width {width}); expected an offset >= 0 "
+                f"and offset + {n} * width <= {self.manifest.neurons_len} (\"neurons_len\" in {fmt.MANIFEST_FILE}).",
+            )
         flat = self._read(fmt.NEURONS, slice(offset, offset + n * width))
-        frame = pd.DataFrame(flat.reshape(n, width).T.astype("float64"), columns=list(fmt.NEURON_STAT_NAMES))
+        self._check_not_lost(fmt.NEURONS, flat[:width], row, node, step)
+        frame = pd.DataFrame(flat.reshape(n, width).T.astype("float32"), columns=list(fmt.NEURON_STAT_NAMES))
         frame.index.name = "neuron"
         return frame
 
@@ -404,22 +629,38 @@ class Run:
     ) -> np.ndarray:
         """The recorded individual samples at one step; first axis = sample (the full tensor for a
         parameter recorded in full). Integer tensors come back with an integer dtype."""
-        record = self.record_of(step, step_type=step_type)
-        col = self._entry_column(node, record, view, role, iteration)
+        record = self.record_of(step, step_type=step_type, method="samples")
+        col, row = self._entry_column(node, record, view, role, iteration)
         offset, shape_id = (int(v) for v in self._read(fmt.SAMPLES_PTR, (record, col, slice(None))))
-        if offset < 0:
+        if offset == -1:
             raise StepNotFoundError(f"Node {node!r} has no samples at step {step} (detail was lower).")
-        shape = tuple(self.manifest.shapes[shape_id])
-        size = int(np.prod(shape)) if shape else 1
+        shapes = self.manifest.shapes
+        if offset < 0 or not 0 <= shape_id < len(shapes):
+            raise self._corrupt_array(
+                fmt.SAMPLES_PTR, f"points node {node!r} at step {step} to (offset {offset}, shape id {shape_id}); expected an offset >= 0 "
+                f"and 0 <= shape id < {len(shapes)} (the length of \"shapes\" in {fmt.MANIFEST_FILE}).",
+            )
+        shape = tuple(shapes[shape_id])
+        size = math.prod(shape)
+        if offset + size > self.manifest.samples_len:
+            raise self._corrupt_array(
+                fmt.SAMPLES_PTR, f"points node {node!r} at step {step} to {size} values from offset {offset}, past the end "
+                f"({self.manifest.samples_len}, \"samples_len\" in {fmt.MANIFEST_FILE}).",
+            )
         values = self._read(fmt.SAMPLES, slice(offset, offset + size)).reshape(shape)
+        self._check_not_lost(fmt.SAMPLES, values, row, node, step)
         dtype = self.manifest.dtypes[col] if col < len(self.manifest.dtypes) else "float32"
         if dtype.startswith(("int", "uint")) or dtype == "bool":
             return np.rint(values).astype(np.int64 if dtype != "bool" else np.bool_)
         return values
 
     def step_stats(self, step: int, *, view: str = "value", step_type: str | None = None) -> pd.DataFrame:
-        """Statistics of every node at one step (last iteration, default role): one row per node."""
-        record = self.record_of(step, step_type=step_type)
+        """Statistics of every node at one step (last iteration, default role): one row per node.
+
+        ``step_type=None``: see :meth:`resolve_step_type`. Raises NodeNotFoundError for a view the run does
+        not have (the message lists those it has)."""
+        view = self._check_view(view, "step_stats")
+        record = self.record_of(step, step_type=step_type, method="step_stats")
         block = self._read(fmt.STATS, (record, slice(None), slice(None)))
         rows: dict[str, np.ndarray] = {}
         for node in self.nodes:
@@ -430,7 +671,7 @@ class Run:
             row = _last_present(block, cols)
             if row is not None:
                 rows[node] = row
-        frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(fmt.STAT_NAMES)).astype("float64")
+        frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(fmt.STAT_NAMES)).astype("float32")
         frame.index.name = "node"
         return frame
 
@@ -452,7 +693,7 @@ class Run:
         ``iteration=None`` takes the last iteration recorded at that step. Views not recorded at that
         step are left out.
         """
-        record = self.record_of(step, step_type=step_type)
+        record = self.record_of(step, step_type=step_type, method="entry_stats")
         picked: dict[str, list[int]] = {}
         for view in self.views(node):
             picked[view] = [col for _, col in self._columns(node, view, role, iteration)]
@@ -465,7 +706,7 @@ class Run:
                 row = _last_present(block, cols, lo)
                 if row is not None:
                     rows[view] = row
-        frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(fmt.STAT_NAMES)).astype("float64")
+        frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(fmt.STAT_NAMES)).astype("float32")
         frame.index.name = "view"
         return frame
 
@@ -486,7 +727,7 @@ class Run:
         views = self.views(node)
         picked = {view: self._columns(node, view, role, iteration) for view in views}
         wanted = sorted(col for cols in picked.values() for _, col in cols)
-        rows = self._record_rows(step_type)
+        rows = self._record_rows(step_type, "node_stats")
         if len(rows) == 0 or not wanted or wanted[-1] - wanted[0] >= 4 * len(wanted):
             return {view: self.stats(node, view=view, role=role, iteration=iteration, step_type=step_type) for view in views}
         lo, hi, stop = wanted[0], wanted[-1] + 1, int(rows.max()) + 1
@@ -502,7 +743,7 @@ class Run:
                 best[present] = part[present]
             chosen = best[rows]
             keep = ~np.isnan(chosen[:, _NUMEL])
-            frame = pd.DataFrame(chosen[keep], columns=list(fmt.STAT_NAMES)).astype("float64")
+            frame = pd.DataFrame(chosen[keep], columns=list(fmt.STAT_NAMES)).astype("float32")
             frame.index = pd.Index(steps[keep], name="step")
             frame.attrs.update(node=node, view=view, role=role, run=self.name)
             out[view] = frame[names]
@@ -526,8 +767,11 @@ class Run:
 
         Raises:
             StepNotFoundError: no record in the range.
+            NodeNotFoundError: the run has no view ``view`` (the message lists those it has).
         """
-        rows = self._record_rows(step_type)
+        first_step, last_step = self._step(first_step, "range_stats", "first_step"), self._step(last_step, "range_stats", "last_step")
+        step_type = self.resolve_step_type(step_type, "range_stats")
+        rows = self._record_rows(step_type, "range_stats")
         steps = self.steps.loc[rows, "step"].to_numpy() if len(rows) else np.array([], dtype=np.int64)
         chosen = rows[(steps >= int(first_step)) & (steps <= int(last_step))]
         names = list(fmt.STAT_NAMES) if view == "update" else [n for n in fmt.STAT_NAMES if n != "update_ratio"]
@@ -536,6 +780,7 @@ class Run:
             raise StepNotFoundError(
                 f"Run {self.name!r} has no record{what} with {first_step} <= step <= {last_step}."
             )
+        view = self._check_view(view, "range_stats")
         nodes: list[str] = []
         columns: list[list[int]] = []
         for node in self.nodes:

@@ -19,14 +19,29 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import stat
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from comgra_callbacks.errors import ConfigError, MissingDependencyError, StoreError, missing_extra
+from comgra_callbacks.errors import (
+    ConfigError,
+    CorruptStoreError,
+    MissingDependencyError,
+    StoreError,
+    missing_extra,
+)
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
+
+MAX_SIDECAR_BYTES = 64 << 20
+"""The largest JSON sidecar (``meta.json``, ``manifest.json``, ``graph.json``, ``modules.json``, ``notes.json``)
+a reader accepts: 64 MiB, far above what a real run writes (a graph of 10 000 nodes is ~3 MiB)."""
+ENDPOINT_TIMEOUT_S = 3.0
+"""How long a reader waits for an object store's endpoint to accept a connection before giving up."""
 
 
 def is_url(root: str | os.PathLike[str]) -> bool:
@@ -76,11 +91,29 @@ class RunLocation(ABC):
     def zarr_store(self, *, read_only: bool) -> Any:
         """A zarr v3 store rooted at the run."""
 
+    def corrupt(self, key: str, problem: str, hint: str | None = None) -> CorruptStoreError:
+        """The error for a damaged file of this run: names the run, the file and what is wrong with it."""
+        text = f"run {self.name!r} ({self.uri}): its file {key!r} {problem}"
+        return CorruptStoreError(text + (f" HINT: {hint}" if hint else ""))
+
     def read_json(self, key: str) -> Any:
+        """The parsed JSON sidecar, or None when it does not exist.
+
+        Raises:
+            CorruptStoreError: the file is larger than :data:`MAX_SIDECAR_BYTES`, not a regular file, a link
+                out of the run directory, not UTF-8, not JSON, or nested too deeply.
+        """
         data = self.read_bytes(key)
         if data is None:
             return None
-        return json.loads(data.decode("utf-8"))
+        try:
+            return json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise self.corrupt(key, f"is not UTF-8 text ({exc}).", "restore the file from a backup, or delete the run.") from None
+        except json.JSONDecodeError as exc:
+            raise self.corrupt(key, f"is not valid JSON: {exc}.", "restore the file from a backup, or delete the run.") from None
+        except RecursionError:
+            raise self.corrupt(key, "is nested too deeply to be a comgra sidecar.", "restore the file from a backup, or delete the run.") from None
 
     def write_json(self, key: str, obj: Any) -> None:
         self.write_bytes(key, json.dumps(obj, allow_nan=True, separators=(",", ":")).encode("utf-8"))
@@ -121,10 +154,7 @@ class LocalRunLocation(RunLocation):
         return str(self.path)
 
     def read_bytes(self, key: str) -> bytes | None:
-        try:
-            return (self.path / key).read_bytes()
-        except FileNotFoundError:
-            return None
+        return read_local(self, key, MAX_SIDECAR_BYTES)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         target = self.path / key
@@ -139,9 +169,116 @@ class LocalRunLocation(RunLocation):
                 tmp.unlink()
 
     def zarr_store(self, *, read_only: bool) -> Any:
+        if read_only:
+            return _safe_local_store()(self.path, read_only=True)
         from zarr.storage import LocalStore
 
         return LocalStore(self.path, read_only=read_only)
+
+
+_SAFE_STORE: Any = None
+
+
+def _safe_local_store() -> Any:
+    """zarr's ``LocalStore`` for readers, with every read going through :func:`read_local`'s checks (a chunk
+    linked out of the run, or a chunk that is ``/dev/zero`` or a FIFO, is refused instead of read forever).
+    Built on first use so that importing this module does not import zarr."""
+    global _SAFE_STORE
+    if _SAFE_STORE is not None:
+        return _SAFE_STORE
+    import asyncio
+    import io
+
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+    from zarr.core.buffer.core import default_buffer_prototype
+    from zarr.storage import LocalStore
+
+    def get(root: Path, key: str, prototype: Any, byte_range: Any) -> Any:
+        location = LocalRunLocation(root, root.name)
+        data = read_local(location, key, None) if byte_range is None else None
+        if byte_range is None:
+            return None if data is None else prototype.buffer.from_bytes(data)
+        if read_local_check(location, key) is None:
+            return None
+        with open(root / key, "rb") as handle:
+            size = handle.seek(0, io.SEEK_END)
+            if isinstance(byte_range, RangeByteRequest):
+                handle.seek(byte_range.start)
+                return prototype.buffer.from_bytes(handle.read(byte_range.end - byte_range.start))
+            if isinstance(byte_range, OffsetByteRequest):
+                handle.seek(byte_range.offset)
+            elif isinstance(byte_range, SuffixByteRequest):
+                handle.seek(max(0, size - byte_range.suffix))
+            else:
+                raise TypeError(f"unexpected byte range {byte_range!r}")
+            return prototype.buffer.from_bytes(handle.read())
+
+    class SafeLocalStore(LocalStore):
+        async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+            if not self._is_open:
+                await self._open()
+            return await asyncio.to_thread(get, self.root, key, prototype or default_buffer_prototype(), byte_range)
+
+        async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any]:
+            return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
+
+    _SAFE_STORE = SafeLocalStore
+    return SafeLocalStore
+
+
+def read_local_check(location: LocalRunLocation, key: str) -> os.stat_result | None:
+    """The checks of :func:`read_local` without reading: None when missing, else the file's status."""
+    path = location.path / key
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    base = os.path.realpath(location.path)
+    real = os.path.realpath(path)
+    if os.path.commonpath([base, real]) != base:
+        raise location.corrupt(
+            key, f"is a link to {real!r}, outside the run directory; a reader never follows it.",
+            "copy the file into the run directory instead of linking it.",
+        )
+    try:
+        info = os.stat(real)
+    except FileNotFoundError:
+        raise location.corrupt(key, f"is a link to {real!r}, which does not exist.") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise location.corrupt(key, f"is not a regular file (mode {stat.filemode(info.st_mode)!r}); a reader only reads regular files.")
+    return info
+
+
+def read_local(location: LocalRunLocation, key: str, limit: int | None) -> bytes | None:
+    """Read ``key`` of a local run safely: None when missing; never through a link that leaves the run
+    directory, never from anything but a regular file (a FIFO would block, ``/dev/zero`` never ends), and
+    never more than ``limit`` bytes.
+
+    Raises:
+        CorruptStoreError: the file is one of those (the message names the run and the file).
+    """
+    if read_local_check(location, key) is None:
+        return None
+    real = os.path.realpath(location.path / key)
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise location.corrupt(key, f"is a link to {real!r}, which does not exist.") from None
+    except OSError as exc:
+        raise location.corrupt(key, f"cannot be opened: {exc.strerror or exc}.") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise location.corrupt(key, f"is not a regular file (mode {stat.filemode(info.st_mode)!r}); a reader only reads regular files.")
+        if limit is not None and info.st_size > limit:
+            raise location.corrupt(
+                key, f"has {info.st_size:,} bytes; a comgra sidecar has at most {limit:,} (MAX_SIDECAR_BYTES).",
+                "this is not a file comgra_callbacks wrote: restore it from a backup, or delete the run.",
+            )
+        data = handle.read() if limit is None else handle.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise location.corrupt(key, f"has more than {limit:,} bytes; a comgra sidecar has at most {limit:,} (MAX_SIDECAR_BYTES).")
+    return data
 
 
 class LocalRoot(Root):
@@ -168,10 +305,14 @@ class LocalRoot(Root):
         for child in sorted(self.path.iterdir()):
             if not child.is_dir():
                 continue
-            if (child / "meta.json").is_file():
+            if os.path.lexists(child / "meta.json"):  # whatever it is: a damaged one is reported, not hidden
                 names.append(child.name)
-            for grandchild in sorted(child.iterdir()):
-                if grandchild.is_dir() and (grandchild / "meta.json").is_file():
+            try:
+                grandchildren = sorted(child.iterdir())
+            except OSError:  # a directory we may not list is no run of ours; the others are
+                continue
+            for grandchild in grandchildren:
+                if grandchild.is_dir() and os.path.lexists(grandchild / "meta.json"):
                     names.append(f"{child.name}/{grandchild.name}")
         return names
 
@@ -198,10 +339,14 @@ class FsspecRunLocation(RunLocation):
         return f"{self.root.uri.rstrip('/')}/{self.name}"
 
     def read_bytes(self, key: str) -> bytes | None:
+        self.root.check_reachable()
         try:
-            return bytes(self.root.fs.cat_file(f"{self.path}/{key}"))
+            data = bytes(self.root.fs.cat_file(f"{self.path}/{key}", start=0, end=MAX_SIDECAR_BYTES + 1))
         except FileNotFoundError:
             return None
+        if len(data) > MAX_SIDECAR_BYTES:
+            raise self.corrupt(key, f"has more than {MAX_SIDECAR_BYTES:,} bytes; a comgra sidecar has at most {MAX_SIDECAR_BYTES:,} (MAX_SIDECAR_BYTES).")
+        return data
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self.root.fs.pipe_file(f"{self.path}/{key}", data)
@@ -233,15 +378,43 @@ class FsspecRoot(Root):
             ) from exc
         except ValueError as exc:
             raise ConfigError(f"`root`: cannot open the URL {url!r}: {exc}") from exc
+        self._reachable = False
 
     @property
     def uri(self) -> str:
         return self.url
 
+    def check_reachable(self) -> None:
+        """Fail fast when the configured endpoint (``storage_options["endpoint_url"]``) accepts no connection.
+
+        Without this, an unreachable endpoint looks like an empty bucket only after the client's retries
+        (~14 s with s3fs). Checked once per root; roots without an ``endpoint_url`` are not probed.
+
+        Raises:
+            StoreError: nothing answers at the endpoint's host and port.
+        """
+        if self._reachable:
+            return
+        endpoint = self.storage_options.get("endpoint_url") or (self.storage_options.get("client_kwargs") or {}).get("endpoint_url")
+        if endpoint:
+            parts = urlsplit(str(endpoint))
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            if parts.hostname:
+                try:
+                    socket.create_connection((parts.hostname, port), timeout=ENDPOINT_TIMEOUT_S).close()
+                except OSError as exc:
+                    raise StoreError(
+                        f"`storage_options['endpoint_url']`: the endpoint {endpoint!r} of the store root {self.url!r} "
+                        f"could not be reached ({exc.strerror or exc}). HINT: check that the object store is running "
+                        f"and that the endpoint's host and port are right."
+                    ) from None
+        self._reachable = True
+
     def run(self, name: str) -> FsspecRunLocation:
         return FsspecRunLocation(self, name)
 
     def exists(self) -> bool:
+        self.check_reachable()
         try:
             self.fs.invalidate_cache()
             return bool(self.fs.exists(self.path))
@@ -249,6 +422,7 @@ class FsspecRoot(Root):
             return False
 
     def list_run_names(self) -> list[str]:
+        self.check_reachable()
         self.fs.invalidate_cache()
         try:
             metas = self.fs.glob(f"{self.path}/*/meta.json") + self.fs.glob(f"{self.path}/*/*/meta.json")

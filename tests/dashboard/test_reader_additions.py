@@ -52,9 +52,9 @@ def test_range_stats_is_the_mean_of_each_nodes_history(tmp_path, view):
 def test_range_stats_of_one_step_equals_step_stats(runs_root):
     root, _ = runs_root
     run = open_run(root / "grok")
-    step = int(run.steps["step"].iloc[-1])
-    one = run.range_stats(step, step, view="grad")
-    reference = run.step_stats(step, view="grad")
+    step = int(run.steps["step"].iloc[-1])  # an "ablation" step: step_type=None would mean "train" (issue 8)
+    one = run.range_stats(step, step, view="grad", step_type="ablation")
+    reference = run.step_stats(step, view="grad", step_type="ablation")
     pd.testing.assert_frame_equal(one[reference.columns[:-1]], reference[reference.columns[:-1]], check_names=False)
 
 

@@ -221,7 +221,7 @@ def test_scalars_and_notes(runs_root, dashboard_for):
     root, spec = runs_root
     dash = dashboard_for(root)
     dash.selection.run = "grok"
-    assert dash.scalars.names.value == ["loss"] and dash.scalars.names.options == ["acc", "loss"]
+    assert dash.scalars.names.value == ["loss"] and list(dash.scalars.names.options.values()) == ["acc", "loss"]  # labels escaped, values the names
     curves = _elements(dash.scalars.plot.object, hv.Curve)
     assert len(curves) == 1 and curves[0].dimension_values("value")[0] == pytest.approx(2.0)
     notes = dash.notes.table.value
