@@ -113,6 +113,53 @@ def short_label(name: str, max_chars: int = 22) -> str:
     return "…" + label[-(max_chars - 1) :]
 
 
+def distinct_labels(names: Iterable[str], max_chars: int = 22) -> dict[str, str]:
+    """Labels that fit a box and still tell the names apart: the dotted prefix all names share is left out,
+    then each name keeps the fewest last dotted parts that no other name ends with; a label still too long
+    keeps its first and last parts around an ellipsis. The full name is shown on hover.
+
+    >>> labels = distinct_labels(["model.encoder.layers.0.self_attn.q_proj", "model.decoder.layers.0.self_attn.q_proj",
+    ...                           "model.encoder.layers.0.self_attn", "loss"])
+    >>> [labels[n] for n in sorted(labels)]
+    ['loss', 'dec.lay.0.sel.q_proj', 'encoder…self_attn', 'enc.lay.0.sel.q_proj']
+    """
+    names = list(dict.fromkeys(names))
+    split = {n: n.split(".") for n in names}
+    dotted = [parts for parts in split.values() if len(parts) > 1]
+    common = 0
+    if len(dotted) > 1:
+        first = dotted[0]
+        while common < len(first) - 1 and all(len(p) > common + 1 and p[common] == first[common] for p in dotted):
+            common += 1
+    labels: dict[str, str] = {}
+    for name, parts in split.items():
+        parts = parts[common:] if len(parts) > common + 1 else parts
+        k = 1
+        while k < len(parts) and any(o != name and ".".join(split[o][-k:]) == ".".join(parts[-k:]) for o in names):
+            k += 1
+        tail = ".".join(parts[-k:])
+        label = tail if k == len(parts) else (f"{parts[0]}…{tail}" if k < len(parts) - 1 else ".".join(parts[-k - 1:]))
+        if k >= len(parts) - 1:
+            label = ".".join(parts)
+        kept = label.split(".")
+        for width in (3, 1):  # too long: abbreviate the parts before the last (numbers stay whole)
+            if len(label) <= max_chars:
+                break
+            label = ".".join([p if p.isdigit() else p[:width] for p in kept[:-1]] + kept[-1:])
+        if len(label) > max_chars:
+            label = "…" + label[-(max_chars - 1) :]
+        labels[name] = label
+    seen: dict[str, int] = {}
+    for name, label in labels.items():  # what is still ambiguous gets a number
+        seen[label] = seen.get(label, 0) + 1
+    counts: dict[str, int] = {}
+    for name, label in list(labels.items()):
+        if seen[label] > 1:
+            counts[label] = counts.get(label, 0) + 1
+            labels[name] = f"{label} #{counts[label]}"
+    return labels
+
+
 def module_path(name: str, module: str | None) -> list[str]:
     """The dotted path that groups a node: its module for a module output or parameter, else its name.
 
@@ -196,7 +243,14 @@ def _cycle_free_order(names: list[str], edges: list[tuple[str, str]]) -> dict[st
     if nx.is_directed_acyclic_graph(graph):
         order = list(nx.lexicographical_topological_sort(graph, key=rank.__getitem__))
         return {name: i for i, name in enumerate(order)}
-    return rank
+    # cycles (a recurrent loop): the strongly connected parts in dependency order, the given order inside each
+    condensed = nx.condensation(graph)
+    members = condensed.graph["mapping"]  # name -> component
+    first = {c: min(rank[n] for n in condensed.nodes[c]["members"]) for c in condensed.nodes}
+    components = list(nx.lexicographical_topological_sort(condensed, key=first.__getitem__))
+    order = [n for c in components for n in sorted(condensed.nodes[c]["members"], key=rank.__getitem__)]
+    del members
+    return {name: i for i, name in enumerate(order)}
 
 
 def layered_layout(kinds: Mapping[str, str], edges: Iterable[tuple[str, str]], *, sweeps: int = 4) -> GraphLayout:
@@ -242,12 +296,13 @@ def layered_layout(kinds: Mapping[str, str], edges: Iterable[tuple[str, str]], *
             for i, n in enumerate(members):
                 index[n] = float(i)
     boxes = {}
+    labels = distinct_labels(names)
     for lay, members in by_layer.items():
         offset = (len(members) - 1) / 2
         for i, name in enumerate(members):
             boxes[name] = Box(
                 name=name,
-                label=short_label(name),
+                label=labels[name],
                 kind=kinds[name],
                 layer=lay,
                 x=lay * X_GAP,
