@@ -150,7 +150,7 @@ def distinct_labels(names: Iterable[str], max_chars: int = 22) -> dict[str, str]
             label = "…" + label[-(max_chars - 1) :]
         labels[name] = label
     seen: dict[str, int] = {}
-    for name, label in labels.items():  # what is still ambiguous gets a number
+    for label in labels.values():  # what is still ambiguous gets a number
         seen[label] = seen.get(label, 0) + 1
     counts: dict[str, int] = {}
     for name, label in list(labels.items()):
