@@ -15,9 +15,10 @@ import panel as pn
 from bokeh.models.widgets.tables import NumberFormatter
 from panel.viewable import Viewer
 
+from comgra_callbacks.analysis import compare_nodes
 from comgra_callbacks.dashboard import plots
 from comgra_callbacks.dashboard.data import Missing
-from comgra_callbacks.dashboard.gather import compare_nodes, node_comparison, side_summary
+from comgra_callbacks.dashboard.gather import node_comparison, side_summary
 from comgra_callbacks.dashboard.state import Comparison, Selection
 
 
