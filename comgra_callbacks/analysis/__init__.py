@@ -22,7 +22,7 @@ from __future__ import annotations
 from comgra_callbacks.analysis.compare import compare, compare_nodes, range_stats, spread
 from comgra_callbacks.analysis.correlate import correlate, spearman
 from comgra_callbacks.analysis.order import Flow
-from comgra_callbacks.analysis.trace import Z_THRESHOLD, first_anomaly, sample_z, trace
+from comgra_callbacks.analysis.trace import Z_THRESHOLD, first_anomaly, sample_positions, sample_z, trace
 
 __all__ = [
     "Flow",
@@ -32,6 +32,7 @@ __all__ = [
     "correlate",
     "first_anomaly",
     "range_stats",
+    "sample_positions",
     "sample_z",
     "spearman",
     "spread",

@@ -65,14 +65,21 @@ def sample_z(values: np.ndarray, batch_count: float, batch_mean: float, batch_l2
     return worst / math.sqrt(var)
 
 
-def _positions(run: Any, step: int, step_type: str | None, count: int) -> np.ndarray:
-    """Batch positions of the recorded samples: the node ``sample_index`` when a selector chose them, else
-    the first ``count`` positions."""
-    try:
-        index = np.asarray(run.samples("sample_index", step, step_type=step_type)).reshape(-1)
-    except (NodeNotFoundError, StepNotFoundError):
-        return np.arange(count)
-    return index.astype(np.int64) if len(index) == count else np.arange(count)
+def sample_positions(run: Any, step: int, step_type: str | None, count: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Batch positions of the ``count`` samples recorded at a step, and their dataset indices when recorded.
+
+    Positions come from the node ``sample_index`` when a selector chose the samples, else they are the first
+    ``count`` positions; dataset indices from ``sample_dataset_index`` (``Indices`` selector), else None.
+    """
+    def read(node: str) -> np.ndarray | None:
+        try:
+            index = np.asarray(run.samples(node, step, step_type=step_type)).reshape(-1).astype(np.int64)
+        except (NodeNotFoundError, StepNotFoundError):
+            return None
+        return index if len(index) == count else None
+
+    positions = read("sample_index")
+    return (np.arange(count) if positions is None else positions), read("sample_dataset_index")
 
 
 def _node_z(run: Any, node: str, kind: str, row: pd.Series, step: int, step_type: str, view: str, sample: int | None) -> tuple[float, float]:
@@ -86,7 +93,7 @@ def _node_z(run: Any, node: str, kind: str, row: pd.Series, step: int, step_type
     if values.ndim == 0 or len(values) == 0 or values.dtype == np.bool_:
         return math.nan, math.nan
     count = float(row["numel"] - row["nan_count"] - row["inf_count"])
-    positions = _positions(run, step, step_type, len(values))
+    positions, _ = sample_positions(run, step, step_type, len(values))
     picks = range(len(values)) if sample is None else [i for i, p in enumerate(positions) if p == sample]
     best, where = math.nan, math.nan
     for i in picks:
