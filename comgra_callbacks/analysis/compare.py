@@ -31,7 +31,7 @@ from comgra_callbacks.store import format as fmt
 
 _NUMEL = fmt.STAT_INDEX["numel"]
 RankBy = Literal["spread", "relative", "change"]
-RANK_BY = ("spread", "relative", "change")
+RANK_BY = ("spread", "relative", "change", "absolute")  # "absolute": the dashboard's name for "change"
 # A side of a comparison: one step, an inclusive (first, last) range of steps, or a step type.
 Side = int | tuple[int, int] | str
 
@@ -122,7 +122,7 @@ def compare_nodes(
 
     Columns: ``a``, ``b``, ``change`` (b − a), ``relative`` ((b − a) / |a|), ``records_a``, ``records_b``, and
     with ``spread`` given also ``spread`` and ``score`` (change / spread). ``rank_by``: ``"spread"`` (|score|,
-    needs ``spread``), ``"relative"`` or ``"change"`` (absolute values). Nodes present on one side only come
+    needs ``spread``), ``"relative"`` or ``"change"`` (alias ``"absolute"``), each by absolute value. Nodes present on one side only come
     last, with NaN on the other; ties keep name order.
     """
     if rank_by not in RANK_BY:
@@ -147,7 +147,7 @@ def compare_nodes(
         frame["spread"] = yardstick
         frame["score"] = np.where(one_sided | np.isnan(yardstick), np.nan, score)
         columns += ["spread", "score"]
-    key = frame[{"spread": "score", "relative": "relative", "change": "change"}[rank_by]].abs()
+    key = frame[{"spread": "score", "relative": "relative", "change": "change", "absolute": "change"}[rank_by]].abs()
     order = np.lexsort((frame.index.to_numpy().astype(str), -key.fillna(-1).to_numpy()))
     frame = frame.iloc[order]
     frame.index.name = "node"

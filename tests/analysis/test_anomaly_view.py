@@ -68,3 +68,15 @@ def test_the_sample_selector_shows_the_batch_position(dashboard):
     sel.param.update(node="block.lin", step=PLANT.step)
     sel.detail = "sample"
     assert list(dashboard.selectors.sample.options)[:2] == ["0 · batch 0", "1 · batch 1"]
+
+
+def test_the_compare_tab_ranks_by_spread_too(dashboard):
+    dash = dashboard
+    dash.selection.param.update(statistic="abs_mean")
+    dash.show_tab("Compare")
+    dash.comparison.mode = "ranges"
+    dash.comparison.rank_by = "spread"
+    ranking = dash.compare.ranking
+    assert "score" in ranking.columns and ranking["score"].abs().dropna().is_monotonic_decreasing
+    dash.comparison.rank_by = "absolute"
+    assert dash.compare.ranking["change"].abs().dropna().is_monotonic_decreasing

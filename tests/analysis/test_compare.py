@@ -66,6 +66,7 @@ def test_compare_nodes_ranks_by_relative_change_as_the_dashboard_did(grok):
     assert list(ranking.columns) == ["a", "b", "change", "relative", "records_a", "records_b"]
     by_change = analysis.compare_nodes(a, b, "abs_mean", rank_by="change")
     assert by_change["change"].abs().is_monotonic_decreasing
+    pd.testing.assert_frame_equal(analysis.compare_nodes(a, b, "abs_mean", rank_by="absolute"), by_change)  # the dashboard's name
 
 
 def test_compare_gives_the_dashboards_numbers_and_ranks_by_spread(grok):
