@@ -91,9 +91,9 @@ class Planted(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.02)
 
 
-def train(root: Path, name: str, *, plant: Plant | None = None, drive: list[float] | None = None, steps: int = 8) -> Run:
-    """Record every step with samples at every node (``detail={"*": "samples"}``)."""
-    callback = ComgraCallback(str(root), run_name=name, detail={"*": "samples"}, n_samples=4, flush_secs=0.2)
+def train(root: Path, name: str, *, plant: Plant | None = None, drive: list[float] | None = None, steps: int = 8, **options: Any) -> Run:
+    """Record every step (unless ``options`` say otherwise) with samples at every node (``detail={"*": "samples"}``)."""
+    callback = ComgraCallback(str(root), run_name=name, detail={"*": "samples"}, n_samples=4, flush_secs=0.2, **options)
     trainer = quiet_trainer([callback], root, max_steps=steps)
     trainer.fit(Planted(plant, drive), classification_loader(n_batches=steps, batch_size=BATCH, n_in=6, n_classes=3))
     return open_run(root / name)

@@ -124,3 +124,14 @@ def test_sample_z_leaves_the_sample_out():
     assert analysis.sample_z(batch[5], n, mean, l2) == pytest.approx(expected, rel=1e-6)
     assert expected > 1000
     assert analysis.sample_z(batch[0], n, mean, l2) < 1.0
+
+
+def test_a_step_kept_by_the_nonfinite_trigger_is_traced(tmp_path):
+    from comgra_callbacks import Never, NonFinite
+
+    plant = Plant("block.lin", step=3, sample=1, how="nan")
+    run = train(tmp_path, "triggered", plant=plant, steps=6, schedule=Never(), triggers=[NonFinite()])
+    kept = run.steps
+    assert int(kept["step"].min()) == plant.step and set(kept["reason"]) == {NonFinite().name}
+    found = analysis.first_anomaly(run)
+    assert found == {**found, "step": plant.step, "origin": [plant.node], "reason": NonFinite().name}
