@@ -14,6 +14,9 @@ count as one tensor, the child first, in both directions.
 ['loss', 'h', 'block', 'x', 'w']
 >>> sorted(flow.before("block")), sorted(Flow(g, backward=True).before("h"))
 (['h', 'w', 'x'], ['loss'])
+>>> g.add_edge("loss", "x", source="manual")  # a loop: broken at its last edge, never an error
+>>> len(Flow(g, backward=False).order)
+5
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ class Flow:
             if source == "same" or gu == gv:
                 continue
             groups.add_edge(gv, gu) if backward else groups.add_edge(gu, gv)
-        if not nx.is_directed_acyclic_graph(groups):  # cannot happen for autograd; keep going if a manual edge loops
-            groups.remove_edges_from(list(nx.find_cycle(groups)))
+        while not nx.is_directed_acyclic_graph(groups):  # not from autograd; a manual edge may close a loop
+            groups.remove_edge(*nx.find_cycle(groups)[-1][:2])
         self._groups = groups
         ordered = nx.lexicographical_topological_sort(groups, key=lambda g: rank[g])
         self.order: list[str] = [name for g in ordered for name in self._members[g]]
