@@ -72,6 +72,8 @@ def sample_positions(run: Any, step: int, step_type: str | None, count: int) -> 
     ``count`` positions; dataset indices from ``sample_dataset_index`` (``Indices`` selector), else None.
     """
     def read(node: str) -> np.ndarray | None:
+        if node not in run.nodes:  # cheap: the error path would look for similar names
+            return None
         try:
             index = np.asarray(run.samples(node, step, step_type=step_type)).reshape(-1).astype(np.int64)
         except (NodeNotFoundError, StepNotFoundError):

@@ -42,7 +42,7 @@ class Block(nn.Module):
 
 
 class Planted(pl.LightningModule):
-    def __init__(self, plant: Plant | None = None, drive: list[float] | None = None) -> None:
+    def __init__(self, plant: Plant | None = None, drive: list[float] | None = None, per_sample: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Linear(6, 16)
@@ -52,6 +52,7 @@ class Planted(pl.LightningModule):
         self.head = nn.Linear(16, 3)
         self.plant = plant
         self.drive = drive
+        self.per_sample = per_sample
         if plant is not None:
             self.get_submodule(plant.node).register_forward_hook(self._hook)
 
@@ -80,7 +81,10 @@ class Planted(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
+        out = self(x)
+        loss = nn.functional.cross_entropy(out, y)
+        if self.per_sample:  # what a TopK sample selector ranks by
+            record("per_sample_loss", nn.functional.cross_entropy(out, y, reduction="none"))
         if self.drive is not None:
             gain = record("gain", torch.full((x.shape[0], 1), self.drive[self.global_step]))
             loss = loss + gain.mean()
@@ -91,9 +95,11 @@ class Planted(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.02)
 
 
-def train(root: Path, name: str, *, plant: Plant | None = None, drive: list[float] | None = None, steps: int = 8, **options: Any) -> Run:
+def train(
+    root: Path, name: str, *, plant: Plant | None = None, drive: list[float] | None = None, steps: int = 8, per_sample: bool = False, **options: Any
+) -> Run:
     """Record every step (unless ``options`` say otherwise) with samples at every node (``detail={"*": "samples"}``)."""
     callback = ComgraCallback(str(root), run_name=name, detail={"*": "samples"}, n_samples=4, flush_secs=0.2, **options)
     trainer = quiet_trainer([callback], root, max_steps=steps)
-    trainer.fit(Planted(plant, drive), classification_loader(n_batches=steps, batch_size=BATCH, n_in=6, n_classes=3))
+    trainer.fit(Planted(plant, drive, per_sample), classification_loader(n_batches=steps, batch_size=BATCH, n_in=6, n_classes=3))
     return open_run(root / name)

@@ -135,3 +135,16 @@ def test_a_step_kept_by_the_nonfinite_trigger_is_traced(tmp_path):
     assert int(kept["step"].min()) == plant.step and set(kept["reason"]) == {NonFinite().name}
     found = analysis.first_anomaly(run)
     assert found == {**found, "step": plant.step, "origin": [plant.node], "reason": NonFinite().name}
+
+
+def test_samples_chosen_by_a_selector_are_named_by_batch_position(tmp_path):
+    from comgra_callbacks import TopK
+
+    plant = Plant("block.lin", step=2, sample=11, how="scale")  # beyond the first 4: only TopK keeps it
+    run = train(tmp_path, "topk", plant=plant, steps=4, per_sample=True, samples=TopK("per_sample_loss", k=4))
+    positions, _ = analysis.sample_positions(run, plant.step, None, 4)
+    assert plant.sample in set(positions.tolist()) and list(positions) != [0, 1, 2, 3]
+    frame = analysis.trace(run, plant.step)
+    origin = frame.loc[frame["origin"]]
+    assert list(origin["node"]) == [plant.node] and origin["sample"].item() == plant.sample
+    assert analysis.trace(run, plant.step, sample=plant.sample).set_index("node").loc[plant.node, "anomalous"]
