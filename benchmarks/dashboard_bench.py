@@ -193,8 +193,8 @@ def measure_open(root: Path) -> dict[str, float]:
 
 
 def measure_compare(root: Path) -> dict[str, Any]:
+    from comgra_callbacks.analysis import compare_nodes
     from comgra_callbacks.dashboard.data import Catalog
-    from comgra_callbacks.dashboard.gather import compare_nodes
 
     catalog = Catalog(root)
     data = catalog[catalog.names[0]]

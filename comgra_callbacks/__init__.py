@@ -54,6 +54,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from comgra_callbacks import analysis
     from comgra_callbacks.integrations.hf import ComgraTrainerCallback
     from comgra_callbacks.integrations.lightning import ComgraCallback
     from comgra_callbacks.store.reader import Run, open_run, open_runs
@@ -93,6 +94,7 @@ __all__ = [
     "Steps",
     "TopK",
     "__version__",
+    "analysis",
     "connect",
     "note",
     "open_run",
@@ -103,6 +105,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "analysis":  # a subpackage (numpy, pandas, networkx only), imported on first use
+        return importlib.import_module("comgra_callbacks.analysis")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'comgra_callbacks' has no attribute {name!r}")

@@ -19,6 +19,7 @@ import holoviews as hv
 import panel as pn
 
 from comgra_callbacks.dashboard import safe
+from comgra_callbacks.dashboard.anomaly_view import AnomalyView
 from comgra_callbacks.dashboard.compare_view import CompareView
 from comgra_callbacks.dashboard.custom import CustomView, load_custom
 from comgra_callbacks.dashboard.data import Catalog, shared_catalog
@@ -31,7 +32,7 @@ from comgra_callbacks.dashboard.tensor_view import TensorView
 from comgra_callbacks.errors import ComgraError
 
 TITLE = "comgra_callbacks"
-TAB_NAMES = ("Main", "Compare", "Network", "Scalars", "Notes")
+TAB_NAMES = ("Main", "Compare", "Anomalies", "Network", "Scalars", "Notes")
 
 
 class Dashboard:
@@ -46,6 +47,7 @@ class Dashboard:
         self.graph = GraphView(self.selection)
         self.tensor = TensorView(self.selection)
         self.compare = CompareView(self.selection, self.comparison)
+        self.anomalies = AnomalyView(self.selection)
         self.network = NetworkView(self.selection)
         self.scalars = ScalarsView(self.selection)
         self.notes = NotesView(self.selection)
@@ -61,6 +63,7 @@ class Dashboard:
         tabs: list[tuple[str, Any]] = [
             ("Main", pn.Column(self.selectors, self.graph, self.tensor, sizing_mode="stretch_width")),
             ("Compare", self.compare),
+            ("Anomalies", self.anomalies),
             ("Network", self.network),
             ("Scalars", self.scalars),
             ("Notes", self.notes),
@@ -74,6 +77,7 @@ class Dashboard:
     def _on_tab(self, event: Any) -> None:
         name = self.tab_names[event.new] if event.new < len(self.tab_names) else ""
         self.compare.activate(name == "Compare")
+        self.anomalies.activate(name == "Anomalies")
         if self.custom is not None:
             self.custom.activate(name == self.custom.plugin.title)
 

@@ -15,9 +15,10 @@ import panel as pn
 from bokeh.models.widgets.tables import NumberFormatter
 from panel.viewable import Viewer
 
+from comgra_callbacks.analysis import compare_nodes, spread
 from comgra_callbacks.dashboard import plots, safe
 from comgra_callbacks.dashboard.data import Missing
-from comgra_callbacks.dashboard.gather import compare_nodes, node_comparison, side_summary
+from comgra_callbacks.dashboard.gather import node_comparison, side_summary
 from comgra_callbacks.dashboard.state import Comparison, Selection
 
 
@@ -112,7 +113,8 @@ class CompareView(Viewer):
             self.node_pane.object = None
             self.node_plot.object = plots.message(plots.wrap(problem))
             return
-        ranking = compare_nodes(sum_a, sum_b, sel.statistic, cmp.rank_by)
+        yardstick = spread(data_a.run, view=sel.view, statistic=sel.statistic) if cmp.rank_by == "spread" and data_a is not None else None
+        ranking = compare_nodes(sum_a, sum_b, sel.statistic, cmp.rank_by if yardstick is not None or cmp.rank_by != "spread" else "relative", yardstick)
         graph = data_a.run.graph if data_a is not None else None
         kinds = [graph.nodes[n].get("kind", "") if graph is not None and n in graph else "" for n in ranking.index]
         self.ranking = ranking

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from comgra_callbacks import analysis
 from comgra_callbacks.errors import (
     ComgraError,
     ConfigError,
@@ -192,7 +193,7 @@ class RunData:
         """Every node's mean statistics over a range of steps (one slab of rows, read block by block)."""
         return self._cached(
             ("range", int(first), int(last), view, step_type),
-            lambda: self.run.range_stats(int(first), int(last), view=view, step_type=step_type),
+            lambda: analysis.range_stats(self.run, int(first), int(last), view=view, step_type=step_type),
         )
 
 

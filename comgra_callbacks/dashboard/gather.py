@@ -1,19 +1,10 @@
 """The data work behind each view, separated from drawing: what the benchmark times and the tests check.
 
-:func:`tensor_data` answers "what does the tensor panel show for this selection"; :func:`compare_nodes`
-and :func:`node_comparison` answer the training-phase comparison. All of them go through the cached
+:func:`tensor_data` answers "what does the tensor panel show for this selection"; :func:`side_summary` and
+:func:`node_comparison` feed the training-phase comparison, whose ranking is
+:func:`comgra_callbacks.analysis.compare_nodes`. All of them go through the cached
 :class:`~comgra_callbacks.dashboard.data.RunData`, so a repeated question costs a dictionary lookup.
-
->>> import pandas as pd
->>> a = pd.DataFrame({"abs_mean": [1.0, 2.0], "records": [3, 3]}, index=pd.Index(["h", "w"], name="node"))
->>> b = pd.DataFrame({"abs_mean": [1.5, 2.0], "records": [2, 2]}, index=pd.Index(["h", "w"], name="node"))
->>> compare_nodes(a, b, "abs_mean")[["a", "b", "change", "relative"]]  # doctest: +NORMALIZE_WHITESPACE
-        a    b  change  relative
-node
-h     1.0  1.5     0.5       0.5
-w     2.0  2.0     0.0       0.0
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -147,27 +138,6 @@ def tensor_data(data: RunData, sel: SelectionSnapshot) -> TensorData:
             out.hist = histogram(tensor)
             out.hist_of = f"values of {what} at step {sel.step}"
     return out
-
-
-def compare_nodes(a: pd.DataFrame, b: pd.DataFrame, statistic: str, rank_by: str = "relative") -> pd.DataFrame:
-    """Join two per-node summaries and rank nodes by how much ``statistic`` changed from A to B.
-
-    Columns: ``a``, ``b``, ``change`` (b − a), ``relative`` ((b − a) / |a|), ``records_a``, ``records_b``.
-    Nodes present on one side only come last, with NaN on the other.
-    """
-    left = a[[statistic, "records"]].rename(columns={statistic: "a", "records": "records_a"})
-    right = b[[statistic, "records"]].rename(columns={statistic: "b", "records": "records_b"})
-    frame = left.join(right, how="outer")
-    frame["change"] = frame["b"] - frame["a"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = frame["a"].abs().to_numpy()
-        rel = np.where(scale > 0, frame["change"].to_numpy() / np.where(scale > 0, scale, 1.0), np.where(frame["change"] == 0, 0.0, np.inf))
-    frame["relative"] = np.where(frame["a"].isna() | frame["b"].isna(), np.nan, rel)
-    key = frame["relative" if rank_by == "relative" else "change"].abs()
-    order = np.lexsort((frame.index.to_numpy().astype(str), -key.fillna(-1).to_numpy()))
-    frame = frame.iloc[order]
-    frame.index.name = "node"
-    return frame[["a", "b", "change", "relative", "records_a", "records_b"]]
 
 
 def side_summary(data: RunData | None, side: Side, view: str) -> pd.DataFrame | Missing:

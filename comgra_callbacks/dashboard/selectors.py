@@ -62,7 +62,7 @@ class SelectorBar(Viewer):
         self.node = pn.widgets.Select.from_param(p.node, label="Node", width=220)
         self.view = pn.widgets.Select.from_param(p.view, label="View", width=140)
         self.detail = pn.widgets.RadioButtonGroup.from_param(p.detail, label="Detail", options={v: k for k, v in DETAILS.items()})
-        self.sample = pn.widgets.Select(label="Sample", options=[0], value=0, width=80)
+        self.sample = pn.widgets.Select(label="Sample", options={"0": 0}, value=0, width=190)
         self.role = pn.widgets.Select.from_param(p.role, label="Role", width=110)
         self.iteration = pn.widgets.Select.from_param(p.iteration, label="Iteration", width=90)
         self.statistic = pn.widgets.Select.from_param(p.statistic, label="Statistic", width=110)
@@ -98,11 +98,11 @@ class SelectorBar(Viewer):
                 self.slider.param.update(options=options, value=sel.step if sel.step in options else options[0])
         if "step" in names and sel.step in self.slider.options and self.slider.value != sel.step:
             self.slider.value = sel.step
-        if names & {"n_samples", "sample", "detail"}:
-            options = list(range(max(sel.n_samples, 1)))
-            if sel.sample >= len(options):
-                sel.sample = len(options) - 1
-            self.sample.param.update(options=options, value=min(sel.sample, len(options) - 1))
+        if names & {"n_samples", "sample", "detail", "step"}:
+            labelled = sample_options(sel)
+            if sel.sample >= len(labelled):
+                sel.sample = len(labelled) - 1
+            self.sample.param.update(options=labelled, value=min(sel.sample, len(labelled) - 1))
         if names & {"status", "run"}:  # two runs can have the same status line
             self.status.object = f"**{safe.text(sel.run)}** · {safe.text(sel.status)}" if sel.run else ""
         self.prev.disabled = not sel.steps or sel.step <= sel.steps[0]
@@ -113,6 +113,22 @@ class SelectorBar(Viewer):
         self.sample.visible = sel.detail == "sample"
         self.role.visible = len(sel.param.role.objects) > 1
         self.iteration.visible = len(sel.param.iteration.objects) > 1
+
+
+def sample_options(sel: Selection) -> dict[str, int]:
+    """The sample selector's choices: label -> index among the recorded samples; a label says the sample's
+    batch position and, when recorded, its dataset index (``"0 · batch 5 · item 1207"``)."""
+    count = max(sel.n_samples, 1)
+    data = sel.data
+    if data is None or not sel.n_samples:
+        return {str(i): i for i in range(count)}
+    from comgra_callbacks.analysis import sample_positions
+
+    positions, items = sample_positions(data.run, sel.step, sel.step_type, sel.n_samples)
+    return {
+        f"{i} · batch {int(positions[i])}" + (f" · item {int(items[i])}" if items is not None else ""): i
+        for i in range(count)
+    }
 
 
 def handle_key(selection: Selection, graph_move: Any, key: str) -> None:

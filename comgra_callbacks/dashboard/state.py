@@ -253,7 +253,7 @@ class Comparison(param.Parameterized):
     type_a: param.Selector[str | None] = param.Selector(default=None, objects=[], allow_None=True, label="Step type A")
     type_b: param.Selector[str | None] = param.Selector(default=None, objects=[], allow_None=True, label="Step type B")
     run_b: param.Selector[str | None] = param.Selector(default=None, objects=[], allow_None=True, label="Run B")
-    rank_by: param.Selector[str] = param.Selector(default="relative", objects=["relative", "absolute"], label="Rank by change")
+    rank_by: param.Selector[str] = param.Selector(default="relative", objects=["relative", "absolute", "spread"], label="Rank by change")
 
     def __init__(self, selection: Selection, **params: Any) -> None:
         super().__init__(**params)

@@ -12,7 +12,7 @@ import difflib
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from typing import Any, TypeVar
 
@@ -749,52 +749,53 @@ class Run:
             out[view] = frame[names]
         return out
 
-    def range_stats(
+    def stats_blocks(
         self,
-        first_step: int,
-        last_step: int,
+        first_step: int | None = None,
+        last_step: int | None = None,
         *,
         view: str = "value",
         step_type: str | None = None,
-    ) -> pd.DataFrame:
-        """Mean of each batch statistic of every node over the records with ``first_step <= step <=
-        last_step`` (of ``step_type``): one row per node, plus the column ``records`` (how many records
-        the node had in the range).
+    ) -> tuple[list[str], Iterator[tuple[np.ndarray, np.ndarray]]]:
+        """The batch statistics of every node at every record with ``first_step <= step <= last_step`` (of
+        ``step_type``; ``None`` leaves a side open), block by block: what comparisons and correlations over
+        many records read (``comgra_callbacks.analysis``).
 
-        Reads the contiguous slab of rows between the first and the last matching record once, block by
-        block (memory stays bounded by one block of rows); the default role and, per record, the last
-        iteration of each node are used. ``first_step == last_step`` compares single steps.
+        Returns ``(nodes, blocks)``: the nodes that have ``view``, and an iterator of ``(records, values)`` (record
+        numbers, the index of :attr:`steps`) with
+        ``values`` of shape ``(records, len(nodes), len(STAT_NAMES))`` (float32, NaN where a node was not
+        recorded). The default role and, per record, the last iteration of each node are used. The rows
+        between the first and the last matching record are read once, one block of rows at a time, so memory
+        stays bounded by a block; a range without records yields no block.
 
         Raises:
-            StepNotFoundError: no record in the range.
             NodeNotFoundError: the run has no view ``view`` (the message lists those it has).
         """
-        first_step, last_step = self._step(first_step, "range_stats", "first_step"), self._step(last_step, "range_stats", "last_step")
-        step_type = self.resolve_step_type(step_type, "range_stats")
-        rows = self._record_rows(step_type, "range_stats")
+        first_step = None if first_step is None else self._step(first_step, "stats_blocks", "first_step")
+        last_step = None if last_step is None else self._step(last_step, "stats_blocks", "last_step")
+        step_type = self.resolve_step_type(step_type, "stats_blocks")
+        rows = self._record_rows(step_type, "stats_blocks")
         steps = self.steps.loc[rows, "step"].to_numpy() if len(rows) else np.array([], dtype=np.int64)
-        chosen = rows[(steps >= int(first_step)) & (steps <= int(last_step))]
-        names = list(fmt.STAT_NAMES) if view == "update" else [n for n in fmt.STAT_NAMES if n != "update_ratio"]
-        if len(chosen) == 0:
-            what = f" of step type {step_type!r}" if step_type else ""
-            raise StepNotFoundError(
-                f"Run {self.name!r} has no record{what} with {first_step} <= step <= {last_step}."
-            )
-        view = self._check_view(view, "range_stats")
+        lo = -np.inf if first_step is None else int(first_step)
+        hi = np.inf if last_step is None else int(last_step)
+        chosen = rows[(steps >= lo) & (steps <= hi)]
+        view = self._check_view(view, "stats_blocks")
         nodes: list[str] = []
         columns: list[list[int]] = []
         for node in self.nodes:
             if node in self._series_by_node and view in self.views(node):
                 nodes.append(node)
                 columns.append([col for _, col in self._columns(node, view, None, None)])
-        n_stats = len(fmt.STAT_NAMES)
-        sums = np.zeros((len(nodes), n_stats), dtype=np.float64)
-        counts = np.zeros((len(nodes), n_stats), dtype=np.int64)
+        return nodes, self._blocks(chosen, columns)
+
+    def _blocks(self, chosen: np.ndarray, columns: list[list[int]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if len(chosen) == 0:
+            return
+        single = [i for i, cols in enumerate(columns) if len(cols) == 1]
+        single_cols = [columns[i][0] for i in single]
         r0, r1 = int(chosen.min()), int(chosen.max()) + 1
         wanted = np.zeros(r1 - r0, dtype=bool)
         wanted[chosen - r0] = True
-        single = [i for i, cols in enumerate(columns) if len(cols) == 1]
-        single_cols = [columns[i][0] for i in single]
         block_rows = int(self._array(fmt.STATS).chunks[0])
         start = r0
         while start < r1:
@@ -802,28 +803,17 @@ class Run:
             keep = wanted[start - r0 : stop - r0]
             if keep.any():
                 slab = self._read(fmt.STATS, (slice(start, stop), slice(None), slice(None)))[keep]
+                out = np.full((len(slab), len(columns), len(fmt.STAT_NAMES)), np.nan, dtype=np.float32)
                 if single:
-                    part = slab[:, single_cols, :]  # (records, nodes, stats)
-                    sums[single] += np.nansum(part, axis=0)
-                    counts[single] += (~np.isnan(part)).sum(axis=0)
+                    out[:, single, :] = slab[:, single_cols, :]
                 for i, cols in enumerate(columns):
                     if len(cols) == 1:
                         continue
-                    best = np.full((len(slab), n_stats), np.nan, dtype=np.float32)
                     for col in cols:  # later iterations overwrite earlier ones where present
                         present = ~np.isnan(slab[:, col, _NUMEL])
-                        best[present] = slab[present, col]
-                    sums[i] += np.nansum(best, axis=0)
-                    counts[i] += (~np.isnan(best)).sum(axis=0)
+                        out[present, i] = slab[present, col]
+                yield np.arange(start, stop)[keep], out
             start = stop
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-        frame = pd.DataFrame(means, index=pd.Index(nodes, name="node"), columns=list(fmt.STAT_NAMES))[names]
-        frame["records"] = counts[:, _NUMEL]
-        frame = frame[frame["records"] > 0]
-        frame.attrs.update(run=self.name, view=view, step_type=step_type, first_step=int(first_step), last_step=int(last_step))
-        return frame
-
 
 
 def _last_present(block: np.ndarray, cols: list[int], first: int = 0) -> np.ndarray | None:

@@ -67,7 +67,8 @@ def test_per_neuron_and_sample_details(runs_root, dashboard_for):
     assert dash.tensor.histogram.src.data["top"].sum() == len(neurons) == 16
     sel.detail = "sample"
     samples = run.samples("attn", 30, role="pos1", step_type="train")
-    assert sel.n_samples == len(samples) and dash.selectors.sample.options == list(range(len(samples)))
+    assert sel.n_samples == len(samples) and list(dash.selectors.sample.options.values()) == list(range(len(samples)))
+    assert list(dash.selectors.sample.options)[3] == "3 · batch 3"  # the first samples: batch positions 0, 1, ...
     dash.selectors.sample.value = 3
     assert dash.tensor.values_figure is dash.tensor.sample_map
     np.testing.assert_allclose(dash.tensor.data.matrix, samples[3][None, :])

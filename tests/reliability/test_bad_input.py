@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from comgra_callbacks import ConfigError, ConfigTypeError, NodeNotFoundError, StepNotFoundError, open_run
+from comgra_callbacks import (
+    ConfigError,
+    ConfigTypeError,
+    NodeNotFoundError,
+    StepNotFoundError,
+    analysis,
+    open_run,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -20,8 +27,10 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.mark.parametrize("bad", [1.7, 3.0, "3", True, None, np.float64(2.0)])
 def test_steps_must_be_ints(tiny_run, bad):
     run = open_run(tiny_run)
-    for read in (lambda: run.neurons("net.0", bad), lambda: run.samples("input", bad), lambda: run.step_stats(bad),
-                 lambda: run.entry_stats("net.0", bad), lambda: run.range_stats(bad, 5), lambda: run.range_stats(0, bad)):
+    reads = [lambda: run.neurons("net.0", bad), lambda: run.samples("input", bad), lambda: run.step_stats(bad), lambda: run.entry_stats("net.0", bad)]
+    if bad is not None:  # a range's bound may be None: that side is open
+        reads += [lambda: analysis.range_stats(run, bad, 5), lambda: analysis.range_stats(run, 0, bad)]
+    for read in reads:
         with pytest.raises(ConfigTypeError, match=r"`Run\.\w+\((step|first_step|last_step)=\.\.\.\)`: expected an int \(a trainer step\), got "):
             read()
 
@@ -31,10 +40,10 @@ def test_numpy_integer_steps_are_fine(tiny_run):
     assert run.neurons("net.0", np.int64(2)).equals(run.neurons("net.0", 2))
 
 
-@pytest.mark.parametrize("method", ["step_stats", "range_stats"])
+@pytest.mark.parametrize("method", ["step_stats", "stats_blocks"])
 def test_a_bogus_view_names_the_valid_ones(tiny_run, method):
     run = open_run(tiny_run)
-    read = (lambda: run.step_stats(2, view="gradd")) if method == "step_stats" else (lambda: run.range_stats(0, 5, view="gradd"))
+    read = (lambda: run.step_stats(2, view="gradd")) if method == "step_stats" else (lambda: analysis.range_stats(run, 0, 5, view="gradd"))
     with pytest.raises(NodeNotFoundError, match=rf"`Run\.{method}\(view=\.\.\.\)`: run 'tiny' has no view 'gradd'; it has \['grad', 'update', 'value'\]"):
         read()
 
@@ -51,7 +60,7 @@ def test_train_and_validation_records_are_never_mixed(tiny_run):
         assert stats.equals(run.stats(node, step_type="train"))
     assert list(run.stats("net.2", step_type="val").index) == val  # (no loss is backpropagated in validation)
     assert run.node_stats("net.2")["value"].equals(run.stats("net.2"))
-    assert run.range_stats(0, 6).equals(run.range_stats(0, 6, step_type="train"))
+    assert analysis.range_stats(run, 0, 6).equals(analysis.range_stats(run, 0, 6, step_type="train"))
     assert run.record_of(3) == run.record_of(3, step_type="train") != run.record_of(3, step_type="val")
     assert run.step_stats(3).equals(run.step_stats(3, step_type="train"))
 
@@ -80,8 +89,8 @@ def test_several_step_types_without_train_need_an_explicit_one(tmp_path):
     run = open_run(_run_of_types(tmp_path, "ab", ["a", "b", "a"]))
     with pytest.raises(ConfigError, match=r"`Run\.stats\(step_type=None\)`: run 'ab' has records of several step types \['a', 'b'\] and none of them is 'train'.*HINT: pass step_type='a'"):
         run.stats("h")
-    with pytest.raises(ConfigError, match=r"`Run\.range_stats\(step_type=None\)`"):
-        run.range_stats(0, 2)
+    with pytest.raises(ConfigError, match=r"`Run\.stats_blocks\(step_type=None\)`"):
+        analysis.range_stats(run, 0, 2)
     assert list(run.stats("h", step_type="a").index) == [0, 2]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from comgra_callbacks import CorruptStoreError, FormatVersionError, StepNotFoundError, open_run
+from comgra_callbacks import CorruptStoreError, FormatVersionError, StepNotFoundError, analysis, open_run
 from comgra_callbacks.errors import ComgraError, StoreError
 from comgra_callbacks.store.storage import MAX_SIDECAR_BYTES
 
@@ -196,7 +196,7 @@ def read_everything(run: Any) -> dict[str, Any]:
                            "notes": run.notes.copy(), "scalars": run.scalars.copy(), "graph": sorted(run.graph.edges())}
     for step_type in run.step_types:
         steps = sorted(set(run.steps.loc[run.steps["step_type"] == step_type, "step"]))
-        out[("range", step_type)] = run.range_stats(steps[0], steps[-1], step_type=step_type)
+        out[("range", step_type)] = analysis.range_stats(run, steps[0], steps[-1], step_type=step_type)
         for node in run.nodes:
             for view in run.views(node):
                 out[(node, view, step_type)] = run.stats(node, view=view, step_type=step_type)
