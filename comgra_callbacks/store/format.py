@@ -15,6 +15,7 @@ True
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -236,13 +237,13 @@ class _Fields:
             raise _corrupt(self.where, f'has "{name}": {_short(value)}; expected an int >= 0.')
         return int(value)
 
-    def list(self, name: str, *, required: bool = True) -> list[Any]:
+    def list(self, name: str, *, required: bool = True) -> builtins.list[Any]:
         value = self._get(name, required, [])
         if not isinstance(value, list):
             raise _corrupt(self.where, f'has "{name}": {_short(value)}; expected a list.')
         return value
 
-    def strings(self, name: str, *, required: bool = True) -> list[str]:
+    def strings(self, name: str, *, required: bool = True) -> builtins.list[str]:
         value = self.list(name, required=required)
         bad = next((v for v in value if not isinstance(v, str)), None)
         if bad is not None:
