@@ -37,6 +37,7 @@ from comgra_callbacks.recording.capture import (
     output_tensors,
     select_modules,
 )
+from comgra_callbacks.recording.modules import is_container, module_tree
 from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot, estimate_bytes, pack
 from comgra_callbacks.recording.policy import RecordingPolicy, detail_rules
 from comgra_callbacks.recording.reduce import neuron_matrix_shape
@@ -205,7 +206,7 @@ class Recorder:
         self._graph_signatures: dict[str, frozenset[str]] = {}
         self._node_attrs: dict[str, dict[str, Any]] = {}
         self._warned: set[str] = set()
-        self._details: dict[tuple[str, str, tuple[int, ...], bool, bool], Detail] = {}
+        self._details: dict[tuple[str, str, tuple[int, ...], bool, bool, int | None], Detail] = {}
         self._stable: dict[str, bool] = {}  # node -> its recorded value was never changed in place later in a step
         self._hooks: ModuleHooks | None = None
         self.closed = False
@@ -433,7 +434,7 @@ class Recorder:
             if not parent:
                 break
             parent, _, child = parent.rpartition(".")[0], None, parent.rpartition(".")[2]
-        container = wrapper or _is_container(self._module_of.get(name))
+        container = wrapper or is_container(self._module_of.get(name))
         input_ids = {id(t) for t in inputs}
         captured = []
         for suffix, tensor in output_tensors(output):
@@ -832,15 +833,15 @@ class Recorder:
         self.writer.op("write_graph", document)
 
     # ----------------------------------------------------------------------------------- detail
-    def _detail(self, name: str, kind: str, shape: tuple[int, ...], *, is_parameter: bool, triggered: bool = False) -> Detail:
+    def _detail(self, name: str, kind: str, shape: tuple[int, ...], *, is_parameter: bool, triggered: bool = False, axis: int | None = None) -> Detail:
         """The detail kept for a tensor (cached: it is asked for every tensor of every recorded step).
 
         A step kept by a trigger keeps samples of every node that has a batch axis, whatever ``detail=``
         says for scheduled steps: what tracing an anomaly back to its origin needs."""
-        cache_key = (name, kind, shape, is_parameter, triggered)
+        cache_key = (name, kind, shape, is_parameter, triggered, axis)
         cached = self._details.get(cache_key)
         if cached is None:
-            cached = self._decide_detail(name, kind, shape, is_parameter=is_parameter, triggered=triggered)
+            cached = self._decide_detail(name, kind, shape, is_parameter=is_parameter, triggered=triggered, axis=axis)
             self._details[cache_key] = cached
         return cached
 
@@ -852,7 +853,7 @@ class Recorder:
                 snap.neurons, snap.samples = False, FULL
                 continue
             attrs = self._node_attrs.get(node) or step.nodes.get(node) or self._param_nodes.get(node) or {}
-            detail = self._detail(node, str(attrs.get("kind", "intermediate")), tuple(snap.tensor.shape), is_parameter=snap.is_parameter, triggered=triggered)
+            detail = self._detail(node, str(attrs.get("kind", "intermediate")), tuple(snap.tensor.shape), is_parameter=snap.is_parameter, triggered=triggered, axis=snap.neuron_axis)
             snap.neurons, snap.samples = detail.neurons, detail.samples
 
     def _select_samples(self, step: _Step, *, triggered: bool = False) -> None:
@@ -903,7 +904,7 @@ class Recorder:
                 break
         return list(dict.fromkeys(found))
 
-    def _decide_detail(self, name: str, kind: str, shape: tuple[int, ...], *, is_parameter: bool, triggered: bool = False) -> Detail:
+    def _decide_detail(self, name: str, kind: str, shape: tuple[int, ...], *, is_parameter: bool, triggered: bool = False, axis: int | None = None) -> Detail:
         detail = self.config.detail_fn(name, kind) if self.config.detail_fn is not None else None
         if detail is None:
             for matches, level in self._rules:
@@ -917,7 +918,7 @@ class Recorder:
         if triggered and not is_parameter and len(shape) > 0 and detail.samples != FULL:
             detail = Detail(detail.neurons, max(detail.samples, self.config.n_samples))
         neurons, samples = detail.neurons, detail.samples
-        matrix = neuron_matrix_shape(shape, is_parameter=is_parameter)
+        matrix = neuron_matrix_shape(shape, is_parameter=is_parameter, axis=axis)
         if neurons and matrix is not None and matrix[1] > self.config.max_neurons:
             self._warn_once(f"neurons:{name}", f"comgra: node {name!r} has {matrix[1]} neurons (> max_neurons={self.config.max_neurons}); its per-neuron statistics are not kept.")
             neurons = False
@@ -934,33 +935,3 @@ class Recorder:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _is_container(module: Any) -> bool:
-    """Modules that only hold others (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``, the wrapper of
-    ``torch.compile``): an output they pass on from a child is nothing new."""
-    import torch
-
-    return isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)) or type(module).__name__ == "OptimizedModule"
-
-
-def module_tree(model: Any) -> list[dict[str, Any]]:
-    """The module tree with parameter counts, one row per module (``""`` is the root), named as the nodes
-    are (without ``torch.compile``'s ``_orig_mod``)."""
-    own: dict[str, tuple[int, int]] = {}
-    rows: list[dict[str, Any]] = []
-    for raw, module in model.named_modules():
-        name = clean_name(raw)
-        if type(module).__name__ == "OptimizedModule" or name in own:
-            continue  # the wrapper of torch.compile: its inner module takes its name
-        params = list(module.parameters(recurse=False))
-        own[name] = (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
-        rows.append({"name": name, "type": type(module).__name__, "parent": None if not name else name.rpartition(".")[0], "depth": 0 if not name else name.count(".") + 1})
-    for row in rows:
-        name = str(row["name"])
-        prefix = f"{name}." if name else ""
-        total = [v for n, v in own.items() if n == name or n.startswith(prefix)]
-        row["params"] = own[name][0]
-        row["params_total"] = sum(v[0] for v in total)
-        row["trainable_total"] = sum(v[1] for v in total)
-    return rows
