@@ -20,7 +20,7 @@ needs through the reader and returns a DataFrame (or a dict).
 
 >>> from comgra_callbacks import analysis
 >>> sorted(name for name in analysis.__all__ if not name[0].isupper())[:5]
-['activation_patching', 'attribution_patching', 'circuit', 'compare', 'compare_nodes']
+['activation_patching', 'attribution_patching', 'circuit', 'compare', 'compare_measures']
 
 See docs/analysis.md.
 """
@@ -33,7 +33,7 @@ from comgra_callbacks.analysis.derive import derive
 from comgra_callbacks.analysis.fourier import Spectrum, fourier, spectrum
 from comgra_callbacks.analysis.order import Flow
 from comgra_callbacks.analysis.patching import activation_patching, attribution_patching, circuit
-from comgra_callbacks.analysis.phases import phases
+from comgra_callbacks.analysis.phases import compare_measures, phases
 from comgra_callbacks.analysis.trace import Z_THRESHOLD, first_anomaly, sample_positions, sample_z, trace
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "attribution_patching",
     "circuit",
     "compare",
+    "compare_measures",
     "compare_nodes",
     "correlate",
     "derive",

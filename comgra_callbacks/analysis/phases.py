@@ -203,3 +203,52 @@ def _describe(steps: np.ndarray, values: np.ndarray, starts: list[int], fit: Fit
     frame = pd.DataFrame(rows)
     frame.index.name = "phase"
     return frame
+
+
+def compare_measures(run: Any, a: int | tuple[int, int], b: int | tuple[int, int], *, run_b: Any = None) -> pd.DataFrame:
+    """The measures of a run (``run.measures``) on two steps or step ranges (e.g. two phases), ranked by how
+    much they changed against how much they move over training anyway.
+
+    Args:
+        run: the run (side ``a``, and side ``b`` unless ``run_b`` is given).
+        a, b: a step or an inclusive range ``(first, last)`` of steps; a side's value is the mean of the
+            measure's values at the steps in it.
+        run_b: take side ``b`` from another run (matched by measure name).
+
+    Returns:
+        One row per measure present on both sides (index ``measure``): ``a``, ``b``, ``change`` (``b - a``),
+        ``relative`` (``change / |a|``), ``spread`` (the measure's standard deviation over all of ``run``) and
+        ``score`` (``change / spread``), sorted by ``|score|``, largest first. Empty when there are no measures.
+
+    >>> class Fake:
+    ...     measures = pd.DataFrame({"acc": [0.3, 0.3, 1.0, 1.0], "norm": [5.0, 4.9, 4.8, 4.7]}, index=pd.Index([0, 1, 2, 3], name="step"))
+    >>> compare_measures(Fake(), (0, 1), (2, 3))[["a", "b", "change"]]  # doctest: +NORMALIZE_WHITESPACE
+                a     b  change
+    measure
+    acc      0.30  1.00     0.7
+    norm     4.95  4.75    -0.2
+    """
+    frame_a = run.measures
+    frame_b = frame_a if run_b is None else run_b.measures
+    mean_a, mean_b = _side_mean(frame_a, a, "a"), _side_mean(frame_b, b, "b")
+    names = [c for c in frame_a.columns if c in mean_b.index]
+    out = pd.DataFrame({"a": mean_a.reindex(names), "b": mean_b.reindex(names)})
+    out["change"] = out["b"] - out["a"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["relative"] = out["change"] / out["a"].abs()
+        out["spread"] = frame_a[names].std(ddof=0) if names else pd.Series(dtype="float64")
+        out["score"] = out["change"] / out["spread"].where(out["spread"] > 0)
+    out = out.reindex(out["score"].abs().fillna(-1).sort_values(ascending=False, kind="stable").index)
+    out.index.name = "measure"
+    return out
+
+
+def _side_mean(frame: pd.DataFrame, side: Any, which: str) -> pd.Series:
+    if isinstance(side, (int, np.integer)) and not isinstance(side, bool):
+        first, last = int(side), int(side)
+    elif isinstance(side, (tuple, list)) and len(side) == 2 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in side):
+        first, last = int(side[0]), int(side[1])
+    else:
+        raise ConfigTypeError(f"`compare_measures({which}=...)`: expected a step or an inclusive range (first, last) of steps, got {side!r}.")
+    steps = frame.index.to_numpy()
+    return frame[(steps >= first) & (steps <= last)].mean()
