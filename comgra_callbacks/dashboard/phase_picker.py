@@ -16,7 +16,7 @@ from panel.viewable import Viewer
 
 from comgra_callbacks.dashboard import safe
 from comgra_callbacks.dashboard.state import Comparison, Selection, Side
-from comgra_callbacks.dashboard.tabs import NO_PHASES, series_table
+from comgra_callbacks.dashboard.tabs import NO_PHASES, PHASE_COUNTS, detect_phases, series_table
 
 MANUAL = "(set by hand)"
 
@@ -28,6 +28,7 @@ class PhasePicker(Viewer):
         super().__init__(**params)
         self.selection, self.comparison = selection, comparison
         self.series_of = pn.widgets.Select(label="Ranges from the phases of", options=[NO_PHASES], value=NO_PHASES, width=240)
+        self.phase_count = pn.widgets.Select(label="Phases", options=PHASE_COUNTS, value=0, width=80)
         self.phase_a = pn.widgets.Select(label="Phase A", options=[MANUAL], value=MANUAL, width=200)
         self.phase_b = pn.widgets.Select(label="Phase B", options=[MANUAL], value=MANUAL, width=200)
         number = NumberFormatter(format="0.0000")
@@ -40,12 +41,13 @@ class PhasePicker(Viewer):
         self.ranking: pd.DataFrame | None = None
         selection.param.watch(self._options, ["run", "revision"])
         self.series_of.param.watch(self._detect, ["value"])
+        self.phase_count.param.watch(self._detect, ["value"])
         self.phase_a.param.watch(self._apply, ["value"])
         self.phase_b.param.watch(self._apply, ["value"])
         self._options()
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.Row(self.series_of, self.phase_a, self.phase_b, sizing_mode="stretch_width")
+        return pn.Row(self.series_of, self.phase_count, self.phase_a, self.phase_b, sizing_mode="stretch_width")
 
     def measures_panel(self) -> pn.viewable.Viewable:
         """The ranked measures (shown under the node ranking)."""
@@ -59,17 +61,15 @@ class PhasePicker(Viewer):
 
     def _detect(self, *_: Any) -> None:
         """Find the phases of the chosen series; side A gets the first, side B the last."""
-        from comgra_callbacks.analysis import phases
-
         data = self.selection.data
         name = self.series_of.value
         series = series_table(data.run).get(name) if data is not None and name != NO_PHASES else None
-        if series is None or len(series.dropna()) < 6:
-            self.phases = None
+        found = detect_phases(series, int(self.phase_count.value or 0))
+        self.phases = found
+        if found is None:
             self.phase_a.param.update(options=[MANUAL], value=MANUAL)
             self.phase_b.param.update(options=[MANUAL], value=MANUAL)
             return
-        self.phases = found = phases(series)
         labels = {f"{i}: steps {int(r.first_step)}–{int(r.last_step)}": i for i, r in enumerate(found.itertuples())}
         options = {MANUAL: -1, **labels}
         self.phase_a.param.update(options=options, value=0)
@@ -79,8 +79,8 @@ class PhasePicker(Viewer):
     def _apply(self, *_: Any) -> None:
         found = self.phases
         a, b = self.phase_a.value, self.phase_b.value
-        if found is None or not isinstance(a, int) or not isinstance(b, int) or a < 0 or b < 0:
-            return
+        if found is None or not isinstance(a, int) or not isinstance(b, int) or not (0 <= a < len(found) and 0 <= b < len(found)):
+            return  # "(set by hand)", or a phase of the previous detection while the options change
         span = lambda i: (int(found.iloc[i]["first_step"]), int(found.iloc[i]["last_step"]))  # noqa: E731
         self.comparison.param.update(mode="ranges", range_a=span(a), range_b=span(b))
 

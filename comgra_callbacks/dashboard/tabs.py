@@ -141,14 +141,25 @@ def series_table(run: Any) -> dict[str, pd.Series]:
     return out
 
 
-def phase_spans(series: pd.Series | None, y_dims: tuple[str, str]) -> tuple[pd.DataFrame | None, list[hv.Element]]:
-    """The phases of ``series`` (``analysis.phases``, the number chosen by its criterion) and a shaded span
-    per phase (dimensions ``y_dims`` so the spans add no axis of their own)."""
+PHASE_COUNTS = {"auto": 0, **{str(k): k for k in range(2, 7)}}  # 0: analysis.phases chooses (n=None)
+
+
+def detect_phases(series: pd.Series | None, count: int = 0) -> pd.DataFrame | None:
+    """``analysis.phases`` of a series (``count`` phases; 0: chosen by its criterion), or None when the series
+    is too short for it."""
     from comgra_callbacks.analysis import phases
 
-    if series is None or len(series.dropna()) < 6:
+    if series is None or len(series.dropna()) < max(6, 3 * count):
+        return None
+    return phases(series, n=count or None)
+
+
+def phase_spans(series: pd.Series | None, y_dims: tuple[str, str], count: int = 0) -> tuple[pd.DataFrame | None, list[hv.Element]]:
+    """The phases of ``series`` (see :func:`detect_phases`) and a shaded span per phase (dimensions ``y_dims``,
+    so the spans add no axis of their own)."""
+    found = detect_phases(series, count)
+    if found is None:
         return None, []
-    found = phases(series)
     spans = [
         hv.VSpan(row.first_step, row.last_step, kdims=list(y_dims)).opts(color=PHASE_COLORS[i % len(PHASE_COLORS)], alpha=0.45)
         for i, row in enumerate(found.itertuples())
@@ -158,7 +169,8 @@ def phase_spans(series: pd.Series | None, y_dims: tuple[str, str]) -> tuple[pd.D
 
 class ScalarsView(Viewer):
     """Logged scalars and measures over steps, one y axis per unit (see :func:`unit_of`), a log scale that
-    toggles (every axis but the fractions'), the phases of a chosen series shaded, and the current step marked."""
+    toggles (every axis but the fractions'), the phases of a chosen series shaded (their number chosen by ``analysis.phases`` or by hand), and the current
+    step marked."""
 
     def __init__(self, selection: Selection, **params: Any) -> None:
         super().__init__(**params)
@@ -167,18 +179,19 @@ class ScalarsView(Viewer):
         self.plot = pn.pane.HoloViews(linked_axes=False, sizing_mode="stretch_width")
         self.logy = pn.widgets.Checkbox(label="log scale", value=False)
         self.phases_of = pn.widgets.Select(label="Shade the phases of", options=[NO_PHASES], value=NO_PHASES, width=260)
+        self.phase_count = pn.widgets.Select(label="Phases", options=PHASE_COUNTS, value=0, width=80)
         self.phase_text = pn.pane.Markdown("", margin=(0, 10))
         self.series: dict[str, pd.Series] = {}
         self.phases: pd.DataFrame | None = None
         self._quiet = False
         selection.param.watch(self.refresh, ["run", "revision"])
         selection.param.watch(self._draw, ["step"])
-        for widget in (self.names, self.logy, self.phases_of):
+        for widget in (self.names, self.logy, self.phases_of, self.phase_count):
             widget.param.watch(self._draw, ["value"])
         self.refresh()
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.Column(pn.Row(self.names, self.logy, self.phases_of), self.plot, self.phase_text, sizing_mode="stretch_width")
+        return pn.Column(pn.Row(self.names, self.logy, self.phases_of, self.phase_count), self.plot, self.phase_text, sizing_mode="stretch_width")
 
     def refresh(self, *_: Any) -> None:
         data = self.selection.data
@@ -189,8 +202,8 @@ class ScalarsView(Viewer):
         measures = [n for n in names if n.startswith(MEASURE_PREFIX)]
         chosen = [n for n in self.names.value if n in names]
         if not chosen:
-            chosen = [n for n in names if "loss" in n and not n.startswith(MEASURE_PREFIX)] + [n for n in measures if "acc" in n]
-            chosen = chosen or names[:3]
+            logged = [n for n in names if "loss" in n and not n.startswith(MEASURE_PREFIX)]
+            chosen = (logged + [n for n in measures if "acc" in n] + [n for n in measures if "loss" in n])[:6] or names[:3]
         default_phases = next((n for n in measures if "test" in n and "acc" in n), NO_PHASES)
         shade = self.phases_of.value if self.phases_of.value in names else default_phases
         # MultiChoice renders its labels as HTML: the labels are escaped, the values stay the names.
@@ -220,7 +233,7 @@ class ScalarsView(Viewer):
             curve = hv.Curve((values.index.to_numpy(), values.to_numpy()), "step", unit, label=name)
             curves.append(curve.opts(logy=self.logy.value and unit != FRACTION))
         first_dims = ("step", curves[0].vdims[0].name)
-        self.phases, spans = phase_spans(self.series.get(self.phases_of.value), first_dims)
+        self.phases, spans = phase_spans(self.series.get(self.phases_of.value), first_dims, int(self.phase_count.value or 0))
         self.phase_text.object = _phase_caption(self.phases_of.value, self.phases)
         marker = hv.VLine(self.selection.step, kdims=list(first_dims)).opts(color="black", line_dash="dashed", line_width=1)
         overlay = hv.Overlay([*curves, *spans, marker])

@@ -50,7 +50,7 @@ def test_unit_of_decides_by_name_then_range() -> None:
 def test_scalars_tab_puts_accuracy_and_loss_on_their_own_axes_and_shades_phases(measured_root: Path, dashboard_for: Any) -> None:
     dash = dashboard_for(measured_root)
     view = dash.scalars
-    assert set(view.names.value) == {"loss", "measure/test_acc"}  # the logged loss and the accuracy measures
+    assert view.names.value == ["loss", "measure/test_acc", "measure/test_loss"]  # logged losses, accuracy and loss measures
     assert view.phases_of.value == "measure/test_acc"
     assert view.phases["first_step"].tolist() == [0, 200, 400]
     overlay = view.plot.object
@@ -66,6 +66,9 @@ def test_scalars_tab_puts_accuracy_and_loss_on_their_own_axes_and_shades_phases(
     view.names.value = ["measure/wnorm.total", "measure/test_loss", "measure/test_acc"]
     units = sorted(c.vdims[0].name for c in _elements(view.plot.object, hv.Curve))
     assert units == ["fraction", "loss", "wnorm"]
+    view.phases_of.value = "measure/wnorm.total"
+    view.phase_count.value = 2  # a straight line, cut in two by hand
+    assert len(view.phases) == 2 and len(_elements(view.plot.object, hv.VSpan)) == 2
     view.phases_of.value = "(none)"
     assert not _elements(view.plot.object, hv.VSpan) and view.phases is None
 
@@ -83,6 +86,9 @@ def test_compare_tab_takes_its_ranges_from_phases_and_ranks_measures(measured_ro
     assert ranking.loc["wnorm.total", "change"] == pytest.approx(-4 * (495 - 95))
     assert list(picker.table.value["measure"]) == list(ranking.index)
     assert isinstance(dash.compare.ranking, type(ranking))  # the node ranking ran for the same ranges
+    picker.phase_count.value = 2
+    assert len(picker.phases) == 2 and tuple(dash.comparison.range_b) == tuple(picker.phases.iloc[1][["first_step", "last_step"]])
+    picker.phase_count.value = 3
     picker.phase_a.value = 1  # the middle phase against the last
     assert tuple(dash.comparison.range_a) == (200, 390)
 
