@@ -50,7 +50,7 @@ def phases(
     Returns:
         One row per phase (index ``phase``, 0, 1, ...): ``first_step``, ``last_step``, ``points``, ``mean``,
         ``start`` and ``end`` (the fitted value at the first and last step), ``slope`` (per step). The change
-        points are ``first_step`` of the phases after the first.
+        points are ``first_step`` of the phases after the first (also ``frame.attrs["change_points"]``).
 
     Raises:
         ConfigError: a bad argument, or fewer points than ``n * min_size``.
@@ -202,6 +202,7 @@ def _describe(steps: np.ndarray, values: np.ndarray, starts: list[int], fit: Fit
         )
     frame = pd.DataFrame(rows)
     frame.index.name = "phase"
+    frame.attrs["change_points"] = [int(v) for v in frame["first_step"].iloc[1:]]
     return frame
 
 

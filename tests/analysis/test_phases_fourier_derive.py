@@ -27,6 +27,7 @@ def test_phases_finds_the_planted_change_points_of_a_piecewise_series() -> None:
     found = phases(pd.Series(level, index=steps), fit="constant")
     assert found["first_step"].tolist() == [0, 400, 700] and found["last_step"].tolist() == [390, 690, 1190]
     assert found["mean"].round(6).tolist() == [0.3, 0.9, 0.6] and found.index.name == "phase"
+    assert found.attrs["change_points"] == [400, 700]
     ramp = pd.Series(np.r_[np.full(30, 0.3), np.linspace(0.3, 1.0, 32)[1:-1], np.full(60, 1.0)], index=steps)
     lines = phases(ramp)  # a plateau, a rise and a plateau: three lines
     assert lines["first_step"].tolist() == [0, 300, 600] and lines["slope"].iloc[1] > 0
