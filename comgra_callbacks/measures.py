@@ -186,40 +186,15 @@ class FourierSparsity(Measure):
         return params[self.matrix]
 
     def __call__(self, model: Any, trainer: Any = None) -> dict[str, float]:
-        import torch
+        from comgra_callbacks.analysis.fourier import spectrum  # the one definition of the math
 
-        m = self._tensor(model).detach().double()
+        m = self._tensor(model).detach().double().cpu()
         if m.dim() != 2:
             raise RecordingError(f"`FourierSparsity`: expected a 2-D matrix, got shape {list(m.shape)}.")
-        m = m if self.axis in (0, -2) else m.T  # (p, slices): the transform along dim 0
-        p = m.shape[0]
-        power = torch.fft.rfft(m, dim=0).abs().pow(2)[1 : p // 2 + 1]  # (frequencies, slices), no constant term
-        per_slice = power.sum(dim=0)
-        top1 = torch.where(per_slice > 0, power.max(dim=0).values / per_slice.clamp(min=1e-300), torch.zeros_like(per_slice))
-        total = power.sum(dim=1)  # per frequency
-        order = torch.argsort(total, descending=True)
-        grand = float(total.sum())
-        out = {"gini": _gini(total), "top1_share": float(top1.mean()) if top1.numel() else math.nan}
-        key = order[: self.n_key]
-        out["key_share"] = float(total[key].sum()) / grand if grand > 0 else math.nan
-        for i, k in enumerate(key.tolist()):
-            out[f"key.{i}"] = float(k + 1)  # frequency numbers start at 1
-        return out
+        return spectrum(m.numpy(), axis=self.axis, n_key=self.n_key).summary()
 
     def __repr__(self) -> str:
         return f"FourierSparsity({self.matrix if isinstance(self.matrix, str) else '<function>'!r}, axis={self.axis})"
-
-
-def _gini(values: Any) -> float:
-    """Gini coefficient of non-negative values (0: all equal; (n-1)/n: all in one)."""
-    import torch
-
-    v = torch.sort(values.double().flatten()).values
-    n, total = v.numel(), float(v.sum())
-    if n == 0 or total <= 0:
-        return math.nan
-    ranks = torch.arange(1, n + 1, dtype=torch.float64)
-    return float((2 * (ranks * v).sum() / (n * total)) - (n + 1) / n)
 
 
 # ------------------------------------------------------------------------------ evaluating measures
@@ -250,6 +225,15 @@ def flatten(name: str, value: Any) -> dict[str, float]:
         if value.numel() > MAX_TENSOR_VALUES:
             raise RecordingError(f"measure {name!r}: returned a tensor of {value.numel()} values; at most {MAX_TENSOR_VALUES} are stored. HINT: return a statistic of it.")
         return {f"{name}.{i}": float(v) for i, v in enumerate(value.detach().reshape(-1).tolist())}
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", 0) > 0:  # an array (derive() returns numpy)
+        import numpy as np
+
+        flat = np.asarray(value, dtype=np.float64).reshape(-1)
+        if flat.size == 1:
+            return {name: float(flat[0])}
+        if flat.size > MAX_TENSOR_VALUES:
+            raise RecordingError(f"measure {name!r}: returned an array of {flat.size} values; at most {MAX_TENSOR_VALUES} are stored. HINT: return a statistic of it.")
+        return {f"{name}.{i}": float(v) for i, v in enumerate(flat.tolist())}
     try:
         return {name: float(value)}
     except (TypeError, ValueError):

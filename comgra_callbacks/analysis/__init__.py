@@ -11,12 +11,16 @@ needs through the reader and returns a DataFrame (or a dict).
   its batch, which node is anomalous and where it started (its origin).
 * :func:`first_anomaly` -- the first recorded step with a NaN or an infinity, and its origin.
 * :func:`correlate` -- across records, what moves with a target (a node's statistic or a scalar): hints.
+* :func:`fourier` -- the Fourier spectrum of a recorded full tensor (or of a function of several) at a step
+  (:func:`spectrum` underneath, the math ``FourierSparsity`` uses too).
+* :func:`derive` -- a function of recorded full tensors at every record, stored as a measure of the run.
+* :func:`phases` -- change points of a series (test accuracy, excluded loss): the phases of training.
 * :func:`activation_patching`, :func:`attribution_patching`, :func:`circuit` -- circuit discovery on a model:
   which units carry the difference between a clean and a corrupted input.
 
 >>> from comgra_callbacks import analysis
 >>> sorted(name for name in analysis.__all__ if not name[0].isupper())[:5]
-['activation_patching', 'attribution_patching', 'circuit', 'compare', 'compare_nodes']
+['activation_patching', 'attribution_patching', 'circuit', 'compare', 'compare_measures']
 
 See docs/analysis.md.
 """
@@ -25,24 +29,33 @@ from __future__ import annotations
 
 from comgra_callbacks.analysis.compare import compare, compare_nodes, range_stats, spread
 from comgra_callbacks.analysis.correlate import correlate, spearman
+from comgra_callbacks.analysis.derive import derive
+from comgra_callbacks.analysis.fourier import Spectrum, fourier, spectrum
 from comgra_callbacks.analysis.order import Flow
 from comgra_callbacks.analysis.patching import activation_patching, attribution_patching, circuit
+from comgra_callbacks.analysis.phases import compare_measures, phases
 from comgra_callbacks.analysis.trace import Z_THRESHOLD, first_anomaly, sample_positions, sample_z, trace
 
 __all__ = [
     "Flow",
+    "Spectrum",
     "Z_THRESHOLD",
     "activation_patching",
     "attribution_patching",
     "circuit",
     "compare",
+    "compare_measures",
     "compare_nodes",
     "correlate",
+    "derive",
     "first_anomaly",
+    "fourier",
+    "phases",
     "range_stats",
     "sample_positions",
     "sample_z",
     "spearman",
+    "spectrum",
     "spread",
     "trace",
 ]

@@ -19,6 +19,7 @@ from comgra_callbacks.analysis import compare_nodes, spread
 from comgra_callbacks.dashboard import plots, safe
 from comgra_callbacks.dashboard.data import Missing
 from comgra_callbacks.dashboard.gather import node_comparison, side_summary
+from comgra_callbacks.dashboard.phase_picker import PhasePicker
 from comgra_callbacks.dashboard.state import Comparison, Selection
 
 
@@ -55,6 +56,7 @@ class CompareView(Viewer):
             formatters={"a": number, "b": number, "change": NumberFormatter(format="+0.0000"), "relative": NumberFormatter(format="+0.0%")},
         )
         self.table.on_click(self._clicked)
+        self.phase_picker = PhasePicker(sel, cmp)  # ranges from detected phases; measures ranked
         cmp.param.watch(self.refresh, ["mode", "step_a", "step_b", "range_a", "range_b", "type_a", "type_b", "run_b", "rank_by"])
         sel.param.watch(self.refresh, ["view", "statistic", "node", "step_type", "revision"])
         sel.param.watch(self._bounds, ["steps"])
@@ -69,9 +71,9 @@ class CompareView(Viewer):
             sizing_mode="stretch_width",
         )
         return pn.Column(
-            controls, self.summary, pn.Row(self.node_pane, self.node_plot),
+            controls, self.phase_picker, self.summary, pn.Row(self.node_pane, self.node_plot),
             pn.pane.Markdown("#### Every node, ranked by change (click a row to select the node)", margin=(0, 10)),
-            self.table, sizing_mode="stretch_width",
+            self.table, self.phase_picker.measures_panel(), sizing_mode="stretch_width",
         )
 
     def activate(self, active: bool = True) -> None:
@@ -99,6 +101,7 @@ class CompareView(Viewer):
             return
         sel, cmp = self.selection, self.comparison
         side_a, side_b = cmp.sides()
+        self.phase_picker.rank(side_a, side_b)
         data_a, data_b = sel.catalog.runs.get(side_a.run), sel.catalog.runs.get(side_b.run)
         sum_a, sum_b = side_summary(data_a, side_a, sel.view), side_summary(data_b, side_b, sel.view)
         self.summary.object = (

@@ -316,3 +316,57 @@ class RunWriter:
         if error:
             fields["error"] = error
         self.update_meta(**fields)
+
+
+LIVE_SECS = 120.0  # a "running" run committed within this many seconds is taken to have a live writer
+
+
+def append_scalars(location: RunLocation, rows: Sequence[tuple[int, str, float]], *, owner: str = "append_scalars") -> int:
+    """Append scalars ``(step, name, value)`` to an existing run that no writer holds (a finished, failed or
+    long-dead run): what :func:`comgra_callbacks.analysis.derive` stores its measures with.
+
+    The same order as :meth:`RunWriter.append`: the rows are written past the committed ones, and only then is
+    the manifest rewritten (atomically), so a crash in between leaves rows nobody reads. Rows already past the
+    manifest (a torn earlier write) are dropped first. Nothing else of the run is touched: records, sidecars
+    and its status stay as they were. One process at a time.
+
+    Returns:
+        The number of scalars the run holds now.
+
+    Raises:
+        StoreError: no run there, or a writer committed to it less than ``LIVE_SECS`` ago while its status is
+            ``"running"`` (appending then would race with it).
+    """
+    import zarr
+
+    raw = location.read_json(fmt.MANIFEST_FILE)
+    if raw is None:
+        raise StoreError(f"`{owner}`: no comgra run at {location.uri!r} (no {fmt.MANIFEST_FILE}).")
+    fmt.check_version(raw.get("format_version") if isinstance(raw, dict) else None, f"the run at {location.uri!r}")
+    manifest = Manifest.from_json(raw, f"run at {location.uri}: its file {fmt.MANIFEST_FILE!r}")
+    meta = location.read_json(fmt.META_FILE) or {}
+    age = _now() - manifest.heartbeat
+    if meta.get("status", "running") == "running" and age < LIVE_SECS:
+        raise StoreError(
+            f"`{owner}`: the run at {location.uri!r} is being written (status 'running', last commit {age:.0f} s ago). "
+            f"HINT: add to it after training has finished."
+        )
+    if not rows:
+        return manifest.scalars_len
+    try:
+        group = zarr.open_group(location.zarr_store(read_only=False), mode="r+", zarr_format=3, use_consolidated=False)
+        array: Any = group[fmt.SCALARS]
+        if array.shape[0] < manifest.scalars_len:
+            raise CorruptStoreError(f"the run at {location.uri!r} is inconsistent: array {fmt.SCALARS!r} has shape {array.shape} but the manifest promises {manifest.scalars_len} rows.")
+        block = np.array([(int(step), RunWriter._code(manifest.scalar_names, name), float(value)) for step, name, value in rows], dtype=np.float64)
+        start, stop = manifest.scalars_len, manifest.scalars_len + len(block)
+        array.resize((stop, 3))  # drops any rows past the manifest, then makes room
+        array[start:stop] = block
+    except (StoreError, CorruptStoreError):
+        raise
+    except Exception as exc:
+        raise StoreError(f"`{owner}`: cannot write to the run at {location.uri!r}: {type(exc).__name__}: {exc}") from exc
+    manifest.scalars_len = stop
+    manifest.heartbeat = _now()  # a dashboard polling the run sees that it changed
+    location.write_json(fmt.MANIFEST_FILE, manifest.to_json())
+    return stop

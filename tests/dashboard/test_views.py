@@ -224,7 +224,7 @@ def test_scalars_and_notes(runs_root, dashboard_for):
     dash.selection.run = "grok"
     assert dash.scalars.names.value == ["loss"] and list(dash.scalars.names.options.values()) == ["acc", "loss"]  # labels escaped, values the names
     curves = _elements(dash.scalars.plot.object, hv.Curve)
-    assert len(curves) == 1 and curves[0].dimension_values("value")[0] == pytest.approx(2.0)
+    assert len(curves) == 1 and curves[0].dimension_values(1)[0] == pytest.approx(2.0) and curves[0].vdims[0].name == "loss"
     notes = dash.notes.table.value
     assert list(notes["text"]) == ["training started", "phase change: odd layers scale up"]
     dash.notes._clicked(type("Click", (), {"row": 1})())
