@@ -1,0 +1,380 @@
+"""Per-sample attribution of parameter updates: what each sample of a recorded step contributed.
+
+For the weight ``W`` (``(d_out, d_in)``) of an ``nn.Linear`` the gradient of a batch is a sum of outer
+products, one per sample ``i`` and position ``t``: ``dL/dW = sum_i sum_t g_it ⊗ x_it``, with ``x`` the layer's
+input and ``g`` the gradient of the loss with respect to its output. Keeping ``x`` and ``g`` (the *factors*,
+``B·T·(d_in + d_out)`` numbers) keeps every per-sample gradient exactly, at a fraction of ``B·d_out·d_in``.
+A bias keeps ``g`` only (its per-sample gradient is ``sum_t g_it``).
+
+What one recorded step stores for each chosen parameter ``p`` (series of node ``p``, each kept whole):
+
+* ``attribution:input`` ``(B, T, d_in)``: ``x`` (weights only; ``T`` = 1 for inputs without positions);
+* ``attribution:grad_output`` ``(B, T, d_out)``: ``g``, as the backward before the optimizer step saw it;
+* ``attribution:index`` ``(B, 2)``: each sample's dataset index as ``hi * 2**24 + lo`` (float32 is exact below 2**24);
+* ``attribution:optimizer``: the vector of ``OPTIMIZER_FIELDS`` (learning rate, optimizer kind, share, ...);
+* ``attribution:precond`` (Adam, AdamW): ``1 / (sqrt(v_hat) + eps)`` after the step, shaped like ``p``;
+* ``attribution:update``: the parameter's change over the step, shaped like ``p``.
+
+A sample's share of the update is then ``-lr * share * (sum_t g_it ⊗ x_it) * precond`` (see
+:mod:`comgra_callbacks.analysis.attribution` and docs/attribution.md for what momentum, weight decay and Adam
+do to it). Hooks exist only on recorded steps and are removed when the step ends or is aborted.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from comgra_callbacks.errors import ConfigError, ConfigTypeError
+from comgra_callbacks.names import NameFilter, name_predicate
+from comgra_callbacks.recording.pending import FULL, Snapshot
+from comgra_callbacks.store.attribution import INDEX_SPLIT, OPTIMIZER_FIELDS, OPTIMIZER_KINDS, PREFIX
+from comgra_callbacks.store.format import SeriesKey
+
+INPUT, GRAD_OUTPUT, INDEX, OPTIMIZER, PRECOND, UPDATE = (
+    PREFIX + v for v in ("input", "grad_output", "index", "optimizer", "precond", "update")
+)
+INDEX_FIELDS = ("idx", "index")
+"""Batch fields taken as the dataset index of each sample when ``index_field`` is not given."""
+
+
+def check_index_field(owner: str, value: Any) -> str | int | None:
+    """``index_field=``: a batch key or attribute name, a position in a tuple batch, or None (the default).
+
+    >>> check_index_field("ComgraCallback", 1.5)
+    Traceback (most recent call last):
+    ...
+    comgra_callbacks.errors.ConfigTypeError: `ComgraCallback(index_field=...)`: expected a batch field name (str), a position in a tuple batch (int) or None, got 1.5 of type float.
+    """
+    if value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ConfigTypeError(
+        f"`{owner}(index_field=...)`: expected a batch field name (str), a position in a tuple batch (int) or None, "
+        f"got {value!r} of type {type(value).__name__}."
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    """One chosen parameter: its node name, the Linear module that owns it, and which of its two it is."""
+
+    name: str
+    module_name: str
+    module: Any
+    param: Any
+    is_weight: bool
+
+
+def choose_targets(model: Any, spec: NameFilter, owner: str = "attribution") -> list[Target]:
+    """The parameters ``spec`` names that attribution can follow (the weight and bias of ``nn.Linear``).
+
+    Raises:
+        ConfigError: no parameter of ``model`` matches, or none that matches belongs to an ``nn.Linear``;
+            the message lists the names that matched and the names that would work.
+    """
+    import torch
+
+    from comgra_callbacks.recording.capture import clean_name
+
+    keep = name_predicate(spec, owner=f"{owner}=...")
+    linear: dict[str, tuple[str, Any]] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            for attr in ("weight", "bias"):
+                if getattr(module, attr, None) is not None:
+                    linear[clean_name(f"{module_name}.{attr}" if module_name else attr)] = (clean_name(module_name), module)
+    names = [clean_name(n) for n, _ in model.named_parameters()]
+    matched = [n for n in names if keep(n)]
+    params = dict((clean_name(n), p) for n, p in model.named_parameters())
+    chosen = [n for n in matched if n in linear]
+    if not chosen:
+        available = [n for n in names if n in linear]
+        what = f"it matches {matched[:8]}, none of them the weight or bias of an nn.Linear" if matched else "it matches no parameter"
+        raise ConfigError(
+            f"`{owner}={spec!r}`: {what}; expected a filter of Linear parameters, e.g. {available[:8]}"
+            f"{' ...' if len(available) > 8 else ''}. HINT: attribution=\"*.weight\" chooses every Linear weight."
+        )
+    skipped = [n for n in matched if n not in linear]
+    if skipped:
+        warnings.warn(
+            f"comgra: `{owner}={spec!r}` matches parameters that are not the weight or bias of an nn.Linear; they get no "
+            f"attribution: {skipped[:8]}{' ...' if len(skipped) > 8 else ''}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return [Target(n, linear[n][0], linear[n][1], params[n], n.endswith("weight")) for n in chosen]
+
+
+@dataclass
+class _Call:
+    """One forward call of a chosen module on the step: its input and, after backward, its output's gradient."""
+
+    x: Any
+    batch: int
+    g: Any = None
+
+
+@dataclass
+class _OptimizerInfo:
+    kind: int
+    lr: float
+    group: dict[str, Any]
+    optimizer: Any
+    first_momentum: bool
+    before: Any
+
+
+def _optimizer_kind(optimizer: Any) -> int:
+    import torch
+
+    if isinstance(optimizer, torch.optim.AdamW):
+        return OPTIMIZER_KINDS.index("adamw")
+    if isinstance(optimizer, torch.optim.Adam):
+        return OPTIMIZER_KINDS.index("adam")
+    if isinstance(optimizer, torch.optim.SGD):
+        return OPTIMIZER_KINDS.index("sgd")
+    return 0
+
+
+def _unwrap(optimizer: Any) -> Any:
+    """The torch optimizer behind a framework's wrapper (Lightning's ``LightningOptimizer``, accelerate's)."""
+    import torch
+
+    for _ in range(3):
+        if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+@dataclass
+class StepFactors:
+    """The factors of one recorded step; created by :meth:`Attribution.begin`, read by :meth:`finish`."""
+
+    owner: Attribution
+    is_current: Callable[[], bool]
+    calls: dict[str, list[_Call]] = field(default_factory=dict)  # module name -> its calls, in order
+    forward_handles: list[Any] = field(default_factory=list)
+    grad_handles: list[Any] = field(default_factory=list)
+    optimizer: dict[str, _OptimizerInfo] = field(default_factory=dict)  # parameter name -> its optimizer then
+
+    # ------------------------------------------------------------------------------------ hooks
+    def attach(self) -> None:
+        for module_name, module in self.owner.modules.items():
+            self.calls[module_name] = []
+            self.forward_handles.append(module.register_forward_hook(self._forward_hook(module_name)))
+
+    def _forward_hook(self, module_name: str) -> Callable[..., None]:
+        def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
+            import torch
+
+            if not self.is_current() or not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+                return
+            x = args[0]
+            if x.dim() == 0 or not output.requires_grad:
+                return
+            batch = int(x.shape[0]) if x.dim() > 1 else 1
+            x = x.detach().to(torch.float32, copy=True).reshape(batch, -1, x.shape[-1])  # (B, T, d_in)
+            call = _Call(x, batch)
+            self.calls[module_name].append(call)
+            self.grad_handles.append(output.register_hook(self._grad_hook(call)))
+
+        return hook
+
+    def _grad_hook(self, call: _Call) -> Callable[[Any], None]:
+        def hook(grad: Any) -> None:
+            import torch
+
+            if grad is not None and self.is_current():
+                call.g = grad.detach().to(torch.float32).reshape(call.batch, -1, grad.shape[-1])  # (B, T, d_out)
+
+        return hook
+
+    def stop_forward(self) -> None:
+        """No more forward calls are captured (the gradients of those captured still are)."""
+        handles, self.forward_handles = self.forward_handles, []
+        for handle in handles:
+            handle.remove()
+
+    def remove(self) -> None:
+        """Every hook off (the step ended or was aborted)."""
+        self.stop_forward()
+        handles, self.grad_handles = self.grad_handles, []
+        for handle in handles:
+            handle.remove()
+
+    # -------------------------------------------------------------------------------- optimizer
+    def before_optimizer_step(self, optimizer: Any) -> None:
+        """Learn each chosen parameter's learning rate and optimizer, and keep its value before the step."""
+        optimizer = _unwrap(optimizer)
+        if optimizer is None:
+            return
+        import torch
+
+        groups = {id(p): g for g in getattr(optimizer, "param_groups", ()) for p in g.get("params", ())}
+        kind = _optimizer_kind(optimizer)
+        for target in self.owner.targets:
+            group = groups.get(id(target.param))
+            if group is None or target.name in self.optimizer:
+                continue
+            lr = group.get("lr", math.nan)
+            lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+            state = optimizer.state.get(target.param, {}) if hasattr(optimizer, "state") else {}
+            first = state.get("momentum_buffer") is None
+            before = target.param.detach().to(torch.float32, copy=True)
+            self.optimizer[target.name] = _OptimizerInfo(kind, lr, group, optimizer, first, before)
+
+    # ----------------------------------------------------------------------------------- finish
+    def finish(self, batch: Any, values: Mapping[str, Any], grad_scale: float = 1.0) -> list[Snapshot]:
+        """The step's snapshots (call after the optimizer step); nothing for a step without one."""
+        import torch
+
+        self.remove()
+        out: list[Snapshot] = []
+        factors: dict[str, tuple[Any, Any]] = {}
+        for module_name, calls in self.calls.items():
+            done = [c for c in calls if c.g is not None]
+            if not done or len({c.batch for c in done}) > 1:
+                continue
+            x = torch.cat([c.x for c in done], dim=1)
+            g = torch.cat([c.g for c in done], dim=1)
+            if grad_scale != 1.0:
+                g = g / grad_scale
+            factors[module_name] = (x, g)
+        index_rows: Any = None
+        for target in self.owner.targets:
+            info = self.optimizer.get(target.name)
+            if info is None or target.module_name not in factors:
+                continue
+            x, g = factors[target.module_name]
+            if index_rows is None:
+                index_rows, from_batch = self.owner.dataset_index(batch, values, int(x.shape[0]))
+            fields, precond = _optimizer_fields(target.param, info)
+            fields[OPTIMIZER_FIELDS.index("index_from_batch")] = float(from_batch)
+            update = target.param.detach().to(torch.float32) - info.before
+            key = target.name
+            if target.is_weight:
+                out.append(_full(key, INPUT, x))
+            out.append(_full(key, GRAD_OUTPUT, g))
+            out.append(_full(key, INDEX, index_rows, dtype="int64"))
+            out.append(_full(key, OPTIMIZER, torch.tensor(fields, dtype=torch.float32)))
+            if precond is not None:
+                out.append(_full(key, PRECOND, precond))
+            out.append(_full(key, UPDATE, update))
+        self.calls.clear()
+        self.optimizer.clear()
+        return out
+
+
+def _full(node: str, view: str, tensor: Any, dtype: str = "float32") -> Snapshot:
+    return Snapshot(SeriesKey(node, None, 0, view), tensor, dtype, neurons=False, samples=FULL)
+
+
+def _optimizer_fields(param: Any, info: _OptimizerInfo) -> tuple[list[float], Any]:
+    """The ``attribution:optimizer`` vector and, for Adam, the preconditioner, read after the step.
+
+    ``share``: the factor of this step's gradient in the step's update direction: 1 for plain SGD; with
+    momentum ``1 - dampening`` (1 on the buffer's first step), ``1 + momentum * that`` with Nesterov; for Adam
+    ``(1 - beta1) / (1 - beta1**t)``. Negative under ``maximize``."""
+    import torch
+
+    group, kind = info.group, OPTIMIZER_KINDS[info.kind]
+    fields = [float(info.kind), info.lr, 1.0, 0.0, 0.0, 0.0, float(group.get("weight_decay", 0.0) or 0.0), 0.0]
+    precond = None
+    if kind == "sgd":
+        momentum = float(group.get("momentum", 0.0) or 0.0)
+        share = 1.0
+        if momentum:
+            share = 1.0 if info.first_momentum else 1.0 - float(group.get("dampening", 0.0) or 0.0)
+            if group.get("nesterov"):
+                share = 1.0 + momentum * share
+        fields[2], fields[5] = share, momentum
+    elif kind in ("adam", "adamw"):
+        state = info.optimizer.state.get(param, {})
+        v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
+        t = state.get("step")
+        if v is not None and t is not None:
+            t = float(t.item() if isinstance(t, torch.Tensor) else t)
+            beta1, beta2 = (float(b) for b in group["betas"])
+            eps = float(group["eps"])
+            denom = (v.detach().to(torch.float32) / (1.0 - beta2**t)).sqrt() + eps
+            precond = 1.0 / denom
+            fields[2], fields[3], fields[5], fields[7] = (1.0 - beta1) / (1.0 - beta1**t), 1.0, beta1, t
+    if group.get("maximize"):
+        fields[2] = -fields[2]
+    return fields, precond
+
+
+class Attribution:
+    """Per-sample attribution of the updates of the chosen ``nn.Linear`` parameters of one model.
+
+    Args:
+        model: the model being trained.
+        spec: which parameters (a name filter, e.g. ``"mlp.*.weight"``).
+        index_field: where a batch keeps each sample's dataset index (see :meth:`dataset_index`).
+
+    Raises:
+        ConfigError: ``spec`` chooses no Linear parameter of ``model`` (the message lists those it could).
+    """
+
+    def __init__(self, model: Any, spec: NameFilter, index_field: str | int | None = None) -> None:
+        self.targets = choose_targets(model, spec)
+        self.modules = {t.module_name: t.module for t in self.targets}
+        self.index_field = index_field
+        self._warned = False
+
+    def begin(self, is_current: Callable[[], bool]) -> StepFactors:
+        """Hooks on the chosen modules for one step; ``is_current()`` says whether a call belongs to it."""
+        factors = StepFactors(self, is_current)
+        factors.attach()
+        return factors
+
+    def dataset_index(self, batch: Any, values: Mapping[str, Any], size: int) -> tuple[Any, bool]:
+        """``(B, 2)`` halves of each sample's dataset index, and whether the batch held them.
+
+        The index is the batch field ``index_field`` (a key of a dict batch, an attribute, a position in a
+        tuple batch, or a model input of that name as the HuggingFace integration records it); by default a
+        field named ``idx`` or ``index``; otherwise the position in the batch (0 .. B-1)."""
+        import torch
+
+        wanted = (self.index_field,) if self.index_field is not None else INDEX_FIELDS
+        found = None
+        for name in wanted:
+            found = _field(batch, name)
+            if found is None and isinstance(name, str):
+                found = values.get(f"batch.{name}", values.get(name))
+            if found is not None:
+                break
+        ok = isinstance(found, torch.Tensor) and found.numel() == size and not found.is_floating_point()
+        if found is not None and not ok and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"comgra: the batch field {wanted[0]!r} holds {type(found).__name__} "
+                f"{tuple(found.shape) if isinstance(found, torch.Tensor) else ''}; expected an integer tensor of one "
+                f"index per sample ({size}). Batch positions are recorded as dataset indices instead.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        elif found is None and self.index_field is not None and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"comgra: `index_field={self.index_field!r}`: the batch has no such field; batch positions are recorded "
+                "as dataset indices instead.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        index = found.detach().reshape(-1).to("cpu", torch.int64) if ok else torch.arange(size, dtype=torch.int64)
+        return torch.stack([index // INDEX_SPLIT, index % INDEX_SPLIT], dim=1).to(torch.float32), ok
+
+
+def _field(batch: Any, name: str | int) -> Any:
+    if batch is None:
+        return None
+    if isinstance(name, int):
+        return batch[name] if isinstance(batch, (tuple, list)) and -len(batch) <= name < len(batch) else None
+    if isinstance(batch, Mapping):
+        return batch.get(name)
+    return getattr(batch, name, None)
