@@ -11,6 +11,8 @@ needs through the reader and returns a DataFrame (or a dict).
   its batch, which node is anomalous and where it started (its origin).
 * :func:`first_anomaly` -- the first recorded step with a NaN or an infinity, and its origin.
 * :func:`correlate` -- across records, what moves with a target (a node's statistic or a scalar): hints.
+* :func:`update_outliers`, :func:`contributions`, :func:`top_items`, :func:`influence` -- which training items
+  moved a neuron: outlier updates, each sample's share of an update, TracIn (runs recorded with ``attribution=``).
 * :func:`activation_patching`, :func:`attribution_patching`, :func:`circuit` -- circuit discovery on a model:
   which units carry the difference between a clean and a corrupted input.
 
@@ -23,6 +25,7 @@ See docs/analysis.md.
 
 from __future__ import annotations
 
+from comgra_callbacks.analysis.attribution import contributions, influence, top_items, update_outliers
 from comgra_callbacks.analysis.compare import compare, compare_nodes, range_stats, spread
 from comgra_callbacks.analysis.correlate import correlate, spearman
 from comgra_callbacks.analysis.order import Flow
@@ -36,13 +39,17 @@ __all__ = [
     "attribution_patching",
     "circuit",
     "compare",
+    "contributions",
     "compare_nodes",
     "correlate",
     "first_anomaly",
+    "influence",
     "range_stats",
     "sample_positions",
     "sample_z",
     "spearman",
     "spread",
+    "top_items",
     "trace",
+    "update_outliers",
 ]

@@ -377,4 +377,5 @@ def _field(batch: Any, name: str | int) -> Any:
         return batch[name] if isinstance(batch, (tuple, list)) and -len(batch) <= name < len(batch) else None
     if isinstance(batch, Mapping):
         return batch.get(name)
-    return getattr(batch, name, None)
+    value = getattr(batch, name, None)  # a namedtuple's or dataclass's field; never a method (list.index)
+    return None if callable(value) else value
