@@ -140,14 +140,16 @@ def _optimizer_kind(optimizer: Any) -> int:
 
 
 def _unwrap(optimizer: Any) -> Any:
-    """The torch optimizer behind a framework's wrapper (Lightning's ``LightningOptimizer``, accelerate's)."""
+    """The torch optimizer behind a framework's wrapper (Lightning's ``LightningOptimizer``; accelerate's
+    ``AcceleratedOptimizer``, itself an ``Optimizer`` subclass, holds the real one as ``.optimizer``)."""
     import torch
 
     for _ in range(3):
-        if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
+    return optimizer if isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "param_groups") else None
 
 
 @dataclass
