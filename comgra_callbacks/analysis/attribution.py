@@ -31,7 +31,7 @@ def _robust_z(values: np.ndarray) -> np.ndarray:
     deviation, and one with none at all gives 0 where a value equals the median and inf elsewhere.
 
     >>> _robust_z(np.array([[1.0], [1.1], [0.9], [1.0], [9.0]])).round(1).ravel().tolist()
-    [0.0, 1.0, -1.0, 0.0, 80.9]
+    [0.0, 0.7, -0.7, 0.0, 54.0]
     """
     median = np.nanmedian(values, axis=0)
     deviation = np.abs(values - median)
