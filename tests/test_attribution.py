@@ -206,7 +206,7 @@ def test_factors_equal_torch_func_per_sample_gradients(tmp_path: Path) -> None:
         params, x, y = model.seen[step]
         batch = x.shape[0]
 
-        def loss_one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        def loss_one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor, batch: int = batch) -> torch.Tensor:
             out = functional_call(model, p, (xi[None],))
             return ((out - yi[None]) ** 2).mean() / batch  # the sample's part of the batch's mean loss
 

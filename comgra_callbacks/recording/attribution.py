@@ -343,18 +343,19 @@ class Attribution:
         import torch
 
         wanted = (self.index_field,) if self.index_field is not None else INDEX_FIELDS
-        found = None
-        for name in wanted:
-            found = _field(batch, name)
-            if found is None and isinstance(name, str):
-                found = values.get(f"batch.{name}", values.get(name))
+        found: Any = None
+        field_name: str | int | None = wanted[0]
+        for field_name in wanted:
+            found = _field(batch, field_name)
+            if found is None and isinstance(field_name, str):
+                found = values.get(f"batch.{field_name}", values.get(field_name))
             if found is not None:
                 break
         ok = isinstance(found, torch.Tensor) and found.numel() == size and not found.is_floating_point()
         if found is not None and not ok and not self._warned:
             self._warned = True
             warnings.warn(
-                f"comgra: the batch field {wanted[0]!r} holds {type(found).__name__} "
+                f"comgra: the batch field {field_name!r} holds {type(found).__name__} "
                 f"{tuple(found.shape) if isinstance(found, torch.Tensor) else ''}; expected an integer tensor of one "
                 f"index per sample ({size}). Batch positions are recorded as dataset indices instead.",
                 RuntimeWarning,

@@ -7,7 +7,7 @@ Kept apart from :mod:`~comgra_callbacks.store.reader` so that the reader stays s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
