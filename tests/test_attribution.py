@@ -176,12 +176,15 @@ class SeqModel(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(1)
+        self.emb = nn.Embedding(10, N_IN)  # token ids 0..9, added to the features: a parameter for torch.func
+        self.norm = nn.LayerNorm(N_IN)
         self.proj = nn.Linear(N_IN, 4)
         self.head = nn.Linear(4, 2)
         self.seen: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.proj(x))).mean(dim=1)  # (B, T, d) -> (B, 2)
+        ids = (x[..., 0].abs() * 4).long().clamp(max=9)  # (B, T) token ids derived from the input
+        return self.head(torch.tanh(self.proj(self.norm(x + self.emb(ids))))).mean(dim=1)  # (B, T, d) -> (B, 2)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -193,13 +196,13 @@ class SeqModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_factors_equal_torch_func_per_sample_gradients(tmp_path: Path) -> None:
+def test_factors_and_func_gradients_equal_torch_func_per_sample_gradients(tmp_path: Path) -> None:
     from torch.func import functional_call, grad, vmap
 
     g = torch.Generator().manual_seed(5)
     data = torch.utils.data.TensorDataset(torch.randn(12, 7, N_IN, generator=g), torch.randn(12, 2, generator=g))
     model = SeqModel()
-    callback = ComgraCallback(str(tmp_path), run_name="seq", writer="thread", attribution=["proj.weight", "head.*"])
+    callback = ComgraCallback(str(tmp_path), run_name="seq", writer="thread", attribution=["proj.weight", "head.*", "norm.*", "emb.weight"])
     quiet_trainer([callback], tmp_path, max_steps=3).fit(model, torch.utils.data.DataLoader(data, batch_size=4))
     run = open_run(tmp_path / "seq")
     for step in range(3):
@@ -215,7 +218,7 @@ def test_factors_equal_torch_func_per_sample_gradients(tmp_path: Path) -> None:
         assert a.inputs.shape == (batch, 7, N_IN) and not a.index_from_batch
         np.testing.assert_array_equal(a.dataset_index, np.arange(batch))  # no index field: batch positions
         np.testing.assert_allclose(a.per_sample_grads(), expected["proj.weight"].numpy(), rtol=1e-4, atol=1e-7)
-        for name in ("head.weight", "head.bias"):
+        for name in ("head.weight", "head.bias", "norm.weight", "norm.bias", "emb.weight"):
             np.testing.assert_allclose(run.attribution(name, step).per_sample_grads(), expected[name].numpy(), rtol=1e-4, atol=1e-7)
 
 

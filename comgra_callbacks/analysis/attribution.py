@@ -83,6 +83,10 @@ def _directional(a: AttributionStep, direction: np.ndarray) -> np.ndarray:
     """``<u_i, direction>`` per sample and neuron: ``(B, d_out)``, without building the ``(B, d_out, d_in)``
     per-sample updates (``<g ⊗ x, D> = g · (D x)``)."""
     d = direction * a.precond if a.precond is not None else direction
+    if a.per_sample is not None:  # (B, rows, ...) from torch.func
+        ps = a.per_sample.astype(np.float64)
+        return -a.lr * a.share * (ps * d[None]).reshape(ps.shape[0], ps.shape[1], -1).sum(axis=2)
+    assert a.grad_outputs is not None
     g = a.grad_outputs.astype(np.float64)  # (B, T, d_out)
     if a.inputs is None:  # a bias: (d_out,)
         return -a.lr * a.share * (g.sum(axis=1) * d[None, :])
@@ -93,7 +97,7 @@ def _directional(a: AttributionStep, direction: np.ndarray) -> np.ndarray:
 def _check_neuron(a: AttributionStep, neuron: Any, method: str) -> int | None:
     if neuron is None:
         return None
-    width = int(a.grad_outputs.shape[-1])
+    width = int(a.shape[0])
     if isinstance(neuron, bool) or not isinstance(neuron, (int, np.integer)) or not 0 <= int(neuron) < width:
         raise ConfigError(f"`{method}(neuron=...)`: expected an int 0 <= neuron < {width} (the rows of {a.param!r}), got {neuron!r}.")
     return int(neuron)
@@ -238,7 +242,7 @@ def influence(
     for step in chosen:
         a = run.attribution(param, step, step_type=step_type)
         test = given[step]
-        shape = (a.grad_outputs.shape[-1],) if a.inputs is None else (a.grad_outputs.shape[-1], a.inputs.shape[-1])
+        shape = a.shape
         if test.shape != shape:
             raise ConfigError(f"`influence(test_gradients=...)`: expected the gradient of {param!r} with shape {shape}, got shape {test.shape} at step {step}.")
         values = -_directional(a, test).sum(axis=1)  # lr * share * <grad_i * precond, test>

@@ -86,9 +86,10 @@ class ComgraCallback(Callback):
             :mod:`comgra_callbacks.measures`, evaluated before the forward pass of the steps the schedule
             records, in eval mode and without gradients, and stored with the run (``run.measures``).
         measure_schedule: evaluate the measures on these steps instead.
-        attribution: parameters (a name filter of ``nn.Linear`` weights and biases, e.g. ``"mlp.*.weight"``) whose
-            update is split into per-sample shares on recorded steps: the layer's input and output gradient
-            of every sample are kept, with its dataset index (see docs/attribution.md).
+        attribution: parameters (a name filter, e.g. ``"mlp.*.weight"``) whose update is split into per-sample
+            shares on recorded steps: for ``nn.Linear`` the layer's input and output gradient of every sample,
+            for other modules per-sample gradients through ``torch.func``; with each sample's dataset index
+            (see docs/attribution.md).
         index_field: the batch field holding each sample's dataset index (a dict key or attribute name, or a
             position in a tuple batch); default: a field named ``idx`` or ``index``, else the batch position.
         n_samples: how many individual samples are kept (where the detail asks for samples).

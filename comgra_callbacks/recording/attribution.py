@@ -34,8 +34,8 @@ from comgra_callbacks.recording.pending import FULL, Snapshot
 from comgra_callbacks.store.attribution import INDEX_SPLIT, OPTIMIZER_FIELDS, OPTIMIZER_KINDS, PREFIX
 from comgra_callbacks.store.format import SeriesKey
 
-INPUT, GRAD_OUTPUT, INDEX, OPTIMIZER, PRECOND, UPDATE = (
-    PREFIX + v for v in ("input", "grad_output", "index", "optimizer", "precond", "update")
+INPUT, GRAD_OUTPUT, INDEX, OPTIMIZER, PRECOND, UPDATE, PER_SAMPLE = (
+    PREFIX + v for v in ("input", "grad_output", "index", "optimizer", "precond", "update", "per_sample_grad")
 )
 INDEX_FIELDS = ("idx", "index")
 """Batch fields taken as the dataset index of each sample when ``index_field`` is not given."""
@@ -59,53 +59,70 @@ def check_index_field(owner: str, value: Any) -> str | int | None:
 
 @dataclass(frozen=True)
 class Target:
-    """One chosen parameter: its node name, the Linear module that owns it, and which of its two it is."""
+    """One chosen parameter: its node name, the module that owns it, and how its per-sample gradient is kept:
+    ``"weight"`` / ``"bias"`` of an ``nn.Linear`` (factors), or ``"func"`` (computed with ``torch.func``)."""
 
     name: str
     module_name: str
     module: Any
     param: Any
-    is_weight: bool
+    how: str
+    attr: str = ""
+
+    @property
+    def is_weight(self) -> bool:
+        return self.how == "weight"
 
 
 def choose_targets(model: Any, spec: NameFilter, owner: str = "attribution") -> list[Target]:
-    """The parameters ``spec`` names that attribution can follow (the weight and bias of ``nn.Linear``).
+    """The parameters ``spec`` names, and how each one's per-sample gradient is kept.
+
+    The weight and bias of an ``nn.Linear`` keep factors. A parameter of another module that is called with
+    one tensor and returns one (``nn.Embedding``, ``nn.LayerNorm``, a convolution) gets per-sample gradients
+    from ``torch.func`` (a vector-Jacobian product per sample of the module's recorded input and output
+    gradient); modules that mix the samples of a batch (batch normalization) cannot, and are skipped with a
+    warning.
 
     Raises:
-        ConfigError: no parameter of ``model`` matches, or none that matches belongs to an ``nn.Linear``;
-            the message lists the names that matched and the names that would work.
+        ConfigError: no parameter of ``model`` matches; the message lists the parameters there are.
     """
     import torch
 
     from comgra_callbacks.recording.capture import clean_name
 
     keep = name_predicate(spec, owner=f"{owner}=...")
-    linear: dict[str, tuple[str, Any]] = {}
-    for module_name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            for attr in ("weight", "bias"):
-                if getattr(module, attr, None) is not None:
-                    linear[clean_name(f"{module_name}.{attr}" if module_name else attr)] = (clean_name(module_name), module)
+    modules = {clean_name(n): m for n, m in model.named_modules()}
     names = [clean_name(n) for n, _ in model.named_parameters()]
+    params = {clean_name(n): p for n, p in model.named_parameters()}
     matched = [n for n in names if keep(n)]
-    params = dict((clean_name(n), p) for n, p in model.named_parameters())
-    chosen = [n for n in matched if n in linear]
-    if not chosen:
-        available = [n for n in names if n in linear]
-        what = f"it matches {matched[:8]}, none of them the weight or bias of an nn.Linear" if matched else "it matches no parameter"
+    if not matched:
         raise ConfigError(
-            f"`{owner}={spec!r}`: {what}; expected a filter of Linear parameters, e.g. {available[:8]}"
-            f"{' ...' if len(available) > 8 else ''}. HINT: attribution=\"*.weight\" chooses every Linear weight."
+            f"`{owner}={spec!r}`: it matches no parameter; expected a filter of parameter names such as {names[:8]}"
+            f"{' ...' if len(names) > 8 else ''}. HINT: attribution=\"*.weight\" chooses every weight."
         )
-    skipped = [n for n in matched if n not in linear]
+    chosen, skipped = [], []
+    for name in matched:
+        module_name, _, attr = name.rpartition(".")
+        module = modules.get(module_name)
+        if module is None or params[name] is not getattr(module, attr, None):
+            skipped.append(name)
+        elif isinstance(module, torch.nn.Linear) and attr in ("weight", "bias"):
+            chosen.append(Target(name, module_name, module, params[name], attr, attr))
+        elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            skipped.append(name)
+        else:
+            chosen.append(Target(name, module_name, module, params[name], "func", attr))
     if skipped:
         warnings.warn(
-            f"comgra: `{owner}={spec!r}` matches parameters that are not the weight or bias of an nn.Linear; they get no "
-            f"attribution: {skipped[:8]}{' ...' if len(skipped) > 8 else ''}.",
+            f"comgra: `{owner}={spec!r}` matches parameters whose per-sample gradients cannot be taken from their "
+            f"module's input and output gradient (batch normalization mixes the samples); they get no attribution: "
+            f"{skipped[:8]}{' ...' if len(skipped) > 8 else ''}.",
             RuntimeWarning,
             stacklevel=3,
         )
-    return [Target(n, linear[n][0], linear[n][1], params[n], n.endswith("weight")) for n in chosen]
+    if not chosen:
+        raise ConfigError(f"`{owner}={spec!r}`: of the parameters it matches ({matched[:8]}), none can be attributed. HINT: choose nn.Linear weights, e.g. \"*.weight\".")
+    return chosen
 
 
 @dataclass
@@ -114,6 +131,7 @@ class _Call:
 
     x: Any
     batch: int
+    raw: bool = False
     g: Any = None
 
 
@@ -162,14 +180,16 @@ class StepFactors:
     forward_handles: list[Any] = field(default_factory=list)
     grad_handles: list[Any] = field(default_factory=list)
     optimizer: dict[str, _OptimizerInfo] = field(default_factory=dict)  # parameter name -> its optimizer then
+    per_sample: dict[str, Any] = field(default_factory=dict)  # torch.func targets: (B, *shape) per-sample gradients
 
     # ------------------------------------------------------------------------------------ hooks
     def attach(self) -> None:
         for module_name, module in self.owner.modules.items():
             self.calls[module_name] = []
-            self.forward_handles.append(module.register_forward_hook(self._forward_hook(module_name)))
+            raw = module_name in self.owner.func_modules
+            self.forward_handles.append(module.register_forward_hook(self._forward_hook(module_name, raw)))
 
-    def _forward_hook(self, module_name: str) -> Callable[..., None]:
+    def _forward_hook(self, module_name: str, raw: bool = False) -> Callable[..., None]:
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
             import torch
 
@@ -179,8 +199,10 @@ class StepFactors:
             if x.dim() == 0 or not output.requires_grad:
                 return
             batch = int(x.shape[0]) if x.dim() > 1 else 1
-            x = x.detach().to(torch.float32, copy=True).reshape(batch, -1, x.shape[-1])  # (B, T, d_in)
-            call = _Call(x, batch)
+            if raw:  # a module for torch.func: its input as it was (token ids stay integers)
+                call = _Call(x.detach().clone(), batch, raw=True)
+            else:
+                call = _Call(x.detach().to(torch.float32, copy=True).reshape(batch, -1, x.shape[-1]), batch)  # (B, T, d_in)
             self.calls[module_name].append(call)
             self.grad_handles.append(output.register_hook(self._grad_hook(call)))
 
@@ -191,7 +213,8 @@ class StepFactors:
             import torch
 
             if grad is not None and self.is_current():
-                call.g = grad.detach().to(torch.float32).reshape(call.batch, -1, grad.shape[-1])  # (B, T, d_out)
+                g = grad.detach()
+                call.g = g.clone() if call.raw else g.to(torch.float32).reshape(call.batch, -1, grad.shape[-1])  # (B, T, d_out)
 
         return hook
 
@@ -207,6 +230,11 @@ class StepFactors:
         handles, self.grad_handles = self.grad_handles, []
         for handle in handles:
             handle.remove()
+
+    @property
+    def reruns_modules(self) -> bool:
+        """Whether :meth:`before_optimizer_step` calls modules again (``torch.func``), so that hooks must be off."""
+        return bool(self.owner.func_modules)
 
     # -------------------------------------------------------------------------------- optimizer
     def before_optimizer_step(self, optimizer: Any) -> None:
@@ -228,6 +256,8 @@ class StepFactors:
             first = state.get("momentum_buffer") is None
             before = target.param.detach().to(torch.float32, copy=True)
             self.optimizer[target.name] = _OptimizerInfo(kind, lr, group, optimizer, first, before)
+            if target.how == "func":  # before the step changes the parameter the gradient is taken at
+                self.per_sample[target.name] = _func_per_sample(target, self.calls.get(target.module_name, []))
 
     # ----------------------------------------------------------------------------------- finish
     def finish(self, batch: Any, values: Mapping[str, Any], grad_scale: float = 1.0) -> list[Snapshot]:
@@ -238,7 +268,7 @@ class StepFactors:
         out: list[Snapshot] = []
         factors: dict[str, tuple[Any, Any]] = {}
         for module_name, calls in self.calls.items():
-            done = [c for c in calls if c.g is not None]
+            done = [c for c in calls if c.g is not None and not c.raw]
             if not done or len({c.batch for c in done}) > 1:
                 continue
             x = torch.cat([c.x for c in done], dim=1)
@@ -249,18 +279,25 @@ class StepFactors:
         index_rows: Any = None
         for target in self.owner.targets:
             info = self.optimizer.get(target.name)
-            if info is None or target.module_name not in factors:
+            per_sample = self.per_sample.get(target.name)
+            if info is None or (target.module_name not in factors and per_sample is None):
                 continue
-            x, g = factors[target.module_name]
+            size = int(per_sample.shape[0]) if per_sample is not None else int(factors[target.module_name][0].shape[0])
             if index_rows is None:
-                index_rows, from_batch = self.owner.dataset_index(batch, values, int(x.shape[0]))
+                index_rows, from_batch = self.owner.dataset_index(batch, values, size)
+            if index_rows.shape[0] != size:
+                continue
             fields, precond = _optimizer_fields(target.param, info)
             fields[OPTIMIZER_FIELDS.index("index_from_batch")] = float(from_batch)
             update = target.param.detach().to(torch.float32) - info.before
             key = target.name
-            if target.is_weight:
-                out.append(_full(key, INPUT, x))
-            out.append(_full(key, GRAD_OUTPUT, g))
+            if per_sample is not None:
+                out.append(_full(key, PER_SAMPLE, per_sample))
+            else:
+                x, g = factors[target.module_name]
+                if target.is_weight:
+                    out.append(_full(key, INPUT, x))
+                out.append(_full(key, GRAD_OUTPUT, g))
             out.append(_full(key, INDEX, index_rows, dtype="int64"))
             out.append(_full(key, OPTIMIZER, torch.tensor(fields, dtype=torch.float32)))
             if precond is not None:
@@ -268,7 +305,31 @@ class StepFactors:
             out.append(_full(key, UPDATE, update))
         self.calls.clear()
         self.optimizer.clear()
+        self.per_sample.clear()
         return out
+
+
+def _func_per_sample(target: Target, calls: list[_Call]) -> Any:
+    """``(B, *param.shape)``: each sample's gradient of ``target``'s parameter, summed over the module's calls,
+    from a vector-Jacobian product of the module at each sample's input with that sample's output gradient."""
+    import torch
+    from torch.func import functional_call, vjp, vmap
+
+    done = [c for c in calls if c.g is not None and c.raw]
+    if not done or len({c.batch for c in done}) > 1:
+        return None
+    param = target.param.detach()
+
+    def one(xi: Any, gi: Any) -> Any:
+        pulled = vjp(lambda p: functional_call(target.module, {target.attr: p}, (xi.unsqueeze(0),)), param)
+        return pulled[1](gi.unsqueeze(0).to(param.dtype))[0]
+
+    total = None
+    with torch.enable_grad():
+        for call in done:
+            grads = vmap(one)(call.x, call.g).to(torch.float32)
+            total = grads if total is None else total + grads
+    return total
 
 
 def _full(node: str, view: str, tensor: Any, dtype: str = "float32") -> Snapshot:
@@ -325,6 +386,7 @@ class Attribution:
     def __init__(self, model: Any, spec: NameFilter, index_field: str | int | None = None) -> None:
         self.targets = choose_targets(model, spec)
         self.modules = {t.module_name: t.module for t in self.targets}
+        self.func_modules = {t.module_name for t in self.targets if t.how == "func"}
         self.index_field = index_field
         self._warned = False
 

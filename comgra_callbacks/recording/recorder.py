@@ -617,8 +617,13 @@ class Recorder:
         step = self._step
         if step is None:
             return
-        if step.attribution is not None:
-            step.attribution.before_optimizer_step(optimizer)
+        if step.attribution is not None:  # torch.func reruns modules: with this step's hooks off meanwhile
+            parked = self.park() if step.attribution.reruns_modules else None
+            try:
+                step.attribution.before_optimizer_step(optimizer)
+            finally:
+                if parked is not None:
+                    self.unpark(parked)
         ids = None if params is None else {id(p) for p in params}
         chosen = [(n, p) for n, p in self._params if n not in step.params_seen and (ids is None or id(p) in ids)]
         if chosen:

@@ -128,11 +128,11 @@ def _column(run: Run, param: str, view: str) -> int:
 
 def attributed_parameters(run: Run) -> list[str]:
     """The parameters with recorded per-sample factors."""
-    return list(dict.fromkeys(key.node for key in run.manifest.series if key.view == PREFIX + "grad_output"))
+    return list(dict.fromkeys(key.node for key in run.manifest.series if key.view == PREFIX + "optimizer"))
 
 
 def attribution_steps(run: Run, param: str, *, step_type: str | None = None) -> list[int]:
-    col = _column(run, param, PREFIX + "grad_output")
+    col = _column(run, param, PREFIX + "optimizer")
     rows = run._record_rows(step_type, "attribution_steps")
     if len(rows) == 0:
         return []
@@ -155,12 +155,14 @@ class AttributionStep:
             (see docs/attribution.md). precond: Adam's ``1 / (sqrt(v_hat) + eps)`` (None otherwise).
         update: the parameter's recorded change over the step.
         fields: the whole ``attribution:optimizer`` vector by name.
+        per_sample: ``(B, *param.shape)`` per-sample gradients of a parameter outside ``nn.Linear`` (``torch.func``);
+            then ``inputs`` and ``grad_outputs`` are None.
     """
 
     param: str
     step: int
     inputs: np.ndarray | None
-    grad_outputs: np.ndarray
+    grad_outputs: np.ndarray | None
     dataset_index: np.ndarray
     index_from_batch: bool
     optimizer: str
@@ -169,13 +171,28 @@ class AttributionStep:
     precond: np.ndarray | None
     update: np.ndarray | None
     fields: dict[str, float]
+    per_sample: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:
-        return int(self.grad_outputs.shape[0])
+        return int(len(self.dataset_index))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The parameter's shape."""
+        if self.update is not None:
+            return tuple(self.update.shape)
+        if self.per_sample is not None:
+            return tuple(self.per_sample.shape[1:])
+        assert self.grad_outputs is not None
+        return (self.grad_outputs.shape[-1],) if self.inputs is None else (self.grad_outputs.shape[-1], self.inputs.shape[-1])
 
     def per_sample_grads(self) -> np.ndarray:
-        """``(B, *param.shape)``: each sample's gradient, ``sum_t g_it ⊗ x_it`` (``sum_t g_it`` for a bias)."""
+        """``(B, *param.shape)``: each sample's gradient, ``sum_t g_it ⊗ x_it`` (``sum_t g_it`` for a bias; as
+        recorded through ``torch.func`` for parameters of other modules)."""
+        if self.per_sample is not None:
+            return self.per_sample.astype(np.float64)
+        assert self.grad_outputs is not None
         g = self.grad_outputs.astype(np.float64)
         if self.inputs is None:
             return g.sum(axis=1)
@@ -189,8 +206,8 @@ class AttributionStep:
 
 def read_attribution(run: Run, param: str, step: int, *, step_type: str | None = None) -> AttributionStep:
     views = run._all_views(param)
-    if PREFIX + "grad_output" not in views:
-        _column(run, param, PREFIX + "grad_output")
+    if PREFIX + "optimizer" not in views:
+        _column(run, param, PREFIX + "optimizer")
 
     def get(view: str) -> np.ndarray | None:
         if PREFIX + view not in views:
@@ -200,13 +217,14 @@ def read_attribution(run: Run, param: str, step: int, *, step_type: str | None =
         except StepNotFoundError:
             return None
 
-    g = get("grad_output")
-    if g is None:
+    g, per_sample = get("grad_output"), get("per_sample_grad")
+    if g is None and per_sample is None:
         raise StepNotFoundError(f"Run {run.name!r} has no attribution of {param!r} at step {step}; it has it at steps {attribution_steps(run, param, step_type=step_type)[:10]}.")
     vector = get("optimizer")
     fields = dict(zip(OPTIMIZER_FIELDS, (float(v) for v in (vector if vector is not None else []))))
     halves = get("index")
-    index = halves[:, 0].astype(np.int64) * INDEX_SPLIT + halves[:, 1].astype(np.int64) if halves is not None else np.arange(g.shape[0])
+    size = (g if g is not None else per_sample).shape[0]  # type: ignore[union-attr]
+    index = halves[:, 0].astype(np.int64) * INDEX_SPLIT + halves[:, 1].astype(np.int64) if halves is not None else np.arange(size)
     kind = int(fields.get("kind", 0))
     update = get("update")
     return AttributionStep(
@@ -222,4 +240,5 @@ def read_attribution(run: Run, param: str, step: int, *, step_type: str | None =
         precond=get("precond") if fields.get("has_precond") else None,
         update=update,
         fields=fields,
+        per_sample=per_sample,
     )
