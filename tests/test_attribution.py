@@ -303,3 +303,26 @@ def test_bad_reads_are_named(sgd_run: Any) -> None:
         sgd_run.neuron_series(W0, statistic="median")
     with pytest.raises(NodeNotFoundError, match=r"no attribution of 'net\.1'"):
         sgd_run.attribution("net.1", 0)
+
+
+# ------------------------------------------------------------------------------------- dashboard
+def test_dashboard_tab_shows_outliers_and_the_planted_item(sgd_run: Any) -> None:
+    from comgra_callbacks.dashboard.app import Dashboard
+    from comgra_callbacks.dashboard.data import Catalog
+    from comgra_callbacks.dashboard.options import DashboardOptions
+
+    root = Path(sgd_run.uri).parent
+    dash = Dashboard(Catalog(root), DashboardOptions(str(root)))
+    view = dash.attribution
+    assert view.summary.object == ""  # nothing is read while the tab is hidden
+    dash.show_tab("Attribution")
+    assert view.active and view.param_select.value in view.param_select.options and W0 in view.param_select.options
+    view.param_select.value = W0
+    assert view.image.data["image"][0].shape == (HIDDEN, 12)
+    outliers = update_outliers(sgd_run, W0)
+    assert view.marks.data["step"] == outliers["step"].tolist() and view.marks.data["neuron"] == outliers["neuron"].tolist()
+    planted_step = next(s for s in sgd_run.attribution_steps(W0) if PLANTED in sgd_run.attribution(W0, s).dataset_index)
+    view.select_cell(float(list(sgd_run.neuron_series(W0).index).index(planted_step)), float(NEURON))
+    assert view.step.value == planted_step and view.neuron.value == NEURON
+    table = view.table.value
+    assert list(table.columns) == ["sample_index", "dataset_index", "contribution"] and int(table["dataset_index"].iloc[0]) == PLANTED
