@@ -4,7 +4,10 @@ For the weight ``W`` (``(d_out, d_in)``) of an ``nn.Linear`` the gradient of a b
 products, one per sample ``i`` and position ``t``: ``dL/dW = sum_i sum_t g_it ⊗ x_it``, with ``x`` the layer's
 input and ``g`` the gradient of the loss with respect to its output. Keeping ``x`` and ``g`` (the *factors*,
 ``B·T·(d_in + d_out)`` numbers) keeps every per-sample gradient exactly, at a fraction of ``B·d_out·d_in``.
-A bias keeps ``g`` only (its per-sample gradient is ``sum_t g_it``).
+A bias keeps ``g`` only (its per-sample gradient is ``sum_t g_it``). A parameter of another module
+(``nn.Embedding``, ``nn.LayerNorm``, ...) gets its per-sample gradients from ``torch.func`` instead: a
+vector-Jacobian product of the module at each sample's recorded input with that sample's output gradient,
+computed at the optimizer step (see :func:`choose_targets`).
 
 What one recorded step stores for each chosen parameter ``p`` (series of node ``p``, each kept whole):
 
@@ -13,7 +16,8 @@ What one recorded step stores for each chosen parameter ``p`` (series of node ``
 * ``attribution:index`` ``(B, 2)``: each sample's dataset index as ``hi * 2**24 + lo`` (float32 is exact below 2**24);
 * ``attribution:optimizer``: the vector of ``OPTIMIZER_FIELDS`` (learning rate, optimizer kind, share, ...);
 * ``attribution:precond`` (Adam, AdamW): ``1 / (sqrt(v_hat) + eps)`` after the step, shaped like ``p``;
-* ``attribution:update``: the parameter's change over the step, shaped like ``p``.
+* ``attribution:update``: the parameter's change over the step, shaped like ``p``;
+* ``attribution:per_sample_grad`` ``(B, *p.shape)``: for ``torch.func`` parameters, instead of the factors.
 
 A sample's share of the update is then ``-lr * share * (sum_t g_it ⊗ x_it) * precond`` (see
 :mod:`comgra_callbacks.analysis.attribution` and docs/attribution.md for what momentum, weight decay and Adam
@@ -372,7 +376,7 @@ def _optimizer_fields(param: Any, info: _OptimizerInfo) -> tuple[list[float], An
 
 
 class Attribution:
-    """Per-sample attribution of the updates of the chosen ``nn.Linear`` parameters of one model.
+    """Per-sample attribution of the updates of the chosen parameters of one model.
 
     Args:
         model: the model being trained.
@@ -380,7 +384,7 @@ class Attribution:
         index_field: where a batch keeps each sample's dataset index (see :meth:`dataset_index`).
 
     Raises:
-        ConfigError: ``spec`` chooses no Linear parameter of ``model`` (the message lists those it could).
+        ConfigError: ``spec`` chooses no parameter of ``model`` that can be attributed (the message lists them).
     """
 
     def __init__(self, model: Any, spec: NameFilter, index_field: str | int | None = None) -> None:
