@@ -15,6 +15,8 @@ needs through the reader and returns a DataFrame (or a dict).
   (:func:`spectrum` underneath, the math ``FourierSparsity`` uses too).
 * :func:`derive` -- a function of recorded full tensors at every record, stored as a measure of the run.
 * :func:`phases` -- change points of a series (test accuracy, excluded loss): the phases of training.
+* :func:`update_outliers`, :func:`contributions`, :func:`top_items`, :func:`influence` -- which training items
+  moved a neuron: outlier updates, each sample's share of an update, TracIn (runs recorded with ``attribution=``).
 * :func:`activation_patching`, :func:`attribution_patching`, :func:`circuit` -- circuit discovery on a model:
   which units carry the difference between a clean and a corrupted input.
 
@@ -27,6 +29,7 @@ See docs/analysis.md.
 
 from __future__ import annotations
 
+from comgra_callbacks.analysis.attribution import contributions, influence, top_items, update_outliers
 from comgra_callbacks.analysis.compare import compare, compare_nodes, range_stats, spread
 from comgra_callbacks.analysis.correlate import correlate, spearman
 from comgra_callbacks.analysis.derive import derive
@@ -46,10 +49,12 @@ __all__ = [
     "compare",
     "compare_measures",
     "compare_nodes",
+    "contributions",
     "correlate",
     "derive",
     "first_anomaly",
     "fourier",
+    "influence",
     "phases",
     "range_stats",
     "sample_positions",
@@ -57,5 +62,7 @@ __all__ = [
     "spearman",
     "spectrum",
     "spread",
+    "top_items",
     "trace",
+    "update_outliers",
 ]

@@ -20,6 +20,7 @@ import panel as pn
 
 from comgra_callbacks.dashboard import safe
 from comgra_callbacks.dashboard.anomaly_view import AnomalyView
+from comgra_callbacks.dashboard.attribution_view import AttributionView
 from comgra_callbacks.dashboard.compare_view import CompareView
 from comgra_callbacks.dashboard.custom import CustomView, load_custom
 from comgra_callbacks.dashboard.data import Catalog, shared_catalog
@@ -48,6 +49,7 @@ class Dashboard:
         self.tensor = TensorView(self.selection)
         self.compare = CompareView(self.selection, self.comparison)
         self.anomalies = AnomalyView(self.selection)
+        self.attribution = AttributionView(self.selection)
         self.network = NetworkView(self.selection)
         self.scalars = ScalarsView(self.selection)
         self.notes = NotesView(self.selection)
@@ -64,6 +66,7 @@ class Dashboard:
             ("Main", pn.Column(self.selectors, self.graph, self.tensor, sizing_mode="stretch_width")),
             ("Compare", self.compare),
             ("Anomalies", self.anomalies),
+            ("Attribution", self.attribution),
             ("Network", self.network),
             ("Scalars", self.scalars),
             ("Notes", self.notes),
@@ -78,6 +81,7 @@ class Dashboard:
         name = self.tab_names[event.new] if event.new < len(self.tab_names) else ""
         self.compare.activate(name == "Compare")
         self.anomalies.activate(name == "Anomalies")
+        self.attribution.activate(name == "Attribution")
         if self.custom is not None:
             self.custom.activate(name == self.custom.plugin.title)
 

@@ -22,6 +22,7 @@ from comgra_callbacks.errors import ComgraError, ConfigError, ConfigTypeError, S
 from comgra_callbacks.measures import check_measures
 from comgra_callbacks.measures import evaluate as evaluate_measures
 from comgra_callbacks.names import NameFilter, describe_filter, name_predicate
+from comgra_callbacks.recording.attribution import check_index_field
 from comgra_callbacks.recording.capture import check_modules_spec
 from comgra_callbacks.recording.interventions import Intervention, check_interventions
 from comgra_callbacks.recording.policy import Plan, RecordingPolicy, detail_rules
@@ -75,6 +76,8 @@ class RecordingOptions:
     intervention_schedule: Schedule | None = None
     measures: dict[str, Callable[..., Any]] | None = None
     measure_schedule: Schedule | None = None
+    attribution: NameFilter = None
+    index_field: str | int | None = None
 
     @classmethod
     def validated(cls, owner: str, **kw: Any) -> RecordingOptions:
@@ -86,6 +89,8 @@ class RecordingOptions:
             check_run_name(run_name, owner=f"{owner}(run_name=...)")
         check_modules_spec(kw["modules"], owner=f"{owner}(modules=...)")
         name_predicate(kw["parameters"], owner=f"{owner}(parameters=...)")
+        if kw.get("attribution") is not None:
+            name_predicate(kw["attribution"], owner=f"{owner}(attribution=...)")
         if kw.get("buffers") is not None:
             name_predicate(kw["buffers"], owner=f"{owner}(buffers=...)")
         neuron_axis = kw.get("neuron_axis")
@@ -154,6 +159,8 @@ class RecordingOptions:
             intervention_schedule=intervention_schedule,
             measures=measures,
             measure_schedule=measure_schedule,
+            attribution=kw.get("attribution"),
+            index_field=check_index_field(owner, kw.get("index_field")),
         )
 
     def plan(self, step: int, step_type: str) -> Plan | None:
@@ -196,6 +203,8 @@ class RecordingOptions:
             samples=self.samples,
             buffers=self.buffers,
             neuron_axis=self.neuron_axis,
+            attribution=self.attribution,
+            index_field=self.index_field,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -224,6 +233,8 @@ class RecordingOptions:
             "intervention_schedule": repr(self.intervention_schedule) if self.intervention_schedule is not None else None,
             "measures": {k: repr(v) for k, v in self.measures.items()} if self.measures else None,
             "measure_schedule": repr(self.measure_schedule) if self.measure_schedule is not None else None,
+            "attribution": describe_filter(self.attribution),
+            "index_field": self.index_field,
             **self.policy.describe(),
         }
 

@@ -88,6 +88,8 @@ class ComgraTrainerCallback(TrainerCallback):
         schedule, step_type, triggers, arm_every, detail, samples: as for :class:`~comgra_callbacks.ComgraCallback`.
         ranks: ``"zero"`` (only the process of global rank 0 records) or ``"all"`` (each rank writes the run
             group ``<run_name>/rank<r>``).
+        attribution, index_field: as for :class:`~comgra_callbacks.ComgraCallback`; the index is a model input
+            of that name (the ``Trainer`` drops dataset columns the model's ``forward`` does not take).
         measures, measure_schedule, interventions, intervention_schedule: as for :class:`~comgra_callbacks.ComgraCallback`; the extra pass
             calls the model with the first micro-batch's keyword arguments and uses its ``output.loss``, after
             clipping and before the optimizer step (outside the ``Trainer``'s autocast context).
@@ -132,6 +134,8 @@ class ComgraTrainerCallback(TrainerCallback):
         intervention_schedule: Schedule | None = None,
         measures: dict[str, Callable[..., Any]] | None = None,
         measure_schedule: Schedule | None = None,
+        attribution: NameFilter = None,
+        index_field: str | int | None = None,
         n_samples: int = 4,
         neurons: bool = True,
         grads: bool = True,
@@ -258,7 +262,7 @@ class ComgraTrainerCallback(TrainerCallback):
         recorder = self._recorder
         if recorder is None:
             return
-        recorder.before_optimizer_step()
+        recorder.before_optimizer_step(optimizer=kwargs.get("optimizer"))
         inputs, self._intervene_inputs = self._intervene_inputs, None
         model = kwargs.get("model")
         if inputs is not None and model is not None and self.options.interventions:

@@ -86,6 +86,12 @@ class ComgraCallback(Callback):
             :mod:`comgra_callbacks.measures`, evaluated before the forward pass of the steps the schedule
             records, in eval mode and without gradients, and stored with the run (``run.measures``).
         measure_schedule: evaluate the measures on these steps instead.
+        attribution: parameters (a name filter, e.g. ``"mlp.*.weight"``) whose update is split into per-sample
+            shares on recorded steps: for ``nn.Linear`` the layer's input and output gradient of every sample,
+            for other modules per-sample gradients through ``torch.func``; with each sample's dataset index
+            (see docs/attribution.md).
+        index_field: the batch field holding each sample's dataset index (a dict key or attribute name, or a
+            position in a tuple batch); default: a field named ``idx`` or ``index``, else the batch position.
         n_samples: how many individual samples are kept (where the detail asks for samples).
         neurons: keep per-neuron statistics.
         grads: record gradients. ``updates``: record parameter updates (costs a copy of the parameters on
@@ -146,6 +152,8 @@ class ComgraCallback(Callback):
         intervention_schedule: Schedule | None = None,
         measures: dict[str, Callable[..., Any]] | None = None,
         measure_schedule: Schedule | None = None,
+        attribution: NameFilter = None,
+        index_field: str | int | None = None,
         n_samples: int = 4,
         neurons: bool = True,
         grads: bool = True,
@@ -296,7 +304,7 @@ class ComgraCallback(Callback):
         if recorder is not None and recorder.recording:
             groups = getattr(optimizer, "param_groups", None)
             params = [p for g in groups for p in g.get("params", ())] if groups else None
-            recorder.before_optimizer_step(params)
+            recorder.before_optimizer_step(params, optimizer=optimizer)
         if recorder is not None and self._intervene is not None and self.options.interventions:
             batch, batch_idx = self._intervene
             self._intervene = None

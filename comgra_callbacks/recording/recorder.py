@@ -101,6 +101,8 @@ class RecorderConfig:
     detail_fn: Callable[[str, str], Detail | None] | None = None
     buffers: NameFilter = None
     neuron_axis: Mapping[str, int] | None = None
+    attribution: NameFilter = None  # parameters whose per-sample update shares are kept (:mod:`.attribution`)
+    index_field: str | int | None = None
 
 
 _DTYPE_NAMES: dict[Any, str] = {}
@@ -162,6 +164,7 @@ class _Step:
     values: dict[str, Any] = field(default_factory=dict)  # node name -> last recorded value (the original)
     versions: list[tuple[str, Any, int]] = field(default_factory=list)  # (node, original, its _version then)
     batch: Any = None
+    attribution: Any = None  # the step's per-sample factors (:class:`.attribution.StepFactors`)
 
     def add(self, snap: Snapshot) -> None:
         at = self.index.get(snap.key)
@@ -209,6 +212,7 @@ class Recorder:
         self._details: dict[tuple[str, str, tuple[int, ...], bool, bool, int | None], Detail] = {}
         self._stable: dict[str, bool] = {}  # node -> its recorded value was never changed in place later in a step
         self._hooks: ModuleHooks | None = None
+        self._attribution: Any = None
         self.closed = False
         self.steps_recorded = 0
         self.steps_dropped = 0  # armed steps that no trigger kept
@@ -244,6 +248,10 @@ class Recorder:
         for name, module, attr in self._buffers:
             b = getattr(module, attr)
             self._param_nodes[name] = {"kind": "parameter", "module": name.rpartition(".")[0], "shape": list(b.shape), "dtype": _dtype_name(b), "roles": [None], "iterations": 1, "buffer": True}
+        if self.config.attribution is not None:
+            from comgra_callbacks.recording.attribution import Attribution
+
+            self._attribution = Attribution(model, self.config.attribution, self.config.index_field)
         self.writer.op("write_modules", module_tree(model))
         context.activate(self)
 
@@ -276,6 +284,9 @@ class Recorder:
             self._force_eager()
             self._hooks = ModuleHooks(self._hook_modules, self._on_module_forward)
             self._hooks.attach()
+            if self._attribution is not None and self._step.grads:
+                current = self._step
+                current.attribution = self._attribution.begin(lambda: self._step is current and current.grad_view == "grad")
             if batch is not None:
                 for name, (kind, tensor) in batch_tensors(batch, self.config.batch_fn).items():
                     self.capture(name, tensor, kind=kind)
@@ -487,6 +498,8 @@ class Recorder:
         if step is None:
             return
         step.forward_done = True
+        if step.attribution is not None:
+            step.attribution.stop_forward()
         hooks, self._hooks = self._hooks, None
         if hooks is not None:
             hooks.remove()
@@ -591,7 +604,7 @@ class Recorder:
             self._hooks = hooks
             hooks.attach()
 
-    def before_optimizer_step(self, params: Any = None, *, updates: bool = True) -> None:
+    def before_optimizer_step(self, params: Any = None, *, updates: bool = True, optimizer: Any = None) -> None:
         """Parameters and their gradients as the forward pass saw them (before clipping and the step).
 
         Args:
@@ -599,10 +612,18 @@ class Recorder:
                 None: all. Each parameter is captured once per step, at the first optimizer step that
                 updates it, so that under manual optimization each gradient is the one its own optimizer
                 applies and each update is the one its own step made.
+            optimizer: the optimizer about to step (its learning rate and state, for ``attribution=``).
         """
         step = self._step
         if step is None:
             return
+        if step.attribution is not None:  # torch.func reruns modules: with this step's hooks off meanwhile
+            parked = self.park() if step.attribution.reruns_modules else None
+            try:
+                step.attribution.before_optimizer_step(optimizer)
+            finally:
+                if parked is not None:
+                    self.unpark(parked)
         ids = None if params is None else {id(p) for p in params}
         chosen = [(n, p) for n, p in self._params if n not in step.params_seen and (ids is None or id(p) in ids)]
         if chosen:
@@ -655,6 +676,9 @@ class Recorder:
                 self._capture_parameters(step, rest, keep_before=False)
                 step.before.update(early)
             self._capture_buffers(step)
+            if step.attribution is not None:
+                for snap in step.attribution.finish(step.batch, step.values, step.grad_scale):
+                    step.add(snap)
             for name, p in self._params:
                 before = step.before.get(name)
                 if before is not None:
@@ -757,6 +781,8 @@ class Recorder:
             handles, step.handles = step.handles, []
             for handle in handles:
                 handle.remove()
+            if step.attribution is not None:
+                step.attribution.remove()
             self._restore_stance()
 
     def _force_eager(self) -> None:
@@ -849,6 +875,8 @@ class Recorder:
         """Decide each snapshot's detail now that the graph has settled the kinds (e.g. ``output``)."""
         for snap in step.pending.snapshots:
             node = snap.key.node
+            if snap.key.view.startswith("attribution:"):
+                continue  # kept whole, as the attribution module chose
             if node in ("sample_index", "sample_dataset_index") and not snap.is_parameter and step.nodes.get(node, {}).get("selection"):
                 snap.neurons, snap.samples = False, FULL
                 continue

@@ -35,6 +35,7 @@ from comgra_callbacks.store.storage import RunLocation, open_root, split_run_uri
 T = TypeVar("T")
 _NUMEL = fmt.STAT_INDEX["numel"]
 _RETRIES = 6
+ATTRIBUTION_VIEWS = "attribution:"  # views of the per-sample factors: not listed by Run.views
 TRAIN = "train"  # the training step type: the default when a run has several step types
 
 # dtype, number of dimensions and the manifest field that bounds the first axis, per array.
@@ -131,6 +132,7 @@ class Run:
         changed = force or old is None or manifest.rows != old.rows or len(manifest.series) != len(old.series)
         self.meta: dict[str, Any] = meta
         self.manifest = manifest
+        self.neuron_stat_names = [str(n) for n in raw.get("neuron_stat_names", fmt.NEURON_STAT_NAMES)] if isinstance(raw, dict) else list(fmt.NEURON_STAT_NAMES)
         if changed:
             self._arrays.clear()
             graph_raw = fmt.check_graph(self.location.read_json(fmt.GRAPH_FILE) or {}, self._where(fmt.GRAPH_FILE))
@@ -429,9 +431,13 @@ class Run:
 
     def views(self, node: str) -> list[str]:
         """The views recorded for a node, in the order value, grad, grad:<loss> (by loss), update."""
-        found = set(key.view for _, key in self._node_series(node))
+        found = {view for view in self._all_views(node) if not view.startswith(ATTRIBUTION_VIEWS)}
         rank = {"value": (0, ""), "grad": (1, ""), "update": (3, "")}
         return sorted(found, key=lambda view: rank.get(view, (2, view)))
+
+    def _all_views(self, node: str) -> set[str]:
+        """Every view of a node, the attribution factors (``attribution:*``, read by :meth:`attribution`) included."""
+        return {key.view for _, key in self._node_series(node)}
 
     def iterations(self, node: str) -> list[int]:
         """The iteration numbers recorded for a node (more than one when it ran several times in a step)."""
@@ -450,7 +456,7 @@ class Run:
     def _columns(self, node: str, view: str, role: str | None, iteration: int | None) -> list[tuple[int, int]]:
         """(iteration, column) pairs matching the selection, iteration ascending."""
         series = self._node_series(node)
-        views = self.views(node)
+        views = self.views(node) if not view.startswith(ATTRIBUTION_VIEWS) else sorted(self._all_views(node))
         if view not in views:
             raise NodeNotFoundError(f"`view`: node {node!r} of run {self.name!r} has no view {view!r}; it has {views}.")
         roles = self.roles(node)
@@ -495,7 +501,7 @@ class Run:
         return int(step)
 
     def _check_view(self, view: Any, method: str) -> str:
-        views = sorted({key.view for key in self.manifest.series})
+        views = sorted({key.view for key in self.manifest.series if not key.view.startswith(ATTRIBUTION_VIEWS)})
         if view not in views:
             raise NodeNotFoundError(f"`Run.{method}(view=...)`: run {self.name!r} has no view {view!r}; it has {views}.")
         return str(view)
@@ -814,6 +820,42 @@ class Run:
                         out[present, i] = slab[present, col]
                 yield np.arange(start, stop)[keep], out
             start = stop
+
+
+    # -------------------------------------------------------------------- series and attribution
+    def neuron_series(
+        self,
+        node: str,
+        *,
+        view: str = "update",
+        statistic: str = "l2",
+        role: str | None = None,
+        iteration: int | None = None,
+        step_type: str | None = None,
+    ) -> pd.DataFrame:
+        """One per-neuron statistic of a node over training: a steps x neurons DataFrame (index ``step``,
+        columns the neuron numbers), read at once rather than step by step.
+
+        ``statistic``: one of the stored per-neuron statistics (``run.neuron_stat_names``) or ``"l2"``, the
+        Euclidean norm of each neuron's values (of a weight's row for a parameter), stored or derived from the
+        mean and the standard deviation. Steps without per-neuron statistics of the node are left out.
+        """
+        from comgra_callbacks.store.attribution import neuron_series
+
+        return neuron_series(self, node, view=view, statistic=statistic, role=role, iteration=iteration, step_type=step_type)
+
+    def attribution_steps(self, param: str, *, step_type: str | None = None) -> list[int]:
+        """The steps at which per-sample factors of ``param`` were recorded (``attribution=``)."""
+        from comgra_callbacks.store.attribution import attribution_steps
+
+        return attribution_steps(self, param, step_type=step_type)
+
+    def attribution(self, param: str, step: int, *, step_type: str | None = None) -> Any:
+        """What ``attribution=`` kept for ``param`` at ``step``: an
+        :class:`~comgra_callbacks.store.attribution.AttributionStep` (factors, dataset indices, optimizer)."""
+        from comgra_callbacks.store.attribution import read_attribution
+
+        return read_attribution(self, param, step, step_type=step_type)
 
 
 def _last_present(block: np.ndarray, cols: list[int], first: int = 0) -> np.ndarray | None:

@@ -1,0 +1,450 @@
+"""Per-sample attribution of parameter updates: what each sample of a recorded step contributed.
+
+For the weight ``W`` (``(d_out, d_in)``) of an ``nn.Linear`` the gradient of a batch is a sum of outer
+products, one per sample ``i`` and position ``t``: ``dL/dW = sum_i sum_t g_it ⊗ x_it``, with ``x`` the layer's
+input and ``g`` the gradient of the loss with respect to its output. Keeping ``x`` and ``g`` (the *factors*,
+``B·T·(d_in + d_out)`` numbers) keeps every per-sample gradient exactly, at a fraction of ``B·d_out·d_in``.
+A bias keeps ``g`` only (its per-sample gradient is ``sum_t g_it``). A parameter of another module
+(``nn.Embedding``, ``nn.LayerNorm``, ...) gets its per-sample gradients from ``torch.func`` instead: a
+vector-Jacobian product of the module at each sample's recorded input with that sample's output gradient,
+computed at the optimizer step (see :func:`choose_targets`).
+
+What one recorded step stores for each chosen parameter ``p`` (series of node ``p``, each kept whole):
+
+* ``attribution:input`` ``(B, T, d_in)``: ``x`` (weights only; ``T`` = 1 for inputs without positions);
+* ``attribution:grad_output`` ``(B, T, d_out)``: ``g``, as the backward before the optimizer step saw it;
+* ``attribution:index`` ``(B, 2)``: each sample's dataset index as ``hi * 2**24 + lo`` (float32 is exact below 2**24);
+* ``attribution:optimizer``: the vector of ``OPTIMIZER_FIELDS`` (learning rate, optimizer kind, share, ...);
+* ``attribution:precond`` (Adam, AdamW): ``1 / (sqrt(v_hat) + eps)`` after the step, shaped like ``p``;
+* ``attribution:update``: the parameter's change over the step, shaped like ``p``;
+* ``attribution:per_sample_grad`` ``(B, *p.shape)``: for ``torch.func`` parameters, instead of the factors.
+
+A sample's share of the update is then ``-lr * share * (sum_t g_it ⊗ x_it) * precond`` (see
+:mod:`comgra_callbacks.analysis.attribution` and docs/attribution.md for what momentum, weight decay and Adam
+do to it). Hooks exist only on recorded steps and are removed when the step ends or is aborted.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from comgra_callbacks.errors import ConfigError, ConfigTypeError
+from comgra_callbacks.names import NameFilter, name_predicate
+from comgra_callbacks.recording.pending import FULL, Snapshot
+from comgra_callbacks.store.attribution import INDEX_SPLIT, OPTIMIZER_FIELDS, OPTIMIZER_KINDS, PREFIX
+from comgra_callbacks.store.format import SeriesKey
+
+INPUT, GRAD_OUTPUT, INDEX, OPTIMIZER, PRECOND, UPDATE, PER_SAMPLE = (
+    PREFIX + v for v in ("input", "grad_output", "index", "optimizer", "precond", "update", "per_sample_grad")
+)
+INDEX_FIELDS = ("idx", "index")
+"""Batch fields taken as the dataset index of each sample when ``index_field`` is not given."""
+
+
+def check_index_field(owner: str, value: Any) -> str | int | None:
+    """``index_field=``: a batch key or attribute name, a position in a tuple batch, or None (the default).
+
+    >>> check_index_field("ComgraCallback", 1.5)
+    Traceback (most recent call last):
+    ...
+    comgra_callbacks.errors.ConfigTypeError: `ComgraCallback(index_field=...)`: expected a batch field name (str), a position in a tuple batch (int) or None, got 1.5 of type float.
+    """
+    if value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ConfigTypeError(
+        f"`{owner}(index_field=...)`: expected a batch field name (str), a position in a tuple batch (int) or None, "
+        f"got {value!r} of type {type(value).__name__}."
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    """One chosen parameter: its node name, the module that owns it, and how its per-sample gradient is kept:
+    ``"weight"`` / ``"bias"`` of an ``nn.Linear`` (factors), or ``"func"`` (computed with ``torch.func``)."""
+
+    name: str
+    module_name: str
+    module: Any
+    param: Any
+    how: str
+    attr: str = ""
+
+    @property
+    def is_weight(self) -> bool:
+        return self.how == "weight"
+
+
+def choose_targets(model: Any, spec: NameFilter, owner: str = "attribution") -> list[Target]:
+    """The parameters ``spec`` names, and how each one's per-sample gradient is kept.
+
+    The weight and bias of an ``nn.Linear`` keep factors. A parameter of another module that is called with
+    one tensor and returns one (``nn.Embedding``, ``nn.LayerNorm``, a convolution) gets per-sample gradients
+    from ``torch.func`` (a vector-Jacobian product per sample of the module's recorded input and output
+    gradient); modules that mix the samples of a batch (batch normalization) cannot, and are skipped with a
+    warning.
+
+    Raises:
+        ConfigError: no parameter of ``model`` matches; the message lists the parameters there are.
+    """
+    import torch
+
+    from comgra_callbacks.recording.capture import clean_name
+
+    keep = name_predicate(spec, owner=f"{owner}=...")
+    modules = {clean_name(n): m for n, m in model.named_modules()}
+    names = [clean_name(n) for n, _ in model.named_parameters()]
+    params = {clean_name(n): p for n, p in model.named_parameters()}
+    matched = [n for n in names if keep(n)]
+    if not matched:
+        raise ConfigError(
+            f"`{owner}={spec!r}`: it matches no parameter; expected a filter of parameter names such as {names[:8]}"
+            f"{' ...' if len(names) > 8 else ''}. HINT: attribution=\"*.weight\" chooses every weight."
+        )
+    chosen, skipped = [], []
+    for name in matched:
+        module_name, _, attr = name.rpartition(".")
+        module = modules.get(module_name)
+        if module is None or params[name] is not getattr(module, attr, None):
+            skipped.append(name)
+        elif isinstance(module, torch.nn.Linear) and attr in ("weight", "bias"):
+            chosen.append(Target(name, module_name, module, params[name], attr, attr))
+        elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            skipped.append(name)
+        else:
+            chosen.append(Target(name, module_name, module, params[name], "func", attr))
+    if skipped:
+        warnings.warn(
+            f"comgra: `{owner}={spec!r}` matches parameters whose per-sample gradients cannot be taken from their "
+            f"module's input and output gradient (batch normalization mixes the samples); they get no attribution: "
+            f"{skipped[:8]}{' ...' if len(skipped) > 8 else ''}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if not chosen:
+        raise ConfigError(f"`{owner}={spec!r}`: of the parameters it matches ({matched[:8]}), none can be attributed. HINT: choose nn.Linear weights, e.g. \"*.weight\".")
+    return chosen
+
+
+@dataclass
+class _Call:
+    """One forward call of a chosen module on the step: its input and, after backward, its output's gradient."""
+
+    x: Any
+    batch: int
+    raw: bool = False
+    g: Any = None
+
+
+@dataclass
+class _OptimizerInfo:
+    kind: int
+    lr: float
+    group: dict[str, Any]
+    optimizer: Any
+    first_momentum: bool
+    before: Any
+
+
+def _optimizer_kind(optimizer: Any) -> int:
+    import torch
+
+    if isinstance(optimizer, torch.optim.AdamW):
+        return OPTIMIZER_KINDS.index("adamw")
+    if isinstance(optimizer, torch.optim.Adam):
+        return OPTIMIZER_KINDS.index("adam")
+    if isinstance(optimizer, torch.optim.SGD):
+        return OPTIMIZER_KINDS.index("sgd")
+    return 0
+
+
+def _unwrap(optimizer: Any) -> Any:
+    """The torch optimizer behind a framework's wrapper (Lightning's ``LightningOptimizer``; accelerate's
+    ``AcceleratedOptimizer``, itself an ``Optimizer`` subclass, holds the real one as ``.optimizer``)."""
+    import torch
+
+    for _ in range(3):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
+    return optimizer if isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "param_groups") else None
+
+
+@dataclass
+class StepFactors:
+    """The factors of one recorded step; created by :meth:`Attribution.begin`, read by :meth:`finish`."""
+
+    owner: Attribution
+    is_current: Callable[[], bool]
+    calls: dict[str, list[_Call]] = field(default_factory=dict)  # module name -> its calls, in order
+    forward_handles: list[Any] = field(default_factory=list)
+    grad_handles: list[Any] = field(default_factory=list)
+    optimizer: dict[str, _OptimizerInfo] = field(default_factory=dict)  # parameter name -> its optimizer then
+    per_sample: dict[str, Any] = field(default_factory=dict)  # torch.func targets: (B, *shape) per-sample gradients
+
+    # ------------------------------------------------------------------------------------ hooks
+    def attach(self) -> None:
+        for module_name, module in self.owner.modules.items():
+            self.calls[module_name] = []
+            raw = module_name in self.owner.func_modules
+            self.forward_handles.append(module.register_forward_hook(self._forward_hook(module_name, raw)))
+
+    def _forward_hook(self, module_name: str, raw: bool = False) -> Callable[..., None]:
+        def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
+            import torch
+
+            if not self.is_current() or not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+                return
+            x = args[0]
+            if x.dim() == 0 or not output.requires_grad:
+                return
+            batch = int(x.shape[0]) if x.dim() > 1 else 1
+            if raw:  # a module for torch.func: its input as it was (token ids stay integers)
+                call = _Call(x.detach().clone(), batch, raw=True)
+            else:
+                call = _Call(x.detach().to(torch.float32, copy=True).reshape(batch, -1, x.shape[-1]), batch)  # (B, T, d_in)
+            self.calls[module_name].append(call)
+            self.grad_handles.append(output.register_hook(self._grad_hook(call)))
+
+        return hook
+
+    def _grad_hook(self, call: _Call) -> Callable[[Any], None]:
+        def hook(grad: Any) -> None:
+            import torch
+
+            if grad is not None and self.is_current():
+                g = grad.detach()
+                call.g = g.clone() if call.raw else g.to(torch.float32).reshape(call.batch, -1, grad.shape[-1])  # (B, T, d_out)
+
+        return hook
+
+    def stop_forward(self) -> None:
+        """No more forward calls are captured (the gradients of those captured still are)."""
+        handles, self.forward_handles = self.forward_handles, []
+        for handle in handles:
+            handle.remove()
+
+    def remove(self) -> None:
+        """Every hook off (the step ended or was aborted)."""
+        self.stop_forward()
+        handles, self.grad_handles = self.grad_handles, []
+        for handle in handles:
+            handle.remove()
+
+    @property
+    def reruns_modules(self) -> bool:
+        """Whether :meth:`before_optimizer_step` calls modules again (``torch.func``), so that hooks must be off."""
+        return bool(self.owner.func_modules)
+
+    # -------------------------------------------------------------------------------- optimizer
+    def before_optimizer_step(self, optimizer: Any) -> None:
+        """Learn each chosen parameter's learning rate and optimizer, and keep its value before the step."""
+        optimizer = _unwrap(optimizer)
+        if optimizer is None:
+            return
+        import torch
+
+        groups = {id(p): g for g in getattr(optimizer, "param_groups", ()) for p in g.get("params", ())}
+        kind = _optimizer_kind(optimizer)
+        for target in self.owner.targets:
+            group = groups.get(id(target.param))
+            if group is None or target.name in self.optimizer:
+                continue
+            lr = group.get("lr", math.nan)
+            lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+            state = optimizer.state.get(target.param, {}) if hasattr(optimizer, "state") else {}
+            first = state.get("momentum_buffer") is None
+            before = target.param.detach().to(torch.float32, copy=True)
+            self.optimizer[target.name] = _OptimizerInfo(kind, lr, group, optimizer, first, before)
+            if target.how == "func":  # before the step changes the parameter the gradient is taken at
+                self.per_sample[target.name] = _func_per_sample(target, self.calls.get(target.module_name, []))
+
+    # ----------------------------------------------------------------------------------- finish
+    def finish(self, batch: Any, values: Mapping[str, Any], grad_scale: float = 1.0) -> list[Snapshot]:
+        """The step's snapshots (call after the optimizer step); nothing for a step without one."""
+        import torch
+
+        self.remove()
+        out: list[Snapshot] = []
+        factors: dict[str, tuple[Any, Any]] = {}
+        for module_name, calls in self.calls.items():
+            done = [c for c in calls if c.g is not None and not c.raw]
+            if not done or len({c.batch for c in done}) > 1:
+                continue
+            x = torch.cat([c.x for c in done], dim=1)
+            g = torch.cat([c.g for c in done], dim=1)
+            if grad_scale != 1.0:
+                g = g / grad_scale
+            factors[module_name] = (x, g)
+        index_rows: Any = None
+        for target in self.owner.targets:
+            info = self.optimizer.get(target.name)
+            per_sample = self.per_sample.get(target.name)
+            if info is None or (target.module_name not in factors and per_sample is None):
+                continue
+            size = int(per_sample.shape[0]) if per_sample is not None else int(factors[target.module_name][0].shape[0])
+            if index_rows is None:
+                index_rows, from_batch = self.owner.dataset_index(batch, values, size)
+            if index_rows.shape[0] != size:
+                continue
+            fields, precond = _optimizer_fields(target.param, info)
+            fields[OPTIMIZER_FIELDS.index("index_from_batch")] = float(from_batch)
+            update = target.param.detach().to(torch.float32) - info.before
+            key = target.name
+            if per_sample is not None:
+                out.append(_full(key, PER_SAMPLE, per_sample))
+            else:
+                x, g = factors[target.module_name]
+                if target.is_weight:
+                    out.append(_full(key, INPUT, x))
+                out.append(_full(key, GRAD_OUTPUT, g))
+            out.append(_full(key, INDEX, index_rows, dtype="int64"))
+            out.append(_full(key, OPTIMIZER, torch.tensor(fields, dtype=torch.float32)))
+            if precond is not None:
+                out.append(_full(key, PRECOND, precond))
+            out.append(_full(key, UPDATE, update))
+        self.calls.clear()
+        self.optimizer.clear()
+        self.per_sample.clear()
+        return out
+
+
+def _func_per_sample(target: Target, calls: list[_Call]) -> Any:
+    """``(B, *param.shape)``: each sample's gradient of ``target``'s parameter, summed over the module's calls,
+    from a vector-Jacobian product of the module at each sample's input with that sample's output gradient."""
+    import torch
+    from torch.func import functional_call, vjp, vmap
+
+    done = [c for c in calls if c.g is not None and c.raw]
+    if not done or len({c.batch for c in done}) > 1:
+        return None
+    param = target.param.detach()
+
+    def one(xi: Any, gi: Any) -> Any:
+        pulled = vjp(lambda p: functional_call(target.module, {target.attr: p}, (xi.unsqueeze(0),)), param)
+        return pulled[1](gi.unsqueeze(0).to(param.dtype))[0]
+
+    total = None
+    with torch.enable_grad():
+        for call in done:
+            grads = vmap(one)(call.x, call.g).to(torch.float32)
+            total = grads if total is None else total + grads
+    return total
+
+
+def _full(node: str, view: str, tensor: Any, dtype: str = "float32") -> Snapshot:
+    return Snapshot(SeriesKey(node, None, 0, view), tensor, dtype, neurons=False, samples=FULL)
+
+
+def _optimizer_fields(param: Any, info: _OptimizerInfo) -> tuple[list[float], Any]:
+    """The ``attribution:optimizer`` vector and, for Adam, the preconditioner, read after the step.
+
+    ``share``: the factor of this step's gradient in the step's update direction: 1 for plain SGD; with
+    momentum ``1 - dampening`` (1 on the buffer's first step), ``1 + momentum * that`` with Nesterov; for Adam
+    ``(1 - beta1) / (1 - beta1**t)``. Negative under ``maximize``."""
+    import torch
+
+    group, kind = info.group, OPTIMIZER_KINDS[info.kind]
+    fields = [float(info.kind), info.lr, 1.0, 0.0, 0.0, 0.0, float(group.get("weight_decay", 0.0) or 0.0), 0.0]
+    precond = None
+    if kind == "sgd":
+        momentum = float(group.get("momentum", 0.0) or 0.0)
+        share = 1.0
+        if momentum:
+            share = 1.0 if info.first_momentum else 1.0 - float(group.get("dampening", 0.0) or 0.0)
+            if group.get("nesterov"):
+                share = 1.0 + momentum * share
+        fields[2], fields[5] = share, momentum
+    elif kind in ("adam", "adamw"):
+        state = info.optimizer.state.get(param, {})
+        v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
+        t = state.get("step")
+        if v is not None and t is not None:
+            t = float(t.item() if isinstance(t, torch.Tensor) else t)
+            beta1, beta2 = (float(b) for b in group["betas"])
+            eps = float(group["eps"])
+            denom = (v.detach().to(torch.float32) / (1.0 - beta2**t)).sqrt() + eps
+            precond = 1.0 / denom
+            fields[2], fields[3], fields[5], fields[7] = (1.0 - beta1) / (1.0 - beta1**t), 1.0, beta1, t
+    if group.get("maximize"):
+        fields[2] = -fields[2]
+    return fields, precond
+
+
+class Attribution:
+    """Per-sample attribution of the updates of the chosen parameters of one model.
+
+    Args:
+        model: the model being trained.
+        spec: which parameters (a name filter, e.g. ``"mlp.*.weight"``).
+        index_field: where a batch keeps each sample's dataset index (see :meth:`dataset_index`).
+
+    Raises:
+        ConfigError: ``spec`` chooses no parameter of ``model`` that can be attributed (the message lists them).
+    """
+
+    def __init__(self, model: Any, spec: NameFilter, index_field: str | int | None = None) -> None:
+        self.targets = choose_targets(model, spec)
+        self.modules = {t.module_name: t.module for t in self.targets}
+        self.func_modules = {t.module_name for t in self.targets if t.how == "func"}
+        self.index_field = index_field
+        self._warned = False
+
+    def begin(self, is_current: Callable[[], bool]) -> StepFactors:
+        """Hooks on the chosen modules for one step; ``is_current()`` says whether a call belongs to it."""
+        factors = StepFactors(self, is_current)
+        factors.attach()
+        return factors
+
+    def dataset_index(self, batch: Any, values: Mapping[str, Any], size: int) -> tuple[Any, bool]:
+        """``(B, 2)`` halves of each sample's dataset index, and whether the batch held them.
+
+        The index is the batch field ``index_field`` (a key of a dict batch, an attribute, a position in a
+        tuple batch, or a model input of that name as the HuggingFace integration records it); by default a
+        field named ``idx`` or ``index``; otherwise the position in the batch (0 .. B-1)."""
+        import torch
+
+        wanted = (self.index_field,) if self.index_field is not None else INDEX_FIELDS
+        found: Any = None
+        field_name: str | int | None = wanted[0]
+        for field_name in wanted:
+            found = _field(batch, field_name)
+            if found is None and isinstance(field_name, str):
+                found = values.get(f"batch.{field_name}", values.get(field_name))
+            if found is not None:
+                break
+        ok = isinstance(found, torch.Tensor) and found.numel() == size and not found.is_floating_point()
+        if found is not None and not ok and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"comgra: the batch field {field_name!r} holds {type(found).__name__} "
+                f"{tuple(found.shape) if isinstance(found, torch.Tensor) else ''}; expected an integer tensor of one "
+                f"index per sample ({size}). Batch positions are recorded as dataset indices instead.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        elif found is None and self.index_field is not None and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"comgra: `index_field={self.index_field!r}`: the batch has no such field; batch positions are recorded "
+                "as dataset indices instead.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        index = found.detach().reshape(-1).to("cpu", torch.int64) if ok else torch.arange(size, dtype=torch.int64)
+        return torch.stack([index // INDEX_SPLIT, index % INDEX_SPLIT], dim=1).to(torch.float32), ok
+
+
+def _field(batch: Any, name: str | int) -> Any:
+    if batch is None:
+        return None
+    if isinstance(name, int):
+        return batch[name] if isinstance(batch, (tuple, list)) and -len(batch) <= name < len(batch) else None
+    if isinstance(batch, Mapping):
+        return batch.get(name)
+    value = getattr(batch, name, None)  # a namedtuple's or dataclass's field; never a method (list.index)
+    return None if callable(value) else value

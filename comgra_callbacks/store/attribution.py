@@ -1,0 +1,244 @@
+"""Readers behind :meth:`Run.neuron_series`, :meth:`Run.attribution_steps` and :meth:`Run.attribution`.
+
+Kept apart from :mod:`~comgra_callbacks.store.reader` so that the reader stays small; each function takes the
+:class:`~comgra_callbacks.store.reader.Run` and reads through its validated, retrying array access.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from comgra_callbacks.errors import ConfigError, NodeNotFoundError, StepNotFoundError
+from comgra_callbacks.store import format as fmt
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from comgra_callbacks.store.reader import Run
+
+_NUMEL = fmt.STAT_INDEX["numel"]
+PREFIX = "attribution:"
+"""The views of a parameter node that hold what ``attribution=`` recorded (not listed by ``Run.views``)."""
+OPTIMIZER_FIELDS = ("kind", "lr", "share", "has_precond", "index_from_batch", "beta1", "weight_decay", "optimizer_step")
+"""The entries of the ``attribution:optimizer`` vector, in order."""
+OPTIMIZER_KINDS = ("other", "sgd", "adam", "adamw")
+"""``kind`` codes: an optimizer that is none of SGD, Adam, AdamW is treated like plain SGD (``share`` 1)."""
+INDEX_SPLIT = 1 << 24
+"""Samples are stored as float32, exact for integers below 2**24: a dataset index is kept as two halves."""
+
+
+def _last_present_columns(ptr: np.ndarray) -> np.ndarray:
+    """Per row, the index (into the second axis) of the last column whose pointer is set, or -1."""
+    present = ptr[:, :, 0] >= 0
+    last = ptr.shape[1] - 1 - np.argmax(present[:, ::-1], axis=1)
+    return np.where(present.any(axis=1), last, -1)
+
+
+def neuron_series(
+    run: Run,
+    node: str,
+    *,
+    view: str = "update",
+    statistic: str = "l2",
+    role: str | None = None,
+    iteration: int | None = None,
+    step_type: str | None = None,
+) -> pd.DataFrame:
+    """See :meth:`Run.neuron_series`.
+
+    With the per-neuron statistics ``mean`` and ``std`` (correction 1, as :mod:`~comgra_callbacks.recording.reduce`
+    computes it) over ``n`` items, ``l2 = sqrt(n * mean**2 + (n - 1) * std**2)``; ``n`` is the tensor's number
+    of elements over its number of neurons. A store that keeps ``l2`` itself is read directly.
+    """
+    import pandas as pd
+
+    names = list(run.neuron_stat_names)
+    choices = sorted(set(names) | {"l2"})
+    if statistic not in choices:
+        raise ConfigError(f"`Run.neuron_series(statistic=...)`: expected one of {choices}, got {statistic!r}.")
+    cols = [c for _, c in run._columns(node, view, role, iteration)]
+    rows = run._record_rows(step_type, "neuron_series")
+    empty = pd.DataFrame(index=pd.Index([], name="step", dtype="int64"), dtype="float32")
+    if len(rows) == 0 or not cols:
+        return empty
+    ptr = run._read(fmt.NEURONS_PTR, (rows, cols, slice(None))) if len(cols) > 1 else run._read(fmt.NEURONS_PTR, (rows, cols[0], slice(None)))[:, None, :]
+    which = _last_present_columns(ptr)
+    keep = which >= 0
+    if not keep.any():
+        raise StepNotFoundError(f"Node {node!r} (view {view!r}) of run {run.name!r} has no per-neuron statistics at any step (detail was lower).")
+    rows, which = rows[keep], which[keep]
+    chosen = ptr[keep, which]  # (R, 2): offset, width
+    offsets, widths = chosen[:, 0], chosen[:, 1]
+    width = int(widths.max())
+    n = len(names)
+    if np.any(offsets + n * widths > run.manifest.neurons_len):
+        raise run._corrupt_array(fmt.NEURONS_PTR, f"points node {node!r} past the end of {fmt.NEURONS!r} (\"neurons_len\" in {fmt.MANIFEST_FILE}).")
+    derive = statistic == "l2" and "l2" not in names
+    wanted = [names.index("mean"), names.index("std")] if derive else [names.index(statistic)]
+    neuron = np.arange(width)
+    valid = neuron[None, :] < widths[:, None]  # (R, width): a narrower record leaves NaN
+    flat_idx = [np.where(valid, offsets[:, None] + k * widths[:, None] + neuron[None, :], 0) for k in wanted]
+    points = np.concatenate([i.reshape(-1) for i in flat_idx])
+    values = _read_points(run, fmt.NEURONS, points).reshape(len(wanted), len(rows), width)
+    values = np.where(valid[None], values, np.nan)
+    if derive:
+        col_of_row = np.asarray(cols)[which]
+        numel = run._read(fmt.STATS, (rows, sorted(set(cols)), _NUMEL))
+        numel = numel.reshape(len(rows), -1)[np.arange(len(rows)), np.searchsorted(sorted(set(cols)), col_of_row)]
+        items = (numel / widths).astype(np.float64)[:, None]
+        mean, std = values[0].astype(np.float64), values[1].astype(np.float64)
+        data = np.sqrt(np.maximum(items * mean**2 + np.maximum(items - 1, 0) * std**2, 0.0)).astype(np.float32)
+    else:
+        data = values[0].astype(np.float32)
+    frame = pd.DataFrame(data, index=pd.Index(run.steps.loc[rows, "step"].to_numpy(), name="step"), columns=pd.Index(neuron, name="neuron"))
+    frame.attrs.update(node=node, view=view, statistic=statistic, run=run.name, derived=derive)
+    return frame
+
+
+def _read_points(run: Run, name: str, points: np.ndarray) -> np.ndarray:
+    """Values of a flat array at integer positions, in one read (zarr fetches only the chunks they fall in)."""
+    if len(points) == 0:
+        return np.empty(0, dtype=np.float32)
+    uniq, inverse = np.unique(points, return_inverse=True)
+    return _orthogonal(run, name, uniq)[inverse.reshape(-1)]
+
+
+def _orthogonal(run: Run, name: str, idx: np.ndarray) -> np.ndarray:
+    def read() -> np.ndarray:
+        return np.asarray(run._array(name).get_orthogonal_selection((idx,)))
+
+    from comgra_callbacks.store.reader import _retry
+
+    return _retry(read, lambda: run._arrays.pop(name, None))
+
+
+def _column(run: Run, param: str, view: str) -> int:
+    run._node_series(param)
+    cols = [i for i, key in run._series_by_node.get(param, []) if key.view == view]
+    if not cols:
+        raise NodeNotFoundError(
+            f"Run {run.name!r} has no attribution of {param!r}. HINT: record it with attribution={param!r}; "
+            f"parameters with attribution: {attributed_parameters(run)}."
+        )
+    return cols[-1]
+
+
+def attributed_parameters(run: Run) -> list[str]:
+    """The parameters with recorded per-sample factors."""
+    return list(dict.fromkeys(key.node for key in run.manifest.series if key.view == PREFIX + "optimizer"))
+
+
+def attribution_steps(run: Run, param: str, *, step_type: str | None = None) -> list[int]:
+    col = _column(run, param, PREFIX + "optimizer")
+    rows = run._record_rows(step_type, "attribution_steps")
+    if len(rows) == 0:
+        return []
+    numel = run._read(fmt.STATS, (rows, col, _NUMEL))
+    return [int(s) for s in run.steps.loc[rows[~np.isnan(numel)], "step"].to_numpy()]
+
+
+@dataclass
+class AttributionStep:
+    """The per-sample factors of one parameter at one step, as recorded by ``attribution=``.
+
+    Attributes:
+        param / step: which parameter, which step.
+        inputs: ``(B, T, d_in)`` the layer's inputs (None for a bias).
+        grad_outputs: ``(B, T, d_out)`` the gradients of the loss with respect to the layer's outputs.
+        dataset_index: ``(B,)`` int64, each sample's dataset index (its batch position when the batch had none).
+        index_from_batch: whether ``dataset_index`` came from the batch.
+        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"other"``.
+        lr: the learning rate of the step. share: this step's gradient's factor in the update direction
+            (see docs/attribution.md). precond: Adam's ``1 / (sqrt(v_hat) + eps)`` (None otherwise).
+        update: the parameter's recorded change over the step.
+        fields: the whole ``attribution:optimizer`` vector by name.
+        per_sample: ``(B, *param.shape)`` per-sample gradients of a parameter outside ``nn.Linear`` (``torch.func``);
+            then ``inputs`` and ``grad_outputs`` are None.
+    """
+
+    param: str
+    step: int
+    inputs: np.ndarray | None
+    grad_outputs: np.ndarray | None
+    dataset_index: np.ndarray
+    index_from_batch: bool
+    optimizer: str
+    lr: float
+    share: float
+    precond: np.ndarray | None
+    update: np.ndarray | None
+    fields: dict[str, float]
+    per_sample: np.ndarray | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(len(self.dataset_index))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The parameter's shape."""
+        if self.update is not None:
+            return tuple(self.update.shape)
+        if self.per_sample is not None:
+            return tuple(self.per_sample.shape[1:])
+        assert self.grad_outputs is not None
+        return (self.grad_outputs.shape[-1],) if self.inputs is None else (self.grad_outputs.shape[-1], self.inputs.shape[-1])
+
+    def per_sample_grads(self) -> np.ndarray:
+        """``(B, *param.shape)``: each sample's gradient, ``sum_t g_it ⊗ x_it`` (``sum_t g_it`` for a bias; as
+        recorded through ``torch.func`` for parameters of other modules)."""
+        if self.per_sample is not None:
+            return self.per_sample.astype(np.float64)
+        assert self.grad_outputs is not None
+        g = self.grad_outputs.astype(np.float64)
+        if self.inputs is None:
+            return g.sum(axis=1)
+        return np.einsum("bto,bti->boi", g, self.inputs.astype(np.float64))
+
+    def per_sample_updates(self) -> np.ndarray:
+        """``(B, *param.shape)``: each sample's share of the update, ``-lr * share * grad_i * precond``."""
+        u = -self.lr * self.share * self.per_sample_grads()
+        return u * self.precond if self.precond is not None else u
+
+
+def read_attribution(run: Run, param: str, step: int, *, step_type: str | None = None) -> AttributionStep:
+    views = run._all_views(param)
+    if PREFIX + "optimizer" not in views:
+        _column(run, param, PREFIX + "optimizer")
+
+    def get(view: str) -> np.ndarray | None:
+        if PREFIX + view not in views:
+            return None
+        try:
+            return run.samples(param, step, view=PREFIX + view, step_type=step_type)
+        except StepNotFoundError:
+            return None
+
+    g, per_sample = get("grad_output"), get("per_sample_grad")
+    if g is None and per_sample is None:
+        raise StepNotFoundError(f"Run {run.name!r} has no attribution of {param!r} at step {step}; it has it at steps {attribution_steps(run, param, step_type=step_type)[:10]}.")
+    vector = get("optimizer")
+    fields = dict(zip(OPTIMIZER_FIELDS, (float(v) for v in (vector if vector is not None else []))))
+    halves = get("index")
+    size = (g if g is not None else per_sample).shape[0]  # type: ignore[union-attr]
+    index = halves[:, 0].astype(np.int64) * INDEX_SPLIT + halves[:, 1].astype(np.int64) if halves is not None else np.arange(size)
+    kind = int(fields.get("kind", 0))
+    update = get("update")
+    return AttributionStep(
+        param=param,
+        step=int(step),
+        inputs=get("input"),
+        grad_outputs=g,
+        dataset_index=index,
+        index_from_batch=bool(fields.get("index_from_batch", 0.0)),
+        optimizer=OPTIMIZER_KINDS[kind] if 0 <= kind < len(OPTIMIZER_KINDS) else "other",
+        lr=fields.get("lr", float("nan")),
+        share=fields.get("share", 1.0),
+        precond=get("precond") if fields.get("has_precond") else None,
+        update=update,
+        fields=fields,
+        per_sample=per_sample,
+    )
