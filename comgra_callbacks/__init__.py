@@ -30,7 +30,7 @@ from comgra_callbacks.errors import (
     StoreError,
 )
 from comgra_callbacks.recording.context import connect, note, record, record_this_step
-from comgra_callbacks.recording.interventions import Ablate, Patch
+from comgra_callbacks.recording.interventions import Ablate, Patch, RecordedStep
 from comgra_callbacks.recording.sampling import Balanced, First, Indices, TopK
 from comgra_callbacks.recording.schedules import (
     AllOf,
@@ -85,6 +85,7 @@ __all__ = [
     "NonFinite",
     "Patch",
     "Predicate",
+    "RecordedStep",
     "RecordingError",
     "Run",
     "RunNotFoundError",

@@ -266,6 +266,18 @@ class RecordingOptions:
         recorder.attach(model)
         return recorder
 
+    def own_run(self, recorder: Recorder, run_name: str) -> Callable[[], Any]:
+        """A function returning a reader of the run being written, with everything recorded so far flushed
+        (read by a patch from a recorded step of this run, on intervention steps only)."""
+
+        def read() -> Any:
+            from comgra_callbacks.store.reader import Run
+
+            recorder.writer.flush()
+            return Run(open_root(self.root, self.storage_options).run(run_name))
+
+        return read
+
     def run_exists(self, run_name: str) -> bool:
         return open_root(self.root, self.storage_options).run(run_name).read_bytes("manifest.json") is not None
 

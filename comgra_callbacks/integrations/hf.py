@@ -218,6 +218,7 @@ class ComgraTrainerCallback(TrainerCallback):
         recorder = self.options.open_recorder(run_name, model, resume=self._opened_before, meta=meta)
         recorder.writer.op("start_segment", int(state.global_step))
         self._recorder, self._opened_before = recorder, True
+        self._run_group = run_name  # the group being written (a patch may read an earlier step of it)
         self._step, self._accumulation = state.global_step, max(int(args.gradient_accumulation_steps), 1)
         _OPEN.add(self)
         _install_exit_hooks()
@@ -279,6 +280,7 @@ class ComgraTrainerCallback(TrainerCallback):
                 batch_idx=self._steps_in_epoch * self._accumulation,
                 batch=inputs,
                 loss_of=lambda batch: _loss_of(model(**batch)),
+                own_run=self.options.own_run(recorder, self._run_group),
             )
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:

@@ -309,6 +309,7 @@ class ComgraCallback(Callback):
                 batch_idx=batch_idx,
                 batch=batch,
                 loss_of=lambda b: _training_loss(trainer, pl_module, b, batch_idx),
+                own_run=self.options.own_run(recorder, self.options.run_name_for(self.run_name, trainer.global_rank)),
             )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
