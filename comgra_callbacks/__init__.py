@@ -29,6 +29,7 @@ from comgra_callbacks.errors import (
     StepNotFoundError,
     StoreError,
 )
+from comgra_callbacks.circuit_tracking import CircuitTracking
 from comgra_callbacks.recording.context import connect, note, record, record_this_step
 from comgra_callbacks.recording.interventions import Ablate, Patch, RecordedStep
 from comgra_callbacks.recording.sampling import Balanced, First, Indices, TopK
@@ -65,6 +66,7 @@ __all__ = [
     "AnyOf",
     "Balanced",
     "Budget",
+    "CircuitTracking",
     "ComgraCallback",
     "ComgraError",
     "ComgraTrainerCallback",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from comgra_callbacks import validation as v
+from comgra_callbacks.circuit_tracking import CircuitTracking, check_circuit_tracking
 from comgra_callbacks._version import __version__
 from comgra_callbacks.errors import ComgraError, ConfigError, ConfigTypeError, StoreError
 from comgra_callbacks.measures import check_measures
@@ -75,6 +76,7 @@ class RecordingOptions:
     intervention_schedule: Schedule | None = None
     measures: dict[str, Callable[..., Any]] | None = None
     measure_schedule: Schedule | None = None
+    circuit_tracking: dict[str, CircuitTracking] | None = None
 
     @classmethod
     def validated(cls, owner: str, **kw: Any) -> RecordingOptions:
@@ -154,6 +156,7 @@ class RecordingOptions:
             intervention_schedule=intervention_schedule,
             measures=measures,
             measure_schedule=measure_schedule,
+            circuit_tracking=check_circuit_tracking(owner, kw.get("circuit_tracking")),
         )
 
     def plan(self, step: int, step_type: str) -> Plan | None:
@@ -172,7 +175,11 @@ class RecordingOptions:
 
     def measure(self, recorder: Recorder, model: Any, trainer: Any, step: int, plan: Plan | None) -> None:
         """Evaluate the measures when step ``step`` wants them (``measure_schedule``, by default every step the
-        schedule records) and store them with the run, stamped ``step``."""
+        schedule records) and store them with the run, stamped ``step``; the same for the tracked circuits
+        (``circuit_tracking=``)."""
+        for name, tracking in (self.circuit_tracking or {}).items():
+            if tracking.wants(step, plan == "record"):
+                recorder.log_scalar_rows(tracking.rows(name, step, model))
         if not self.measures:
             return
         wanted = plan == "record" if self.measure_schedule is None else self.measure_schedule.wants(step)
@@ -224,6 +231,7 @@ class RecordingOptions:
             "intervention_schedule": repr(self.intervention_schedule) if self.intervention_schedule is not None else None,
             "measures": {k: repr(v) for k, v in self.measures.items()} if self.measures else None,
             "measure_schedule": repr(self.measure_schedule) if self.measure_schedule is not None else None,
+            "circuit_tracking": {k: t.describe() for k, t in self.circuit_tracking.items()} if self.circuit_tracking else None,
             **self.policy.describe(),
         }
 

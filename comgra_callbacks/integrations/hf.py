@@ -53,6 +53,7 @@ from comgra_callbacks.integrations.common import (
     versions,
 )
 from comgra_callbacks.integrations.dist import all_ok, broadcast_object
+from comgra_callbacks.circuit_tracking import CircuitTracking
 from comgra_callbacks.names import NameFilter
 from comgra_callbacks.recording.capture import batch_tensors
 from comgra_callbacks.recording.interventions import Intervention, run_interventions
@@ -88,7 +89,7 @@ class ComgraTrainerCallback(TrainerCallback):
         schedule, step_type, triggers, arm_every, detail, samples: as for :class:`~comgra_callbacks.ComgraCallback`.
         ranks: ``"zero"`` (only the process of global rank 0 records) or ``"all"`` (each rank writes the run
             group ``<run_name>/rank<r>``).
-        measures, measure_schedule, interventions, intervention_schedule: as for :class:`~comgra_callbacks.ComgraCallback`; the extra pass
+        measures, measure_schedule, interventions, intervention_schedule, circuit_tracking: as for :class:`~comgra_callbacks.ComgraCallback`; the extra pass
             calls the model with the first micro-batch's keyword arguments and uses its ``output.loss``, after
             clipping and before the optimizer step (outside the ``Trainer``'s autocast context).
         modules, parameters, buffers, neuron_axis, n_samples, neurons, grads, updates, per_loss_grads, val_batches, batch_fn,
@@ -132,6 +133,7 @@ class ComgraTrainerCallback(TrainerCallback):
         intervention_schedule: Schedule | None = None,
         measures: dict[str, Callable[..., Any]] | None = None,
         measure_schedule: Schedule | None = None,
+        circuit_tracking: CircuitTracking | dict[str, CircuitTracking] | None = None,
         n_samples: int = 4,
         neurons: bool = True,
         grads: bool = True,

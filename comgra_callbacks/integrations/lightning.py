@@ -21,6 +21,7 @@ from comgra_callbacks.integrations.common import (
     json_safe,
     versions,
 )
+from comgra_callbacks.circuit_tracking import CircuitTracking
 from comgra_callbacks.names import NameFilter, describe_filter
 from comgra_callbacks.recording.interventions import Intervention, run_interventions
 from comgra_callbacks.recording.recorder import Recorder
@@ -86,6 +87,12 @@ class ComgraCallback(Callback):
             :mod:`comgra_callbacks.measures`, evaluated before the forward pass of the steps the schedule
             records, in eval mode and without gradients, and stored with the run (``run.measures``).
         measure_schedule: evaluate the measures on these steps instead.
+        circuit_tracking: ``CircuitTracking(clean, corrupted, nodes, schedule=None)`` (or a dict ``{name: ...}``):
+            attribution-patching scores of every unit of ``nodes`` for a fixed clean/corrupted pair, evaluated
+            before the forward pass of the steps the schedule records (or of its own ``schedule``), in eval mode,
+            leaving the model's mode, gradients and random generators as they were; read back with
+            ``run.circuit_scores()`` (columns step, node, unit, score, effect). See
+            :mod:`comgra_callbacks.circuit_tracking`.
         n_samples: how many individual samples are kept (where the detail asks for samples).
         neurons: keep per-neuron statistics.
         grads: record gradients. ``updates``: record parameter updates (costs a copy of the parameters on
@@ -146,6 +153,7 @@ class ComgraCallback(Callback):
         intervention_schedule: Schedule | None = None,
         measures: dict[str, Callable[..., Any]] | None = None,
         measure_schedule: Schedule | None = None,
+        circuit_tracking: CircuitTracking | dict[str, CircuitTracking] | None = None,
         n_samples: int = 4,
         neurons: bool = True,
         grads: bool = True,
