@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from comgra_callbacks._version import __version__
+from comgra_callbacks.circuit_tracking import CircuitTracking
 from comgra_callbacks.errors import (
     ComgraError,
     ConfigError,
@@ -29,7 +30,6 @@ from comgra_callbacks.errors import (
     StepNotFoundError,
     StoreError,
 )
-from comgra_callbacks.circuit_tracking import CircuitTracking
 from comgra_callbacks.recording.context import connect, note, record, record_this_step
 from comgra_callbacks.recording.interventions import Ablate, Patch, RecordedStep
 from comgra_callbacks.recording.sampling import Balanced, First, Indices, TopK

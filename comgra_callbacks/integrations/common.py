@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from comgra_callbacks import validation as v
-from comgra_callbacks.circuit_tracking import CircuitTracking, check_circuit_tracking
 from comgra_callbacks._version import __version__
+from comgra_callbacks.circuit_tracking import CircuitTracking, check_circuit_tracking
 from comgra_callbacks.errors import ComgraError, ConfigError, ConfigTypeError, StoreError
 from comgra_callbacks.measures import check_measures
 from comgra_callbacks.measures import evaluate as evaluate_measures

@@ -44,6 +44,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+from comgra_callbacks.circuit_tracking import CircuitTracking
 from comgra_callbacks.errors import RecordingError, missing_extra
 from comgra_callbacks.integrations.common import (
     RecordingOptions,
@@ -53,7 +54,6 @@ from comgra_callbacks.integrations.common import (
     versions,
 )
 from comgra_callbacks.integrations.dist import all_ok, broadcast_object
-from comgra_callbacks.circuit_tracking import CircuitTracking
 from comgra_callbacks.names import NameFilter
 from comgra_callbacks.recording.capture import batch_tensors
 from comgra_callbacks.recording.interventions import Intervention, run_interventions

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from comgra_callbacks.circuit_tracking import CircuitTracking
 from comgra_callbacks.integrations.common import (
     RecordingOptions,
     agree_on_problem,
@@ -21,7 +22,6 @@ from comgra_callbacks.integrations.common import (
     json_safe,
     versions,
 )
-from comgra_callbacks.circuit_tracking import CircuitTracking
 from comgra_callbacks.names import NameFilter, describe_filter
 from comgra_callbacks.recording.interventions import Intervention, run_interventions
 from comgra_callbacks.recording.recorder import Recorder
