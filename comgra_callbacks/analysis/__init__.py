@@ -29,7 +29,12 @@ from comgra_callbacks.analysis.compare import compare, compare_nodes, range_stat
 from comgra_callbacks.analysis.correlate import correlate, spearman
 from comgra_callbacks.analysis.interventions import paired_stats, paired_steps
 from comgra_callbacks.analysis.order import Flow
-from comgra_callbacks.analysis.patching import activation_patching, attribution_patching, circuit, tracked_circuit
+from comgra_callbacks.analysis.patching import (
+    activation_patching,
+    attribution_patching,
+    circuit,
+    tracked_circuit,
+)
 from comgra_callbacks.analysis.trace import Z_THRESHOLD, first_anomaly, sample_positions, sample_z, trace
 
 __all__ = [
