@@ -178,3 +178,23 @@ def test_patch_from_a_recorded_step_names_what_is_missing(tmp_path: Path) -> Non
     # the output keeps n_samples samples only, not the batch
     with pytest.raises(RecordingError, match=r"the source has shape \[4, 3\], the output \[8, 3\].*HINT: .*detail=\{'net.4': 'full'\}"):
         train(tmp_path, "samples", every_n_steps=2, intervention_schedule=Steps([2]), interventions={"p": Patch("net.4", source=RecordedStep(0))})
+
+
+def test_hf_trainer_patch_from_a_recorded_step(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from transformers import Trainer
+
+    from comgra_callbacks import ComgraTrainerCallback, RecordedStep, Steps
+    from tests.integrations.tiny_hf import MaskedTokens, tiny_bert, training_args
+
+    node = "bert.encoder.layer.0.intermediate"
+    cb = ComgraTrainerCallback(
+        str(tmp_path / "runs"), run_name="hf", every_n_steps=2, detail={node: "full"}, intervention_schedule=Steps([2]),
+        interventions={"from0": Patch(node, source=RecordedStep(0))},
+    )
+    Trainer(model=tiny_bert(), args=training_args(str(tmp_path / "out"), max_steps=3), train_dataset=MaskedTokens(), callbacks=[cb]).train()
+    run = open_run(tmp_path / "runs" / "hf")
+    step0 = run.samples(node, 0, step_type="train")
+    assert step0.shape == (4, 12, 64)
+    np.testing.assert_array_equal(run.samples(node, 2, step_type="from0"), step0)
+    assert not np.array_equal(run.samples(node, 2, step_type="train"), step0)
