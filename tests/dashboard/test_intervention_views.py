@@ -37,7 +37,7 @@ def test_the_graph_is_coloured_by_the_circuit_at_the_selected_step(circuit_root,
     from comgra_callbacks.dashboard.graph_view import NO_CIRCUIT
 
     dash = dashboard_for(circuit_root)
-    dash.selection.step_type = "train"
+    assert dash.selection.step_type == "train"  # the normal records open first, though step 0's intervention was written first
     graph = dash.graph
     assert graph.param.circuit.objects == [NO_CIRCUIT, "circuit"] and graph.circuit == NO_CIRCUIT
     assert graph.circuit_boxes.data["name"] == []  # nothing painted until asked
