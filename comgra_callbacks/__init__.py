@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from comgra_callbacks._version import __version__
+from comgra_callbacks.circuit_tracking import CircuitTracking
 from comgra_callbacks.errors import (
     ComgraError,
     ConfigError,
@@ -30,7 +31,7 @@ from comgra_callbacks.errors import (
     StoreError,
 )
 from comgra_callbacks.recording.context import connect, note, record, record_this_step
-from comgra_callbacks.recording.interventions import Ablate, Patch
+from comgra_callbacks.recording.interventions import Ablate, Patch, RecordedStep
 from comgra_callbacks.recording.sampling import Balanced, First, Indices, TopK
 from comgra_callbacks.recording.schedules import (
     AllOf,
@@ -65,6 +66,7 @@ __all__ = [
     "AnyOf",
     "Balanced",
     "Budget",
+    "CircuitTracking",
     "ComgraCallback",
     "ComgraError",
     "ComgraTrainerCallback",
@@ -85,6 +87,7 @@ __all__ = [
     "NonFinite",
     "Patch",
     "Predicate",
+    "RecordedStep",
     "RecordingError",
     "Run",
     "RunNotFoundError",

@@ -23,3 +23,6 @@ def test_circuit_notebook_runs(tmp_path: Path) -> None:
     assert "circle (8 vs 3)" in outputs and "straight line (4 vs 9)" in outputs
     assert "Run('digits_l1', status='finished', records=20" in outputs
     assert "exact circuit effect" in outputs
+    # the same pair tracked by the callback during training agrees with the models rebuilt from the store
+    assert "(1280, 5) ['step', 'node', 'unit', 'score', 'effect']" in outputs
+    assert "best unit equal to the one found from the stored parameters at 100% of the steps" in outputs

@@ -141,3 +141,60 @@ def test_hf_trainer_interventions(tmp_path: Path) -> None:
     name = node if node in run.nodes else f"{node}:0"  # its first output (HF attention returns a tuple)
     assert run.stats(name, step_type="heads").loc[0, "abs_mean"] == 0 and run.stats(name, step_type="train").loc[0, "abs_mean"] > 0
     assert run.stats("loss", step_type="heads").loc[2, "mean"] != run.stats("loss", step_type="train").loc[2, "mean"]
+
+
+def test_patch_from_a_recorded_step_of_the_same_run_and_of_a_finished_one(tmp_path: Path) -> None:
+    from comgra_callbacks import RecordedStep, Steps
+
+    full = {"net.0": "full"}
+    _, run = train(
+        tmp_path, "own", every_n_steps=2, detail=full, intervention_schedule=Steps([4]),
+        interventions={"from0": Patch("net.0", source=RecordedStep(0)), "from2": Patch("net.0", source=RecordedStep(2), units=[1])},
+    )
+    step0 = run.samples("net.0", 0, step_type="train")
+    assert step0.shape == (8, 8)
+    np.testing.assert_array_equal(run.samples("net.0", 4, step_type="from0"), step0)  # the value after the patch
+    assert not np.array_equal(run.samples("net.0", 4, step_type="train"), step0)
+    np.testing.assert_array_equal(run.samples("net.0", 4, step_type="from2")[:, 1], run.samples("net.0", 2, step_type="train")[:, 1])
+    assert run.meta["config"]["interventions"]["from0"]["source"] == {"step": 0, "step_type": "train", "run": None}
+    # a finished run as the source, by its path
+    _, other = train(tmp_path, "other", every_n_steps=3, detail=full, interventions={"old": Patch("net.0", source=RecordedStep(2, run=run.uri))})
+    np.testing.assert_array_equal(other.samples("net.0", 3, step_type="old"), run.samples("net.0", 2, step_type="train"))
+
+
+def test_patch_from_a_recorded_step_names_what_is_missing(tmp_path: Path) -> None:
+    from comgra_callbacks import RecordedStep, RecordingError, Steps
+
+    with pytest.raises(ConfigError, match=r"`RecordedStep\(step=...\)`: expected a non-negative int, got -1"):
+        RecordedStep(-1)
+    with pytest.raises(ConfigTypeError, match=r"`RecordedStep\(run=...\)`: expected None \(this run\), a Run or a run's path or URL, got int"):
+        RecordedStep(0, run=3)
+    # net.2 keeps only per-neuron statistics by default: nothing to patch from
+    with pytest.raises(RecordingError, match=r"no recorded values of 'net.2' at step 0 \('train'\).*HINT: record the node in full"):
+        train(tmp_path, "stats", every_n_steps=2, intervention_schedule=Steps([2]), interventions={"p": Patch("net.2", source=RecordedStep(0))})
+    # a step that is not recorded (yet)
+    with pytest.raises(RecordingError, match=r"no recorded values of 'net.0' at step 4"):
+        train(tmp_path, "later", every_n_steps=2, detail={"net.0": "full"}, intervention_schedule=Steps([2]), interventions={"p": Patch("net.0", source=RecordedStep(4))})
+    # the output keeps n_samples samples only, not the batch
+    with pytest.raises(RecordingError, match=r"the source has shape \[4, 3\], the output \[8, 3\].*HINT: .*detail=\{'net.4': 'full'\}"):
+        train(tmp_path, "samples", every_n_steps=2, intervention_schedule=Steps([2]), interventions={"p": Patch("net.4", source=RecordedStep(0))})
+
+
+def test_hf_trainer_patch_from_a_recorded_step(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from transformers import Trainer
+
+    from comgra_callbacks import ComgraTrainerCallback, RecordedStep, Steps
+    from tests.integrations.tiny_hf import MaskedTokens, tiny_bert, training_args
+
+    node = "bert.encoder.layer.0.intermediate"
+    cb = ComgraTrainerCallback(
+        str(tmp_path / "runs"), run_name="hf", every_n_steps=2, detail={node: "full"}, intervention_schedule=Steps([2]),
+        interventions={"from0": Patch(node, source=RecordedStep(0))},
+    )
+    Trainer(model=tiny_bert(), args=training_args(str(tmp_path / "out"), max_steps=3), train_dataset=MaskedTokens(), callbacks=[cb]).train()
+    run = open_run(tmp_path / "runs" / "hf")
+    step0 = run.samples(node, 0, step_type="train")
+    assert step0.shape == (4, 12, 64)
+    np.testing.assert_array_equal(run.samples(node, 2, step_type="from0"), step0)
+    assert not np.array_equal(run.samples(node, 2, step_type="train"), step0)

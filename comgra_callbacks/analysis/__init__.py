@@ -18,7 +18,9 @@ needs through the reader and returns a DataFrame (or a dict).
 * :func:`update_outliers`, :func:`contributions`, :func:`top_items`, :func:`influence` -- which training items
   moved a neuron: outlier updates, each sample's share of an update, TracIn (runs recorded with ``attribution=``).
 * :func:`activation_patching`, :func:`attribution_patching`, :func:`circuit` -- circuit discovery on a model:
-  which units carry the difference between a clean and a corrupted input.
+  which units carry the difference between a clean and a corrupted input; :func:`tracked_circuit` -- the
+  circuit tracked during training (``run.circuit_scores()``) at one step.
+* :func:`paired_stats`, :func:`paired_steps` -- an intervention against the normal record of the same steps.
 
 >>> from comgra_callbacks import analysis
 >>> sorted(name for name in analysis.__all__ if not name[0].isupper())[:5]
@@ -34,8 +36,14 @@ from comgra_callbacks.analysis.compare import compare, compare_nodes, range_stat
 from comgra_callbacks.analysis.correlate import correlate, spearman
 from comgra_callbacks.analysis.derive import derive
 from comgra_callbacks.analysis.fourier import Spectrum, fourier, spectrum
+from comgra_callbacks.analysis.interventions import paired_stats, paired_steps
 from comgra_callbacks.analysis.order import Flow
-from comgra_callbacks.analysis.patching import activation_patching, attribution_patching, circuit
+from comgra_callbacks.analysis.patching import (
+    activation_patching,
+    attribution_patching,
+    circuit,
+    tracked_circuit,
+)
 from comgra_callbacks.analysis.phases import compare_measures, phases
 from comgra_callbacks.analysis.trace import Z_THRESHOLD, first_anomaly, sample_positions, sample_z, trace
 
@@ -55,6 +63,8 @@ __all__ = [
     "first_anomaly",
     "fourier",
     "influence",
+    "paired_stats",
+    "paired_steps",
     "phases",
     "range_stats",
     "sample_positions",
@@ -64,5 +74,6 @@ __all__ = [
     "spread",
     "top_items",
     "trace",
+    "tracked_circuit",
     "update_outliers",
 ]

@@ -499,3 +499,47 @@ def circuit(
         sparsity=1.0 - sum(len(u) for u in fixed.values()) / total,
         seconds=time.perf_counter() - started,
     )
+
+
+# ------------------------------------------------------------------------------------------ over training
+
+
+def tracked_circuit(scores: pd.DataFrame, step: int | None = None, *, k: int = 5) -> pd.DataFrame:
+    """The circuit tracked during training as it was at ``step``: the ``k`` units of each node with the highest
+    ``effect`` at the last evaluated step at or before ``step`` (the first evaluated step when ``step`` comes
+    before it; None: the last evaluated step).
+
+    Args:
+        scores: ``run.circuit_scores()`` (columns step, node, unit, score, effect).
+        step: a training step. k: units kept per node.
+
+    Returns:
+        Columns node, unit, score, effect, rank (0 = the node's best unit), sorted by node then rank;
+        ``attrs["step"]`` is the evaluated step used. Empty (no ``attrs["step"]``) for empty scores.
+
+    >>> scores = pd.DataFrame({"step": [0, 0, 10, 10], "node": ["h"] * 4, "unit": [0, 1, 0, 1],
+    ...                        "score": [1.0, 1.0, 0.9, 0.1], "effect": [0.0, 0.0, 0.1, 0.9]})
+    >>> found = tracked_circuit(scores, 12, k=1)
+    >>> found.attrs["step"], found[["node", "unit", "effect"]].values.tolist()
+    (10, [['h', 1, 0.9]])
+    """
+    from comgra_callbacks.validation import positive_int
+
+    positive_int("tracked_circuit", "k", k)
+    missing = [c for c in ("step", "node", "unit", "score", "effect") if c not in scores.columns]
+    if missing:
+        raise ConfigError(f"`tracked_circuit(scores=...)`: expected the columns of run.circuit_scores() (step, node, unit, score, effect); missing {missing}.")
+    if scores.empty:
+        return pd.DataFrame({"node": pd.Series(dtype=object), "unit": pd.Series(dtype="int64"), "score": pd.Series(dtype="float64"),
+                             "effect": pd.Series(dtype="float64"), "rank": pd.Series(dtype="int64")})
+    evaluated = sorted(int(s) for s in scores["step"].unique())
+    if step is None:
+        chosen = evaluated[-1]
+    else:
+        before = [s for s in evaluated if s <= step]
+        chosen = before[-1] if before else evaluated[0]
+    at = scores[scores["step"] == chosen].sort_values(["node", "effect"], ascending=[True, False], kind="stable", na_position="last")
+    at = at.assign(rank=at.groupby("node", sort=False).cumcount())
+    table = at[at["rank"] < k][["node", "unit", "score", "effect", "rank"]].reset_index(drop=True)
+    table.attrs["step"] = chosen
+    return table

@@ -15,7 +15,7 @@ import panel as pn
 from bokeh.models.widgets.tables import NumberFormatter
 from panel.viewable import Viewer
 
-from comgra_callbacks.analysis import compare_nodes, spread
+from comgra_callbacks.analysis import compare_nodes, paired_stats, paired_steps, spread
 from comgra_callbacks.dashboard import plots, safe
 from comgra_callbacks.dashboard.data import Missing
 from comgra_callbacks.dashboard.gather import node_comparison, side_summary
@@ -103,10 +103,16 @@ class CompareView(Viewer):
         side_a, side_b = cmp.sides()
         self.phase_picker.rank(side_a, side_b)
         data_a, data_b = sel.catalog.runs.get(side_a.run), sel.catalog.runs.get(side_b.run)
-        sum_a, sum_b = side_summary(data_a, side_a, sel.view), side_summary(data_b, side_b, sel.view)
+        paired = self._paired(data_a, side_a, side_b) if cmp.mode == "step types" else None
+        if paired is not None:
+            sum_a, sum_b, steps = paired
+            over = f"averaged over the {len(steps)} steps where both step types have a record (the same batch and parameters)."
+        else:
+            sum_a, sum_b = side_summary(data_a, side_a, sel.view), side_summary(data_b, side_b, sel.view)
+            over = "averaged over each side's records" + (" (the two step types share no step)." if cmp.mode == "step types" else ".")
         self.summary.object = (
             f"**A** = {safe.text(side_a.label)}  \n**B** = {safe.text(side_b.label)}  \nview **{safe.text(sel.view)}**, "
-            f"statistic **{safe.text(sel.statistic)}**, averaged over each side's records."
+            f"statistic **{safe.text(sel.statistic)}**, {over}"
         )
         problem = next((s.message for s in (sum_a, sum_b) if isinstance(s, Missing)), None)
         if problem is not None:
@@ -129,6 +135,20 @@ class CompareView(Viewer):
         if isinstance(self.node_table, Missing):
             self.summary.object += f"\n\n⚠ {safe.text(self.node_table.message)}"
         self._node_plot(side_a, side_b)
+
+    def _paired(self, data: Any, side_a: Any, side_b: Any) -> tuple[Any, Any, list[int]] | None:
+        """Step-type mode: both sides over the steps where both step types have a record (an intervention
+        and the normal record of its step), or None when they share no step (then each side's records)."""
+        if data is None or side_a.step_type is None or side_b.step_type is None or side_a.step_type == side_b.step_type:
+            return None
+        view, a, b = self.selection.view, side_a.step_type, side_b.step_type
+        steps = data._cached(("paired_steps", a, b), lambda: paired_steps(data.run, a, b))
+        if isinstance(steps, Missing) or not steps:
+            return None
+        both = data._cached(("paired_stats", a, b, view), lambda: paired_stats(data.run, a, b, view=view))
+        if isinstance(both, Missing):
+            return both, both, steps
+        return both[0], both[1], steps
 
     def _node_plot(self, side_a: Any, side_b: Any) -> None:
         sel = self.selection

@@ -3,6 +3,11 @@
 One Bokeh figure stays on the page. A new run, step type or grouping replaces the boxes' data; selecting a
 node only replaces the highlight and its arrows (a few rows of data), so clicking through a big graph is
 instant and keeps the zoom. Big graphs start collapsed by module prefix; clicking a group box opens it.
+
+A circuit tracked during training (``circuit_tracking=`` of the callbacks) can colour the boxes: "Colour by
+circuit" paints each node by the highest attribution-patching effect of its units at the selected step (the
+last evaluated step at or before it), dark red = the unit closes the whole clean-corrupted gap; hovering a
+box lists its best units, and selecting a node lists them under the graph.
 """
 
 from __future__ import annotations
@@ -15,15 +20,22 @@ import param
 from bokeh import events
 from bokeh.models import CDSView, ColumnDataSource, GroupFilter, HoverTool, Range1d, TapTool, WheelZoomTool
 from bokeh.models.annotations import LegendItem
+from bokeh.palettes import YlOrRd9
 from bokeh.plotting import figure
 from panel.viewable import Viewer
 
+from comgra_callbacks.analysis import tracked_circuit
 from comgra_callbacks.dashboard import layout as lay
+from comgra_callbacks.dashboard import safe
+from comgra_callbacks.dashboard.data import Missing
 from comgra_callbacks.dashboard.state import Selection
 
 MAX_BOXES = 40  # above this many nodes the graph starts grouped by module prefix
 IN_COLOR, OUT_COLOR, SELECTED = "#2b8a3e", "#c92a2a", "#111111"
 GRAPH_FIGURE = "comgra-graph"  # the figure's name, for browser tests and users' scripts
+NO_CIRCUIT = "none"
+CIRCUIT_UNITS = 5  # units listed per node
+CIRCUIT_COLORS = list(YlOrRd9)  # dark red (effect 1) to light yellow (effect 0)
 
 
 class GraphView(Viewer):
@@ -36,6 +48,7 @@ class GraphView(Viewer):
 
     grouping: param.Selector[str] = param.Selector(default="auto", objects=["auto", "none", "1", "2", "3", "4"], label="Group by module")
     expanded = param.List(default=[], doc="Group boxes opened by a click.")
+    circuit: param.Selector[str] = param.Selector(default=NO_CIRCUIT, objects=[NO_CIRCUIT], label="Colour by circuit")
 
     def __init__(self, selection: Selection, **params: Any) -> None:
         super().__init__(**params)
@@ -44,14 +57,22 @@ class GraphView(Viewer):
         self._key: tuple[Any, ...] | None = None
         self._build_figure()
         self.info = pn.pane.Markdown("", margin=(0, 10))
+        self.circuit_info = pn.pane.Markdown("", margin=(0, 10))
+        self.circuit_units: dict[str, list[tuple[str, int, float]]] = {}  # box -> [(node, unit, effect)], best first
         selection.param.watch(self._on_structure, ["run", "step_type", "revision"])
         selection.param.watch(self._on_node, ["node"])
+        selection.param.watch(lambda _: self._draw_circuit(), ["step"])
         self.param.watch(self._on_structure, ["grouping", "expanded"])
+        self.param.watch(lambda _: self._draw_circuit(), ["circuit"])
         self._rebuild()
 
     def __panel__(self) -> pn.viewable.Viewable:
-        controls = pn.Row(pn.widgets.Select.from_param(self.param.grouping, width=140), self.info, align="center")
-        return pn.Column(controls, pn.Column(self.pane, scroll=True, max_height=720, sizing_mode="stretch_width"), sizing_mode="stretch_width")
+        controls = pn.Row(
+            pn.widgets.Select.from_param(self.param.grouping, width=140), pn.widgets.Select.from_param(self.param.circuit, width=160),
+            self.info, align="center",
+        )
+        graph = pn.Column(self.pane, scroll=True, max_height=720, sizing_mode="stretch_width")
+        return pn.Column(controls, graph, self.circuit_info, sizing_mode="stretch_width")
 
     def _build_figure(self) -> None:
         fig = figure(
@@ -73,6 +94,9 @@ class GraphView(Viewer):
                          fill_color=color, line_color="#555555", legend_label=kind)
             )
         fig.add_tools(HoverTool(renderers=renderers, tooltips=[("", "@name"), ("kind", "@kind"), ("", "@info")]))
+        self.circuit_boxes = ColumnDataSource({k: [] for k in ("left", "right", "bottom", "top", "name", "color", "effect", "units")})
+        painted = fig.quad(left="left", right="right", bottom="bottom", top="top", source=self.circuit_boxes, fill_color="color", line_color="#555555")
+        fig.add_tools(HoverTool(renderers=[painted], tooltips=[("", "@name"), ("effect", "@effect{0.000}"), ("units", "@units")]))
         fig.text(x="x", y="y", text="label", source=self.boxes, text_align="center", text_baseline="middle", text_font_size="8pt", text_color="#111111")
         self.highlight = ColumnDataSource({"left": [], "right": [], "bottom": [], "top": []})
         fig.quad(left="left", right="right", bottom="bottom", top="top", source=self.highlight, fill_alpha=0, line_color=SELECTED, line_width=3)
@@ -122,6 +146,8 @@ class GraphView(Viewer):
             plural = "group" if groups == 1 else "groups"
             self.info.object = f"{len(kinds)} nodes" + (f" in {len(self.layout.boxes)} boxes ({groups} module {plural}: click one to open it)" if groups else "")
         self._draw_highlight(self._box_of(sel.node))
+        self._circuit_options(data)
+        self._draw_circuit()
 
     def _open_for(self, node: str, kinds: dict[str, str], modules: dict[str, str | None], depth: int, expanded: list[str]) -> list[str]:
         """Open the groups that hide ``node`` (a node chosen from a list or by the comparison table)."""
@@ -170,6 +196,7 @@ class GraphView(Viewer):
             self._rebuild()  # the node hides in a group: open it
         else:
             self._draw_highlight(self._box_of(node))
+            self._describe_circuit()
 
     def _draw_highlight(self, name: str) -> None:
         box = self.layout.boxes.get(name)
@@ -194,6 +221,61 @@ class GraphView(Viewer):
         self.highlight.data = rect
         self.edges.data = edges
         self.heads.data = heads
+
+    # ------------------------------------------------------------------------------- circuits
+    def _circuit_options(self, data: Any) -> None:
+        names = [NO_CIRCUIT, *data.run.circuits]
+        if self.param.circuit.objects != names:
+            self.param.circuit.objects = names
+            if self.circuit not in names:
+                self.circuit = NO_CIRCUIT
+
+    def _draw_circuit(self) -> None:
+        """Paint the boxes by the circuit's effect at the selected step (or remove the paint)."""
+        sel, data, name = self.selection, self.selection.data, self.circuit
+        self.circuit_units = {}
+        rows: dict[str, list[Any]] = {k: [] for k in self.circuit_boxes.data}
+        if name == NO_CIRCUIT or data is None:
+            self.circuit_boxes.data = rows
+            self._describe_circuit()
+            return
+        scores = data._cached(("circuit_scores", name, data.run.manifest.scalars_len), lambda: data.run.circuit_scores(name))
+        table = tracked_circuit(scores, sel.step, k=CIRCUIT_UNITS) if not isinstance(scores, Missing) else None
+        if table is None or table.empty:
+            self.circuit_boxes.data = rows
+            self.circuit_info.object = f"⚠ circuit {safe.text(name)}: no scores" + (f" ({safe.text(scores.message)})" if isinstance(scores, Missing) else "")
+            return
+        by_node: dict[str, list[tuple[str, int, float]]] = {}
+        for node, unit, effect in table[["node", "unit", "effect"]].itertuples(index=False):
+            by_node.setdefault(str(node), []).append((str(node), int(unit), float(effect)))
+        w, h = lay.BOX_W / 2, lay.BOX_H / 2
+        for box in self.layout.boxes.values():
+            units = sorted((u for member in box.members for u in by_node.get(member, [])), key=lambda u: -u[2] if u[2] == u[2] else 0.0)
+            if not units:
+                continue
+            best = max((u[2] for u in units if u[2] == u[2]), default=float("nan"))
+            self.circuit_units[box.name] = units
+            shade = 0.0 if best != best else min(1.0, max(0.0, best))
+            for key, value in (
+                ("left", box.x - w), ("right", box.x + w), ("bottom", box.y - h), ("top", box.y + h), ("name", box.name),
+                ("color", CIRCUIT_COLORS[round((1.0 - shade) * (len(CIRCUIT_COLORS) - 1))]), ("effect", best),
+                ("units", _units_text(units, box.is_group)),
+            ):
+                rows[key].append(value)
+        self.circuit_boxes.data = rows
+        self._circuit_step = int(table.attrs["step"])
+        self._describe_circuit()
+
+    def _describe_circuit(self) -> None:
+        if self.circuit == NO_CIRCUIT:
+            self.circuit_info.object = ""
+            return
+        step = getattr(self, "_circuit_step", None)
+        text = f"Circuit **{safe.text(self.circuit)}** at evaluated step **{step}** (colour: the best unit's effect, dark red = 1)."
+        units = self.circuit_units.get(self._box_of(self.selection.node))
+        if units:
+            text += f"  \nBest units of **{safe.text(self.selection.node)}**: {safe.text(_units_text(units, False))}"
+        self.circuit_info.object = text
 
     def _on_tap_event(self, event: Any) -> None:
         self._on_tap(event.x, event.y)
@@ -238,6 +320,12 @@ def _edge_points(src: lay.Box, dst: lay.Box, w: float, h: float) -> tuple[float,
         return src.x, src.y - sign * h, dst.x, dst.y + sign * h
     sign = 1.0 if dst.x > src.x else -1.0
     return src.x + sign * w, src.y, dst.x - sign * w, dst.y
+
+
+def _units_text(units: list[tuple[str, int, float]], with_node: bool) -> str:
+    """``"3 (0.82), 5 (0.41)"``; with the node's name for a group box."""
+    shown = units[:CIRCUIT_UNITS]
+    return ", ".join(f"{n}:{u} ({e:.2f})" if with_node else f"{u} ({e:.2f})" for n, u, e in shown)
 
 
 def _describe(graph: Any, box: lay.Box) -> str:

@@ -121,7 +121,8 @@ class Selection(param.Parameterized):
             return
         run = data.run
         types = run.step_types
-        step_type = self.step_type if self.step_type in types else (types[0] if types else None)
+        default_type = "train" if "train" in types else (types[0] if types else None)  # an intervention may be written first
+        step_type = self.step_type if self.step_type in types else default_type
         steps = [int(s) for s in data.steps_of(step_type)]
         step = nearest(steps, self.step) if steps else 0
         graph = data.graph(step_type)

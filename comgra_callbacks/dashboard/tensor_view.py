@@ -6,7 +6,8 @@ Layout (below the graph):
 * the statistics table: every view of the node at this step side by side (for a parameter: value,
   gradient, update and the update-to-weight ratio);
 * the chosen statistic over all recorded steps with the current step marked (moving the step only moves
-  the marker);
+  the marker), optionally overlaid with the same statistic of another step type (an intervention's records
+  next to the normal ones: "Overlay step type");
 * the values, depending on the detail: batch statistics as bands over training (plus ‖update‖/‖weight‖ for
   a parameter), per-neuron statistics as bars or a heatmap, or the raw values of one sample as a heatmap;
   and a histogram of those values.
@@ -33,6 +34,7 @@ from comgra_callbacks.store import format as fmt
 _HISTORY = {"run", "step_type", "node", "view", "role", "iteration", "statistic", "revision"}
 _WATCHED = ["run", "step_type", "step", "node", "view", "detail", "sample", "role", "iteration", "statistic", "revision"]
 MAX_BARS = 128
+NO_OVERLAY = "none"
 
 
 class TensorView(Viewer):
@@ -46,6 +48,11 @@ class TensorView(Viewer):
         self.table = pn.pane.DataFrame(None, sizing_mode="stretch_width", max_height=320, float_format="{:.4g}".format, margin=(0, 10))
         self.table_note = pn.pane.Markdown("", margin=(0, 10))
         self.history = fg.LineFigure()
+        self.overlay = pn.widgets.Select(label="Overlay step type", options=[NO_OVERLAY], value=NO_OVERLAY, width=180)
+        self.overlay_src = self.history.source(x=[], y=[])
+        self.history.figure.line("x", "y", source=self.overlay_src, color=fg.B_COLOR, line_width=1, line_dash="dotted")
+        self.history.figure.scatter("x", "y", source=self.overlay_src, color=fg.B_COLOR, size=6)
+        self.overlay.param.watch(lambda _: self._draw_overlay(), "value")
         self.band = fg.BandFigure()
         self.bars = fg.BarFigure()
         self.neuron_map = fg.HeatmapFigure(x_label="neuron", y_label="")
@@ -60,7 +67,7 @@ class TensorView(Viewer):
         values = pn.Column(self.band.box, self.bars.box, self.neuron_map.box, self.sample_map.box)
         return pn.Column(
             self.header,
-            pn.Row(pn.Column(self.table, self.table_note, width=540), self.history.box),
+            pn.Row(pn.Column(self.table, self.table_note, width=540), pn.Column(self.overlay, self.history.box)),
             pn.Row(values, pn.Column(self.histogram.box, self.ratio.box)),
             self.note,
             sizing_mode="stretch_width",
@@ -84,6 +91,8 @@ class TensorView(Viewer):
                 fig.message("nothing selected")
             return
         snap = sel.snapshot()
+        if changed & {"run", "step_type", "revision"}:
+            self._overlay_options()
         self.data = data = tensor_data(sel.data, snap)
         if data.n_samples and sel.n_samples != data.n_samples:
             sel.n_samples = data.n_samples
@@ -97,9 +106,35 @@ class TensorView(Viewer):
                 self.history.message(f"no {snap.statistic!r} recorded for this view", title)
             else:
                 self.history.set(data.history.index.to_numpy(), data.history[snap.statistic].to_numpy(), title, snap.statistic)
+                self._draw_overlay()
         self._values(data, changed)
         for fig in (self.history, self.band, self.ratio):
             fig.mark(snap.step)
+
+    # ------------------------------------------------------------------------------ overlay
+    def _overlay_options(self) -> None:
+        sel = self.selection
+        others = [t for t in sel.param.step_type.objects if t is not None and t != sel.step_type]
+        options = [NO_OVERLAY, *others]
+        if list(self.overlay.options) != options:
+            value = self.overlay.value if self.overlay.value in options else NO_OVERLAY
+            self.overlay.param.update(options=options, value=value)
+
+    def _draw_overlay(self) -> None:
+        """The chosen statistic of the overlay step type (red points) on the history plot, or nothing."""
+        sel, other = self.selection, self.overlay.value
+        empty: dict[str, list[Any]] = {"x": [], "y": []}
+        if other == NO_OVERLAY or sel.data is None or sel.node is None or self.history.label.visible:
+            self.overlay_src.data = empty
+            return
+        title = f"{sel.node} · {sel.view}: {sel.statistic} over training · red: {other}"
+        history = sel.data.stats(sel.node, sel.view, sel.role_value, sel.iteration_value, other) if sel.data.has_data(sel.node) else Missing("no data")
+        if isinstance(history, Missing) or sel.statistic not in history.columns or history.empty:
+            self.overlay_src.data = empty
+            self.history.shown(f"{title} (no records of {sel.node!r})")
+            return
+        self.overlay_src.data = {"x": history.index.to_numpy(), "y": history[sel.statistic].to_numpy(dtype=np.float64)}
+        self.history.shown(title)
 
     # -------------------------------------------------------------------------------- parts
     def _header(self, data: TensorData) -> str:

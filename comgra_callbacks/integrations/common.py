@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from comgra_callbacks import validation as v
 from comgra_callbacks._version import __version__
+from comgra_callbacks.circuit_tracking import CircuitTracking, check_circuit_tracking
 from comgra_callbacks.errors import ComgraError, ConfigError, ConfigTypeError, StoreError
 from comgra_callbacks.measures import check_measures
 from comgra_callbacks.measures import evaluate as evaluate_measures
@@ -78,6 +79,7 @@ class RecordingOptions:
     measure_schedule: Schedule | None = None
     attribution: NameFilter = None
     index_field: str | int | None = None
+    circuit_tracking: dict[str, CircuitTracking] | None = None
 
     @classmethod
     def validated(cls, owner: str, **kw: Any) -> RecordingOptions:
@@ -161,6 +163,7 @@ class RecordingOptions:
             measure_schedule=measure_schedule,
             attribution=kw.get("attribution"),
             index_field=check_index_field(owner, kw.get("index_field")),
+            circuit_tracking=check_circuit_tracking(owner, kw.get("circuit_tracking")),
         )
 
     def plan(self, step: int, step_type: str) -> Plan | None:
@@ -179,7 +182,11 @@ class RecordingOptions:
 
     def measure(self, recorder: Recorder, model: Any, trainer: Any, step: int, plan: Plan | None) -> None:
         """Evaluate the measures when step ``step`` wants them (``measure_schedule``, by default every step the
-        schedule records) and store them with the run, stamped ``step``."""
+        schedule records) and store them with the run, stamped ``step``; the same for the tracked circuits
+        (``circuit_tracking=``)."""
+        for name, tracking in (self.circuit_tracking or {}).items():
+            if tracking.wants(step, plan == "record"):
+                recorder.log_scalar_rows(tracking.rows(name, step, model))
         if not self.measures:
             return
         wanted = plan == "record" if self.measure_schedule is None else self.measure_schedule.wants(step)
@@ -235,6 +242,7 @@ class RecordingOptions:
             "measure_schedule": repr(self.measure_schedule) if self.measure_schedule is not None else None,
             "attribution": describe_filter(self.attribution),
             "index_field": self.index_field,
+            "circuit_tracking": {k: t.describe() for k, t in self.circuit_tracking.items()} if self.circuit_tracking else None,
             **self.policy.describe(),
         }
 
@@ -276,6 +284,18 @@ class RecordingOptions:
         recorder = Recorder(self.recorder_config(), sink, policy=self.policy)
         recorder.attach(model)
         return recorder
+
+    def own_run(self, recorder: Recorder, run_name: str) -> Callable[[], Any]:
+        """A function returning a reader of the run being written, with everything recorded so far flushed
+        (read by a patch from a recorded step of this run, on intervention steps only)."""
+
+        def read() -> Any:
+            from comgra_callbacks.store.reader import Run
+
+            recorder.writer.flush()
+            return Run(open_root(self.root, self.storage_options).run(run_name))
+
+        return read
 
     def run_exists(self, run_name: str) -> bool:
         return open_root(self.root, self.storage_options).run(run_name).read_bytes("manifest.json") is not None

@@ -44,6 +44,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+from comgra_callbacks.circuit_tracking import CircuitTracking
 from comgra_callbacks.errors import RecordingError, missing_extra
 from comgra_callbacks.integrations.common import (
     RecordingOptions,
@@ -90,7 +91,8 @@ class ComgraTrainerCallback(TrainerCallback):
             group ``<run_name>/rank<r>``).
         attribution, index_field: as for :class:`~comgra_callbacks.ComgraCallback`; the index is a model input
             of that name (the ``Trainer`` drops dataset columns the model's ``forward`` does not take).
-        measures, measure_schedule, interventions, intervention_schedule: as for :class:`~comgra_callbacks.ComgraCallback`; the extra pass
+        measures, measure_schedule, interventions, intervention_schedule, circuit_tracking: as for
+            :class:`~comgra_callbacks.ComgraCallback`; the extra pass
             calls the model with the first micro-batch's keyword arguments and uses its ``output.loss``, after
             clipping and before the optimizer step (outside the ``Trainer``'s autocast context).
         modules, parameters, buffers, neuron_axis, n_samples, neurons, grads, updates, per_loss_grads, val_batches, batch_fn,
@@ -136,6 +138,7 @@ class ComgraTrainerCallback(TrainerCallback):
         measure_schedule: Schedule | None = None,
         attribution: NameFilter = None,
         index_field: str | int | None = None,
+        circuit_tracking: CircuitTracking | dict[str, CircuitTracking] | None = None,
         n_samples: int = 4,
         neurons: bool = True,
         grads: bool = True,
@@ -222,6 +225,7 @@ class ComgraTrainerCallback(TrainerCallback):
         recorder = self.options.open_recorder(run_name, model, resume=self._opened_before, meta=meta)
         recorder.writer.op("start_segment", int(state.global_step))
         self._recorder, self._opened_before = recorder, True
+        self._run_group = run_name  # the group being written (a patch may read an earlier step of it)
         self._step, self._accumulation = state.global_step, max(int(args.gradient_accumulation_steps), 1)
         _OPEN.add(self)
         _install_exit_hooks()
@@ -283,6 +287,7 @@ class ComgraTrainerCallback(TrainerCallback):
                 batch_idx=self._steps_in_epoch * self._accumulation,
                 batch=inputs,
                 loss_of=lambda batch: _loss_of(model(**batch)),
+                own_run=self.options.own_run(recorder, self._run_group),
             )
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:

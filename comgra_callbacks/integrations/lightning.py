@@ -14,6 +14,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from comgra_callbacks.circuit_tracking import CircuitTracking
 from comgra_callbacks.integrations.common import (
     RecordingOptions,
     agree_on_problem,
@@ -92,6 +93,12 @@ class ComgraCallback(Callback):
             (see docs/attribution.md).
         index_field: the batch field holding each sample's dataset index (a dict key or attribute name, or a
             position in a tuple batch); default: a field named ``idx`` or ``index``, else the batch position.
+        circuit_tracking: ``CircuitTracking(clean, corrupted, nodes, schedule=None)`` (or a dict ``{name: ...}``):
+            attribution-patching scores of every unit of ``nodes`` for a fixed clean/corrupted pair, evaluated
+            before the forward pass of the steps the schedule records (or of its own ``schedule``), in eval mode,
+            leaving the model's mode, gradients and random generators as they were; read back with
+            ``run.circuit_scores()`` (columns step, node, unit, score, effect). See
+            :mod:`comgra_callbacks.circuit_tracking`.
         n_samples: how many individual samples are kept (where the detail asks for samples).
         neurons: keep per-neuron statistics.
         grads: record gradients. ``updates``: record parameter updates (costs a copy of the parameters on
@@ -154,6 +161,7 @@ class ComgraCallback(Callback):
         measure_schedule: Schedule | None = None,
         attribution: NameFilter = None,
         index_field: str | int | None = None,
+        circuit_tracking: CircuitTracking | dict[str, CircuitTracking] | None = None,
         n_samples: int = 4,
         neurons: bool = True,
         grads: bool = True,
@@ -317,6 +325,7 @@ class ComgraCallback(Callback):
                 batch_idx=batch_idx,
                 batch=batch,
                 loss_of=lambda b: _training_loss(trainer, pl_module, b, batch_idx),
+                own_run=self.options.own_run(recorder, self.options.run_name_for(self.run_name, trainer.global_rank)),
             )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

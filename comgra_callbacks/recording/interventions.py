@@ -17,7 +17,9 @@ module, so the recorded value of the intervened node is the value after the inte
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from comgra_callbacks.errors import ConfigError, ConfigTypeError, RecordingError
@@ -37,8 +39,9 @@ class Intervention:
 
     node: str
 
-    def prepare(self, model: Any, forward: Callable[[Any], Any]) -> None:
-        """Called before the intervention's pass (a patch computes its source here)."""
+    def prepare(self, model: Any, forward: Callable[[Any], Any], *, own_run: Callable[[], Any] | None = None) -> None:
+        """Called before the intervention's pass (a patch computes or reads its source here); ``own_run()``
+        returns a reader of the run being written, flushed."""
 
     def apply(self, output: Any, *, module: Any) -> Any:
         import torch
@@ -121,27 +124,96 @@ class Ablate(Intervention):
         return f"Ablate({self.node!r}, units={self.units!r}, mode={self.mode!r})"
 
 
+@dataclass(frozen=True)
+class RecordedStep:
+    """A patch source: the values a node had at a recorded step, read back from a store.
+
+    Args:
+        step: the recorded step.
+        step_type: its step type (``"train"``, or an intervention's name).
+        run: ``None`` (the run being written: the step must be recorded already, i.e. earlier), or a finished
+            run: a :class:`~comgra_callbacks.store.reader.Run`, or its path or URL.
+        iteration: which iteration of a node that ran several times (None: the last).
+
+    The node must have been recorded with ``detail={node: "full"}`` (every sample of the batch) at that step,
+    and the batch must have the same shape as the batch being patched.
+
+    >>> RecordedStep(120)
+    RecordedStep(step=120, step_type='train', run=None, iteration=None)
+    >>> RecordedStep(-1)
+    Traceback (most recent call last):
+    ...
+    comgra_callbacks.errors.ConfigError: `RecordedStep(step=...)`: expected a non-negative int, got -1.
+    """
+
+    step: int
+    step_type: str = "train"
+    run: Any = None
+    iteration: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
+            raise ConfigError(f"`RecordedStep(step=...)`: expected a non-negative int, got {self.step!r}.")
+        if not isinstance(self.step_type, str) or not self.step_type:
+            raise ConfigTypeError(f"`RecordedStep(step_type=...)`: expected a step type such as 'train', got {self.step_type!r}.")
+        if self.run is not None and not isinstance(self.run, (str, os.PathLike)) and not hasattr(self.run, "samples"):
+            raise ConfigTypeError(f"`RecordedStep(run=...)`: expected None (this run), a Run or a run's path or URL, got {type(self.run).__name__}.")
+        if self.iteration is not None and (isinstance(self.iteration, bool) or not isinstance(self.iteration, int)):
+            raise ConfigTypeError(f"`RecordedStep(iteration=...)`: expected None or an int, got {self.iteration!r}.")
+
+    def read(self, node: str, own_run: Callable[[], Any] | None) -> Any:
+        """The node's recorded values at this step, as a float tensor (first axis: the samples)."""
+        import torch
+
+        from comgra_callbacks.errors import ComgraError
+
+        where = f"`Patch({node!r}, source={self!r})`"
+        if self.run is None:
+            if own_run is None:
+                raise RecordingError(f"{where}: this run cannot be read here. HINT: pass run= (a finished run's path).")
+            run = own_run()
+        elif isinstance(self.run, (str, os.PathLike)):
+            from comgra_callbacks.store.reader import open_run
+
+            run = open_run(self.run)
+        else:
+            run = self.run
+        try:
+            values = run.samples(node, self.step, step_type=self.step_type, iteration=self.iteration)
+        except ComgraError as exc:
+            raise RecordingError(
+                f"{where}: no recorded values of {node!r} at step {self.step} ({self.step_type!r}) in run {run.name!r}: {exc} "
+                f"HINT: record the node in full on that step (detail={{{node!r}: 'full'}}); a step of this run must come before the patched one."
+            ) from exc
+        return torch.as_tensor(values, dtype=torch.float32)
+
+
 class Patch(Intervention):
     """Set a module's output to its value on another input.
 
     Args:
         node: the module, by its ``named_modules()`` name.
         source: a batch (the module's output on it is computed with the same parameters, just before the
-            pass), or a tensor holding the value itself. Its shape must be the output's.
+            pass), a tensor holding the value itself, or :class:`RecordedStep` (the node's values recorded at
+            another step of this run or of another run, with ``detail={node: "full"}``). Its shape must be the
+            output's.
         units: patch only these units (None = all).
     """
 
     def __init__(self, node: str, *, source: Any, units: Iterable[int] | None = None) -> None:
         self.node = _check_node("Patch", node)
         if source is None:
-            raise ConfigError("`Patch(source=...)`: expected a batch or a tensor, got None.")
+            raise ConfigError("`Patch(source=...)`: expected a batch, a tensor or RecordedStep(step), got None.")
         self.source = source
         self.units = None if units is None else [int(u) for u in units]
         self._value: Any = None
 
-    def prepare(self, model: Any, forward: Callable[[Any], Any]) -> None:
+    def prepare(self, model: Any, forward: Callable[[Any], Any], *, own_run: Callable[[], Any] | None = None) -> None:
         import torch
 
+        if isinstance(self.source, RecordedStep):
+            self._value = self.source.read(self.node, own_run)
+            return
         if isinstance(self.source, torch.Tensor):
             self._value = self.source.detach()
             return
@@ -168,7 +240,11 @@ class Patch(Intervention):
         value = self._value
         if value is None or tuple(value.shape) != tuple(output.shape):
             got = None if value is None else list(value.shape)
-            raise RecordingError(f"`Patch({self.node!r})`: the source has shape {got}, the output {list(getattr(output, 'shape', []))}; they must match.")
+            hint = ""
+            if isinstance(self.source, RecordedStep):
+                hint = (f" HINT: the values recorded at step {self.source.step} ({self.source.step_type!r}) are {got}: record the node with "
+                        f"detail={{{self.node!r}: 'full'}} (every sample, not n_samples), from batches of the same size.")
+            raise RecordingError(f"`Patch({self.node!r})`: the source has shape {got}, the output {list(getattr(output, 'shape', []))}; they must match.{hint}")
         value = value.to(output.device, output.dtype)
         if self.units is None:
             return value + 0 * output
@@ -180,10 +256,14 @@ class Patch(Intervention):
         return torch.where(mask.reshape(shape), value, output)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "units": self.units, "source": type(self.source).__name__}
+        source: Any = type(self.source).__name__
+        if isinstance(self.source, RecordedStep):
+            source = {"step": self.source.step, "step_type": self.source.step_type, "run": None if self.source.run is None else str(getattr(self.source.run, "uri", self.source.run))}
+        return {**super().describe(), "units": self.units, "source": source}
 
     def __repr__(self) -> str:
-        return f"Patch({self.node!r}, source=<{type(self.source).__name__}>, units={self.units!r})"
+        source = repr(self.source) if isinstance(self.source, RecordedStep) else f"<{type(self.source).__name__}>"
+        return f"Patch({self.node!r}, source={source}, units={self.units!r})"
 
 
 def _module(model: Any, node: str) -> Any:
@@ -219,11 +299,13 @@ def run_interventions(
     batch_idx: int,
     batch: Any,
     loss_of: Callable[[Any], Any],
+    own_run: Callable[[], Any] | None = None,
 ) -> None:
     """One extra forward and backward of ``batch`` per intervention, each recorded as its own step type.
 
     ``loss_of(batch)`` runs the model's forward and returns the loss (Lightning: ``training_step``; HF: the
-    model's ``output.loss``). The step being recorded, if any, is set aside and resumed afterwards; the
+    model's ``output.loss``). ``own_run()`` returns a reader of the run being written, flushed (for a patch
+    from a :class:`RecordedStep` of this run). The step being recorded, if any, is set aside and resumed afterwards; the
     parameters' gradients, the random number generators and the module buffers are restored.
     """
     import torch
@@ -237,7 +319,7 @@ def run_interventions(
     try:
         for name, intervention in interventions.items():
             module = _module(model, intervention.node)
-            intervention.prepare(model, loss_of)
+            intervention.prepare(model, loss_of, own_run=own_run)
             for p in params:
                 p.grad = None
             handle = module.register_forward_hook(lambda m, a, out, iv=intervention: iv.apply(out, module=m), prepend=True)

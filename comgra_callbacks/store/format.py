@@ -39,6 +39,7 @@ SAMPLES_PTR = "samples_ptr"  # int64 (R, n_series, 2): (offset into SAMPLES, sha
 SAMPLES = "samples"  # float32 (M,): per entry the samples, C order, shape from manifest["shapes"]
 SCALARS = "scalars"  # float64 (K, 3): (step, name id, value), names in manifest["scalar_names"]
 MEASURE_PREFIX = "measure/"  # scalars named so are measures (run.measures), not logged scalars
+CIRCUIT_PREFIX = "circuit/"  # circuit/<name>/<node>/<unit>/<score|effect>: tracked circuits (run.circuit_scores)
 
 RECORD_COLUMNS = ("step", "epoch", "batch_idx", "step_type", "reason", "segment")
 

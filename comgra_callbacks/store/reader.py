@@ -395,7 +395,53 @@ class Run:
         frame = pd.DataFrame(
             {"step": block[:, 0].astype(np.int64), "name": [m.scalar_names[int(i)] for i in block[:, 1]], "value": block[:, 2]}
         )
-        return frame[~frame["name"].str.startswith(fmt.MEASURE_PREFIX)].reset_index(drop=True)
+        return frame[~frame["name"].str.startswith((fmt.MEASURE_PREFIX, fmt.CIRCUIT_PREFIX))].reset_index(drop=True)
+
+    @property
+    def circuits(self) -> list[str]:
+        """Names of the circuits tracked during training (``circuit_tracking=``), sorted."""
+        return sorted({name[len(fmt.CIRCUIT_PREFIX):].split("/", 1)[0] for name in self.manifest.scalar_names if name.startswith(fmt.CIRCUIT_PREFIX)})
+
+    def circuit_scores(self, name: str | None = None) -> pd.DataFrame:
+        """Attribution-patching scores of a circuit tracked during training (``circuit_tracking=``): columns
+        step, node, unit, score, effect, one row per (step, node, unit), sorted by step, node, unit; the last
+        value when a step was evaluated twice (a resumed run). ``name``: which circuit (None: the only one)."""
+        names = self.circuits
+        columns = {"step": "int64", "node": object, "unit": "int64", "score": "float64", "effect": "float64"}
+        if name is None:
+            if len(names) > 1:
+                raise ConfigError(f"`Run.circuit_scores(name=...)`: run {self.name!r} tracked several circuits; expected one of {names}, got None.")
+            if not names:
+                return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
+            name = names[0]
+        if name not in names:
+            raise ConfigError(f"`Run.circuit_scores(name=...)`: expected one of {names} (the circuits tracked in run {self.name!r}), got {name!r}.")
+        m = self.manifest
+        block = self._read(fmt.SCALARS, slice(0, m.scalars_len))
+        problem = fmt.scalar_problem(block, m)
+        if problem is not None:
+            raise self._corrupt_array(fmt.SCALARS, problem)
+        prefix = f"{fmt.CIRCUIT_PREFIX}{name}/"
+        parsed: dict[int, tuple[str, int, str]] = {}
+        for i, full in enumerate(m.scalar_names):
+            if full.startswith(prefix):
+                node, unit, field = full[len(prefix):].rsplit("/", 2)
+                parsed[i] = (node, int(unit), field)
+        ids = block[:, 1].astype(np.int64)
+        chosen = block[np.isin(ids, np.fromiter(parsed, dtype=np.int64, count=len(parsed)))]
+        long = pd.DataFrame(
+            [(int(step), *parsed[int(i)], float(value)) for step, i, value in chosen],
+            columns=["step", "node", "unit", "field", "value"],
+        )
+        if long.empty:
+            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
+        wide = long.pivot_table(index=["step", "node", "unit"], columns="field", values="value", aggfunc="last", dropna=False).reset_index()
+        for field in ("score", "effect"):
+            if field not in wide:
+                wide[field] = np.nan
+        wide = wide[list(columns)].sort_values(["step", "node", "unit"], kind="stable").reset_index(drop=True)
+        wide.columns.name = None
+        return wide.astype({"step": "int64", "unit": "int64", "score": "float64", "effect": "float64"})
 
     @property
     def measures(self) -> pd.DataFrame:
