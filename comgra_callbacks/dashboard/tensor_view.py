@@ -7,7 +7,8 @@ Layout (below the graph):
   gradient, update and the update-to-weight ratio);
 * the chosen statistic over all recorded steps with the current step marked (moving the step only moves
   the marker), optionally overlaid with the same statistic of another step type (an intervention's records
-  next to the normal ones: "Overlay step type");
+  next to the normal ones: "Overlay step type") and with a measure of the run on its own axis at the right
+  ("Overlay measure": test accuracy beside a weight norm shows where a phase boundary falls);
 * the values, depending on the detail: batch statistics as bands over training (plus ‖update‖/‖weight‖ for
   a parameter), per-neuron statistics as bars or a heatmap, or the raw values of one sample as a heatmap;
   and a histogram of those values.
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import panel as pn
+from bokeh.models import DataRange1d, LinearAxis
 from panel.viewable import Viewer
 
 from comgra_callbacks.dashboard import figures as fg
@@ -35,6 +37,8 @@ _HISTORY = {"run", "step_type", "node", "view", "role", "iteration", "statistic"
 _WATCHED = ["run", "step_type", "step", "node", "view", "detail", "sample", "role", "iteration", "statistic", "revision"]
 MAX_BARS = 128
 NO_OVERLAY = "none"
+MEASURE_AXIS = "measure"  # the history plot's right-hand y range, for the overlaid measure
+MEASURE_COLOR = "#2ca02c"
 
 
 class TensorView(Viewer):
@@ -53,6 +57,14 @@ class TensorView(Viewer):
         self.history.figure.line("x", "y", source=self.overlay_src, color=fg.B_COLOR, line_width=1, line_dash="dotted")
         self.history.figure.scatter("x", "y", source=self.overlay_src, color=fg.B_COLOR, size=6)
         self.overlay.param.watch(lambda _: self._draw_overlay(), "value")
+        self.measure = pn.widgets.Select(label="Overlay measure", options=[NO_OVERLAY], value=NO_OVERLAY, width=180)
+        self.measure_src = self.history.source(x=[], y=[])
+        fig = self.history.figure
+        line = fig.line("x", "y", source=self.measure_src, color=MEASURE_COLOR, line_width=1.5, y_range_name=MEASURE_AXIS)
+        fig.extra_y_ranges = {MEASURE_AXIS: DataRange1d(renderers=[line])}
+        self.measure_axis = LinearAxis(y_range_name=MEASURE_AXIS, axis_label="", axis_label_text_color=MEASURE_COLOR, visible=False)
+        fig.add_layout(self.measure_axis, "right")
+        self.measure.param.watch(lambda _: self._draw_measure(), "value")
         self.band = fg.BandFigure()
         self.bars = fg.BarFigure()
         self.neuron_map = fg.HeatmapFigure(x_label="neuron", y_label="")
@@ -67,7 +79,7 @@ class TensorView(Viewer):
         values = pn.Column(self.band.box, self.bars.box, self.neuron_map.box, self.sample_map.box)
         return pn.Column(
             self.header,
-            pn.Row(pn.Column(self.table, self.table_note, width=540), pn.Column(self.overlay, self.history.box)),
+            pn.Row(pn.Column(self.table, self.table_note, width=540), pn.Column(pn.Row(self.overlay, self.measure), self.history.box)),
             pn.Row(values, pn.Column(self.histogram.box, self.ratio.box)),
             self.note,
             sizing_mode="stretch_width",
@@ -93,6 +105,7 @@ class TensorView(Viewer):
         snap = sel.snapshot()
         if changed & {"run", "step_type", "revision"}:
             self._overlay_options()
+            self._measure_options()
         self.data = data = tensor_data(sel.data, snap)
         if data.n_samples and sel.n_samples != data.n_samples:
             sel.n_samples = data.n_samples
@@ -107,6 +120,7 @@ class TensorView(Viewer):
             else:
                 self.history.set(data.history.index.to_numpy(), data.history[snap.statistic].to_numpy(), title, snap.statistic)
                 self._draw_overlay()
+                self._draw_measure()
         self._values(data, changed)
         for fig in (self.history, self.band, self.ratio):
             fig.mark(snap.step)
@@ -135,6 +149,36 @@ class TensorView(Viewer):
             return
         self.overlay_src.data = {"x": history.index.to_numpy(), "y": history[sel.statistic].to_numpy(dtype=np.float64)}
         self.history.shown(title)
+
+    def _measures(self) -> pd.DataFrame:
+        data = self.selection.data
+        if data is None:
+            return pd.DataFrame()
+        try:
+            return data.run.measures
+        except Exception as exc:  # a damaged scalars array must not take the tensor panel down
+            self.note.object = "Measures unreadable: " + safe.text(f"{type(exc).__name__}: {exc}")
+            return pd.DataFrame()
+
+    def _measure_options(self) -> None:
+        options = [NO_OVERLAY, *(str(c) for c in self._measures().columns)]
+        if list(self.measure.options) != options:
+            value = self.measure.value if self.measure.value in options else NO_OVERLAY
+            self.measure.param.update(options=options, value=value)
+
+    def _draw_measure(self) -> None:
+        """The chosen measure (green, right-hand axis) on the history plot, or nothing."""
+        name = self.measure.value
+        empty: dict[str, list[Any]] = {"x": [], "y": []}
+        measures = self._measures() if name != NO_OVERLAY and not self.history.label.visible else pd.DataFrame()
+        if name not in measures.columns:
+            self.measure_src.data = empty
+            self.measure_axis.visible = False
+            return
+        series = measures[name].dropna()
+        self.measure_src.data = {"x": series.index.to_numpy(), "y": series.to_numpy(dtype=np.float64)}
+        self.measure_axis.axis_label = f"measure {name}"
+        self.measure_axis.visible = True
 
     # -------------------------------------------------------------------------------- parts
     def _header(self, data: TensorData) -> str:

@@ -157,3 +157,21 @@ def test_fourier_view_offers_the_product_of_recorded_matrices(product_root: Path
     assert f"Strongest frequencies: {FREQ} (100 %)" in text and "mean 1.00" in text
     dash.selection.step = 0  # the choice stays while the step moves
     assert "embed.weight · fc1.weightᵀ" in _texts(dash.custom.body) and dash.custom.error is None
+
+
+def test_the_history_plot_overlays_a_measure_on_its_own_axis(measured_root: Path, dashboard_for: Any) -> None:
+    dash = dashboard_for(measured_root)
+    tensor = dash.tensor
+    node = next(n for n in dash.selection.data.run.nodes if dash.selection.data.has_data(n))
+    dash.selection.node = node
+    assert list(tensor.measure.options) == ["none", "test_acc", "test_loss", "wnorm.total"]
+    assert tensor.measure_src.data["x"] == [] and not tensor.measure_axis.visible
+    tensor.measure.value = "test_acc"
+    np.testing.assert_array_equal(tensor.measure_src.data["x"], np.arange(60) * EVERY)
+    assert tensor.measure_src.data["y"][0] == pytest.approx(0.3) and tensor.measure_src.data["y"][-1] == pytest.approx(1.0)
+    assert tensor.measure_axis.visible and tensor.measure_axis.axis_label == "measure test_acc"
+    assert len(tensor.history.src.data["x"]) == 60  # the node's own history stays
+    renderer = next(r for r in tensor.history.figure.renderers if r.data_source is tensor.measure_src)
+    assert renderer.y_range_name == "measure"  # its own range: accuracy is not squeezed onto the node's scale
+    tensor.measure.value = "none"
+    assert len(tensor.measure_src.data["x"]) == 0 and not tensor.measure_axis.visible
