@@ -20,6 +20,7 @@ the training thread made a recorded step take 4.9-6.8 s, copying and reducing in
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,23 @@ ALIGN = 64
 NUMPY_DTYPES = {"float32", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
 
 Warn = Callable[[str, str], None]  # (key, message): warn once per key
+REDUCE_ENV = "COMGRA_REDUCE"  # "writer" or "training": overrides reduce_in_writer (for measurements)
+
+
+def reduce_in_writer() -> bool:
+    """Where a recorded step's statistics are computed (measured: docs/benchmarks.md, "Where the statistics
+    are computed"). In the writer process when it has a core of its own: torch uses fewer threads than the
+    machine has cores, so the copy into the ring is all the training thread pays. Otherwise on the training
+    thread, with torch's own (multi-threaded) kernels, and only the results travel: a writer process
+    crunching numpy on a core that torch's threads also use slows every operation of training (its thread
+    pool waits for the preempted thread), far more than the reductions themselves cost."""
+    import torch
+
+    chosen = os.environ.get(REDUCE_ENV, "").strip().lower()
+    if chosen in ("writer", "training"):
+        return chosen == "writer"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return torch.get_num_threads() < cores
 
 
 @dataclass
