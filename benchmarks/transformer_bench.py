@@ -12,6 +12,8 @@ in one process; a step's time is the wall time between consecutive batch starts.
   amortised cost); every step with the default detail; every step with batch statistics only;
 * a plain forward-hook recorder (4 statistics of every module output, on the training thread): what a user
   would write by hand;
+* every step with the default detail, the statistics computed in the writer process instead (the
+  alternative ``parts.reduce_in_writer`` does not choose when torch uses every core);
 * TensorBoard histograms of every parameter and gradient every step (skipped, with a message, when
   ``tensorboard`` is not installed);
 * **the floor**: one reduction pass (``sum``) over as many bytes as a recorded step captures: what reading
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -41,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import BatchStartTimer, dir_bytes, interleaved, summarise  # noqa: E402
 from lm_workload import LM, data  # noqa: E402
 
+from comgra_callbacks.recording.parts import REDUCE_ENV  # noqa: E402
+
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore")
 WARMUP = 5
@@ -53,6 +58,10 @@ COMGRA: dict[str, dict[str, Any] | None] = {
     "every step, default detail": {"every_n_steps": 1},
     "every step, statistics only": {"every_n_steps": 1, "neurons": False, "n_samples": 0},
 }
+# the alternative the recorder does not choose here (parts.reduce_in_writer): the writer process reduces
+IN_WRITER = "every step, default detail, reduced in the writer process"
+REDUCE_IN: dict[str, str] = {IN_WRITER: "writer"}
+COMGRA[IN_WRITER] = {"every_n_steps": 1}
 HOOKS = "forward hooks, 4 statistics per module output"
 TENSORBOARD = "TensorBoard histograms, every parameter and gradient"
 
@@ -134,6 +143,7 @@ def fit(name: str, steps: int, root: Path) -> dict[str, Any]:
     elif COMGRA[name] is not None:
         comgra = ComgraCallback(str(root), log_scalars=False, **COMGRA[name])  # type: ignore[arg-type]
         callbacks.append(comgra)
+    os.environ[REDUCE_ENV] = REDUCE_IN.get(name, "")
     trainer = pl.Trainer(
         max_steps=steps + 1, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=str(root),

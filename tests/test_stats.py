@@ -4,7 +4,10 @@ CPU), the masked path, and a whole step packed and recorded. All are held to one
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import torch
 
 from comgra_callbacks import stats as spec
 from comgra_callbacks.recording import reduce, reduce_numpy
-from comgra_callbacks.store.format import NEURON_STAT_NAMES, STAT_INDEX, STAT_NAMES
+from comgra_callbacks.store.format import NEURON_STAT_NAMES, STAT_INDEX, STAT_NAMES, SeriesKey
 
 torch.manual_seed(7)
 EDGE_CASES = {
@@ -130,3 +133,39 @@ def test_the_specification_names_every_column_once() -> None:
     assert STAT_NAMES == spec.STAT_NAMES and len(set(STAT_NAMES)) == len(STAT_NAMES)
     assert NEURON_STAT_NAMES == ("mean", "std", "abs_mean", "l2") and spec.LEGACY_NEURON_STAT_NAMES == NEURON_STAT_NAMES[:3]
     assert [spec.update_ratio(*a) for a in ((1.0, 2.0), (1.0, 0.0), (0.0, 0.0))] == [0.5, math.inf, 0.0]
+
+
+def _record(step: int, neurons: np.ndarray) -> Any:
+    from comgra_callbacks.store.writer import HostEntry, HostRecord
+
+    row = np.full(len(STAT_NAMES), float(step), dtype=np.float32)
+    return HostRecord(step, "train", 0, step, 1.0 + step, "schedule", [HostEntry(SeriesKey("n", None, 0, "value"), row, neurons, None)])
+
+
+def test_stores_without_per_neuron_l2_keep_reading_and_resuming(tmp_path: Path) -> None:
+    """A store written before per-neuron l2 (three blocks per entry, named so in its manifest) reads l2 as NaN;
+    resumed, it keeps writing three blocks; a new store holds four."""
+    from comgra_callbacks import open_run
+    from comgra_callbacks.store.storage import open_root
+    from comgra_callbacks.store.writer import RunWriter
+
+    old = np.arange(6, dtype=np.float32).reshape(3, 2)  # what the older writer produced: mean, std, abs_mean
+    writer = RunWriter(open_root(tmp_path).run("old"))
+    writer.manifest.neuron_stat_names = spec.LEGACY_NEURON_STAT_NAMES
+    writer.append([_record(0, old)])
+    writer.close("finished")
+    assert json.loads((tmp_path / "old" / "manifest.json").read_text())["neuron_stat_names"] == ["mean", "std", "abs_mean"]
+    resumed = RunWriter(open_root(tmp_path).run("old"), resume=True)
+    resumed.append([_record(1, np.vstack([old + 10, np.full((1, 2), 99.0, dtype=np.float32)]))])  # today's four blocks
+    resumed.close("finished")
+    run = open_run(tmp_path / "old")
+    for step, offset in ((0, 0.0), (1, 10.0)):
+        frame = run.neurons("n", step)
+        assert list(frame.columns) == list(NEURON_STAT_NAMES)
+        np.testing.assert_array_equal(frame[["mean", "std", "abs_mean"]].to_numpy().T, old + offset)
+        assert frame["l2"].isna().all()
+
+    writer = RunWriter(open_root(tmp_path).run("new"))
+    writer.append([_record(0, np.arange(8, dtype=np.float32).reshape(4, 2))])
+    writer.close("finished")
+    np.testing.assert_array_equal(open_run(tmp_path / "new").neurons("n", 0)["l2"].to_numpy(), [6.0, 7.0])

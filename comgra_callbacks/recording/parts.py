@@ -9,9 +9,13 @@ the ring is reduced where it lives (:func:`~.pending.pack`, the accelerator path
 travel; a single result still too large (huge samples) loses its samples, then its per-neuron statistics.
 Each of these says so once, with the ``max_queue_mb`` that avoids it.
 
-Why not reduce every large tensor that needs only statistics on the training side, which would spare the
-ring most of its bytes: measured on the 27 M-parameter model (docs/reliability.md), reducing with torch on
-the training thread made a recorded step take 4.9-6.8 s, copying and reducing in the writer 0.7-0.9 s.
+Where the statistics are computed is :func:`reduce_in_writer`'s choice: raw tensors travel only when the
+writer process has a core that torch does not use; otherwise :func:`~.pending.pack` reduces the step on the
+training thread and only results (and kept samples) travel. Measured (docs/benchmarks.md): on the
+transformer workload with torch on both cores, a writer process reducing next to training made the forward
+pass of a recorded step 10x slower; reduced on the training thread, one pass of partial sums per tensor.
+On the 27 M-parameter model of docs/reliability.md with one torch thread, the writer process wins (the old
+torch kernels took 4.9-6.8 s a step there against 0.7-0.9 s for copy and writer).
 
 >>> need_mib(309 << 20), need_mib(66_000)
 (310, 1)

@@ -38,9 +38,9 @@ from comgra_callbacks.recording.capture import (
     select_modules,
 )
 from comgra_callbacks.recording.modules import is_container, module_tree
+from comgra_callbacks.recording.parts import reduce_in_writer
 from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot, estimate_bytes, pack
 from comgra_callbacks.recording.policy import RecordingPolicy, detail_rules
-from comgra_callbacks.recording.parts import reduce_in_writer
 from comgra_callbacks.recording.reduce import neuron_matrix_shape
 from comgra_callbacks.recording.sampling import First, SampleSelector
 from comgra_callbacks.recording.triggers import StepSummary

@@ -19,7 +19,7 @@ import builtins
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from comgra_callbacks.stats import LEGACY_NEURON_STAT_NAMES, NEURON_STAT_NAMES, STAT_INDEX, STAT_NAMES
+from comgra_callbacks.stats import LEGACY_NEURON_STAT_NAMES, NEURON_STAT_NAMES, STAT_INDEX, STAT_NAMES  # noqa: F401 - re-exported
 
 FORMAT_NAME = "comgra_callbacks"
 FORMAT_VERSION = "1.0"
