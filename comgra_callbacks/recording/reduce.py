@@ -48,7 +48,7 @@ def neuron_layout(t: Any, *, neurons: bool, is_parameter: bool = False, axis: in
         return x.reshape(1, 1, -1), Layout((1, 1, x.numel()), 2, False)
     if is_parameter:
         view = x.reshape(1, shape[1], shape[0])
-        return view, Layout(tuple(view.shape), 2, True)  # type: ignore[arg-type]
+        return view, Layout(tuple(view.shape), 2, True)
     matrix = neuron_matrix(x, is_parameter=False, axis=axis)
     return matrix.reshape(1, *shape), Layout((1, *shape), 1, True)
 
