@@ -27,26 +27,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lm_workload import LM, data  # noqa: E402
 
 WARMUP = 10
-VOCAB, SEQ, BATCH, D_MODEL = 512, 64, 16, 128
-
-
-class CompiledLM(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        layer = nn.TransformerEncoderLayer(D_MODEL, 4, 512, dropout=0.0, batch_first=True, norm_first=True)
-        self.net = nn.Sequential(nn.Embedding(VOCAB, D_MODEL), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(D_MODEL, VOCAB))
-        self.net = torch.compile(self.net)  # type: ignore[assignment]
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x).reshape(-1, VOCAB), y.reshape(-1))
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
 class StepTimer(pl.Callback):
@@ -61,13 +46,7 @@ class StepTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._t)
 
 
-def data(steps: int) -> Any:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, VOCAB, (steps * BATCH, SEQ), generator=g)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.roll(x, -1, dims=1)), batch_size=BATCH)
-
-
-def fit(module: CompiledLM, steps: int, root: Path, every: int | None) -> float:
+def fit(module: LM, steps: int, root: Path, every: int | None) -> float:
     from comgra_callbacks import ComgraCallback
 
     timer = StepTimer()
@@ -89,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from torch._dynamo.utils import counters
 
-    module = CompiledLM()
+    module = LM(2, compile=True)
     rows: dict[str, list[float]] = {"no callback": [], "not recorded (records step 0 only)": [], "every 10th step (mean)": []}
     with tempfile.TemporaryDirectory() as tmp:
         fit(module, WARMUP + 2, Path(tmp), None)  # compile once, outside the measurement

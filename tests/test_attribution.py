@@ -137,9 +137,18 @@ def test_outliers_are_the_planted_items_steps(sgd_run: Any) -> None:
 
 def test_neuron_series_reads_l2_of_the_update_rows(sgd_run: Any) -> None:
     series = sgd_run.neuron_series(W0, view="update", statistic="l2")
-    assert series.shape == (12, HIDDEN) and series.index.name == "step" and series.attrs["derived"]
+    assert series.shape == (12, HIDDEN) and series.index.name == "step" and not series.attrs["derived"]  # stored
     for step in (0, 7):
         np.testing.assert_allclose(series.loc[step].to_numpy(), np.linalg.norm(sgd_run.samples(W0, step, view="update"), axis=1), rtol=1e-4)
+    # a store from before per-neuron l2 (mean, std, abs_mean only): l2 derived from mean, std and the count
+    stored = sgd_run.neuron_stat_names
+    try:
+        sgd_run.neuron_stat_names = ["mean", "std", "abs_mean"]
+        derived = sgd_run.neuron_series(W0, view="update", statistic="l2")
+    finally:
+        sgd_run.neuron_stat_names = stored
+    assert derived.attrs["derived"]
+    np.testing.assert_allclose(derived.to_numpy(), series.to_numpy(), rtol=1e-4)
     means = sgd_run.neuron_series(W0, view="update", statistic="mean")
     np.testing.assert_allclose(means.loc[4].to_numpy(), sgd_run.neurons(W0, 4, view="update")["mean"].to_numpy())
     value = sgd_run.neuron_series("net.1", view="value", statistic="l2")  # an activation: rows of the batch

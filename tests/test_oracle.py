@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from comgra_callbacks import ComgraCallback, open_run, record
+from comgra_callbacks.recording.parts import REDUCE_ENV
 from tests.conftest import classification_loader, quiet_trainer
 
 N_SAMPLES = 3
@@ -145,8 +146,15 @@ def assert_stats_match(recorded: Any, expected: dict[str, float], what: str) -> 
         assert math.isclose(got, value, rel_tol=2e-4, abs_tol=2e-6), f"{what}: {stat} recorded {got}, expected {value}"
 
 
-@pytest.fixture(scope="module")
-def oracle_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Oracle]:
+@pytest.fixture(scope="module", params=["writer", "training"], ids=["reduced-in-writer", "reduced-on-training-thread"])
+def oracle_run(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> tuple[Any, Oracle]:
+    """Both places the statistics are computed (parts.reduce_in_writer), held to the same oracle."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(REDUCE_ENV, request.param)
+        return _oracle_run(tmp_path_factory)
+
+
+def _oracle_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Oracle]:
     tmp = tmp_path_factory.mktemp("oracle")
     oracle = Oracle(["body.0", "body.1", "body.2", "head_a", "head_b"])
     # The oracle comes after ComgraCallback so that it finds the recorder's losses while the step records.

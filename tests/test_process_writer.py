@@ -172,6 +172,6 @@ def test_steps_reduced_on_a_device_travel_as_results(tmp_path: Path) -> None:
     assert run.steps["step"].tolist() == [0, 1]
     assert run.stats("act").loc[1, "mean"] == pytest.approx(act.mean().item(), rel=1e-5)
     np.testing.assert_array_equal(run.samples("act", 1), act[:2].numpy())
-    assert run.neurons("act", 1).shape == (4, 3)
+    assert run.neurons("act", 1).shape == (4, 4)  # 4 neurons x (mean, std, abs_mean, l2)
     assert run.stats("w", view="update").loc[1, "update_ratio"] == pytest.approx(0.1, rel=1e-5)
     assert run.samples("ids", 1).tolist() == [0, 1]

@@ -11,7 +11,7 @@ import torch
 
 from comgra_callbacks.recording import reduce
 from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot, pack
-from comgra_callbacks.store.format import STAT_INDEX, STAT_NAMES, SeriesKey
+from comgra_callbacks.store.format import NEURON_STAT_NAMES, STAT_INDEX, STAT_NAMES, SeriesKey
 
 torch.manual_seed(1234)  # the cases are fixed
 CASES = {
@@ -86,13 +86,15 @@ def test_neuron_statistics(is_parameter: bool, synchronous: bool) -> None:
     blocks = reduce.neuron_rows(matrices, synchronous=synchronous)
     for name, matrix, block in zip(names, matrices, blocks):
         x = np.ma.masked_invalid(matrix.double().numpy())
-        assert block.shape == (3, matrix.shape[1])
+        assert block.shape == (len(NEURON_STAT_NAMES), matrix.shape[1])
         rel = 1e-3 if name == "large_offset" else 1e-5
         np.testing.assert_allclose(block[0].numpy(), x.mean(axis=0).filled(np.nan), rtol=rel, atol=1e-6, equal_nan=True)
         np.testing.assert_allclose(block[2].numpy(), np.abs(x).mean(axis=0).filled(np.nan), rtol=rel, atol=1e-6, equal_nan=True)
         counts = (~x.mask).sum(axis=0) if np.ma.is_masked(x) else np.full(x.shape[1], x.shape[0])
         expected_std = np.where(counts > 1, x.std(axis=0, ddof=1).filled(0.0), np.where(counts == 1, 0.0, np.nan))
         np.testing.assert_allclose(block[1].numpy(), expected_std, rtol=max(rel, 1e-4), atol=1e-5, equal_nan=True)
+        l2 = np.sqrt((x * x).sum(axis=0)).filled(np.nan)
+        np.testing.assert_allclose(block[3].numpy(), np.where(counts > 0, l2, np.nan), rtol=rel, atol=1e-5, equal_nan=True)
 
 
 def test_pack_and_materialize_round_trip() -> None:
@@ -114,11 +116,11 @@ def test_pack_and_materialize_round_trip() -> None:
     assert list(entries) == [("act", "value"), ("ids", "value"), ("loss", "value"), ("w", "value"), ("w", "update")]
     assert entries[("act", "value")].stats[STAT_INDEX["mean"]] == pytest.approx(act.mean().item(), rel=1e-5)
     np.testing.assert_array_equal(entries[("act", "value")].samples, act[[6, 1]].numpy())  # the selected samples
-    assert entries[("act", "value")].neurons.shape == (3, 5)
+    assert entries[("act", "value")].neurons.shape == (len(NEURON_STAT_NAMES), 5)
     assert entries[("ids", "value")].neurons is None and entries[("ids", "value")].samples.shape == (2, 7)
     assert entries[("loss", "value")].samples.shape == () and entries[("loss", "value")].neurons is None
     np.testing.assert_array_equal(entries[("w", "value")].samples, weight.numpy())  # kept whole
-    assert entries[("w", "value")].neurons.shape == (3, 6)  # one neuron per output unit
+    assert entries[("w", "value")].neurons.shape == (len(NEURON_STAT_NAMES), 6)  # one neuron per output unit
     ratio = update.double().norm().item() / weight.double().norm().item()
     assert entries[("w", "update")].stats[STAT_INDEX["update_ratio"]] == pytest.approx(ratio, rel=1e-5)
     assert entries[("w", "update")].samples is None

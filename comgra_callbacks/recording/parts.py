@@ -9,9 +9,13 @@ the ring is reduced where it lives (:func:`~.pending.pack`, the accelerator path
 travel; a single result still too large (huge samples) loses its samples, then its per-neuron statistics.
 Each of these says so once, with the ``max_queue_mb`` that avoids it.
 
-Why not reduce every large tensor that needs only statistics on the training side, which would spare the
-ring most of its bytes: measured on the 27 M-parameter model (docs/reliability.md), reducing with torch on
-the training thread made a recorded step take 4.9-6.8 s, copying and reducing in the writer 0.7-0.9 s.
+Where the statistics are computed is :func:`reduce_in_writer`'s choice: raw tensors travel only when the
+writer process has a core that torch does not use; otherwise :func:`~.pending.pack` reduces the step on the
+training thread and only results (and kept samples) travel. Measured (docs/benchmarks.md): on the
+transformer workload with torch on both cores, a writer process reducing next to training made the forward
+pass of a recorded step 10x slower; reduced on the training thread, one pass of partial sums per tensor.
+On the 27 M-parameter model of docs/reliability.md with one torch thread, the writer process wins (the old
+torch kernels took 4.9-6.8 s a step there against 0.7-0.9 s for copy and writer).
 
 >>> need_mib(309 << 20), need_mib(66_000)
 (310, 1)
@@ -20,6 +24,7 @@ the training thread made a recorded step take 4.9-6.8 s, copying and reducing in
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +37,23 @@ ALIGN = 64
 NUMPY_DTYPES = {"float32", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
 
 Warn = Callable[[str, str], None]  # (key, message): warn once per key
+REDUCE_ENV = "COMGRA_REDUCE"  # "writer" or "training": overrides reduce_in_writer (for measurements)
+
+
+def reduce_in_writer() -> bool:
+    """Where a recorded step's statistics are computed (measured: docs/benchmarks.md, "Where the statistics
+    are computed"). In the writer process when it has a core of its own: torch uses fewer threads than the
+    machine has cores, so the copy into the ring is all the training thread pays. Otherwise on the training
+    thread, with torch's own (multi-threaded) kernels, and only the results travel: a writer process
+    crunching numpy on a core that torch's threads also use slows every operation of training (its thread
+    pool waits for the preempted thread), far more than the reductions themselves cost."""
+    import torch
+
+    chosen = os.environ.get(REDUCE_ENV, "").strip().lower()
+    if chosen in ("writer", "training"):
+        return chosen == "writer"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return torch.get_num_threads() < cores
 
 
 @dataclass

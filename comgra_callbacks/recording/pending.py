@@ -108,11 +108,10 @@ def pack(pending: PendingStep) -> PackedStep:
     import torch
 
     snaps = pending.snapshots
-    stats = reduce.stats_rows([s.tensor for s in snaps])  # (S, n_stats)
+    # each tensor read once: batch and per-neuron statistics from the same partial sums
+    stats, blocks = reduce.reduce_tensors([s.tensor for s in snaps], [(s.neurons, s.is_parameter, s.neuron_axis) for s in snaps])
     _update_ratios(snaps, stats)
-    matrices = [reduce.neuron_matrix(s.tensor, is_parameter=s.is_parameter, axis=s.neuron_axis) if s.neurons else None for s in snaps]
-    wanted = [i for i, m in enumerate(matrices) if m is not None]
-    neurons = dict(zip(wanted, reduce.neuron_rows([matrices[i] for i in wanted])))
+    neurons = {i: b for i, b in enumerate(blocks) if b is not None}
     index = pending.sample_index
     pieces: list[Any] = [stats.reshape(-1)]
     layout = []

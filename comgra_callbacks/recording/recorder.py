@@ -38,6 +38,7 @@ from comgra_callbacks.recording.capture import (
     select_modules,
 )
 from comgra_callbacks.recording.modules import is_container, module_tree
+from comgra_callbacks.recording.parts import reduce_in_writer
 from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot, estimate_bytes, pack
 from comgra_callbacks.recording.policy import RecordingPolicy, detail_rules
 from comgra_callbacks.recording.reduce import neuron_matrix_shape
@@ -702,7 +703,7 @@ class Recorder:
             self._step = None
             if self.policy is not None and self.policy.wants_bytes:
                 self.policy.kept(pending.step, estimate_bytes(pending))
-            if self.writer.accepts_raw and all(s.tensor.device.type == "cpu" for s in pending.snapshots):
+            if self.writer.accepts_raw and reduce_in_writer() and all(s.tensor.device.type == "cpu" for s in pending.snapshots):
                 queued = cast("ProcessWriter", self.writer).submit_record(pending)  # the writer process reduces it
             else:
                 queued = self.writer.submit_record(pack(pending))  # reduced here, on the tensors' device

@@ -1,19 +1,13 @@
-"""Statistics of recorded tensors, computed with torch where the tensors live, for a whole step at once.
+"""Statistics of a recorded step's tensors, computed with torch where they live, each tensor read once.
 
-The hot path pays per operation (microseconds of dispatch each), so tensors are grouped: all tensors of a
-step with the same number of elements (same device) are stacked into one ``(k, n)`` matrix, and each
-statistic is one reduction over the group. Only fast reductions are used (``sum``, ``amin``, ``amax``,
-a 2-norm, ``sign().abs().sum()`` to count non-zeros). A non-finite value makes its row's sums non-finite;
-such rows (rare) are recomputed over their finite elements by :func:`stats_torch`.
-
-Definitions, for the finite elements of the tensor (``nan_count`` / ``inf_count`` count the others):
-``mean``; ``std`` (correction 1, 0 for one element); ``abs_mean``; ``min``; ``max``; ``l2`` (Euclidean
-norm); ``zero_frac`` (over all elements); ``numel``; and for an update ``update_ratio`` =
-‖update‖ / ‖weight before the update‖ (filled in by the caller).
-
-Per-neuron statistics (``mean``, ``std``, ``abs_mean``) reduce a 2-D view ``(items, neurons)`` over items:
-for activations the neurons are the last dimension (the channels, axis 1, of convolution-like outputs: the
-recorder says which), for parameters the first.
+Every tensor is viewed as ``(items, neurons)`` (:func:`neuron_layout`: its per-neuron view when per-neuron
+statistics are kept, else one neuron of all its elements) and its partial sums are taken in one set of
+reductions (:func:`comgra_callbacks.stats.partials_torch`); batch and per-neuron statistics both follow from
+them (the definitions: :mod:`comgra_callbacks.stats`). The hot path pays per operation (microseconds of
+dispatch each), so small tensors with the same layout are stacked and reduced as one group; a tensor of
+``GROUP_MAX_NUMEL`` elements or more is reduced alone, without the copy a stack makes (measured:
+docs/benchmarks.md). A non-finite value makes its tensor's sums non-finite; such tensors (rare) are
+reduced again over their finite elements, in float64.
 
 >>> import torch
 >>> rows = stats_rows([torch.tensor([1.0, 2.0, float("nan"), 0.0]), torch.tensor([[3.0, 4.0]])])
@@ -25,210 +19,140 @@ recorder says which), for parameters the first.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
-from comgra_callbacks.store.format import NEURON_STAT_NAMES, STAT_INDEX, STAT_NAMES
+from comgra_callbacks import stats as spec
+from comgra_callbacks.stats import N_NEURON_STATS, N_STATS, STAT_INDEX, STAT_NAMES
 
-N_STATS = len(STAT_NAMES)
-N_NEURON_STATS = len(NEURON_STAT_NAMES)
-_I = STAT_INDEX
-_COLUMNS = ("mean", "std", "abs_mean", "min", "max", "l2", "zero_frac", "nan_count", "inf_count", "numel")
+__all__ = ["N_NEURON_STATS", "N_STATS", "STAT_INDEX", "STAT_NAMES", "reduce_tensors", "stats_rows", "neuron_rows", "stats_torch"]
 
-
-def _as_float(t: Any) -> Any:
-    import torch
-
-    x = t.detach()
-    if x.dtype in (torch.float32, torch.float64):
-        return x
-    return x.to(torch.float32) if x.is_floating_point() or x.dtype == torch.bool or x.element_size() < 4 else x.to(torch.float64)
+GROUP_MAX_NUMEL = 1 << 16  # tensors this large are reduced alone (stacking them would copy them)
 
 
-def stats_rows(tensors: list[Any], *, synchronous: bool | None = None) -> Any:
-    """Batch statistics of many tensors: a ``(len(tensors), len(STAT_NAMES))`` float32 tensor on the device
-    of the first tensor (``update_ratio`` NaN).
+@dataclass(frozen=True)
+class Layout:
+    """How a tensor is read: as ``shape`` (3-D, a view where possible) reduced over axis ``dim``."""
 
-    On the CPU (``synchronous``, the default there) a row whose sums show a non-finite value is recomputed
-    over its finite elements. Elsewhere nothing waits for the device: the masked statistics of each group
-    are computed too and chosen row by row on the device."""
+    shape: tuple[int, int, int]
+    dim: int
+    neurons: bool
+
+
+def neuron_layout(t: Any, *, neurons: bool, is_parameter: bool = False, axis: int | None = None) -> tuple[Any, Layout]:
+    """The float tensor to reduce and its layout: the per-neuron view of :func:`neuron_matrix` when
+    ``neurons`` (parameters: ``(1, out, rest)`` over axis 2, no copy), else all elements as one neuron."""
+    x = spec.as_float_torch(t)
+    shape = neuron_matrix_shape(tuple(x.shape), is_parameter=is_parameter, axis=axis) if neurons else None
+    if shape is None:
+        return x.reshape(1, 1, -1), Layout((1, 1, x.numel()), 2, False)
+    if is_parameter:
+        view = x.reshape(1, shape[1], shape[0])
+        return view, Layout(tuple(view.shape), 2, True)
+    matrix = neuron_matrix(x, is_parameter=False, axis=axis)
+    return matrix.reshape(1, *shape), Layout((1, *shape), 1, True)
+
+
+def reduce_tensors(
+    tensors: list[Any], layouts: list[tuple[bool, bool, int | None]] | None = None, *, synchronous: bool | None = None,
+) -> tuple[Any, list[Any]]:
+    """Batch statistics ``(len(tensors), N_STATS)`` float32 (on the first tensor's device, ``update_ratio``
+    NaN) and, per tensor, its per-neuron statistics ``(N_NEURON_STATS, neurons)`` or None.
+
+    ``layouts``: per tensor ``(neurons wanted, is a parameter, neuron axis)`` (default: no per-neuron
+    statistics). On the CPU (``synchronous``, the default there) a tensor whose sums show a non-finite value
+    is reduced again over its finite elements; elsewhere nothing waits for the device: the masked partial sums
+    of each group are computed too and chosen on the device."""
     import torch
 
     if not tensors:
-        return torch.empty((0, N_STATS), dtype=torch.float32)
+        return torch.empty((0, N_STATS), dtype=torch.float32), []
     device = tensors[0].device
-    groups: dict[tuple[Any, int, Any], list[int]] = {}
-    for i, t in enumerate(tensors):
-        x = _as_float(t)
-        groups.setdefault((x.device, x.numel(), x.dtype), []).append(i)
-    rows: list[Any] = [None] * len(tensors)
-    for (dev, n, _), members in groups.items():
-        if n == 0:
-            for i in members:
-                rows[i] = stats_torch(tensors[i]).to(device)
-            continue
-        flat = [_as_float(tensors[i]).reshape(-1) for i in members]
-        x = torch.stack(flat) if len(flat) > 1 else flat[0].unsqueeze(0)
-        block = _group_stats(x, n)
-        if synchronous if synchronous is not None else dev.type == "cpu":
-            bad = (~torch.isfinite(block[:, 0] + block[:, 1])).nonzero().reshape(-1)
-            if len(bad):  # NaN or inf in those tensors: describe their finite part
-                block[bad] = _masked_group_stats(x[bad])
-        else:  # on an accelerator, stay asynchronous: compute the masked statistics and choose on the device
-            keep = torch.isfinite(block[:, 0] + block[:, 1]).unsqueeze(1)
-            block = torch.where(keep, block, _masked_group_stats(x))
-        for j, i in enumerate(members):
-            rows[i] = block[j].to(device)
-    return torch.stack(rows)
-
-
-def _group_stats(x: Any, n: int) -> Any:
-    """Statistics of each row of ``x`` ``(k, n)``, assuming finite values (non-finite ones show in the sums)."""
-    import torch
-
-    total = x.sum(dim=1)
-    mean = total / n
-    deviation = torch.linalg.vector_norm(x - mean.unsqueeze(1), dim=1)
-    std = deviation / math.sqrt(n - 1) if n > 1 else torch.zeros_like(mean)
-    abs_mean = x.abs().sum(dim=1) / n
-    low, high = x.amin(dim=1), x.amax(dim=1)
-    nonzero = x.sign().abs().sum(dim=1)
-    l2 = torch.sqrt(deviation * deviation + n * mean * mean)
-    zeros = torch.zeros_like(mean)
-    out = torch.stack([mean, std, abs_mean, low, high, l2, (n - nonzero) / n, zeros, zeros, torch.full_like(mean, float(n))], dim=1)
-    nan = torch.full((x.shape[0], N_STATS - out.shape[1]), float("nan"), dtype=out.dtype, device=out.device)
-    return torch.cat([out, nan], dim=1).float()
-
-
-def _masked_group_stats(x: Any) -> Any:
-    """Statistics of each row of ``x`` ``(k, n)`` over its finite elements (the general, slower path)."""
-    import torch
-
-    n = x.shape[1]
-    finite = torch.isfinite(x)
-    m = finite.sum(dim=1).to(x.dtype)  # finite elements per row
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    xf = torch.where(finite, x, zero)
-    safe = m.clamp(min=1)
-    mean = xf.sum(dim=1) / safe
-    dev = torch.where(finite, x - mean.unsqueeze(1), zero)
-    ss = (dev * dev).sum(dim=1)
-    std = torch.where(m > 1, torch.sqrt(ss / (m - 1).clamp(min=1)), zero)
-    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
-    low = torch.where(finite, x, inf).amin(dim=1)
-    high = torch.where(finite, x, -inf).amax(dim=1)
-    nan_count = torch.isnan(x).sum(dim=1).to(x.dtype)
-    columns = [
-        mean,
-        std,
-        xf.abs().sum(dim=1) / safe,
-        low,
-        high,
-        torch.sqrt((ss + m * mean * mean).clamp(min=0)),
+    wanted = layouts or [(False, False, None)] * len(tensors)
+    views: list[tuple[Any, Layout]] = [
+        neuron_layout(t, neurons=neurons, is_parameter=is_parameter, axis=axis) for t, (neurons, is_parameter, axis) in zip(tensors, wanted)
     ]
-    nan = torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
-    columns = [torch.where(m > 0, c, nan) for c in columns]  # undefined without a finite element
-    columns += [(x == 0).sum(dim=1).to(x.dtype) / n, nan_count, n - m - nan_count, torch.full_like(mean, float(n))]
-    out = torch.stack(columns, dim=1)
-    pad = torch.full((x.shape[0], N_STATS - out.shape[1]), float("nan"), dtype=out.dtype, device=out.device)
-    return torch.cat([out, pad], dim=1).float()
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (view, layout) in enumerate(views):
+        alone = (i,) if view.numel() >= GROUP_MAX_NUMEL else ()
+        groups.setdefault((view.device, view.dtype, layout, *alone), []).append(i)
+    combined: list[Any] = [None] * len(tensors)  # (N_PARTIALS,) per tensor
+    neuron_parts: list[tuple[list[int], Any]] = []  # (members, partials (g, N_PARTIALS, k)) of groups with neurons
+    for members in groups.values():
+        view, layout = views[members[0]]
+        x = torch.cat([views[i][0] for i in members]) if len(members) > 1 else view
+        p = _checked_partials(x, layout.dim, synchronous if synchronous is not None else view.device.type == "cpu")
+        whole = spec.combine_neurons(p, torch).to(device)
+        for j, i in enumerate(members):
+            combined[i] = whole[j]
+        if layout.neurons:
+            neuron_parts.append((members, p))
+    numel = torch.tensor([float(t.numel()) for t in tensors], dtype=torch.float64, device=device)
+    rows = spec.batch_from_partials(torch.stack(combined)[:, :, None], numel, torch).float()  # one derivation for the step
+    return rows, _neuron_blocks(neuron_parts, len(tensors))
+
+
+def _neuron_blocks(parts: list[tuple[list[int], Any]], n: int) -> list[Any]:
+    """Per-neuron statistics of every group, derived in one call per device (few operations per step)."""
+    import torch
+
+    blocks: list[Any] = [None] * n
+    by_device: dict[Any, list[tuple[list[int], Any]]] = {}
+    for members, p in parts:
+        by_device.setdefault(p.device, []).append((members, p))
+    for items in by_device.values():
+        flat = torch.cat([p.double().transpose(0, 1).reshape(p.shape[1], -1) for _, p in items], 1)  # (N_PARTIALS, sum g*k)
+        derived = spec.neurons_from_partials(flat, torch)  # (N_NEURON_STATS, sum g*k)
+        offset = 0
+        for members, p in items:
+            k = p.shape[2]
+            for i in members:
+                blocks[i] = derived[:, offset : offset + k]
+                offset += k
+    return blocks
+
+
+def _checked_partials(x: Any, dim: int, synchronous: bool) -> Any:
+    import torch
+
+    p = spec.partials_torch(x, dim)
+    sums = p[:, 1].sum(-1) + p[:, 2].sum(-1)  # "sum" and "m2": non-finite when anything was
+    if synchronous:
+        bad = (~torch.isfinite(sums)).nonzero().reshape(-1)
+        if len(bad):  # NaN, inf, or beyond float32: describe the finite part, in float64
+            p = p.double()
+            p[bad] = spec.masked_partials_torch(x[bad], dim)
+        return p
+    return torch.where(torch.isfinite(sums)[:, None, None], p.double(), spec.masked_partials_torch(x, dim))
+
+
+def stats_rows(tensors: list[Any], *, synchronous: bool | None = None) -> Any:
+    """Batch statistics of many tensors: a ``(len(tensors), N_STATS)`` float32 tensor (see :func:`reduce_tensors`)."""
+    return reduce_tensors(tensors, synchronous=synchronous)[0]
 
 
 def stats_torch(t: Any) -> Any:
-    """Batch statistics of one tensor over its finite elements: ``(len(STAT_NAMES),)`` float32 (no host sync).
-
-    The slow, general path: used for tensors holding non-finite values and for empty ones.
-    """
+    """Batch statistics of one tensor over its finite elements, by the general (masked) path only:
+    ``(N_STATS,)`` float32, no host synchronisation."""
     import torch
 
-    x = t.detach().reshape(-1)
-    x = x.to(torch.float64) if not x.is_floating_point() else x.float()
-    n = x.numel()
-    out = torch.full((N_STATS,), float("nan"), dtype=torch.float32, device=x.device)
-    out[_I["numel"]] = float(n)
-    out[_I["nan_count"]] = 0.0
-    out[_I["inf_count"]] = 0.0
-    if n == 0:
-        return out
-    finite = torch.isfinite(x)
-    m = finite.sum()
-    nan_count = torch.isnan(x).sum()
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    xf = torch.where(finite, x, zero)
-    safe_m = m.clamp(min=1).to(x.dtype)
-    mean = xf.sum() / safe_m
-    dev = torch.where(finite, x - mean, zero)
-    ss = (dev * dev).sum()
-    std = torch.where(m > 1, torch.sqrt(ss / (m - 1).clamp(min=1).to(x.dtype)), zero)
-    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
-    l2 = torch.sqrt((ss + m.to(x.dtype) * mean * mean).clamp(min=0))
-    nan = torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
-    has = m > 0
-    values = [
-        torch.where(has, mean, nan),
-        torch.where(has, std, nan),
-        torch.where(has, xf.abs().sum() / safe_m, nan),
-        torch.where(has, torch.where(finite, x, inf).min(), nan),
-        torch.where(has, torch.where(finite, x, -inf).max(), nan),
-        torch.where(has, l2, nan),
-        (x == 0).sum().to(x.dtype) / n,
-        nan_count.to(x.dtype),
-        (n - m - nan_count).to(x.dtype),
-    ]
-    out[: len(values)] = torch.stack(values).float()
-    return out
+    x = spec.as_float_torch(t).reshape(1, 1, -1)
+    return spec.batch_from_partials(spec.masked_partials_torch(x, 2), float(x.numel()), torch)[0].float()
 
 
-# ------------------------------------------------------------------------------------- neurons
 def neuron_rows(matrices: list[Any], *, synchronous: bool | None = None) -> list[Any]:
-    """Per-neuron statistics of 2-D ``(items, neurons)`` views, grouped by shape: one ``(3, neurons)``
-    float32 tensor each. Non-finite values are left out of each neuron's statistics (checked on the host
-    on the CPU, chosen on the device elsewhere, as in :func:`stats_rows`)."""
+    """Per-neuron statistics of 2-D ``(items, neurons)`` views: one ``(N_NEURON_STATS, neurons)`` float32 each."""
     import torch
 
-    out: list[Any] = [None] * len(matrices)
-    groups: dict[tuple[Any, tuple[int, ...]], list[int]] = {}
-    for i, m in enumerate(matrices):
-        groups.setdefault((m.device, tuple(m.shape)), []).append(i)
-    for (device, _), members in groups.items():
-        x = torch.stack([_as_float(matrices[i]) for i in members])  # (k, items, neurons)
-        block = _fast_neurons(x)
-        if synchronous if synchronous is not None else device.type == "cpu":
-            if not bool(torch.isfinite(block[:, 0]).all()):
-                block = _masked_neurons(x)
-        else:
-            block = torch.where(torch.isfinite(block[:, :1]), block, _masked_neurons(x))
-        for j, i in enumerate(members):
-            out[i] = block[j]
+    out: list[Any] = []
+    for m in matrices:
+        x = spec.as_float_torch(m).reshape(1, *m.shape)
+        p = _checked_partials(x, 1, synchronous if synchronous is not None else m.device.type == "cpu")
+        out.append(spec.neurons_from_partials(p, torch)[0])
     return out
 
 
-def _fast_neurons(x: Any) -> Any:
-    """Per-neuron mean, std, abs mean over axis 1 of ``(k, items, neurons)``, assuming finite values."""
-    import torch
-
-    items = x.shape[1]
-    mean = x.sum(dim=1) / items
-    deviation = torch.linalg.vector_norm(x - mean.unsqueeze(1), dim=1)
-    std = deviation / math.sqrt(items - 1) if items > 1 else torch.zeros_like(mean)
-    return torch.stack([mean, std, x.abs().sum(dim=1) / items], dim=1).float()
-
-
-def _masked_neurons(x: Any) -> Any:
-    import torch
-
-    finite = torch.isfinite(x)
-    count = finite.sum(dim=1)  # (k, neurons)
-    safe = count.clamp(min=1).to(x.dtype)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    xf = torch.where(finite, x, zero)
-    mean = xf.sum(dim=1) / safe
-    dev = torch.where(finite, x - mean.unsqueeze(1), zero)
-    var = (dev * dev).sum(dim=1) / (count - 1).clamp(min=1).to(x.dtype)
-    abs_mean = xf.abs().sum(dim=1) / safe
-    block = torch.stack([mean, var.sqrt(), abs_mean], dim=1)  # (k, 3, neurons)
-    return torch.where((count > 0).unsqueeze(1), block, torch.full_like(block, float("nan"))).float()
-
-
+# ------------------------------------------------------------------------------------- views
 def neuron_matrix_shape(shape: tuple[int, ...], *, is_parameter: bool, axis: int | None = None) -> tuple[int, int] | None:
     """The 2-D ``(items, neurons)`` view used for per-neuron statistics, or None for a scalar.
 

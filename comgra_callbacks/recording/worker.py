@@ -33,6 +33,7 @@ import numpy as np
 
 from comgra_callbacks.recording import reduce_numpy as rn
 from comgra_callbacks.recording.ring import CLOSED, COMMITTED, CONSUMED, FLUSHED, PROGRESS, RECORDS, Ring
+from comgra_callbacks.stats import update_ratio
 from comgra_callbacks.store.format import STAT_INDEX, SeriesKey
 from comgra_callbacks.store.storage import open_root
 from comgra_callbacks.store.writer import HostEntry, HostRecord, RunWriter
@@ -51,22 +52,17 @@ def reduce_record(ring: Ring, msg: dict[str, Any], items: list[Any]) -> HostReco
     batch_size = msg.get("batch_size")
     base = int(msg["base"])
     arrays = [ring.array(base + int(it[7]), np.dtype(it[5]), tuple(it[6])) for it in items]
-    rows = [rn.stats_numpy(a) for a in arrays]
+    reduced = [
+        rn.reduce_array(a, neurons=bool(it[9]), is_parameter=bool(it[8]), axis=None if len(it) <= 12 or it[12] is None else int(it[12]))
+        for it, a in zip(items, arrays)
+    ]
+    rows = [row for row, _ in reduced]
     for it, row in zip(items, rows):  # update-to-weight ratio, from the weight's own row
         ref = it[11]
         if ref is not None and int(ref) >= 0:  # -1: the weight is in another part (see join_ratios)
-            ref_l2 = float(rows[int(ref)][STAT_INDEX["l2"]])
-            l2 = float(row[STAT_INDEX["l2"]])
-            row[STAT_INDEX["update_ratio"]] = l2 / ref_l2 if ref_l2 > 0 else (np.inf if l2 > 0 else 0.0)
-    for it, a, row in zip(items, arrays, rows):
+            row[STAT_INDEX["update_ratio"]] = update_ratio(float(row[STAT_INDEX["l2"]]), float(rows[int(ref)][STAT_INDEX["l2"]]))
+    for it, a, (row, neurons) in zip(items, arrays, reduced):
         node, role, iteration, view, dtype, _, _, _, is_param, neurons_wanted, samples = it[:11]
-        neurons = None
-        if neurons_wanted:
-            axis = it[12] if len(it) > 12 else None  # the neurons' axis (None: the last)
-            matrix = rn.neuron_matrix_numpy(a, is_parameter=bool(is_param), axis=None if axis is None else int(axis))
-            if matrix is not None:
-                bad = row[STAT_INDEX["nan_count"]] + row[STAT_INDEX["inf_count"]] > 0
-                neurons = rn.neurons_numpy(matrix, has_nonfinite=bool(bad))
         chosen = None
         if samples:
             if samples == FULL or a.ndim == 0:
@@ -110,8 +106,7 @@ def join_ratios(record: HostRecord, pending_ratio: set[SeriesKey]) -> None:
     weights = {e.key.node: float(e.stats[l2_index]) for e in record.entries if e.key.view == "value"}
     for entry in record.entries:
         if entry.key in pending_ratio and entry.key.node in weights:
-            ref_l2, l2 = weights[entry.key.node], float(entry.stats[l2_index])
-            entry.stats[ratio_index] = l2 / ref_l2 if ref_l2 > 0 else (np.inf if l2 > 0 else 0.0)
+            entry.stats[ratio_index] = update_ratio(float(entry.stats[l2_index]), weights[entry.key.node])
 
 
 class Worker:

@@ -93,7 +93,6 @@ class BackgroundWriter:
         self._finished = False  # set by the thread as it ends
         self.wait_seconds = 0.0  # time the training thread spent waiting for room in the queue
         self.records_written = 0
-        self.records_dropped = 0  # armed steps that were not kept
         self._thread = threading.Thread(target=self._run, name=f"comgra-writer-{writer.location.name}", daemon=True)
         self._thread.start()
         _LIVE.add(self)
@@ -276,13 +275,9 @@ class BackgroundWriter:
                 if self.error is None:
                     try:
                         if kind == "record":
-                            record = item.materialize()
+                            pending.append(item.materialize())  # armed steps nobody kept never get here
                             pending_items += 1
-                            if record is not None:
-                                pending.append(record)
-                                pending_bytes += nbytes
-                            else:
-                                self.records_dropped += 1
+                            pending_bytes += nbytes
                             if len(pending) >= self.flush_rows or pending_bytes >= self.flush_bytes:
                                 self._append(pending)
                                 pending, pending_bytes, last_flush = [], 0, time.monotonic()

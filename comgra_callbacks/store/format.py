@@ -19,6 +19,8 @@ import builtins
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from comgra_callbacks.stats import LEGACY_NEURON_STAT_NAMES, NEURON_STAT_NAMES, STAT_INDEX, STAT_NAMES  # noqa: F401 - re-exported
+
 FORMAT_NAME = "comgra_callbacks"
 FORMAT_VERSION = "1.0"
 SUPPORTED_MAJOR = 1
@@ -34,7 +36,7 @@ RECORDS = "records"  # int64 (R, len(RECORD_COLUMNS))
 RECORD_TIME = "record_time"  # float64 (R,): wall-clock seconds since the epoch
 STATS = "stats"  # float32 (R, n_series, len(STAT_NAMES)), NaN where a series is absent
 NEURONS_PTR = "neurons_ptr"  # int64 (R, n_series, 2): (offset into NEURONS, width); -1 where absent
-NEURONS = "neurons"  # float32 (N,): per entry len(NEURON_STAT_NAMES) blocks of `width` values
+NEURONS = "neurons"  # float32 (N,): per entry len(manifest neuron_stat_names) blocks of `width` values
 SAMPLES_PTR = "samples_ptr"  # int64 (R, n_series, 2): (offset into SAMPLES, shape id); -1 where absent
 SAMPLES = "samples"  # float32 (M,): per entry the samples, C order, shape from manifest["shapes"]
 SCALARS = "scalars"  # float64 (K, 3): (step, name id, value), names in manifest["scalar_names"]
@@ -43,22 +45,8 @@ CIRCUIT_PREFIX = "circuit/"  # circuit/<name>/<node>/<unit>/<score|effect>: trac
 
 RECORD_COLUMNS = ("step", "epoch", "batch_idx", "step_type", "reason", "segment")
 
-# Batch statistics, over the finite elements; nan_count / inf_count count the others.
-STAT_NAMES = (
-    "mean",
-    "std",
-    "abs_mean",
-    "min",
-    "max",
-    "l2",
-    "zero_frac",
-    "nan_count",
-    "inf_count",
-    "numel",
-    "update_ratio",
-)
-STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
-NEURON_STAT_NAMES = ("mean", "std", "abs_mean")
+# Batch statistics (STAT_NAMES) and per-neuron statistics (NEURON_STAT_NAMES): their names, order and
+# definitions are in comgra_callbacks/stats.py.
 
 Kind = Literal["input", "target", "parameter", "intermediate", "output", "loss"]
 KINDS: tuple[str, ...] = ("input", "target", "parameter", "intermediate", "output", "loss")
@@ -116,6 +104,7 @@ class Manifest:
     scalar_names: list[str] = field(default_factory=list)
     scalars_len: int = 0
     heartbeat: float = 0.0
+    neuron_stat_names: tuple[str, ...] = NEURON_STAT_NAMES
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -123,7 +112,7 @@ class Manifest:
             "format_version": self.format_version,
             "rows": self.rows,
             "stat_names": list(STAT_NAMES),
-            "neuron_stat_names": list(NEURON_STAT_NAMES),
+            "neuron_stat_names": list(self.neuron_stat_names),
             "record_columns": list(RECORD_COLUMNS),
             "series": [key.to_json() for key in self.series],
             "dtypes": list(self.dtypes),
@@ -176,6 +165,9 @@ class Manifest:
             value = data.get(name, list(known))
             if not isinstance(value, list) or value[: len(known)] != list(known):
                 raise _corrupt(where, f'has "{name}": {_short(data[name])}; expected a list starting with {list(known)}.')
+        neuron_names = data.get("neuron_stat_names", list(LEGACY_NEURON_STAT_NAMES))
+        if not isinstance(neuron_names, list) or neuron_names != list(NEURON_STAT_NAMES)[: len(neuron_names)] or not neuron_names:
+            raise _corrupt(where, f'has "neuron_stat_names": {_short(neuron_names)}; expected {list(NEURON_STAT_NAMES)} or a start of it.')
         heartbeat = data.get("heartbeat", 0.0)
         if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)):
             raise _corrupt(where, f'has "heartbeat": {_short(heartbeat)}; expected a number.')
@@ -196,6 +188,7 @@ class Manifest:
             scalar_names=get.strings("scalar_names", required=False),
             scalars_len=get.count("scalars_len", required=False),
             heartbeat=float(heartbeat),
+            neuron_stat_names=tuple(neuron_names),
         )
 
 

@@ -132,7 +132,7 @@ class Run:
         changed = force or old is None or manifest.rows != old.rows or len(manifest.series) != len(old.series)
         self.meta: dict[str, Any] = meta
         self.manifest = manifest
-        self.neuron_stat_names = [str(n) for n in raw.get("neuron_stat_names", fmt.NEURON_STAT_NAMES)] if isinstance(raw, dict) else list(fmt.NEURON_STAT_NAMES)
+        self.neuron_stat_names = list(manifest.neuron_stat_names)  # a store from before per-neuron l2 has three
         if changed:
             self._arrays.clear()
             graph_raw = fmt.check_graph(self.location.read_json(fmt.GRAPH_FILE) or {}, self._where(fmt.GRAPH_FILE))
@@ -647,7 +647,8 @@ class Run:
         iteration: int | None = None,
         step_type: str | None = None,
     ) -> pd.DataFrame:
-        """Per-neuron statistics at one step: one row per neuron, columns mean, std, abs_mean.
+        """Per-neuron statistics at one step: one row per neuron, columns mean, std, abs_mean, l2
+        (NaN in stores written before per-neuron l2).
 
         For activations a neuron is a feature of the last dimension, with statistics over every other axis
         (the batch, positions); for parameters it is an output unit (the first axis).
@@ -657,7 +658,8 @@ class Run:
         offset, width = (int(v) for v in self._read(fmt.NEURONS_PTR, (record, col, slice(None))))
         if offset == -1:
             raise StepNotFoundError(f"Node {node!r} has no per-neuron statistics at step {step} (detail was lower).")
-        n = len(fmt.NEURON_STAT_NAMES)
+        stored = self.manifest.neuron_stat_names  # older stores lack l2: it reads as NaN
+        n = len(stored)
         if offset < 0 or width < 0 or offset + n * width > self.manifest.neurons_len:
             raise self._corrupt_array(
                 fmt.NEURONS_PTR, f"points node {node!r} at step {step} to (offset {offset}, width {width}); expected an offset >= 0 "
@@ -665,7 +667,8 @@ class Run:
             )
         flat = self._read(fmt.NEURONS, slice(offset, offset + n * width))
         self._check_not_lost(fmt.NEURONS, flat[:width], row, node, step)
-        frame = pd.DataFrame(flat.reshape(n, width).T.astype("float32"), columns=list(fmt.NEURON_STAT_NAMES))
+        frame = pd.DataFrame(flat.reshape(n, width).T.astype("float32"), columns=list(stored))
+        frame = frame.reindex(columns=list(fmt.NEURON_STAT_NAMES)).astype("float32")
         frame.index.name = "neuron"
         return frame
 

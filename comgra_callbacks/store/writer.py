@@ -243,7 +243,7 @@ class RunWriter:
             for entry, sid in zip(record.entries, record_ids):
                 stats_block[row, sid] = entry.stats
                 if entry.neurons is not None:
-                    flat = np.ascontiguousarray(entry.neurons, dtype=np.float32).reshape(-1)
+                    flat = _neuron_blocks(entry.neurons, len(m.neuron_stat_names))
                     nptr_block[row, sid] = (n_off, entry.neurons.shape[-1])
                     neuron_parts.append(flat)
                     n_off += flat.size
@@ -316,6 +316,16 @@ class RunWriter:
         if error:
             fields["error"] = error
         self.update_meta(**fields)
+
+
+def _neuron_blocks(neurons: np.ndarray, n_names: int) -> np.ndarray:
+    """An entry's per-neuron statistics as the run stores them: ``n_names`` blocks of ``width`` values. A run
+    resumed from a store written before per-neuron ``l2`` keeps its three blocks; fewer rows than names (a
+    producer that knows only the older names) are padded with NaN."""
+    block = np.asarray(neurons, dtype=np.float32).reshape(-1, neurons.shape[-1])[:n_names]
+    if block.shape[0] < n_names:
+        block = np.concatenate([block, np.full((n_names - block.shape[0], block.shape[1]), np.nan, dtype=np.float32)])
+    return np.ascontiguousarray(block).reshape(-1)
 
 
 LIVE_SECS = 120.0  # a "running" run committed within this many seconds is taken to have a live writer

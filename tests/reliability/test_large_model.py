@@ -61,7 +61,7 @@ def test_a_step_larger_than_the_buffer_is_recorded_with_one_warning_whose_hint_w
     for step in (0, 4):  # what the writer joined from the parts is the step's own tensors
         weight = model.seen[step]["net.2.weight"]
         assert run.stats("net.2.weight").loc[step, "mean"] == pytest.approx(weight.mean().item(), rel=1e-4)
-        assert run.neurons("net.2.weight", step).shape == (256, 3)
+        assert run.neurons("net.2.weight", step).shape == (256, 4)
     ratio = run.stats("net.2.weight", view="update")["update_ratio"]
     assert np.isfinite(ratio).all() and (ratio > 0).all()  # the weight and its update may travel in different parts
     hint = int(re.search(r"HINT: max_queue_mb=(\d+) sends it at once", split[0]).group(1))  # type: ignore[union-attr]
@@ -77,7 +77,7 @@ def test_a_tensor_larger_than_half_the_buffer_travels_as_results(tmp_path: Path)
     assert run.steps["step"].tolist() == [0, 1, 2]
     weight = model.seen[1]["net.0.weight"]
     assert run.stats("net.0.weight").loc[1, "std"] == pytest.approx(weight.std().item(), rel=1e-4)
-    assert run.neurons("net.0.weight", 1).shape == (4096, 3)
+    assert run.neurons("net.0.weight", 1).shape == (4096, 4)
     assert run.stats("net.0.weight", view="update").loc[1, "update_ratio"] > 0
     reduced = [m for m in messages if "do not fit half the writer's buffer" in m]
     assert len(reduced) == 1 and "computed on the training thread" in reduced[0] and "HINT: max_queue_mb=4 " in reduced[0], messages
