@@ -30,6 +30,7 @@ from comgra_callbacks import (
     record,
     record_this_step,
 )
+from comgra_callbacks.stats import NEURON_STAT_NAMES
 from tests.conftest import classification_loader, make_mlp_module, quiet_trainer
 
 
@@ -124,7 +125,7 @@ def test_loss_spike_keeps_the_armed_step_with_weights_from_its_forward_pass(tmp_
     weight = model.weights_at_forward[15].double()
     assert run.stats("net.0.weight").loc[15, "mean"] == pytest.approx(weight.mean().item(), rel=1e-5)
     assert set(run.views("net.0.weight")) == {"value", "grad", "update"}
-    assert run.neurons("net.0", 15).shape == (5, 3)  # a kept armed step has its full detail
+    assert run.neurons("net.0", 15).shape == (5, len(NEURON_STAT_NAMES))  # a kept armed step has its full detail
 
 
 def test_nonfinite_trigger_next_to_a_schedule(tmp_path: Path) -> None:
