@@ -69,7 +69,7 @@ class Regressor(pl.LightningModule):
 
 
 def fit(tmp: Path, name: str, module: pl.LightningModule, *, layout: str = "dict", steps: int = 12, **cb: Any) -> Any:
-    callback = ComgraCallback(str(tmp), run_name=name, writer="thread", **cb)
+    callback = ComgraCallback(str(tmp), run_name=name, **{"writer": "thread", **cb})
     loader = torch.utils.data.DataLoader(Items(layout), batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(1))
     quiet_trainer([callback], tmp, max_steps=steps).fit(module, loader)
     return open_run(tmp / name)
@@ -93,6 +93,24 @@ def test_every_step_has_factors_with_dataset_indices(sgd_run: Any) -> None:
     x = Items().x.numpy()
     np.testing.assert_allclose(a.inputs[:, 0], x[a.dataset_index], rtol=1e-6)  # the index names the item
     assert "attribution:input" not in sgd_run.views(W0)  # the factors stay out of the dashboard's views
+
+
+@pytest.mark.parametrize(("writer", "reduce_where"), [("thread", None), ("process", "writer"), ("process", "training")])
+def test_factor_series_keep_counts_but_no_statistics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str, reduce_where: str | None) -> None:
+    """Nobody reads statistics of the factors (they were the largest cost of a step): only numel and the NaN
+    and inf counts are stored for them, on every path statistics take; the update keeps its statistics."""
+    if reduce_where is not None:
+        monkeypatch.setenv("COMGRA_REDUCE", reduce_where)
+    run = fit(tmp_path, writer, Regressor("sgd", lr=0.05), steps=3, attribution="net.0.weight", writer=writer)
+    assert run.attribution_steps(W0) == [0, 1, 2]
+    factors = run.stats(W0, view="attribution:input")
+    assert factors["numel"].tolist() == [BATCH * N_IN] * 3
+    assert (factors["nan_count"] == 0).all() and (factors["inf_count"] == 0).all()
+    assert factors[["mean", "std", "min", "max", "l2"]].isna().all().all()
+    update = run.stats(W0, view="update")
+    assert update["l2"].notna().all() and (update["l2"] > 0).all()
+    a = run.attribution(W0, 1)
+    np.testing.assert_allclose(a.per_sample_updates().sum(axis=0), a.update, rtol=1e-4, atol=1e-7)
 
 
 def test_per_sample_updates_sum_to_the_recorded_update(sgd_run: Any) -> None:

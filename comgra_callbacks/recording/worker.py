@@ -34,6 +34,7 @@ import numpy as np
 from comgra_callbacks.recording import reduce_numpy as rn
 from comgra_callbacks.recording.ring import CLOSED, COMMITTED, CONSUMED, FLUSHED, PROGRESS, RECORDS, Ring
 from comgra_callbacks.stats import update_ratio
+from comgra_callbacks.store.attribution import counts_row, has_statistics
 from comgra_callbacks.store.format import STAT_INDEX, SeriesKey
 from comgra_callbacks.store.storage import open_root
 from comgra_callbacks.store.writer import HostEntry, HostRecord, RunWriter
@@ -54,6 +55,7 @@ def reduce_record(ring: Ring, msg: dict[str, Any], items: list[Any]) -> HostReco
     arrays = [ring.array(base + int(it[7]), np.dtype(it[5]), tuple(it[6])) for it in items]
     reduced = [
         rn.reduce_array(a, neurons=bool(it[9]), is_parameter=bool(it[8]), axis=None if len(it) <= 12 or it[12] is None else int(it[12]))
+        if has_statistics(str(it[3])) else (counts_row(a), None)
         for it, a in zip(items, arrays)
     ]
     rows = [row for row, _ in reduced]
