@@ -111,6 +111,16 @@ def join_ratios(record: HostRecord, pending_ratio: set[SeriesKey]) -> None:
             entry.stats[ratio_index] = update_ratio(float(entry.stats[l2_index]), weights[entry.key.node])
 
 
+def held_bytes(record: HostRecord) -> int:
+    """What a pending record holds (``flush_bytes`` bounds it): its statistics, per-neuron statistics and
+    samples. Not the raw tensors it arrived as, which stay in the ring (counting those appended a block after
+    nearly every step of a run with ``attribution=``, and each block rewrites the chunks it touches)."""
+    return sum(
+        e.stats.nbytes + (0 if e.neurons is None else e.neurons.nbytes) + (0 if e.samples is None else e.samples.nbytes)
+        for e in record.entries
+    )
+
+
 class Worker:
     def __init__(self, ring: Ring, writer: RunWriter, flush_rows: int, flush_bytes: int, flush_secs: float) -> None:
         self.ring, self.writer = ring, writer
@@ -174,6 +184,7 @@ class Worker:
         if not self.pending:
             self.oldest = time.monotonic()
         self.pending.append(record)
+        self.pending_bytes += held_bytes(record)
         self.ring.header[RECORDS] += 1
 
     def handle(self, msg: dict[str, Any]) -> bool:
@@ -183,7 +194,6 @@ class Worker:
             try:
                 if not self.failed:
                     self._take(op, msg)
-                    self.pending_bytes += int(msg.get("nbytes", 0))
             except Exception as exc:
                 self.fail(exc)
             finally:
