@@ -353,3 +353,33 @@ def test_dashboard_tab_shows_outliers_and_the_planted_item(sgd_run: Any) -> None
     assert view.step.value == planted_step and view.neuron.value == NEURON
     table = view.table.value
     assert list(table.columns) == ["sample_index", "dataset_index", "contribution"] and int(table["dataset_index"].iloc[0]) == PLANTED
+
+
+def test_dashboard_tab_shows_the_recorded_input_of_kept_samples(sgd_run: Any) -> None:
+    """The contributing samples whose input was kept (the first ``n_samples`` = 4 of a batch by default) show
+    it; the others are counted as not kept."""
+    from comgra_callbacks.dashboard.app import Dashboard
+    from comgra_callbacks.dashboard.attribution_view import format_sample
+    from comgra_callbacks.dashboard.data import Catalog
+    from comgra_callbacks.dashboard.options import DashboardOptions
+
+    root = Path(sgd_run.uri).parent
+    dash = Dashboard(Catalog(root), DashboardOptions(str(root)))
+    view = dash.attribution
+    dash.show_tab("Attribution")
+    view.param_select.value = W0
+    assert view.input_select.options[0] == "batch.x" and view.input_select.options[-1] == "batch.idx"
+    view.input_select.value = "batch.x"
+    step = sgd_run.attribution_steps(W0)[2]
+    view.step.value, view.neuron.value = step, NEURON
+    shown = view.inputs_table.value
+    kept = sgd_run.samples("batch.x", step)
+    assert list(shown.columns) == ["sample_index", "dataset_index", "contribution", "input"]
+    assert len(kept) < BATCH and sorted(shown["sample_index"].tolist()) == list(range(len(kept)))
+    x = Items().x.numpy()
+    for _, row in shown.iterrows():  # each kept input is the dataset item the index names
+        assert row["input"] == format_sample(kept[int(row["sample_index"])]) == format_sample(x[int(row["dataset_index"])].astype(np.float32))
+    assert f"kept for {len(kept)} of the {BATCH} samples" in view.inputs_note.object
+    view.input_select.value = "batch.idx"  # an integer input: the ids themselves
+    ids = view.inputs_table.value
+    assert all(row["input"] == str(int(row["dataset_index"])) for _, row in ids.iterrows())
