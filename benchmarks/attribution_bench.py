@@ -3,7 +3,9 @@
 A small transformer LM (2 blocks, width 128, MLP 512, 64 tokens, batch 16, AdamW, CPU, one thread) is trained
 with every step recorded (statistics and per-neuron statistics), without and with ``attribution`` on every
 MLP weight (``blocks.*.mlp.*.weight``), in interleaved rounds. Reported: the median time of a recorded step
-in each configuration, their ratio, and the bytes each configuration's run takes on disk per recorded step.
+in each configuration, their ratio, the bytes each configuration's run takes on disk per recorded step, each
+round's medians and the machine's load average (1 min) before and after (the figures are only comparable at a
+similar load).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -93,6 +96,7 @@ def main() -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     times: dict[bool, list[float]] = {False: [], True: []}
     sizes: dict[bool, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,6 +112,8 @@ def main() -> dict[str, Any]:
         "ratio": round(with_attr / base, 3),
         "bytes_per_step": sizes[False],
         "bytes_per_step_with_attribution": sizes[True],
+        "rounds_ms": [[round(times[a][r] * 1e3, 1) for a in (False, True)] for r in range(args.rounds)],
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print(json.dumps(result, indent=2))
     return result
