@@ -53,15 +53,16 @@ def input_nodes(run: Any) -> list[str]:
 
 
 def kept_inputs(run: Any, node: str, step: int, sample_index: Any) -> list[str | None]:
-    """Per batch position in ``sample_index``: its recorded input at ``step`` (formatted), None where that
-    sample's input was not kept. The kept samples are the batch positions the run recorded in its
-    ``sample_index`` node at that step, or else the first ones of the batch."""
+    """Per batch position in ``sample_index`` (every sample of the step's batch): its recorded input at
+    ``step`` (formatted), None where that sample's input was not kept. The kept samples are the whole batch
+    (``detail="full"``), or the batch positions the run recorded in its ``sample_index`` node at that step
+    (a ``samples=`` selector), or else the first ones of the batch."""
     try:
         values = run.samples(node, step)
     except StepNotFoundError:
         return [None] * len(sample_index)
     positions: Any = range(len(values))
-    if "sample_index" in run.nodes:
+    if len(values) != len(sample_index) and "sample_index" in run.nodes:  # not the whole batch: which part
         try:
             positions = run.samples("sample_index", step).reshape(-1).tolist()
         except StepNotFoundError:
