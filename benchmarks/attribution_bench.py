@@ -3,7 +3,10 @@
 A small transformer LM (2 blocks, width 128, MLP 512, 64 tokens, batch 16, AdamW, CPU, one thread) is trained
 with every step recorded (statistics and per-neuron statistics), without and with ``attribution`` on every
 MLP weight (``blocks.*.mlp.*.weight``), in interleaved rounds. Reported: the median time of a recorded step
-in each configuration, their ratio, and the bytes each configuration's run takes on disk per recorded step.
+in each configuration, their ratio, the bytes each configuration's run takes on disk per recorded step, the
+writer process's CPU time per step (what competes with training for the cores), each round's medians and
+the machine's load average (1 min) before and after (the figures are only comparable at a
+similar load).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -69,7 +74,7 @@ def lm_module() -> Any:
     return LM()
 
 
-def run_once(attribution: bool, steps: int, root: Path, name: str) -> tuple[float, int]:
+def run_once(attribution: bool, steps: int, root: Path, name: str) -> tuple[float, int, float]:
     import lightning.pytorch as pl
 
     from comgra_callbacks import ComgraCallback
@@ -81,10 +86,13 @@ def run_once(attribution: bool, steps: int, root: Path, name: str) -> tuple[floa
     module = lm_module()
     trainer = pl.Trainer(max_steps=steps, callbacks=[callback], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=B))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the writer process, reaped when the run closed
+    module.writer_cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / steps
     gaps = [b - a for a, b in zip(module.times, module.times[1:])][5:]  # the first steps warm up
     size = sum(f.stat().st_size for f in (root / name).rglob("*") if f.is_file())
-    return statistics.median(gaps), size // steps
+    return statistics.median(gaps), size // steps, module.writer_cpu
 
 
 def main() -> dict[str, Any]:
@@ -93,13 +101,16 @@ def main() -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     times: dict[bool, list[float]] = {False: [], True: []}
     sizes: dict[bool, int] = {}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for attribution in (False, True):
-                t, size = run_once(attribution, args.steps, Path(tmp), f"r{r}_{int(attribution)}")
+                t, size, writer_cpu = run_once(attribution, args.steps, Path(tmp), f"r{r}_{int(attribution)}")
                 times[attribution].append(t)
+                cpu[attribution].append(writer_cpu)
                 sizes[attribution] = size
     base, with_attr = statistics.median(times[False]), statistics.median(times[True])
     result = {
@@ -108,6 +119,9 @@ def main() -> dict[str, Any]:
         "ratio": round(with_attr / base, 3),
         "bytes_per_step": sizes[False],
         "bytes_per_step_with_attribution": sizes[True],
+        "writer_cpu_ms_per_step": [round(statistics.median(cpu[a]) * 1e3, 1) for a in (False, True)],
+        "rounds_ms": [[round(times[a][r] * 1e3, 1) for a in (False, True)] for r in range(args.rounds)],
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print(json.dumps(result, indent=2))
     return result

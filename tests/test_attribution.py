@@ -69,7 +69,7 @@ class Regressor(pl.LightningModule):
 
 
 def fit(tmp: Path, name: str, module: pl.LightningModule, *, layout: str = "dict", steps: int = 12, **cb: Any) -> Any:
-    callback = ComgraCallback(str(tmp), run_name=name, writer="thread", **cb)
+    callback = ComgraCallback(str(tmp), run_name=name, **{"writer": "thread", **cb})
     loader = torch.utils.data.DataLoader(Items(layout), batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(1))
     quiet_trainer([callback], tmp, max_steps=steps).fit(module, loader)
     return open_run(tmp / name)
@@ -93,6 +93,24 @@ def test_every_step_has_factors_with_dataset_indices(sgd_run: Any) -> None:
     x = Items().x.numpy()
     np.testing.assert_allclose(a.inputs[:, 0], x[a.dataset_index], rtol=1e-6)  # the index names the item
     assert "attribution:input" not in sgd_run.views(W0)  # the factors stay out of the dashboard's views
+
+
+@pytest.mark.parametrize(("writer", "reduce_where"), [("thread", None), ("process", "writer"), ("process", "training")])
+def test_factor_series_keep_counts_but_no_statistics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str, reduce_where: str | None) -> None:
+    """Nobody reads statistics of the factors (they were the largest cost of a step): only numel and the NaN
+    and inf counts are stored for them, on every path statistics take; the update keeps its statistics."""
+    if reduce_where is not None:
+        monkeypatch.setenv("COMGRA_REDUCE", reduce_where)
+    run = fit(tmp_path, writer, Regressor("sgd", lr=0.05), steps=3, attribution="net.0.weight", writer=writer)
+    assert run.attribution_steps(W0) == [0, 1, 2]
+    factors = run.stats(W0, view="attribution:input")
+    assert factors["numel"].tolist() == [BATCH * N_IN] * 3
+    assert (factors["nan_count"] == 0).all() and (factors["inf_count"] == 0).all()
+    assert factors[["mean", "std", "min", "max", "l2"]].isna().all().all()
+    update = run.stats(W0, view="update")
+    assert update["l2"].notna().all() and (update["l2"] > 0).all()
+    a = run.attribution(W0, 1)
+    np.testing.assert_allclose(a.per_sample_updates().sum(axis=0), a.update, rtol=1e-4, atol=1e-7)
 
 
 def test_per_sample_updates_sum_to_the_recorded_update(sgd_run: Any) -> None:
@@ -335,3 +353,33 @@ def test_dashboard_tab_shows_outliers_and_the_planted_item(sgd_run: Any) -> None
     assert view.step.value == planted_step and view.neuron.value == NEURON
     table = view.table.value
     assert list(table.columns) == ["sample_index", "dataset_index", "contribution"] and int(table["dataset_index"].iloc[0]) == PLANTED
+
+
+def test_dashboard_tab_shows_the_recorded_input_of_kept_samples(sgd_run: Any) -> None:
+    """The contributing samples whose input was kept (the first ``n_samples`` = 4 of a batch by default) show
+    it; the others are counted as not kept."""
+    from comgra_callbacks.dashboard.app import Dashboard
+    from comgra_callbacks.dashboard.attribution_view import format_sample
+    from comgra_callbacks.dashboard.data import Catalog
+    from comgra_callbacks.dashboard.options import DashboardOptions
+
+    root = Path(sgd_run.uri).parent
+    dash = Dashboard(Catalog(root), DashboardOptions(str(root)))
+    view = dash.attribution
+    dash.show_tab("Attribution")
+    view.param_select.value = W0
+    assert view.input_select.options[0] == "batch.x" and view.input_select.options[-1] == "batch.idx"
+    view.input_select.value = "batch.x"
+    step = sgd_run.attribution_steps(W0)[2]
+    view.step.value, view.neuron.value = step, NEURON
+    shown = view.inputs_table.value
+    kept = sgd_run.samples("batch.x", step)
+    assert list(shown.columns) == ["sample_index", "dataset_index", "contribution", "input"]
+    assert len(kept) < BATCH and sorted(shown["sample_index"].tolist()) == list(range(len(kept)))
+    x = Items().x.numpy()
+    for _, row in shown.iterrows():  # each kept input is the dataset item the index names
+        assert row["input"] == format_sample(kept[int(row["sample_index"])]) == format_sample(x[int(row["dataset_index"])].astype(np.float32))
+    assert f"kept for {len(kept)} of the {BATCH} samples" in view.inputs_note.object
+    view.input_select.value = "batch.idx"  # an integer input: the ids themselves
+    ids = view.inputs_table.value
+    assert all(row["input"] == str(int(row["dataset_index"])) for _, row in ids.iterrows())

@@ -175,3 +175,18 @@ def test_steps_reduced_on_a_device_travel_as_results(tmp_path: Path) -> None:
     assert run.neurons("act", 1).shape == (4, 4)  # 4 neurons x (mean, std, abs_mean, l2)
     assert run.stats("w", view="update").loc[1, "update_ratio"] == pytest.approx(0.1, rel=1e-5)
     assert run.samples("ids", 1).tolist() == [0, 1]
+
+
+def test_flush_bytes_counts_what_a_pending_record_holds() -> None:
+    """``flush_bytes`` bounds the memory of records waiting to be appended: their results and samples, not the
+    raw tensors they arrived as (those were already given back to the ring)."""
+    from comgra_callbacks.recording.worker import held_bytes
+    from comgra_callbacks.store.format import STAT_NAMES, SeriesKey
+    from comgra_callbacks.store.writer import HostEntry, HostRecord
+
+    stats = np.zeros(len(STAT_NAMES), dtype=np.float32)
+    record = HostRecord(0, "train", 0, 0, 0.0, "schedule", [
+        HostEntry(SeriesKey("a", None, 0, "value"), stats, None, None, "float32"),
+        HostEntry(SeriesKey("b", None, 0, "value"), stats, np.zeros((4, 10), np.float32), np.zeros((2, 5), np.float32), "float32"),
+    ])
+    assert held_bytes(record) == 2 * stats.nbytes + 4 * 40 + 4 * 10

@@ -3,7 +3,9 @@
 For a parameter: the neurons x steps heatmap of update norms (:meth:`Run.neuron_series`, the l2 norm of each
 neuron's row of the update), the outliers of :func:`comgra_callbacks.analysis.update_outliers` marked; click a
 cell (or pick a step and a neuron) for the samples of that step that contributed to that neuron's update,
-with their dataset indices (:func:`comgra_callbacks.analysis.contributions`). Computed only while visible.
+with their dataset indices (:func:`comgra_callbacks.analysis.contributions`), and below them the recorded
+input of those samples whose input was kept (``n_samples=`` / ``detail=`` decide which: the first samples of
+a batch by default); integer inputs (token ids) are shown as ids. Computed only while visible.
 """
 
 from __future__ import annotations
@@ -21,11 +23,52 @@ from panel.viewable import Viewer
 
 from comgra_callbacks import analysis
 from comgra_callbacks.dashboard.state import Selection
-from comgra_callbacks.errors import ComgraError
+from comgra_callbacks.errors import ComgraError, StepNotFoundError
 from comgra_callbacks.store.attribution import attributed_parameters
 
 ATTRIBUTION_FIGURE = "comgra-attribution-heatmap"  # the figure's name, for browser tests
 NONE = "(no parameter with attribution)"
+NO_INPUT = "(no recorded input)"
+SHOWN_VALUES = 16  # values of a sample's input shown in its cell (the rest is counted)
+INDEX_NAMES = ("idx", "index")  # input nodes that are the dataset index itself, offered last
+
+
+def format_sample(values: np.ndarray, limit: int = SHOWN_VALUES) -> str:
+    """One sample's recorded input as a short line: token ids for integer inputs, 3 digits otherwise.
+
+    >>> format_sample(np.array([5, 17, 3])), format_sample(np.arange(20.0) / 3, limit=3)
+    ('5 17 3', '0 0.333 0.667 ... (20 values)')
+    """
+    flat = np.asarray(values).reshape(-1)
+    integer = flat.dtype.kind in "iub"
+    shown = " ".join(str(int(v)) if integer else f"{float(v):.3g}" for v in flat[:limit])
+    return shown + (f" ... ({flat.size} values)" if flat.size > limit else "")
+
+
+def input_nodes(run: Any) -> list[str]:
+    """The run's input nodes (graph kind ``input``), the dataset-index fields last."""
+    graph = run.graph
+    names = [n for n in run.nodes if n in graph and graph.nodes[n].get("kind") == "input"]
+    return sorted(names, key=lambda n: n.rpartition(".")[2] in INDEX_NAMES)
+
+
+def kept_inputs(run: Any, node: str, step: int, sample_index: Any) -> list[str | None]:
+    """Per batch position in ``sample_index`` (every sample of the step's batch): its recorded input at
+    ``step`` (formatted), None where that sample's input was not kept. The kept samples are the whole batch
+    (``detail="full"``), or the batch positions the run recorded in its ``sample_index`` node at that step
+    (a ``samples=`` selector), or else the first ones of the batch."""
+    try:
+        values = run.samples(node, step)
+    except StepNotFoundError:
+        return [None] * len(sample_index)
+    positions: Any = range(len(values))
+    if len(values) != len(sample_index) and "sample_index" in run.nodes:  # not the whole batch: which part
+        try:
+            positions = run.samples("sample_index", step).reshape(-1).tolist()
+        except StepNotFoundError:
+            pass
+    row = {int(p): i for i, p in enumerate(positions) if i < len(values)}
+    return [format_sample(values[row[int(i)]]) if int(i) in row else None for i in sample_index]
 
 
 class AttributionView(Viewer):
@@ -44,6 +87,11 @@ class AttributionView(Viewer):
         self.neuron = pn.widgets.IntInput(label="Neuron", value=0, start=0, width=110)
         self.summary = pn.pane.Markdown("", sizing_mode="stretch_width", margin=(0, 10))
         self.table = pn.widgets.Tabulator(pd.DataFrame(), disabled=True, show_index=False, height=300, width=520, layout="fit_data_table")
+        self.input_select = pn.widgets.Select(label="Input", options=[NO_INPUT], value=NO_INPUT, width=240)
+        self.inputs: pd.DataFrame | None = None
+        self.inputs_note = pn.pane.Markdown("", sizing_mode="stretch_width", margin=(0, 10))
+        self.inputs_table = pn.widgets.Tabulator(pd.DataFrame(), disabled=True, show_index=False, height=220, width=900, layout="fit_data_table")
+        self.input_select.param.watch(self._contributions, ["value"])
         self._build_figure()
         self.param_select.param.watch(self.refresh, ["value"])
         self.z.param.watch(self.refresh, ["value"])
@@ -58,6 +106,9 @@ class AttributionView(Viewer):
             self.pane,
             pn.pane.Markdown("#### Samples of the step, by their share of the neuron's update (click a cell above)", margin=(0, 10)),
             self.table,
+            pn.Row(pn.pane.Markdown("#### Their recorded input, where it was kept", margin=(0, 10)), self.input_select),
+            self.inputs_note,
+            self.inputs_table,
             sizing_mode="stretch_width",
         )
 
@@ -87,6 +138,10 @@ class AttributionView(Viewer):
             return
         data = self.selection.data
         names = attributed_parameters(data.run) if data is not None else []
+        inputs = (input_nodes(data.run) if data is not None else []) or [NO_INPUT]
+        self.input_select.options = inputs
+        if self.input_select.value not in inputs:
+            self.input_select.value = inputs[0]
         options = names or [NONE]
         self.param_select.options = options
         if self.param_select.value not in options:
@@ -151,3 +206,20 @@ class AttributionView(Viewer):
             return
         self.contributions = frame.sort_values("contribution", ascending=False, ignore_index=True)
         self.table.value = self.contributions
+        self._inputs(data.run, int(self.step.value))
+
+    def _inputs(self, run: Any, step: int) -> None:
+        """The chosen input node's recorded samples next to the contributing samples that have one."""
+        node, frame = self.input_select.value, self.contributions
+        if node == NO_INPUT or frame is None or "sample_index" not in frame:
+            self.inputs = pd.DataFrame(columns=["sample_index", "dataset_index", "contribution", "input"])
+            self.inputs_note.object = "The run recorded no input node." if node == NO_INPUT else ""
+        else:
+            shown = frame.assign(input=kept_inputs(run, node, step, frame["sample_index"].to_numpy()))
+            self.inputs = shown[shown["input"].notna()].reset_index(drop=True)
+            missing = len(shown) - len(self.inputs)
+            self.inputs_note.object = (
+                f"`{node}` at step {step}: kept for {len(self.inputs)} of the {len(shown)} samples"
+                + (f"; not kept for {missing} (`n_samples=` or `detail=` keep more)." if missing else ".")
+            )
+        self.inputs_table.value = self.inputs

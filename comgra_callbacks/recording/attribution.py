@@ -275,7 +275,8 @@ class StepFactors:
             done = [c for c in calls if c.g is not None and not c.raw]
             if not done or len({c.batch for c in done}) > 1:
                 continue
-            x = torch.cat([c.x for c in done], dim=1)
+            # one call (the usual case): x is already a private copy; g may be autograd's own buffer, so cat copies it
+            x = torch.cat([c.x for c in done], dim=1) if len(done) > 1 else done[0].x
             g = torch.cat([c.g for c in done], dim=1)
             if grad_scale != 1.0:
                 g = g / grad_scale

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from comgra_callbacks.recording import reduce
+from comgra_callbacks.store.attribution import counts_row_torch, has_statistics
 from comgra_callbacks.store.format import STAT_INDEX, SeriesKey
 from comgra_callbacks.store.writer import HostEntry, HostRecord
 
@@ -108,10 +109,8 @@ def pack(pending: PendingStep) -> PackedStep:
     import torch
 
     snaps = pending.snapshots
-    # each tensor read once: batch and per-neuron statistics from the same partial sums
-    stats, blocks = reduce.reduce_tensors([s.tensor for s in snaps], [(s.neurons, s.is_parameter, s.neuron_axis) for s in snaps])
+    stats, neurons = _statistics(snaps)
     _update_ratios(snaps, stats)
-    neurons = {i: b for i, b in enumerate(blocks) if b is not None}
     index = pending.sample_index
     pieces: list[Any] = [stats.reshape(-1)]
     layout = []
@@ -132,6 +131,26 @@ def pack(pending: PendingStep) -> PackedStep:
     packed = PackedStep(record, host, layout, event, nbytes=int(flat.numel()) * 4)
     pending.snapshots = []  # the tensors are no longer needed
     return packed
+
+
+def _statistics(snaps: list[Snapshot]) -> tuple[Any, dict[int, Any]]:
+    """Batch statistics ``(len(snaps), N_STATS)`` and the per-neuron blocks by snapshot index; series that
+    get no statistics (``attribution:*``, see :func:`~comgra_callbacks.store.attribution.has_statistics`)
+    only their counts."""
+    import torch
+
+    # each tensor read once: batch and per-neuron statistics from the same partial sums
+    chosen = [i for i, s in enumerate(snaps) if has_statistics(s.key.view)]
+    rows, blocks = reduce.reduce_tensors([snaps[i].tensor for i in chosen], [(snaps[i].neurons, snaps[i].is_parameter, snaps[i].neuron_axis) for i in chosen])
+    if len(chosen) == len(snaps):
+        return rows, {i: b for i, b in enumerate(blocks) if b is not None}
+    device = rows.device if chosen else snaps[0].tensor.device
+    stats = torch.empty((len(snaps), rows.shape[1]), dtype=torch.float32, device=device)
+    if chosen:
+        stats[torch.as_tensor(chosen, device=device)] = rows.to(device)
+    for i in sorted(set(range(len(snaps))) - set(chosen)):
+        stats[i] = counts_row_torch(snaps[i].tensor.detach()).to(device)
+    return stats, {i: b for i, b in zip(chosen, blocks) if b is not None}
 
 
 def _to_host(flat: Any) -> tuple[Any, Any]:

@@ -34,6 +34,7 @@ import numpy as np
 from comgra_callbacks.recording import reduce_numpy as rn
 from comgra_callbacks.recording.ring import CLOSED, COMMITTED, CONSUMED, FLUSHED, PROGRESS, RECORDS, Ring
 from comgra_callbacks.stats import update_ratio
+from comgra_callbacks.store.attribution import counts_row, has_statistics
 from comgra_callbacks.store.format import STAT_INDEX, SeriesKey
 from comgra_callbacks.store.storage import open_root
 from comgra_callbacks.store.writer import HostEntry, HostRecord, RunWriter
@@ -54,6 +55,7 @@ def reduce_record(ring: Ring, msg: dict[str, Any], items: list[Any]) -> HostReco
     arrays = [ring.array(base + int(it[7]), np.dtype(it[5]), tuple(it[6])) for it in items]
     reduced = [
         rn.reduce_array(a, neurons=bool(it[9]), is_parameter=bool(it[8]), axis=None if len(it) <= 12 or it[12] is None else int(it[12]))
+        if has_statistics(str(it[3])) else (counts_row(a), None)
         for it, a in zip(items, arrays)
     ]
     rows = [row for row, _ in reduced]
@@ -107,6 +109,16 @@ def join_ratios(record: HostRecord, pending_ratio: set[SeriesKey]) -> None:
     for entry in record.entries:
         if entry.key in pending_ratio and entry.key.node in weights:
             entry.stats[ratio_index] = update_ratio(float(entry.stats[l2_index]), weights[entry.key.node])
+
+
+def held_bytes(record: HostRecord) -> int:
+    """What a pending record holds (``flush_bytes`` bounds it): its statistics, per-neuron statistics and
+    samples. Not the raw tensors it arrived as, which stay in the ring (counting those appended a block after
+    nearly every step of a run with ``attribution=``, and each block rewrites the chunks it touches)."""
+    return sum(
+        e.stats.nbytes + (0 if e.neurons is None else e.neurons.nbytes) + (0 if e.samples is None else e.samples.nbytes)
+        for e in record.entries
+    )
 
 
 class Worker:
@@ -172,6 +184,7 @@ class Worker:
         if not self.pending:
             self.oldest = time.monotonic()
         self.pending.append(record)
+        self.pending_bytes += held_bytes(record)
         self.ring.header[RECORDS] += 1
 
     def handle(self, msg: dict[str, Any]) -> bool:
@@ -181,7 +194,6 @@ class Worker:
             try:
                 if not self.failed:
                     self._take(op, msg)
-                    self.pending_bytes += int(msg.get("nbytes", 0))
             except Exception as exc:
                 self.fail(exc)
             finally:

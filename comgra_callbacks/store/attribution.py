@@ -7,7 +7,7 @@ Kept apart from :mod:`~comgra_callbacks.store.reader` so that the reader stays s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,38 @@ OPTIMIZER_KINDS = ("other", "sgd", "adam", "adamw")
 """``kind`` codes: an optimizer that is none of SGD, Adam, AdamW is treated like plain SGD (``share`` 1)."""
 INDEX_SPLIT = 1 << 24
 """Samples are stored as float32, exact for integers below 2**24: a dataset index is kept as two halves."""
+
+
+def has_statistics(view: str) -> bool:
+    """Whether a recorded series gets batch statistics. The ``attribution:*`` series do not: they are read
+    only as samples (their statistics were the largest single cost of a recorded step with attribution,
+    docs/benchmarks.md#attribution), so their row keeps just ``numel`` (which tells the steps that have them)
+    and the NaN and inf counts (which tell a deleted chunk from recorded NaNs); the rest is NaN."""
+    return not view.startswith(PREFIX)
+
+
+def counts_row(a: np.ndarray) -> np.ndarray:
+    """The statistics row of a series without statistics (see :func:`has_statistics`), ``(N_STATS,)`` float32."""
+    row = np.full(len(fmt.STAT_NAMES), np.nan, dtype=np.float32)
+    row[_NUMEL] = a.size
+    finite = a.dtype.kind not in "fc" or bool(np.isfinite(a).all())
+    row[fmt.STAT_INDEX["nan_count"]] = 0 if finite else np.count_nonzero(np.isnan(a))
+    row[fmt.STAT_INDEX["inf_count"]] = 0 if finite else np.count_nonzero(np.isinf(a))
+    return row
+
+
+def counts_row_torch(t: Any) -> Any:
+    """:func:`counts_row` with torch, on the tensor's device (nothing waits for it)."""
+    import torch
+
+    row = torch.full((len(fmt.STAT_NAMES),), float("nan"), dtype=torch.float32, device=t.device)
+    row[_NUMEL] = float(t.numel())
+    if t.is_floating_point() or t.is_complex():
+        row[fmt.STAT_INDEX["nan_count"]] = torch.isnan(t).sum().to(torch.float32)
+        row[fmt.STAT_INDEX["inf_count"]] = torch.isinf(t).sum().to(torch.float32)
+    else:
+        row[fmt.STAT_INDEX["nan_count"]] = row[fmt.STAT_INDEX["inf_count"]] = 0.0
+    return row
 
 
 def _last_present_columns(ptr: np.ndarray) -> np.ndarray:

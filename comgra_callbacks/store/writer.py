@@ -64,6 +64,7 @@ class StoreLayout:
     flat_chunk: int = 262_144
     scalars_chunk: int = 8192
     zstd_level: int = 3
+    samples_zstd_level: int = 1  # the flat samples array: per-sample factors of attribution= (docs/benchmarks.md#attribution)
 
 
 def _now() -> float:
@@ -147,7 +148,10 @@ class RunWriter:
         n_stats = len(fmt.STAT_NAMES)
 
         def create(name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill: Any) -> None:
-            self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=zstd)
+            # samples are the bulk of a step with attribution=: zstd level 1 takes half the CPU of level 3 on
+            # them for ~4 % more bytes (measured in docs/benchmarks.md#attribution)
+            codec = ZstdCodec(level=lay.samples_zstd_level) if name == fmt.SAMPLES else zstd
+            self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=codec)
 
         create(fmt.RECORDS, (0, len(fmt.RECORD_COLUMNS)), (lay.record_chunk, len(fmt.RECORD_COLUMNS)), "int64", -1)
         create(fmt.RECORD_TIME, (0,), (lay.record_chunk,), "float64", np.nan)
