@@ -354,7 +354,8 @@ def _row_dots(target: Target, x: Any, g: Any, per_sample: Any, d: Any) -> Any:
     if per_sample is not None:  # (B, *shape) from torch.func
         return (per_sample * d.unsqueeze(0)).reshape(per_sample.shape[0], d.shape[0], -1).sum(dim=2)
     if target.is_weight:
-        return (g * (x @ d.T)).sum(dim=1)  # (B, T, d_out) * (B, T, d_out) -> (B, d_out)
+        projected = (x.reshape(-1, x.shape[-1]) @ d.T).reshape(g.shape)  # one GEMM: (B*T, d_in) @ (d_in, d_out)
+        return (g * projected).sum(dim=1)  # (B, T, d_out) -> (B, d_out)
     return g.sum(dim=1) * d.unsqueeze(0)  # a bias
 
 
