@@ -450,7 +450,9 @@ def test_bad_reads_are_named(sgd_run: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------- dashboard
-def test_dashboard_tab_shows_outliers_and_the_planted_item(sgd_run: Any) -> None:
+@pytest.mark.parametrize("which", ["sgd_run", "compact_run"])
+def test_dashboard_tab_shows_outliers_and_the_planted_item(request: pytest.FixtureRequest, which: str) -> None:
+    sgd_run = request.getfixturevalue(which)  # factors, or attribution_keep="contributions"
     from comgra_callbacks.dashboard.app import Dashboard
     from comgra_callbacks.dashboard.data import Catalog
     from comgra_callbacks.dashboard.options import DashboardOptions
