@@ -218,7 +218,7 @@ class TestGradient(Measure):
     >>> import torch
     >>> model = torch.nn.Linear(2, 1)
     >>> measure = TestGradient(lambda m: m(torch.ones(1, 2)).sum(), params="weight")
-    >>> measure(model) == float(model(torch.ones(1, 2)).sum())
+    >>> measure(model) == float(model(torch.ones(1, 2)).sum().detach())
     True
     >>> measure.take({"weight": model.weight})["weight"].tolist()
     [[1.0, 1.0]]
