@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 
 from comgra_callbacks.errors import ConfigError, ConfigTypeError, StepNotFoundError
-
 from comgra_callbacks.store.attribution import recorded_test_gradients
 
 if TYPE_CHECKING:

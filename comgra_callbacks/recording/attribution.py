@@ -44,7 +44,14 @@ from typing import Any
 from comgra_callbacks.errors import ConfigError, ConfigTypeError
 from comgra_callbacks.names import NameFilter, name_predicate
 from comgra_callbacks.recording.pending import FULL, Snapshot
-from comgra_callbacks.store.attribution import INDEX_SPLIT, KEEP_CHOICES, OPTIMIZER_FIELDS, OPTIMIZER_KINDS, PREFIX, TEST_PREFIX
+from comgra_callbacks.store.attribution import (
+    INDEX_SPLIT,
+    KEEP_CHOICES,
+    OPTIMIZER_FIELDS,
+    OPTIMIZER_KINDS,
+    PREFIX,
+    TEST_PREFIX,
+)
 from comgra_callbacks.store.format import SeriesKey
 
 INPUT, GRAD_OUTPUT, INDEX, OPTIMIZER, PRECOND, UPDATE, PER_SAMPLE, CONTRIBUTION, UPDATE_NORM = (
