@@ -1,9 +1,11 @@
 """What ``attribution=`` costs a recorded step: ``python benchmarks/attribution_bench.py [--steps 40]``.
 
 A small transformer LM (2 blocks, width 128, MLP 512, 64 tokens, batch 16, AdamW, CPU, one thread) is trained
-with every step recorded (statistics and per-neuron statistics), without and with ``attribution`` on every
-MLP weight (``blocks.*.mlp.*.weight``), in interleaved rounds. Reported: the median time of a recorded step
-in each configuration, their ratio, the bytes each configuration's run takes on disk per recorded step, the
+with every step recorded (statistics and per-neuron statistics), without ``attribution``, with it on every
+MLP weight (``blocks.*.mlp.*.weight``) keeping the factors (the default), and with it keeping contributions
+only (``attribution_keep="contributions"``), in interleaved rounds. Reported: the median time of a recorded
+step in each configuration, the ratios to the step without, the bytes each configuration's run takes on disk
+per recorded step, the
 writer process's CPU time per step (what competes with training for the cores), each round's medians and
 the machine's load average (1 min) before and after (the figures are only comparable at a
 similar load).
@@ -57,9 +59,11 @@ def lm_module() -> Any:
             self.blocks = nn.ModuleList([Block(D), Block(D)])
             self.head = nn.Linear(D, VOCAB)
             self.times: list[float] = []
+            self.cpu_times: list[float] = []
 
         def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
             self.times.append(time.perf_counter())
+            self.cpu_times.append(time.process_time())  # the training process's CPU (all its threads): less load-bound
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             w = batch["tokens"]
@@ -74,15 +78,18 @@ def lm_module() -> Any:
     return LM()
 
 
-def run_once(attribution: bool, steps: int, root: Path, name: str) -> tuple[float, int, float]:
+CONFIGS = {"none": {}, "factors": {"attribution": "blocks.*.mlp.*.weight"},
+           "contributions": {"attribution": "blocks.*.mlp.*.weight", "attribution_keep": "contributions"}}
+
+
+def run_once(config: str, steps: int, root: Path, name: str) -> tuple[float, int, float, float]:
     import lightning.pytorch as pl
 
     from comgra_callbacks import ComgraCallback
 
     g = torch.Generator().manual_seed(1)
     data = [{"tokens": torch.randint(0, VOCAB, (T + 1,), generator=g), "idx": i} for i in range(steps * B)]
-    extra = {"attribution": "blocks.*.mlp.*.weight"} if attribution else {}
-    callback = ComgraCallback(str(root), run_name=name, **extra)
+    callback = ComgraCallback(str(root), run_name=name, **CONFIGS[config])
     module = lm_module()
     trainer = pl.Trainer(max_steps=steps, callbacks=[callback], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
@@ -91,8 +98,9 @@ def run_once(attribution: bool, steps: int, root: Path, name: str) -> tuple[floa
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the writer process, reaped when the run closed
     module.writer_cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / steps
     gaps = [b - a for a, b in zip(module.times, module.times[1:])][5:]  # the first steps warm up
+    cpu_gaps = [b - a for a, b in zip(module.cpu_times, module.cpu_times[1:])][5:]
     size = sum(f.stat().st_size for f in (root / name).rglob("*") if f.is_file())
-    return statistics.median(gaps), size // steps, module.writer_cpu
+    return statistics.median(gaps), size // steps, module.writer_cpu, statistics.median(cpu_gaps)
 
 
 def main() -> dict[str, Any]:
@@ -102,25 +110,26 @@ def main() -> dict[str, Any]:
     args = parser.parse_args()
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
-    times: dict[bool, list[float]] = {False: [], True: []}
-    sizes: dict[bool, int] = {}
-    cpu: dict[bool, list[float]] = {False: [], True: []}
+    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    sizes: dict[str, int] = {}
+    cpu: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    train_cpu: dict[str, list[float]] = {c: [] for c in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for attribution in (False, True):
-                t, size, writer_cpu = run_once(attribution, args.steps, Path(tmp), f"r{r}_{int(attribution)}")
-                times[attribution].append(t)
-                cpu[attribution].append(writer_cpu)
-                sizes[attribution] = size
-    base, with_attr = statistics.median(times[False]), statistics.median(times[True])
+            for config in CONFIGS:
+                t, size, writer_cpu, training_cpu = run_once(config, args.steps, Path(tmp), f"r{r}_{config}")
+                times[config].append(t)
+                train_cpu[config].append(training_cpu)
+                cpu[config].append(writer_cpu)
+                sizes[config] = size
+    median = {c: statistics.median(times[c]) for c in CONFIGS}
     result = {
-        "recorded_step_ms": round(base * 1e3, 2),
-        "recorded_step_with_attribution_ms": round(with_attr * 1e3, 2),
-        "ratio": round(with_attr / base, 3),
-        "bytes_per_step": sizes[False],
-        "bytes_per_step_with_attribution": sizes[True],
-        "writer_cpu_ms_per_step": [round(statistics.median(cpu[a]) * 1e3, 1) for a in (False, True)],
-        "rounds_ms": [[round(times[a][r] * 1e3, 1) for a in (False, True)] for r in range(args.rounds)],
+        "recorded_step_ms": {c: round(median[c] * 1e3, 2) for c in CONFIGS},
+        "ratio": {c: round(median[c] / median["none"], 3) for c in CONFIGS if c != "none"},
+        "bytes_per_step": sizes,
+        "writer_cpu_ms_per_step": {c: round(statistics.median(cpu[c]) * 1e3, 1) for c in CONFIGS},
+        "training_cpu_ms_per_step": {c: round(statistics.median(train_cpu[c]) * 1e3, 1) for c in CONFIGS},
+        "rounds_ms": [{c: round(times[c][r] * 1e3, 1) for c in CONFIGS} for r in range(args.rounds)],
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print(json.dumps(result, indent=2))

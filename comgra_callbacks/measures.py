@@ -197,6 +197,94 @@ class FourierSparsity(Measure):
         return f"FourierSparsity({self.matrix if isinstance(self.matrix, str) else '<function>'!r}, axis={self.axis})"
 
 
+class TestGradient(Measure):
+    """A test item's loss, and its gradient for TracIn from the run alone (``analysis.influence(run, param, name)``).
+
+    Evaluated like every measure, before the step's forward pass: the gradient is taken at the parameters
+    that step's per-sample gradients are taken at. It is kept in memory, never stored: when the step is
+    recorded with ``attribution=``, the step's end turns it into one number per training sample and chosen
+    parameter, ``<grad_i * precond, test gradient>`` (series ``attribution:test:<name>``), which is what
+    TracIn sums. Stored as the measure itself: the test loss. A gradient is used only on the step it was
+    computed for (the parameters' version counters have not moved since).
+
+    Args:
+        data: ``(inputs, targets)`` tensors or an iterable of such batches, scored with ``loss_fn`` as
+            :class:`Loss` does (the mean over the items: give one item for one item's influence); or a
+            function ``model -> scalar loss tensor`` (a language model's own loss, say).
+        loss_fn: ``(outputs, targets) -> scalar tensor``; default cross-entropy over the last axis.
+        params: a name filter of the parameters to take the gradient of; default: those chosen by
+            ``attribution=``.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> measure = TestGradient(lambda m: m(torch.ones(1, 2)).sum(), params="weight")
+    >>> measure(model) == float(model(torch.ones(1, 2)).sum().detach())
+    True
+    >>> measure.take({"weight": model.weight})["weight"].tolist()
+    [[1.0, 1.0]]
+    """
+
+    needs_grad = True
+    __test__ = False  # not a pytest test class, whatever its name
+
+    def __init__(self, data: Any, loss_fn: Callable[[Any, Any], Any] | None = None, params: NameFilter = None) -> None:
+        if not callable(data):
+            _batches(data, "TestGradient")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ConfigTypeError(f"`TestGradient(loss_fn=...)`: expected a callable (outputs, targets) -> loss, got {loss_fn!r}.")
+        self.data, self.loss_fn, self.params = data, loss_fn, params
+        self._chosen = name_predicate(params, owner="TestGradient(params=...)") if params is not None else None
+        self._wanted: set[str] = set()
+        self._latest: dict[str, tuple[Any, int]] = {}  # parameter name -> (gradient, the parameter's _version then)
+
+    def want(self, names: Iterable[str]) -> None:
+        """The parameters with attribution (the default ``params``); called when the recorder is set up."""
+        self._wanted.update(names)
+
+    def _loss(self, model: Any) -> Any:
+        import torch
+
+        if callable(self.data) and not isinstance(self.data, Iterable):
+            return self.data(model)
+        fn = self.loss_fn or (lambda out, y: torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)))
+        device, total, count = _device(model), None, 0
+        for x, y in _pairs(self.data, "TestGradient"):
+            x, y = (x.to(device), y.to(device)) if device is not None else (x, y)
+            n = int(y.shape[0]) if y.dim() else 1
+            part = fn(model(x), y) * n
+            total, count = (part if total is None else total + part), count + n
+        if total is None:
+            raise RecordingError("`TestGradient(data=...)`: expected at least one batch, got none.")
+        return total / count
+
+    def __call__(self, model: Any, trainer: Any = None) -> float:
+        import torch
+
+        from comgra_callbacks.recording.capture import clean_name
+
+        named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
+        chosen = [(n, p) for n, p in named if (self._chosen(n) if self._chosen is not None else n in self._wanted)]
+        loss = self._loss(model)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise RecordingError(f"`TestGradient`: expected the loss to be a scalar tensor, got {type(loss).__name__}.")
+        grads = torch.autograd.grad(loss, [p for _, p in chosen], allow_unused=True) if chosen else ()
+        self._latest = {n: (g.detach(), p._version) for (n, p), g in zip(chosen, grads) if g is not None}
+        return float(loss.detach())
+
+    def take(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The latest gradients of ``params`` (``{name: parameter}``) whose parameters have not changed since
+        they were computed; each is handed out once."""
+        out = {}
+        for name, p in params.items():
+            found = self._latest.pop(name, None)
+            if found is not None and found[1] == p._version:
+                out[name] = found[0]
+        return out
+
+    def __repr__(self) -> str:
+        return f"TestGradient({'<function>' if callable(self.data) and not isinstance(self.data, Iterable) else '<data>'}, params={self.params!r})"
+
+
 # ------------------------------------------------------------------------------ evaluating measures
 def check_measures(owner: str, measures: Any) -> dict[str, Callable[..., Any]] | None:
     """Validate ``measures=`` (a dict ``{name: callable}``)."""

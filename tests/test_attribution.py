@@ -59,6 +59,9 @@ class Regressor(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(N_IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, N_OUT))
         self.optimizer, self.lr, self.opt = optimizer, lr, opt
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = (batch["x"], batch["y"]) if isinstance(batch, dict) else (batch[0], batch[1])
         return nn.functional.mse_loss(self.net(x), y)
@@ -196,6 +199,118 @@ def test_influence_is_tracin(sgd_run: Any) -> None:
     assert per_step.attrs["steps"] == [0, 1]
 
 
+# ------------------------------------------------------- attribution_keep="contributions" (compact)
+@pytest.fixture(scope="module")
+def compact_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The run of ``sgd_run`` again (same seeds), keeping only each sample's contribution per neuron."""
+    tmp = tmp_path_factory.mktemp("attr_compact")
+    return fit(tmp, "compact", Regressor("sgd", lr=0.05), attribution="net.*", attribution_keep="contributions", detail={"net.0.weight": "full"})
+
+
+def test_compact_mode_keeps_contributions_not_factors(compact_run: Any, sgd_run: Any) -> None:
+    assert compact_run.attribution_steps(W0) == list(range(12))
+    a = compact_run.attribution(W0, 3)
+    assert a.keep == "contributions" and not a.has_factors
+    assert a.inputs is None and a.grad_outputs is None and a.update is None and a.precond is None
+    assert a.contributions.shape == (BATCH, HIDDEN) and a.update_norms.shape == (HIDDEN,) and a.shape == (HIDDEN,)
+    np.testing.assert_allclose(a.update_norms, np.linalg.norm(sgd_run.attribution(W0, 3).update, axis=1), rtol=1e-5)
+    assert "attribution:input" not in compact_run._all_views(W0) and "attribution:update" not in compact_run._all_views(W0)
+    with pytest.raises(ConfigError, match=r"per_sample_grads\(\).*attribution_keep='contributions'.*HINT: record with attribution_keep='factors'"):
+        a.per_sample_grads()
+    with pytest.raises(ConfigError, match=r"influence\(test_gradients=...\).*attribution_keep='contributions'.*TestGradient"):
+        influence(compact_run, W0, np.zeros((HIDDEN, N_IN)))
+
+
+@pytest.mark.parametrize("param", [W0, "net.0.bias", "net.2.weight"])
+def test_compact_contributions_equal_those_from_factors_and_sum_to_the_update(compact_run: Any, sgd_run: Any, param: str) -> None:
+    rows = HIDDEN if param.startswith("net.0") else N_OUT
+    for step in (0, 5, 11):
+        whole = contributions(compact_run, param, step)
+        assert list(whole.columns) == ["sample_index", "dataset_index", "contribution"] and len(whole) == BATCH
+        assert whole["contribution"].sum() == pytest.approx(whole.attrs["update_norm"], rel=1e-4)
+        np.testing.assert_allclose(whole["contribution"], contributions(sgd_run, param, step)["contribution"], rtol=1e-4, atol=1e-8)
+        for neuron in range(rows):
+            one = contributions(compact_run, param, step, neuron=neuron)
+            exact = contributions(sgd_run, param, step, neuron=neuron)
+            assert one.attrs["update_norm"] == pytest.approx(exact.attrs["update_norm"], rel=1e-5)
+            assert one["contribution"].sum() == pytest.approx(one.attrs["update_norm"], rel=1e-4, abs=1e-9)
+            np.testing.assert_allclose(one["contribution"], exact["contribution"], rtol=1e-4, atol=1e-8)
+            assert one["dataset_index"].tolist() == exact["dataset_index"].tolist()
+
+
+def test_compact_mode_finds_the_planted_item(compact_run: Any) -> None:
+    top = top_items(compact_run, W0, NEURON, k=3)
+    assert int(top["dataset_index"].iloc[0]) == PLANTED and top["score"].iloc[0] > 3 * top["score"].iloc[1]
+    out = update_outliers(compact_run, W0, z=4.0)
+    assert len(out)
+    top = top_items(compact_run, W0, int(out["neuron"].iloc[0]), k=2, over="outliers")
+    assert int(top["dataset_index"].iloc[0]) == PLANTED
+
+
+def test_bad_attribution_keep_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"ComgraCallback\(attribution_keep=...\).*\('factors', 'contributions'\).*'exact'"):
+        ComgraCallback(attribution="*", attribution_keep="exact")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------ TracIn through a TestGradient measure
+TEST_X, TEST_Y = Items().x[PLANTED : PLANTED + 1].clone(), torch.full((1, N_OUT), 6.0)  # a test item like the planted one
+
+
+@pytest.mark.parametrize(("optimizer", "keep"), [("sgd", "factors"), ("sgd", "contributions"), ("adamw", "factors"), ("adamw", "contributions")])
+def test_influence_from_a_test_gradient_measure_equals_supplied_gradients(tmp_path: Path, optimizer: str, keep: str) -> None:
+    """The measure's products, taken during training, give what supplied test gradients give (the gradient
+    at each recorded step, taken here by a plain measure at the same moment) from the factors."""
+    from comgra_callbacks import Every
+    from comgra_callbacks.measures import TestGradient
+
+    supplied: dict[int, np.ndarray] = {}
+
+    def by_hand(model: Any, trainer: Any) -> float:  # the test gradient of net.0.weight at this step, kept here
+        with torch.enable_grad():
+            loss = nn.functional.mse_loss(model.net(TEST_X), TEST_Y)
+            supplied[trainer.global_step] = torch.autograd.grad(loss, model.net[0].weight)[0].numpy().copy()
+        return float(loss)
+
+    measures = {"test": TestGradient((TEST_X, TEST_Y), loss_fn=nn.functional.mse_loss), "hand": by_hand}
+    run = fit(tmp_path, f"{optimizer}_{keep}", Regressor(optimizer, lr=0.02), attribution=W0, attribution_keep=keep,
+              measures=measures, schedule=Every(2), steps=8)
+    assert run.attribution_steps(W0) == [0, 2, 4, 6] and sorted(supplied) == [0, 2, 4, 6]
+    np.testing.assert_allclose(run.measures["test"].to_numpy(), run.measures["hand"].to_numpy(), rtol=1e-6)
+    got = influence(run, W0, "test")
+    assert list(got.columns) == ["dataset_index", "influence", "steps"] and got.attrs["steps"] == [0, 2, 4, 6]
+    if keep == "factors":
+        want = influence(run, W0, supplied)
+    else:  # the same training (seeded), kept with factors: the supplied gradients' answer
+        supplied_run = dict(supplied)
+        supplied.clear()
+        exact = fit(tmp_path, f"{optimizer}_exact", Regressor(optimizer, lr=0.02), attribution=W0, measures={"hand": by_hand}, schedule=Every(2), steps=8)
+        for step in supplied_run:
+            np.testing.assert_allclose(supplied[step], supplied_run[step], rtol=1e-5, atol=1e-8)
+        want = influence(exact, W0, supplied)
+    merged = got.merge(want, on="dataset_index", suffixes=("", "_supplied"))
+    assert len(merged) == len(got) == len(want)
+    np.testing.assert_allclose(merged["influence"], merged["influence_supplied"], rtol=1e-4, atol=1e-9)
+    assert int(got["dataset_index"].iloc[0]) == PLANTED and got["influence"].iloc[0] > 0
+    assert "attribution:test:test" not in run.views(W0)
+
+
+def test_test_gradient_is_used_only_on_the_step_it_was_taken_for(tmp_path: Path) -> None:
+    """Measured on every second step, recorded on every third: the gradient of step 2 (not recorded) is never
+    paired with step 3's samples (the parameters moved in between); steps 0 and 6 have both."""
+    from comgra_callbacks import Every
+    from comgra_callbacks.measures import TestGradient
+
+    test = TestGradient(lambda model: nn.functional.mse_loss(model.net(TEST_X), TEST_Y))  # the callable form
+    run = fit(tmp_path, "sched", Regressor("sgd"), attribution=W0, measures={"test": test},
+              schedule=Every(3), measure_schedule=Every(2), steps=7)
+    assert run.attribution_steps(W0) == [0, 3, 6] and run.measures.index.tolist() == [0, 2, 4, 6]
+    assert influence(run, W0, "test").attrs["steps"] == [0, 6]
+    with pytest.raises(ConfigTypeError, match=r"TestGradient\(loss_fn=...\)"):
+        TestGradient((TEST_X, TEST_Y), loss_fn=3)  # type: ignore[arg-type]
+    with pytest.raises(ConfigTypeError, match=r"TestGradient\(data=...\)"):
+        TestGradient(5)
+
+
 # ------------------------------------------------------------------------------ against torch.func
 class SeqModel(pl.LightningModule):
     """Tokens of a sequence through one Linear: the per-sample gradient sums the positions' outer products."""
@@ -325,7 +440,9 @@ def test_bad_reads_are_named(sgd_run: Any) -> None:
     with pytest.raises(ConfigError, match=r"shape \(5, 6\), got shape \(2,\)"):
         influence(sgd_run, W0, np.zeros(2))
     with pytest.raises(ConfigTypeError, match=r"influence\(test_gradients=...\)"):
-        influence(sgd_run, W0, "grads")  # type: ignore[arg-type]
+        influence(sgd_run, W0, 5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"influence\(test_gradients='grads'\).*no TestGradient measure of that name.*it has \[\]"):
+        influence(sgd_run, W0, "grads")
     with pytest.raises(ConfigError, match=r"statistic=...\).*'l2'"):
         sgd_run.neuron_series(W0, statistic="median")
     with pytest.raises(NodeNotFoundError, match=r"no attribution of 'net\.1'"):
@@ -333,7 +450,9 @@ def test_bad_reads_are_named(sgd_run: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------- dashboard
-def test_dashboard_tab_shows_outliers_and_the_planted_item(sgd_run: Any) -> None:
+@pytest.mark.parametrize("which", ["sgd_run", "compact_run"])
+def test_dashboard_tab_shows_outliers_and_the_planted_item(request: pytest.FixtureRequest, which: str) -> None:
+    sgd_run = request.getfixturevalue(which)  # factors, or attribution_keep="contributions"
     from comgra_callbacks.dashboard.app import Dashboard
     from comgra_callbacks.dashboard.data import Catalog
     from comgra_callbacks.dashboard.options import DashboardOptions

@@ -20,6 +20,6 @@ def test_attribution_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "training windows of 16 tokens" in outputs
-    assert "Run('lm', status='finished', records=60" in outputs and "factors at 60 steps" in outputs
+    assert "Run('lm', status='finished', records=60" in outputs and "contributions at 60 steps" in outputs
     for column in ("update_norm", "shared token", "flips to token", "outlier updates", "activation alone"):
         assert column in outputs

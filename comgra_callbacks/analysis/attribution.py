@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from comgra_callbacks.errors import ConfigError, ConfigTypeError, StepNotFoundError
+from comgra_callbacks.store.attribution import recorded_test_gradients
 
 if TYPE_CHECKING:
     from comgra_callbacks.store.attribution import AttributionStep
@@ -103,6 +104,31 @@ def _check_neuron(a: AttributionStep, neuron: Any, method: str) -> int | None:
     return int(neuron)
 
 
+def _from_factors(a: AttributionStep, neuron: int | None) -> tuple[np.ndarray, float]:
+    """``(B,)`` contributions along the update (of one row, or of all of it) and that update's norm."""
+    assert a.update is not None
+    update = a.update.astype(np.float64)
+    if neuron is not None:
+        direction = np.zeros_like(update)
+        direction[neuron] = update[neuron]
+        norm = float(np.linalg.norm(update[neuron]))
+    else:
+        direction, norm = update, float(np.linalg.norm(update))
+    dots = _directional(a, direction).sum(axis=1)  # (B,)
+    return (dots / norm if norm > 0 else np.zeros_like(dots)), norm
+
+
+def _from_contributions(a: AttributionStep, neuron: int | None) -> tuple[np.ndarray, float]:
+    """:func:`_from_factors` from the stored ``c_ij = <u_ij, Δ_j> / |Δ_j|``: along the whole update,
+    ``<u_i, Δ> / |Δ| = sum_j c_ij |Δ_j| / |Δ|``."""
+    assert a.contributions is not None and a.update_norms is not None
+    c, norms = a.contributions.astype(np.float64), a.update_norms.astype(np.float64)
+    if neuron is not None:
+        return c[:, neuron], float(norms[neuron])
+    norm = float(np.sqrt((norms**2).sum()))
+    return ((c * norms[None, :]).sum(axis=1) / norm if norm > 0 else np.zeros(len(c))), norm
+
+
 def contributions(run: Run, param: str, step: int, *, neuron: int | None = None, step_type: str | None = None) -> pd.DataFrame:
     """Each sample's signed share of the update of ``param`` at ``step`` (of one neuron, or of all of it).
 
@@ -120,17 +146,12 @@ def contributions(run: Run, param: str, step: int, *, neuron: int | None = None,
     """
     a = run.attribution(param, step, step_type=step_type)
     neuron = _check_neuron(a, neuron, "contributions")
-    if a.update is None:
+    if a.update is None and a.contributions is None:
         raise StepNotFoundError(f"Run {run.name!r} has no recorded update of {param!r} at step {step}.")
-    update = a.update.astype(np.float64)
-    if neuron is not None:
-        direction = np.zeros_like(update)
-        direction[neuron] = update[neuron]
-        norm = float(np.linalg.norm(update[neuron]))
+    if a.contributions is not None:  # attribution_keep="contributions": reduced when the step was recorded
+        values, norm = _from_contributions(a, neuron)
     else:
-        direction, norm = update, float(np.linalg.norm(update))
-    dots = _directional(a, direction).sum(axis=1)  # (B,)
-    values = dots / norm if norm > 0 else np.zeros_like(dots)
+        values, norm = _from_factors(a, neuron)
     frame = pd.DataFrame({"sample_index": np.arange(a.batch_size), "dataset_index": a.dataset_index.astype(np.int64), "contribution": values})
     frame.attrs.update(
         param=param, step=int(step), neuron=neuron, update_norm=norm, residual=norm - float(values.sum()),
@@ -203,9 +224,11 @@ def influence(
     """TracIn over the recorded trajectory: ``sum over steps of lr * <per-sample gradient, test gradient>``.
 
     Args:
-        test_gradients: the test item's gradient of ``param`` (shaped like it) at each recorded step, as
-            ``{step: array}`` (e.g. from a measure computed on the same steps), or one array used at every step.
-            Only steps with both per-sample factors and a test gradient count.
+        test_gradients: the name of a :class:`~comgra_callbacks.measures.TestGradient` measure recorded with
+            the run (``measures={"test": TestGradient(...)}``: the inner products were taken during training,
+            the run alone answers); or the test item's gradient of ``param`` (shaped like it) at each recorded
+            step, as ``{step: array}``, or one array used at every step. Only steps with both per-sample
+            gradients and a test gradient count.
         per_example: multiply each recorded gradient by the batch size, undoing a mean-reduced loss, so that
             items of batches of different sizes compare (TracIn's per-example gradients).
 
@@ -216,10 +239,14 @@ def influence(
         one row per training item, largest influence first: ``dataset_index``, ``influence``, ``steps``.
 
     Raises:
-        ConfigTypeError: ``test_gradients`` is neither a mapping nor an array.
-        ConfigError: a test gradient's shape is not the parameter's, or no step has both.
+        ConfigTypeError: ``test_gradients`` is neither a measure name, a mapping nor an array.
+        ConfigError: a test gradient's shape is not the parameter's, or no step has both; the run kept
+            contributions only (``attribution_keep="contributions"``) and ``test_gradients`` is not a measure;
+            no such measure.
     """
     steps = run.attribution_steps(param, step_type=step_type)
+    if isinstance(test_gradients, str):
+        return _influence_of_measure(run, param, test_gradients, steps, per_example=per_example, step_type=step_type)
     if isinstance(test_gradients, Mapping):
         given = {int(s): np.asarray(g, dtype=np.float64) for s, g in test_gradients.items()}
         chosen = [s for s in steps if s in given]
@@ -229,8 +256,8 @@ def influence(
         chosen = steps
     else:
         raise ConfigTypeError(
-            f"`influence(test_gradients=...)`: expected {{step: gradient array}} or one array shaped like {param!r}, "
-            f"got {type(test_gradients).__name__}."
+            f"`influence(test_gradients=...)`: expected the name of a TestGradient measure, {{step: gradient array}} or one "
+            f"array shaped like {param!r}, got {type(test_gradients).__name__}."
         )
     if not chosen:
         raise ConfigError(
@@ -241,6 +268,14 @@ def influence(
     seen: dict[int, list[int]] = {}
     for step in chosen:
         a = run.attribution(param, step, step_type=step_type)
+        if not a.has_factors:
+            raise ConfigError(
+                f"`influence(test_gradients=...)`: {param!r} was recorded with attribution_keep='contributions' (step {step}), "
+                f"which keeps no per-sample gradients to take a supplied test gradient's products with. HINT: record "
+                f"the test gradient with the run, measures={{'test': TestGradient(test_data)}}, and call "
+                f"influence(run, {param!r}, 'test'); or record with attribution_keep='factors'. Measures recorded: "
+                f"{recorded_test_gradients(run, param)}."
+            )
         test = given[step]
         shape = a.shape
         if test.shape != shape:
@@ -254,4 +289,37 @@ def influence(
     items = sorted(totals, key=lambda i: (-totals[i], i))
     out = pd.DataFrame({"dataset_index": pd.Series(items, dtype="int64"), "influence": [totals[i] for i in items], "steps": [seen[i] for i in items]})
     out.attrs.update(param=param, steps=chosen, run=run.name)
+    return out
+
+
+def _influence_of_measure(run: Run, param: str, measure: str, steps: list[int], *, per_example: bool, step_type: str | None) -> pd.DataFrame:
+    """:func:`influence` from the products ``<grad_i * precond, test>`` a ``TestGradient`` measure recorded."""
+    from comgra_callbacks.store.attribution import read_test_products
+
+    known = recorded_test_gradients(run, param)
+    if measure not in known:
+        raise ConfigError(
+            f"`influence(test_gradients={measure!r})`: run {run.name!r} has no TestGradient measure of that name for "
+            f"{param!r}; it has {known}. HINT: measures={{{measure!r}: TestGradient(test_data)}} with attribution={param!r}."
+        )
+    totals: dict[int, float] = {}
+    seen: dict[int, list[int]] = {}
+    chosen = []
+    for step in steps:
+        found = read_test_products(run, param, step, measure, step_type=step_type)
+        if found is None:
+            continue
+        dots, index, fields = found
+        values = fields.get("lr", float("nan")) * fields.get("share", 1.0) * dots.astype(np.float64)
+        if per_example:
+            values = values * len(dots)
+        chosen.append(step)
+        for item, value in zip(index.tolist(), values.tolist()):
+            totals[int(item)] = totals.get(int(item), 0.0) + float(value)
+            seen.setdefault(int(item), []).append(int(step))
+    if not chosen:
+        raise ConfigError(f"`influence(test_gradients={measure!r})`: the measure has no products with {param!r} at a step with attribution (steps {steps[:10]}).")
+    items = sorted(totals, key=lambda i: (-totals[i], i))
+    out = pd.DataFrame({"dataset_index": pd.Series(items, dtype="int64"), "influence": [totals[i] for i in items], "steps": [seen[i] for i in items]})
+    out.attrs.update(param=param, steps=chosen, run=run.name, measure=measure)
     return out

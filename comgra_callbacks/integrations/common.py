@@ -23,7 +23,7 @@ from comgra_callbacks.errors import ComgraError, ConfigError, ConfigTypeError, S
 from comgra_callbacks.measures import check_measures
 from comgra_callbacks.measures import evaluate as evaluate_measures
 from comgra_callbacks.names import NameFilter, describe_filter, name_predicate
-from comgra_callbacks.recording.attribution import check_index_field
+from comgra_callbacks.recording.attribution import check_index_field, check_keep
 from comgra_callbacks.recording.capture import check_modules_spec
 from comgra_callbacks.recording.interventions import Intervention, check_interventions
 from comgra_callbacks.recording.policy import Plan, RecordingPolicy, detail_rules
@@ -79,6 +79,7 @@ class RecordingOptions:
     measure_schedule: Schedule | None = None
     attribution: NameFilter = None
     index_field: str | int | None = None
+    attribution_keep: Literal["factors", "contributions"] = "factors"
     circuit_tracking: dict[str, CircuitTracking] | None = None
 
     @classmethod
@@ -163,6 +164,7 @@ class RecordingOptions:
             measure_schedule=measure_schedule,
             attribution=kw.get("attribution"),
             index_field=check_index_field(owner, kw.get("index_field")),
+            attribution_keep=check_keep(owner, kw.get("attribution_keep", "factors")),  # type: ignore[arg-type]
             circuit_tracking=check_circuit_tracking(owner, kw.get("circuit_tracking")),
         )
 
@@ -212,7 +214,14 @@ class RecordingOptions:
             neuron_axis=self.neuron_axis,
             attribution=self.attribution,
             index_field=self.index_field,
+            attribution_options={"keep": self.attribution_keep, "tests": self.test_gradients()},
         )
+
+    def test_gradients(self) -> dict[str, Any]:
+        """The ``TestGradient`` measures, whose gradients the attribution turns into TracIn's products."""
+        from comgra_callbacks.measures import TestGradient
+
+        return {name: m for name, m in (self.measures or {}).items() if isinstance(m, TestGradient)}
 
     def describe(self) -> dict[str, Any]:
         """JSON-safe description for the run metadata."""
@@ -242,6 +251,7 @@ class RecordingOptions:
             "measure_schedule": repr(self.measure_schedule) if self.measure_schedule is not None else None,
             "attribution": describe_filter(self.attribution),
             "index_field": self.index_field,
+            "attribution_keep": self.attribution_keep,
             "circuit_tracking": {k: t.describe() for k, t in self.circuit_tracking.items()} if self.circuit_tracking else None,
             **self.policy.describe(),
         }

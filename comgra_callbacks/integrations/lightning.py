@@ -93,6 +93,9 @@ class ComgraCallback(Callback):
             (see docs/attribution.md).
         index_field: the batch field holding each sample's dataset index (a dict key or attribute name, or a
             position in a tuple batch); default: a field named ``idx`` or ``index``, else the batch position.
+        attribution_keep: ``"factors"`` (default: the exact per-sample factors) or ``"contributions"`` (reduced
+            at the step's end to each sample's contribution to each neuron's update, ``B·d_out`` numbers; enough
+            for ``contributions``, ``top_items`` and ``influence`` through a ``TestGradient`` measure).
         circuit_tracking: ``CircuitTracking(clean, corrupted, nodes, schedule=None)`` (or a dict ``{name: ...}``):
             attribution-patching scores of every unit of ``nodes`` for a fixed clean/corrupted pair, evaluated
             before the forward pass of the steps the schedule records (or of its own ``schedule``), in eval mode,
@@ -161,6 +164,7 @@ class ComgraCallback(Callback):
         measure_schedule: Schedule | None = None,
         attribution: NameFilter = None,
         index_field: str | int | None = None,
+        attribution_keep: Literal["factors", "contributions"] = "factors",
         circuit_tracking: CircuitTracking | dict[str, CircuitTracking] | None = None,
         n_samples: int = 4,
         neurons: bool = True,

@@ -17,7 +17,16 @@ What one recorded step stores for each chosen parameter ``p`` (series of node ``
 * ``attribution:optimizer``: the vector of ``OPTIMIZER_FIELDS`` (learning rate, optimizer kind, share, ...);
 * ``attribution:precond`` (Adam, AdamW): ``1 / (sqrt(v_hat) + eps)`` after the step, shaped like ``p``;
 * ``attribution:update``: the parameter's change over the step, shaped like ``p``;
-* ``attribution:per_sample_grad`` ``(B, *p.shape)``: for ``torch.func`` parameters, instead of the factors.
+* ``attribution:per_sample_grad`` ``(B, *p.shape)``: for ``torch.func`` parameters, instead of the factors;
+* ``attribution:test:<measure>`` ``(B,)``: for each :class:`~comgra_callbacks.measures.TestGradient` measure
+  evaluated on the step, ``<grad_i * precond, test gradient>`` per sample (what TracIn needs, B numbers).
+
+With ``keep="contributions"`` (``attribution_keep=`` of the callbacks) the step's end reduces the factors, on
+the training thread, to what :func:`~comgra_callbacks.analysis.contributions` and ``top_items`` read:
+``attribution:contribution`` ``(B, rows)``, each sample's signed share of each row's (neuron's) update along
+that row's update, ``<u_ij, Δ_j> / |Δ_j|`` (one matmul per layer), and ``attribution:update_norm`` ``(rows,)``,
+``|Δ_j|``; input, grad_output, per_sample_grad, precond and update are not kept (``B·rows`` numbers instead
+of ``B·T·(d_in + d_out) + 2·rows·d_in``).
 
 A sample's share of the update is then ``-lr * share * (sum_t g_it ⊗ x_it) * precond`` (see
 :mod:`comgra_callbacks.analysis.attribution` and docs/attribution.md for what momentum, weight decay and Adam
@@ -35,11 +44,19 @@ from typing import Any
 from comgra_callbacks.errors import ConfigError, ConfigTypeError
 from comgra_callbacks.names import NameFilter, name_predicate
 from comgra_callbacks.recording.pending import FULL, Snapshot
-from comgra_callbacks.store.attribution import INDEX_SPLIT, OPTIMIZER_FIELDS, OPTIMIZER_KINDS, PREFIX
+from comgra_callbacks.store.attribution import (
+    INDEX_SPLIT,
+    KEEP_CHOICES,
+    OPTIMIZER_FIELDS,
+    OPTIMIZER_KINDS,
+    PREFIX,
+    TEST_PREFIX,
+)
 from comgra_callbacks.store.format import SeriesKey
 
-INPUT, GRAD_OUTPUT, INDEX, OPTIMIZER, PRECOND, UPDATE, PER_SAMPLE = (
-    PREFIX + v for v in ("input", "grad_output", "index", "optimizer", "precond", "update", "per_sample_grad")
+INPUT, GRAD_OUTPUT, INDEX, OPTIMIZER, PRECOND, UPDATE, PER_SAMPLE, CONTRIBUTION, UPDATE_NORM = (
+    PREFIX + v
+    for v in ("input", "grad_output", "index", "optimizer", "precond", "update", "per_sample_grad", "contribution", "update_norm")
 )
 INDEX_FIELDS = ("idx", "index")
 """Batch fields taken as the dataset index of each sample when ``index_field`` is not given."""
@@ -59,6 +76,19 @@ def check_index_field(owner: str, value: Any) -> str | int | None:
         f"`{owner}(index_field=...)`: expected a batch field name (str), a position in a tuple batch (int) or None, "
         f"got {value!r} of type {type(value).__name__}."
     )
+
+
+def check_keep(owner: str, value: Any) -> str:
+    """``attribution_keep=``: what a recorded step keeps of the per-sample factors.
+
+    >>> check_keep("ComgraCallback", "contribution")
+    Traceback (most recent call last):
+    ...
+    comgra_callbacks.errors.ConfigError: `ComgraCallback(attribution_keep=...)`: expected one of ('factors', 'contributions'), got 'contribution'.
+    """
+    if value in KEEP_CHOICES:
+        return str(value)
+    raise ConfigError(f"`{owner}(attribution_keep=...)`: expected one of {KEEP_CHOICES}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -185,6 +215,7 @@ class StepFactors:
     grad_handles: list[Any] = field(default_factory=list)
     optimizer: dict[str, _OptimizerInfo] = field(default_factory=dict)  # parameter name -> its optimizer then
     per_sample: dict[str, Any] = field(default_factory=dict)  # torch.func targets: (B, *shape) per-sample gradients
+    tests: dict[str, dict[str, Any]] = field(default_factory=dict)  # measure name -> parameter name -> test gradient
 
     # ------------------------------------------------------------------------------------ hooks
     def attach(self) -> None:
@@ -296,22 +327,57 @@ class StepFactors:
             fields[OPTIMIZER_FIELDS.index("index_from_batch")] = float(from_batch)
             update = target.param.detach().to(torch.float32) - info.before
             key = target.name
-            if per_sample is not None:
+            x, g = factors.get(target.module_name, (None, None))
+            for name, grads in self.tests.items():  # TracIn's inner products, B numbers per test measure
+                test = grads.get(target.name)
+                if test is not None and tuple(test.shape) == tuple(target.param.shape):
+                    test = test.to(torch.float32) * precond if precond is not None else test.to(torch.float32)
+                    dots = _row_dots(target, x, g, per_sample, test).reshape(size, -1).sum(dim=1)
+                    out.append(_full(key, TEST_PREFIX + name, dots))
+            if self.owner.keep == "contributions":
+                out.extend(_contribution_snapshots(target, x, g, per_sample, update, precond, fields))
+            elif per_sample is not None:
                 out.append(_full(key, PER_SAMPLE, per_sample))
             else:
-                x, g = factors[target.module_name]
                 if target.is_weight:
                     out.append(_full(key, INPUT, x))
                 out.append(_full(key, GRAD_OUTPUT, g))
             out.append(_full(key, INDEX, index_rows, dtype="int64"))
             out.append(_full(key, OPTIMIZER, torch.tensor(fields, dtype=torch.float32)))
-            if precond is not None:
-                out.append(_full(key, PRECOND, precond))
-            out.append(_full(key, UPDATE, update))
+            if self.owner.keep == "factors":
+                if precond is not None:
+                    out.append(_full(key, PRECOND, precond))
+                out.append(_full(key, UPDATE, update))
         self.calls.clear()
         self.optimizer.clear()
         self.per_sample.clear()
+        self.tests.clear()
         return out
+
+
+def _row_dots(target: Target, x: Any, g: Any, per_sample: Any, d: Any) -> Any:
+    """``(B, rows)``: ``<grad_i[j], d[j]>`` per sample ``i`` and row (neuron) ``j`` of the parameter, from the
+    factors without building the per-sample gradients: ``<sum_t g_t ⊗ x_t, D> = sum_t g_t · (D x_t)``."""
+    if per_sample is not None:  # (B, *shape) from torch.func
+        return (per_sample * d.unsqueeze(0)).reshape(per_sample.shape[0], d.shape[0], -1).sum(dim=2)
+    if target.is_weight:
+        projected = (x.reshape(-1, x.shape[-1]) @ d.T).reshape(g.shape)  # one GEMM: (B*T, d_in) @ (d_in, d_out)
+        return (g * projected).sum(dim=1)  # (B, T, d_out) -> (B, d_out)
+    return g.sum(dim=1) * d.unsqueeze(0)  # a bias
+
+
+def _contribution_snapshots(target: Target, x: Any, g: Any, per_sample: Any, update: Any, precond: Any, fields: list[float]) -> list[Snapshot]:
+    """``keep="contributions"``: each sample's signed share of each row's update along that row's update,
+    ``c_ij = -lr * share * <grad_ij * precond_j, Δ_j> / |Δ_j|`` ``(B, rows)``, and the rows' norms ``|Δ_j|``."""
+    import torch
+
+    lr, share = fields[OPTIMIZER_FIELDS.index("lr")], fields[OPTIMIZER_FIELDS.index("share")]
+    direction = update * precond if precond is not None else update
+    dots = _row_dots(target, x, g, per_sample, direction)  # (B, rows)
+    rows = update.reshape(update.shape[0], -1) if update.dim() > 1 else update.reshape(-1, 1)
+    norms = rows.norm(dim=1)  # (rows,)
+    contribution = -lr * share * dots / torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(0)
+    return [_full(target.name, CONTRIBUTION, contribution), _full(target.name, UPDATE_NORM, norms)]
 
 
 def _func_per_sample(target: Target, calls: list[_Call]) -> Any:
@@ -383,21 +449,41 @@ class Attribution:
         model: the model being trained.
         spec: which parameters (a name filter, e.g. ``"mlp.*.weight"``).
         index_field: where a batch keeps each sample's dataset index (see :meth:`dataset_index`).
+        keep: ``"factors"`` (exact per-sample gradients) or ``"contributions"`` (reduced at the step's end,
+            see the module docstring).
+        tests: ``{name: TestGradient}`` measures whose test gradients are turned into TracIn's inner
+            products on the steps they were evaluated on.
 
     Raises:
         ConfigError: ``spec`` chooses no parameter of ``model`` that can be attributed (the message lists them).
     """
 
-    def __init__(self, model: Any, spec: NameFilter, index_field: str | int | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        spec: NameFilter,
+        index_field: str | int | None = None,
+        keep: str = "factors",
+        tests: Mapping[str, Any] | None = None,
+    ) -> None:
         self.targets = choose_targets(model, spec)
         self.modules = {t.module_name: t.module for t in self.targets}
         self.func_modules = {t.module_name for t in self.targets if t.how == "func"}
         self.index_field = index_field
+        self.keep = check_keep("Attribution", keep)
+        self.tests = dict(tests or {})
+        for test in self.tests.values():
+            test.want([t.name for t in self.targets])
         self._warned = False
 
     def begin(self, is_current: Callable[[], bool]) -> StepFactors:
-        """Hooks on the chosen modules for one step; ``is_current()`` says whether a call belongs to it."""
+        """Hooks on the chosen modules for one step; ``is_current()`` says whether a call belongs to it. The
+        test gradients the measures computed for this step (the parameters unchanged since) come along."""
         factors = StepFactors(self, is_current)
+        for name, test in self.tests.items():
+            grads = test.take({t.name: t.param for t in self.targets})
+            if grads:
+                factors.tests[name] = grads
         factors.attach()
         return factors
 

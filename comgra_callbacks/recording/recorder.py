@@ -104,6 +104,7 @@ class RecorderConfig:
     neuron_axis: Mapping[str, int] | None = None
     attribution: NameFilter = None  # parameters whose per-sample update shares are kept (:mod:`.attribution`)
     index_field: str | int | None = None
+    attribution_options: Mapping[str, Any] | None = None  # further keywords of :class:`.attribution.Attribution`
 
 
 _DTYPE_NAMES: dict[Any, str] = {}
@@ -252,7 +253,7 @@ class Recorder:
         if self.config.attribution is not None:
             from comgra_callbacks.recording.attribution import Attribution
 
-            self._attribution = Attribution(model, self.config.attribution, self.config.index_field)
+            self._attribution = Attribution(model, self.config.attribution, self.config.index_field, **(self.config.attribution_options or {}))
         self.writer.op("write_modules", module_tree(model))
         context.activate(self)
 

@@ -26,6 +26,10 @@ OPTIMIZER_FIELDS = ("kind", "lr", "share", "has_precond", "index_from_batch", "b
 """The entries of the ``attribution:optimizer`` vector, in order."""
 OPTIMIZER_KINDS = ("other", "sgd", "adam", "adamw")
 """``kind`` codes: an optimizer that is none of SGD, Adam, AdamW is treated like plain SGD (``share`` 1)."""
+KEEP_CHOICES = ("factors", "contributions")
+"""``attribution_keep=``: the exact per-sample factors, or only each sample's contribution to each neuron's update."""
+TEST_PREFIX = PREFIX + "test:"
+"""``attribution:test:<measure>``: per sample, ``<grad_i * precond, test gradient>`` of a ``TestGradient`` measure."""
 INDEX_SPLIT = 1 << 24
 """Samples are stored as float32, exact for integers below 2**24: a dataset index is kept as two halves."""
 
@@ -158,6 +162,11 @@ def _column(run: Run, param: str, view: str) -> int:
     return cols[-1]
 
 
+def recorded_test_gradients(run: Run, param: str) -> list[str]:
+    """The ``TestGradient`` measures whose inner products with ``param``'s per-sample gradients were recorded."""
+    return sorted(v[len(TEST_PREFIX) :] for v in run._all_views(param) if v.startswith(TEST_PREFIX))
+
+
 def attributed_parameters(run: Run) -> list[str]:
     """The parameters with recorded per-sample factors."""
     return list(dict.fromkeys(key.node for key in run.manifest.series if key.view == PREFIX + "optimizer"))
@@ -189,6 +198,9 @@ class AttributionStep:
         fields: the whole ``attribution:optimizer`` vector by name.
         per_sample: ``(B, *param.shape)`` per-sample gradients of a parameter outside ``nn.Linear`` (``torch.func``);
             then ``inputs`` and ``grad_outputs`` are None.
+        contributions: ``(B, rows)`` with ``attribution_keep="contributions"``: each sample's signed share of each
+            row's (neuron's) update along it, ``<u_ij, Δ_j> / |Δ_j|``; then no factors, ``precond`` or ``update``.
+        update_norms: ``(rows,)`` the rows' update norms ``|Δ_j|`` (``attribution_keep="contributions"``).
     """
 
     param: str
@@ -204,24 +216,43 @@ class AttributionStep:
     update: np.ndarray | None
     fields: dict[str, float]
     per_sample: np.ndarray | None = None
+    contributions: np.ndarray | None = None
+    update_norms: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:
         return int(len(self.dataset_index))
 
     @property
+    def keep(self) -> str:
+        """``"factors"`` or ``"contributions"``: what the step kept (``attribution_keep=``)."""
+        return "contributions" if self.contributions is not None else "factors"
+
+    @property
+    def has_factors(self) -> bool:
+        """Whether each sample's gradient can be rebuilt (factors or ``torch.func`` per-sample gradients)."""
+        return self.grad_outputs is not None or self.per_sample is not None
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        """The parameter's shape."""
+        """The parameter's shape (only its rows, ``(rows,)``, with ``attribution_keep="contributions"``)."""
         if self.update is not None:
             return tuple(self.update.shape)
         if self.per_sample is not None:
             return tuple(self.per_sample.shape[1:])
+        if self.update_norms is not None:
+            return tuple(self.update_norms.shape)
         assert self.grad_outputs is not None
         return (self.grad_outputs.shape[-1],) if self.inputs is None else (self.grad_outputs.shape[-1], self.inputs.shape[-1])
 
     def per_sample_grads(self) -> np.ndarray:
         """``(B, *param.shape)``: each sample's gradient, ``sum_t g_it ⊗ x_it`` (``sum_t g_it`` for a bias; as
-        recorded through ``torch.func`` for parameters of other modules)."""
+        recorded through ``torch.func`` for parameters of other modules).
+
+        Raises:
+            ConfigError: the step kept contributions only (``attribution_keep="contributions"``).
+        """
+        self._need_factors("per_sample_grads")
         if self.per_sample is not None:
             return self.per_sample.astype(np.float64)
         assert self.grad_outputs is not None
@@ -234,6 +265,15 @@ class AttributionStep:
         """``(B, *param.shape)``: each sample's share of the update, ``-lr * share * grad_i * precond``."""
         u = -self.lr * self.share * self.per_sample_grads()
         return u * self.precond if self.precond is not None else u
+
+    def _need_factors(self, what: str) -> None:
+        if not self.has_factors:
+            raise ConfigError(
+                f"`AttributionStep.{what}()`: {self.param!r} at step {self.step} was recorded with "
+                "attribution_keep='contributions', which keeps each sample's contribution to each neuron's update "
+                "but not the factors a per-sample gradient is rebuilt from. HINT: record with "
+                "attribution_keep='factors' (the default)."
+            )
 
 
 def read_attribution(run: Run, param: str, step: int, *, step_type: str | None = None) -> AttributionStep:
@@ -249,13 +289,13 @@ def read_attribution(run: Run, param: str, step: int, *, step_type: str | None =
         except StepNotFoundError:
             return None
 
-    g, per_sample = get("grad_output"), get("per_sample_grad")
-    if g is None and per_sample is None:
+    g, per_sample, contribution = get("grad_output"), get("per_sample_grad"), get("contribution")
+    if g is None and per_sample is None and contribution is None:
         raise StepNotFoundError(f"Run {run.name!r} has no attribution of {param!r} at step {step}; it has it at steps {attribution_steps(run, param, step_type=step_type)[:10]}.")
     vector = get("optimizer")
     fields = dict(zip(OPTIMIZER_FIELDS, (float(v) for v in (vector if vector is not None else []))))
     halves = get("index")
-    size = (g if g is not None else per_sample).shape[0]  # type: ignore[union-attr]
+    size = next(a for a in (g, per_sample, contribution) if a is not None).shape[0]
     index = halves[:, 0].astype(np.int64) * INDEX_SPLIT + halves[:, 1].astype(np.int64) if halves is not None else np.arange(size)
     kind = int(fields.get("kind", 0))
     update = get("update")
@@ -273,4 +313,27 @@ def read_attribution(run: Run, param: str, step: int, *, step_type: str | None =
         update=update,
         fields=fields,
         per_sample=per_sample,
+        contributions=contribution,
+        update_norms=get("update_norm"),
     )
+
+
+def read_test_products(run: Run, param: str, step: int, measure: str, *, step_type: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, float]] | None:
+    """What ``influence`` needs of a step from a ``TestGradient`` measure: the per-sample products
+    ``<grad_i * precond, test>`` ``(B,)``, the dataset indices ``(B,)`` and the optimizer fields; None when
+    the measure has none at ``step``. Reads three small series, never the factors."""
+
+    def get(view: str) -> np.ndarray | None:
+        try:
+            return run.samples(param, step, view=view, step_type=step_type)
+        except StepNotFoundError:
+            return None
+
+    dots = get(TEST_PREFIX + measure)
+    if dots is None:
+        return None
+    vector = get(PREFIX + "optimizer")
+    fields = dict(zip(OPTIMIZER_FIELDS, (float(v) for v in (vector if vector is not None else []))))
+    halves = get(PREFIX + "index")
+    index = halves[:, 0].astype(np.int64) * INDEX_SPLIT + halves[:, 1].astype(np.int64) if halves is not None else np.arange(len(dots))
+    return dots.reshape(-1), index, fields

@@ -59,3 +59,30 @@ def test_trainer_records_factors_indices_and_adamw(tmp_path: Path) -> None:
     frame = contributions(run, WEIGHT, 0, neuron=3)
     assert len(frame) == 4 and set(frame["dataset_index"]) <= set(seen)
     assert np.isclose(frame["contribution"].sum(), frame.attrs["update_norm"], rtol=1e-3)
+
+
+def test_trainer_keeps_contributions_and_test_gradient_products(tmp_path: Path) -> None:
+    """``attribution_keep="contributions"`` and a ``TestGradient`` measure under the ``Trainer``: the same
+    contributions and the same influence as a run (same seed) that keeps the factors."""
+    from comgra_callbacks.analysis import influence
+    from comgra_callbacks.measures import TestGradient
+
+    item = MaskedTokens()[0]
+    test_batch = {k: v[None] for k, v in item.items()}
+    runs = {}
+    for keep in ("factors", "contributions"):
+        test = TestGradient(lambda model: model(**test_batch).loss)
+        cb = ComgraTrainerCallback(tmp_path / "runs", run_name=keep, attribution=WEIGHT, attribution_keep=keep, measures={"test": test}, flush_secs=0.1)
+        args = training_args(str(tmp_path / f"out_{keep}"), max_steps=3, max_grad_norm=0.0)
+        Trainer(model=IndexedBert(), args=args, train_dataset=IndexedTokens(), callbacks=[cb]).train()
+        runs[keep] = open_run(tmp_path / "runs" / keep)
+    exact, compact = runs["factors"], runs["contributions"]
+    assert compact.attribution(WEIGHT, 0).keep == "contributions" and compact.attribution(WEIGHT, 0).inputs is None
+    for step in range(3):
+        for neuron in (3, 40):
+            a, b = contributions(exact, WEIGHT, step, neuron=neuron), contributions(compact, WEIGHT, step, neuron=neuron)
+            np.testing.assert_allclose(b["contribution"], a["contribution"], rtol=1e-3, atol=1e-9)
+    np.testing.assert_allclose(compact.measures["test"], exact.measures["test"], rtol=1e-5)
+    got, want = influence(compact, WEIGHT, "test"), influence(exact, WEIGHT, "test")
+    assert got.attrs["steps"] == [0, 1, 2] and got["dataset_index"].tolist() == want["dataset_index"].tolist()
+    np.testing.assert_allclose(got["influence"], want["influence"], rtol=1e-3, atol=1e-12)
