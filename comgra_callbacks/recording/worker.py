@@ -43,6 +43,7 @@ from comgra_callbacks.store.messages import (
     StartMessage,
     StepMeta,
     decode,
+    unpack_entries,
 )
 from comgra_callbacks.store.sink import ENDED, GONE, IDLE, Worker
 from comgra_callbacks.store.storage import open_root
@@ -91,20 +92,8 @@ def reduce_record(ring: Ring, msg: RecordMessage, items: tuple[RawItem, ...]) ->
 def unpack_record(ring: Ring, msg: PackedMessage) -> HostRecord:
     """A packed message: statistics already computed on the training side; copy the pieces out of the ring."""
     record = _record(msg.meta)
-    flat = ring.array(msg.offset, np.float32, (msg.length,))
-    n = len(msg.layout)
-    stats_block = flat[: n * rn.N_STATS].reshape(n, rn.N_STATS).copy()
-    offset = n * rn.N_STATS
-    for i, item in enumerate(msg.layout):
-        pieces: list[np.ndarray | None] = []
-        for shape in (item.neuron_shape, item.sample_shape):
-            if shape is None:
-                pieces.append(None)
-                continue
-            size = int(np.prod(shape)) if shape else 1
-            pieces.append(flat[offset : offset + size].reshape(shape).copy())
-            offset += size
-        record.entries.append(HostEntry(_key(item), stats_block[i], pieces[0], pieces[1], str(item.dtype)))
+    layout = [(_key(it), it.dtype, it.neuron_shape, it.sample_shape) for it in msg.layout]
+    record.entries.extend(unpack_entries(ring.array(msg.offset, np.float32, (msg.length,)), layout, copy=True))
     return record
 
 

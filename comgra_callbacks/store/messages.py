@@ -261,3 +261,44 @@ def decode(line: bytes | str) -> Message:
         return cls(**{k: _DECODE[k](v, cls) if k in _DECODE else v for k, v in body.items()})
     except TypeError as exc:
         raise StoreError(f"`decode`: a {cls.__name__} with the fields {sorted(body)}: {exc}.") from exc
+
+
+def unpack_entries(flat: Any, layout: Any, *, copy: bool) -> list[Any]:
+    """The entries of a packed record: the one decoder of the buffer ``pack`` lays out (``recording/pending.py``),
+    used by the thread writer (views of a buffer it owns) and the writer process (``copy``: out of the ring).
+
+    ``flat`` is a float32 numpy array: the ``(series, n_stats)`` block of batch statistics, then each series'
+    per-neuron statistics and samples, in order; ``layout`` gives, per series, ``(key, dtype, neuron_shape,
+    sample_shape)`` (a shape None: not kept). Returns ``HostEntry`` objects.
+
+    >>> import numpy as np
+    >>> from comgra_callbacks.stats import N_STATS
+    >>> from comgra_callbacks.store.format import SeriesKey
+    >>> flat = np.arange(N_STATS + 6, dtype=np.float32)
+    >>> [entry] = unpack_entries(flat, [(SeriesKey("a", None, 0, "value"), "float32", None, (2, 3))], copy=False)
+    >>> entry.samples.tolist()
+    [[11.0, 12.0, 13.0], [14.0, 15.0, 16.0]]
+    """
+    import math
+
+    from comgra_callbacks.stats import N_STATS
+    from comgra_callbacks.store.writer import HostEntry
+
+    n = len(layout)
+    stats_block = flat[: n * N_STATS].reshape(n, N_STATS)
+    if copy:
+        stats_block = stats_block.copy()
+    offset = n * N_STATS
+    entries = []
+    for i, (key, dtype, neuron_shape, sample_shape) in enumerate(layout):
+        pieces: list[Any] = []
+        for shape in (neuron_shape, sample_shape):
+            if shape is None:
+                pieces.append(None)
+                continue
+            size = math.prod(shape)
+            piece = flat[offset : offset + size].reshape(shape)
+            pieces.append(piece.copy() if copy else piece)
+            offset += size
+        entries.append(HostEntry(key, stats_block[i], pieces[0], pieces[1], str(dtype)))
+    return entries
