@@ -21,6 +21,13 @@ from comgra_callbacks.store.format import STAT_INDEX, SeriesKey
 pytestmark = pytest.mark.slow  # each test starts a writer process (about a second)
 
 
+@pytest.fixture(autouse=True)
+def raw_to_the_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests exercise the ring's raw path (the writer process reduces): on any machine, whatever
+    ``parts.reduce_in_writer`` would choose there (the child processes they start inherit it)."""
+    monkeypatch.setenv("COMGRA_REDUCE", "writer")
+
+
 def step_with(step: int, size: int = 16, samples: int = 2) -> PendingStep:
     g = torch.Generator().manual_seed(step)
     value = torch.randn(size, 4, generator=g)
@@ -39,7 +46,7 @@ def test_records_and_sidecars_arrive_in_the_store(tmp_path: Path) -> None:
     assert not glob.glob(f"/dev/shm/comgra-ring-{os.getpid()}-*")  # the ring has no name anywhere
     writer.op("start_segment", 0)
     for step in range(5):
-        assert writer.submit_record(step_with(step))
+        assert writer.submit(step_with(step))
     writer.op("add_notes", [{"step": 2, "time": 0.0, "text": "hi"}])
     writer.flush()
     live = open_run(tmp_path / "r")
@@ -62,7 +69,7 @@ def test_selected_samples_travel_to_the_writer(tmp_path: Path) -> None:
     pending = step_with(0)
     pending.sample_index = torch.tensor([5, 1, 9])
     act = pending.snapshots[0].tensor.clone()
-    writer.submit_record(pending)
+    writer.submit(pending)
     writer.close("finished")
     np.testing.assert_array_equal(open_run(tmp_path / "r").samples("act", 0), act[[5, 1, 9]].numpy())
 
@@ -71,7 +78,7 @@ def test_a_full_buffer_makes_training_wait_and_says_so(tmp_path: Path) -> None:
     writer = ProcessWriter(root=str(tmp_path), run="r", max_queue_bytes=16 << 10)
     with pytest.warns(RuntimeWarning, match="cannot keep up .*HINT: record less often"):
         for step in range(60):
-            assert writer.submit_record(step_with(step, size=256))  # ~9 KiB each through a 16 KiB buffer
+            assert writer.submit(step_with(step, size=256))  # ~9 KiB each through a 16 KiB buffer
     writer.close("finished")
     assert writer.wait_seconds > 0
     assert open_run(tmp_path / "r").steps["step"].tolist() == list(range(60))
@@ -82,8 +89,8 @@ def test_a_step_larger_than_the_buffer_goes_in_parts_with_one_warning(tmp_path: 
     big = step_with(0, size=4096)
     act = big.snapshots[0].tensor.clone()
     with pytest.warns(RuntimeWarning, match=r"needs 0.1 MiB in the writer's buffer, more than max_queue_mb .* in parts.* HINT: max_queue_mb=1 sends it"):
-        assert writer.submit_record(big)
-    assert writer.submit_record(step_with(1, size=8))
+        assert writer.submit(big)
+    assert writer.submit(step_with(1, size=8))
     writer.close("finished")
     run = open_run(tmp_path / "r")
     assert run.steps["step"].tolist() == [0, 1]
@@ -94,12 +101,12 @@ def test_a_step_larger_than_the_buffer_goes_in_parts_with_one_warning(tmp_path: 
 
 def test_a_writer_process_that_dies_is_reported(tmp_path: Path) -> None:
     writer = ProcessWriter(root=str(tmp_path), run="r")
-    writer.submit_record(step_with(0))
+    writer.submit(step_with(0))
     writer.flush()
     os.kill(writer.proc.pid, signal.SIGKILL)
     writer.proc.wait(10)
-    with pytest.warns(RuntimeWarning, match=r"writer process of run 'r' stopped .*recording stops, training goes on"):
-        assert writer.submit_record(step_with(1)) is False
+    with pytest.warns(RuntimeWarning, match=r"writer process of run 'r' stopped .*; recording stops, training goes on"):
+        assert writer.submit(step_with(1)) is False
     with pytest.warns(RuntimeWarning, match="may be incomplete"):
         writer.close("finished")
     run = open_run(tmp_path / "r")
@@ -112,7 +119,7 @@ def test_raise_on_write_error(tmp_path: Path) -> None:
     os.kill(writer.proc.pid, signal.SIGKILL)
     writer.proc.wait(10)
     with pytest.raises(StoreError, match="writer process of run 'r' stopped"):
-        writer.submit_record(step_with(0))
+        writer.submit(step_with(0))
     with pytest.warns(RuntimeWarning, match="may be incomplete"):  # raised once, not twice
         writer.close("finished")
 
@@ -140,7 +147,7 @@ def test_the_trainer_dying_leaves_everything_it_sent(tmp_path: Path) -> None:
         from comgra_callbacks.recording.process_writer import ProcessWriter
         writer = ProcessWriter(root={str(tmp_path)!r}, run="orphan", flush_secs=600)
         for step in range(20):
-            writer.submit_record(step_with(step))
+            writer.submit(step_with(step))
         os.kill(os.getpid(), signal.SIGKILL)
     """))
     subprocess.run([sys.executable, str(script)], timeout=120)
@@ -165,8 +172,8 @@ def test_steps_reduced_on_a_device_travel_as_results(tmp_path: Path) -> None:
     writer = ProcessWriter(root=str(tmp_path), run="r")
     raw, packed = step_with(0), step_with(1)
     act = packed.snapshots[0].tensor.clone()
-    writer.submit_record(raw)
-    assert writer.submit_record(pack(packed))
+    writer.submit(raw)
+    assert writer.submit(pack(packed))
     writer.close("finished")
     run = open_run(tmp_path / "r")
     assert run.steps["step"].tolist() == [0, 1]
@@ -180,8 +187,8 @@ def test_steps_reduced_on_a_device_travel_as_results(tmp_path: Path) -> None:
 def test_flush_bytes_counts_what_a_pending_record_holds() -> None:
     """``flush_bytes`` bounds the memory of records waiting to be appended: their results and samples, not the
     raw tensors they arrived as (those were already given back to the ring)."""
-    from comgra_callbacks.recording.worker import held_bytes
     from comgra_callbacks.store.format import STAT_NAMES, SeriesKey
+    from comgra_callbacks.store.sink import held_bytes
     from comgra_callbacks.store.writer import HostEntry, HostRecord
 
     stats = np.zeros(len(STAT_NAMES), dtype=np.float32)

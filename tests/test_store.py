@@ -52,6 +52,18 @@ class Item:
         return self.record
 
 
+class Gated(Item):
+    """A record the writer thread cannot take before ``gate`` is set (a busy writer)."""
+
+    def __init__(self, record: HostRecord, gate: threading.Event) -> None:
+        super().__init__(record)
+        self.gate = gate
+
+    def materialize(self) -> HostRecord:
+        self.gate.wait(10)
+        return self.record
+
+
 def test_round_trip_and_growth(tmp_path: Path) -> None:
     writer = RunWriter(open_root(tmp_path).run("r"), layout=SMALL)
     writer.start_segment(0)
@@ -168,7 +180,7 @@ def test_concurrent_reader_never_sees_partial_rows(tmp_path: Path) -> None:
     reader = threading.Thread(target=read_loop)
     reader.start()
     for step in range(total):
-        writer.submit_record(Item(synthetic(step)))
+        writer.submit(Item(synthetic(step)))
         if step % 10 == 0:
             time.sleep(0.005)
     writer.close("finished")
@@ -181,14 +193,14 @@ def test_concurrent_reader_never_sees_partial_rows(tmp_path: Path) -> None:
 def test_background_writer_bounds_memory_and_waits(tmp_path: Path) -> None:
     writer = BackgroundWriter(RunWriter(open_root(tmp_path).run("r")), max_queue_bytes=3000, flush_rows=2)
     gate = threading.Event()
-    writer.submit(lambda w: gate.wait(10))  # the writer thread is busy
+    writer.submit(Gated(synthetic(0), gate))  # the writer thread is busy with the first record
     time.sleep(0.05)
-    for step in range(3):
-        writer.submit_record(Item(synthetic(step)))  # 3 x 1000 bytes: fits
+    for step in range(1, 3):
+        writer.submit(Item(synthetic(step)))  # 3 x 1000 bytes: fits
 
     def producer() -> None:
         with pytest.warns(RuntimeWarning, match="cannot keep up"):
-            writer.submit_record(Item(synthetic(3)))
+            writer.submit(Item(synthetic(3)))
 
     blocked = threading.Thread(target=producer)
     blocked.start()
@@ -211,13 +223,13 @@ def _break_store(run_dir: Path) -> None:
 
 def test_write_failure_warns_and_training_goes_on(tmp_path: Path) -> None:
     writer = BackgroundWriter(RunWriter(open_root(tmp_path).run("r")), flush_rows=1)
-    writer.submit_record(Item(synthetic(0)))
+    writer.submit(Item(synthetic(0)))
     writer.flush()
     _break_store(tmp_path / "r")
-    writer.submit_record(Item(synthetic(1)))
-    with pytest.warns(RuntimeWarning, match="writing run 'r' failed; recording stops, training goes on"):
+    writer.submit(Item(synthetic(1)))
+    with pytest.warns(RuntimeWarning, match="writing run 'r' failed: .*; recording stops, training goes on"):
         writer.flush()
-    assert writer.submit_record(Item(synthetic(2))) is False
+    assert writer.submit(Item(synthetic(2))) is False
     writer.close("finished")
     assert open_run(tmp_path / "r").status == "failed"
 
@@ -225,7 +237,7 @@ def test_write_failure_warns_and_training_goes_on(tmp_path: Path) -> None:
 def test_write_failure_raises_when_asked(tmp_path: Path) -> None:
     writer = BackgroundWriter(RunWriter(open_root(tmp_path).run("r")), flush_rows=1, on_error="raise")
     _break_store(tmp_path / "r")
-    writer.submit_record(Item(synthetic(0)))
+    writer.submit(Item(synthetic(0)))
     with pytest.raises(StoreError, match="writing run 'r' failed"):
         writer.flush()
     with pytest.warns(RuntimeWarning, match="may be incomplete"):  # raised once, not again at the close
@@ -304,7 +316,7 @@ def test_queue_accounting_survives_items_that_shrink(tmp_path: Path) -> None:
 
     def produce() -> None:
         for step in range(60):  # 60 x 1000 bytes through a 5000-byte queue
-            writer.submit_record(Shrinking(synthetic(step)))
+            writer.submit(Shrinking(synthetic(step)))
         done.set()
 
     producer = threading.Thread(target=produce, daemon=True)
@@ -332,7 +344,7 @@ writer = BackgroundWriter(RunWriter(open_root(sys.argv[1]).run("r")), flush_secs
 for step in range(5):
     stats = np.zeros(len(STAT_NAMES), np.float32)
     stats[STAT_NAMES.index("numel")] = 1
-    writer.submit_record(Item(HostRecord(step, "train", 0, step, 0.0, "schedule", [HostEntry(SeriesKey("a", None, 0, "value"), stats)])))
+    writer.submit(Item(HostRecord(step, "train", 0, step, 0.0, "schedule", [HostEntry(SeriesKey("a", None, 0, "value"), stats)])))
 # the script ends without closing the writer
 """
 

@@ -32,6 +32,7 @@ from comgra_callbacks.recording.sampling import SampleSelector, as_selector
 from comgra_callbacks.recording.schedules import Every, Schedule
 from comgra_callbacks.store.background import BackgroundWriter
 from comgra_callbacks.store.format import MEASURE_PREFIX
+from comgra_callbacks.store.sink import Sink
 from comgra_callbacks.store.storage import check_run_name, open_root
 from comgra_callbacks.store.writer import RunWriter
 
@@ -265,7 +266,7 @@ class RecordingOptions:
 
         The run is written by a separate process (``writer="process"``, the default: no competition for the
         GIL with training) or by a thread of this process (``writer="thread"``)."""
-        sink: Any
+        sink: Sink  # both transports implement the protocol the recorder calls
         writer = self.writer
         if writer == "process" and sys.platform == "win32":  # the writer process waits on pipes with select()
             warnings.warn("comgra: the writer process is not available on Windows; writing from a thread instead.", RuntimeWarning, stacklevel=3)

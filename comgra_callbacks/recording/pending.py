@@ -18,7 +18,8 @@ from typing import Any
 from comgra_callbacks.recording import reduce
 from comgra_callbacks.store.attribution import counts_row_torch, has_statistics
 from comgra_callbacks.store.format import STAT_INDEX, SeriesKey
-from comgra_callbacks.store.writer import HostEntry, HostRecord
+from comgra_callbacks.store.messages import unpack_entries
+from comgra_callbacks.store.writer import HostRecord
 
 FULL = -1  # Snapshot.samples value: keep the whole tensor
 
@@ -69,22 +70,7 @@ class PackedStep:
         series' per-neuron statistics and samples, in order."""
         if self.event is not None:
             self.event.synchronize()
-        buffer = self.host.numpy()
-        n = len(self.layout)
-        stats_block = buffer[: n * reduce.N_STATS].reshape(n, reduce.N_STATS)
-        offset = n * reduce.N_STATS
-        for i, (key, dtype, neuron_shape, sample_shape) in enumerate(self.layout):
-            stats = stats_block[i]
-            neurons = samples = None
-            if neuron_shape is not None:
-                size = neuron_shape[0] * neuron_shape[1]
-                neurons = buffer[offset : offset + size].reshape(neuron_shape)
-                offset += size
-            if sample_shape is not None:
-                size = math.prod(sample_shape)
-                samples = buffer[offset : offset + size].reshape(sample_shape)
-                offset += size
-            self.record.entries.append(HostEntry(key, stats, neurons, samples, dtype))
+        self.record.entries.extend(unpack_entries(self.host.numpy(), self.layout, copy=False))
         self.host = None
         return self.record
 

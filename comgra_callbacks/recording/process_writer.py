@@ -20,8 +20,10 @@ What the training side promises (docs/reliability.md):
 - **The user's exception wins.** Closing after an exception (``status="failed"``) never raises; a writer's
   error is attached to the exception in flight as a note.
 
-Same interface as :class:`~comgra_callbacks.store.background.BackgroundWriter`: ``submit_record``, ``op``,
-``flush``, ``close``, ``error``, ``wait_seconds``.
+It is a :class:`~comgra_callbacks.store.sink.Sink` like the thread writer: the same typed messages
+(:mod:`~comgra_callbacks.store.messages`, sent as JSON lines), the same loop on the other side
+(:class:`~comgra_callbacks.store.sink.Worker`), the same bounded wait and error policy; what is its own is
+the ring and the choice of what travels raw (:meth:`ProcessWriter.submit`).
 """
 
 from __future__ import annotations
@@ -40,12 +42,25 @@ from typing import Any, Literal
 import numpy as np
 
 from comgra_callbacks.errors import StoreError
-from comgra_callbacks.recording.parts import NUMPY_DTYPES, Part, plan_raw, split_packed
+from comgra_callbacks.recording.parts import NUMPY_DTYPES, Part, plan_raw, reduce_in_writer, split_packed
 from comgra_callbacks.recording.pending import FULL, PackedStep, PendingStep, pack
 from comgra_callbacks.recording.ring import CLOSED, CONSUMED, ERROR, FLUSHED, PROGRESS, RECORDS, Ring
+from comgra_callbacks.store.messages import (
+    CloseMessage,
+    FlushMessage,
+    LayoutMessage,
+    Message,
+    OpMessage,
+    PackedItem,
+    PackedMessage,
+    RawItem,
+    RecordMessage,
+    StartMessage,
+    StepMeta,
+    encode,
+)
+from comgra_callbacks.store.sink import ErrorPolicy, WaitTimedOut, slow_warning, wait_bounded
 
-STALL_WARN_SECS = 5.0  # a wait on the writer process warns after this long without progress ...
-STALL_SECS = 60.0  # ... and gives up after this long (then ``on_error`` decides)
 CLOSE_SECS_AFTER_ERROR = 30.0  # closing after an exception waits at most this long; the writer finishes alone
 _LAYOUTS_KEPT = 64  # the writer process keeps the last 64 layouts (worker.py)
 _FINISHING_ALONE: list[subprocess.Popen[bytes]] = []  # writers left to finish after close: reaped later
@@ -67,8 +82,6 @@ class ProcessWriter:
         StoreError: the writer process could not start or could not open the run (the message says why).
     """
 
-    accepts_raw = True
-
     def __init__(
         self,
         *,
@@ -86,14 +99,14 @@ class ProcessWriter:
     ) -> None:
         self.name = run
         self.on_error = on_error
+        self.policy = ErrorPolicy(run, on_error)
         self.flush_secs = flush_secs
         self.wait_seconds = 0.0
         self._root, self._storage_options = root, storage_options
-        self._warned: set[str] = set()
-        self._closed = self._raised = False
+        self._closed = False
         self._failure: StoreError | None = None  # found on this side: the writer stopped answering
         self._flush_id = 0
-        self._layout_ids: dict[str, int] = {}
+        self._layout_ids: dict[tuple[RawItem, ...], int] = {}
         self._next_layout = 0
         self._in_ring: deque[tuple[int, float]] = deque()  # (produced counter after a message, when it was sent)
         self._records_written = 0
@@ -119,10 +132,7 @@ class ProcessWriter:
         self._stdin = self.proc.stdin.fileno()
         os.set_blocking(self._stdin, False)  # every write is bounded (_send)
         try:
-            self._send({
-                "root": root, "run": run, "storage_options": storage_options, "resume": resume, "meta": meta or {},
-                "flush_rows": flush_rows, "flush_bytes": flush_bytes, "flush_secs": flush_secs,
-            })
+            self._send(StartMessage(root, run, storage_options, resume, meta or {}, flush_rows, flush_bytes, flush_secs))
             answer = self._read_answer(start_timeout)
             if "error" in answer:
                 raise StoreError(answer["error"])
@@ -132,12 +142,13 @@ class ProcessWriter:
             raise
 
     # ----------------------------------------------------------------------------- plumbing
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: Message) -> None:
         """Write one message without ever blocking for long (see :meth:`_wait`).
 
-        Every message starts on a new line: one torn by an interrupt (Ctrl+C while it was written) ends
-        there, the writer process skips it and reads the next one whole."""
-        data = b"\n" + json.dumps(message, separators=(",", ":"), allow_nan=True).encode() + b"\n"
+        Every message starts on a new line (:func:`~comgra_callbacks.store.messages.encode`): one torn by an
+        interrupt (Ctrl+C while it was written) ends there, the writer process skips it and reads the next
+        one whole."""
+        data = encode(message)
         view = memoryview(data)
         try:
             while view:
@@ -156,8 +167,8 @@ class ProcessWriter:
                 self._layout_ids.clear()  # a layout may have been torn: describe every layout again
             raise
 
-    def _send_nowait(self, message: dict[str, Any]) -> None:
-        data = b"\n" + json.dumps(message, separators=(",", ":"), allow_nan=True).encode() + b"\n"
+    def _send_nowait(self, message: Message) -> None:
+        data = encode(message)
         try:
             os.write(self._stdin, data)  # all of it, or a torn line the writer process skips
         except OSError:
@@ -179,47 +190,39 @@ class ProcessWriter:
         return StoreError(f"the writer process of run {self.name!r} stopped (exit code {self.proc.poll()}).")
 
     def _wait(self, what: str, ready: Callable[[], bool], timeout: float | None = None, *, closing: bool = False) -> float:
-        """Wait until ``ready()``; warn after STALL_WARN_SECS without progress of the writer process, give up
-        (StoreError) after STALL_SECS without progress or ``timeout`` in all. Returns the seconds waited."""
-        started = changed = time.monotonic()
-        seen = self._progress()
-        pause = 0.0002
-        while not ready():
+        """Wait until ``ready()``, bounded (:func:`~comgra_callbacks.store.sink.wait_bounded`); also ends
+        when the writer process is gone or reported an error. Returns the seconds waited."""
+        pauses = [0.0002]
+
+        def pause() -> None:  # short at first: most waits end within a millisecond
+            time.sleep(pauses[0])
+            pauses[0] = min(pauses[0] * 2, 0.005)
+
+        def check() -> None:
             if self.proc.poll() is not None:
                 raise self._gone()
             if self.ring.header[ERROR] and not closing:
                 raise self._writer_error()
-            now = time.monotonic()
-            progress = self._progress()
-            if progress != seen:
-                seen, changed = progress, now
-            idle = now - changed
-            if idle >= STALL_SECS or (timeout is not None and now - started >= timeout):
-                raise StoreError(
-                    f"`ProcessWriter`: the writer process of run {self.name!r} (pid {self.proc.pid}) made no progress for "
-                    f"{round(idle, 1):g} s while training waited to {what}: it is stopped or hung. Recording of this run stops. "
-                    f"HINT: `kill -CONT {self.proc.pid}` if it was stopped; check the disk or the store it writes to."
-                    if idle >= STALL_SECS else f"`ProcessWriter`: waiting for the writer process of run {self.name!r} to {what} "
-                    f"timed out after {timeout:g} s."
-                )
-            if idle >= STALL_WARN_SECS:
-                self._warn_once(
-                    "stall",
-                    f"comgra: the writer process of run {self.name!r} (pid {self.proc.pid}) has made no progress for "
-                    f"{round(idle, 1):g} s; training waits to {what}, at most {STALL_SECS:g} s, then on_write_error="
-                    f"{self.on_error!r} decides.",
-                )
-            time.sleep(pause)
-            pause = min(pause * 2, 0.005)
-        return time.monotonic() - started
+
+        return wait_bounded(
+            ready,
+            progress=self._progress,
+            pause=pause,
+            what=what,
+            who=f"the writer process of run {self.name!r} (pid {self.proc.pid})",
+            owner="`ProcessWriter`",
+            stuck=(
+                "it is stopped or hung. Recording of this run stops. "
+                f"HINT: `kill -CONT {self.proc.pid}` if it was stopped; check the disk or the store it writes to."
+            ),
+            warn=self.policy.warn_once,
+            on_error=self.on_error,
+            timeout=timeout,
+            check=check,
+        )
 
     def _progress(self) -> tuple[int, int]:
         return int(self.ring.header[CONSUMED]), int(self.ring.header[PROGRESS])
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=5)
 
     def _kill(self) -> None:
         if self.proc.poll() is None:
@@ -249,14 +252,7 @@ class ProcessWriter:
         return None
 
     def _check_error(self) -> bool:
-        error = self.error
-        if error is None:
-            return False
-        if self.on_error == "raise":
-            self._raised = True
-            raise error
-        self._warn_once("error", f"comgra: {error}; recording stops, training goes on.")
-        return True
+        return self.policy.check(self.error)
 
     @property
     def records_written(self) -> int:
@@ -266,27 +262,36 @@ class ProcessWriter:
         return self._records_written
 
     # ------------------------------------------------------------------------------- records
-    def submit_record(self, item: PendingStep | PackedStep) -> bool:
-        """Hand a step to the writer process; False when it was dropped (writing has failed)."""
+    def submit(self, step: PendingStep | PackedStep) -> bool:
+        """Hand a step to the writer process; False when it was dropped (writing has failed).
+
+        Where its statistics are computed is this sink's placement, decided here alone
+        (:func:`travels_raw`): a step of CPU tensors travels raw when the writer process has a core of its
+        own, and is reduced here (:func:`~.pending.pack`) otherwise; a packed step travels as is."""
         if self._closed:
             raise StoreError(f"the writer of run {self.name!r} is closed; nothing more can be written.")
         if self._check_error():
             return False
+        if isinstance(step, PendingStep) and not travels_raw(step):
+            step = pack(step)  # reduced here, on the tensors' device
+        warn = self.policy.warn_once
         try:
-            if isinstance(item, PackedStep):
-                r = item.record
-                meta = [r.step, r.step_type, r.epoch, r.batch_idx, r.time, r.reason]
-                self._send_all(meta, None, (Part(packed=p) for p in split_packed(item, self.ring.capacity, self._warn_once, self.name)))
+            if isinstance(step, PackedStep):
+                r = step.record
+                meta = StepMeta(r.step, r.step_type, r.epoch, r.batch_idx, r.time, r.reason)
+                self._send_all(meta, None, (Part(packed=p) for p in split_packed(step, self.ring.capacity, warn, self.name)))
             else:
-                meta = [item.step, item.step_type, item.epoch, item.batch_idx, item.time, item.reason or "schedule"]
-                self._send_all(meta, item, self._resolve(item, plan_raw(item, self.ring.capacity, self._warn_once, self.name)))
-                item.snapshots = []
+                meta = StepMeta(step.step, step.step_type, step.epoch, step.batch_idx, step.time, step.reason or "schedule")
+                self._send_all(meta, step, self._resolve(step, plan_raw(step, self.ring.capacity, warn, self.name)))
+                step.snapshots = []
         except StoreError as exc:
             if self.error is None:
                 self._failure = exc
             self._check_error()
             return False
         return True
+
+    submit_record = submit  # the name before the Sink protocol
 
     def _resolve(self, pending: PendingStep, parts: list[Part]) -> Iterator[Part]:
         """Parts as they are sent: snapshots reduced here become results (one ``pack`` per group, when due)."""
@@ -296,16 +301,16 @@ class ProcessWriter:
                 continue
             p = pending
             sub = PendingStep(p.step, p.step_type, p.epoch, p.batch_idx, p.time, p.reason, [p.snapshots[i] for i in part.reduce], p.sample_index, p.batch_size)
-            for piece in split_packed(pack(sub), self.ring.capacity, self._warn_once, self.name):
+            for piece in split_packed(pack(sub), self.ring.capacity, self.policy.warn_once, self.name):
                 yield Part(packed=piece)
 
-    def _send_all(self, meta: list[Any], pending: PendingStep | None, parts: Iterator[Part]) -> None:
+    def _send_all(self, meta: StepMeta, pending: PendingStep | None, parts: Iterator[Part]) -> None:
         """Send the parts of one record; every message but the last says ``more``."""
         current = next(parts, None)
         index = 0
         while current is not None:
             following = next(parts, None)
-            part = {"part": index, "more": True} if following is not None else ({"part": index} if index else {})
+            part = {"part": index, "more": following is not None}
             if current.packed is not None:
                 self._send_packed(current.packed, meta, part)
             else:
@@ -337,18 +342,14 @@ class ProcessWriter:
             waited += self._wait("find room in the buffer", placed)
         if waited:
             self.wait_seconds += waited
-            self._warn_once(
-                "slow",
-                f"comgra: the writer of run {self.name!r} cannot keep up (buffer of {self.ring.capacity >> 20} MiB full, or "
-                f"records waited more than flush_secs={self.flush_secs:g} s); training waited {waited * 1000:.0f} ms. "
-                "HINT: record less often (schedule=) or keep less (detail=).",
-            )
+            why = f"buffer of {self.ring.capacity >> 20} MiB full, or records waited more than flush_secs={self.flush_secs:g} s"
+            self.policy.warn_once("slow", slow_warning(self.name, why, waited))
         return box[0][0]
 
     def _sent(self) -> None:
         self._in_ring.append((self.ring.produced, time.monotonic()))
 
-    def _send_raw(self, pending: PendingStep, indices: list[int], meta: list[Any], part: dict[str, Any]) -> None:
+    def _send_raw(self, pending: PendingStep, indices: list[int], meta: StepMeta, part: dict[str, Any]) -> None:
         """Copy tensors into the ring (one ``torch.cat`` per dtype, straight into the ring) and describe them."""
         import torch
 
@@ -383,53 +384,54 @@ class ProcessWriter:
                 ref = here.get(k.node, -1 if k.node in elsewhere else None)  # -1: in another part of the step
             samples = FULL if snap.samples == FULL else int(snap.samples)
             dtype = str(t.dtype).replace("torch.", "")
-            items.append([k.node, k.role, k.iteration, k.view, snap.dtype, dtype, list(t.shape), offsets[i], snap.is_parameter, bool(snap.neurons), samples, ref, snap.neuron_axis])
-        layout = self._layout(items)
+            axis = None if snap.neuron_axis is None else int(snap.neuron_axis)
+            items.append(RawItem(
+                k.node, k.role, k.iteration, k.view, snap.dtype, dtype, tuple(t.shape), offsets[i], snap.is_parameter,
+                bool(snap.neurons), samples, ref, axis,
+            ))
+        layout = self._layout(tuple(items))
         index = pending.sample_index
-        message: dict[str, Any] = {
-            "op": "record", "layout": layout, "base": base, "end": self.ring.produced, "nbytes": total, "meta": meta,
-            "batch_size": pending.batch_size,
-            "sample_index": None if index is None else [int(v) for v in index.reshape(-1).tolist()],
-        }
-        message.update(part)  # which part of the step, and whether more follow
-        self._send(message)
+        self._send(RecordMessage(
+            meta, layout, base, self.ring.produced, total, pending.batch_size,
+            None if index is None else tuple(int(v) for v in index.reshape(-1).tolist()),
+            **part,  # which part of the step, and whether more follow
+        ))
         self._sent()
 
-    def _layout(self, items: list[Any]) -> int:
+    def _layout(self, items: tuple[RawItem, ...]) -> int:
         """The id of a layout the writer process knows (the same tensors every step: described once)."""
-        key = json.dumps(items, separators=(",", ":"))
+        key = items
         known = self._layout_ids.get(key)
         if known is not None and known > self._next_layout - _LAYOUTS_KEPT:
             return known
         self._next_layout += 1
-        self._send({"op": "layout", "id": self._next_layout, "items": items})
+        self._send(LayoutMessage(self._next_layout, items))
         self._layout_ids[key] = self._next_layout
         if len(self._layout_ids) > 2 * _LAYOUTS_KEPT:
             self._layout_ids = {k: v for k, v in self._layout_ids.items() if v > self._next_layout - _LAYOUTS_KEPT}
         return self._next_layout
 
-    def _send_packed(self, packed: PackedStep, meta: list[Any], part: dict[str, Any]) -> None:
+    def _send_packed(self, packed: PackedStep, meta: StepMeta, part: dict[str, Any]) -> None:
         if packed.event is not None:  # statistics computed on an accelerator: one synchronisation here
             packed.event.synchronize()
         flat = packed.host.numpy() if not isinstance(packed.host, np.ndarray) else packed.host
         base = self._room(flat.nbytes)
         self.ring.array(base, np.float32, flat.shape)[:] = flat
-        layout = [[k.node, k.role, k.iteration, k.view, dtype, ns and list(ns), ss and list(ss)] for k, dtype, ns, ss in packed.layout]
-        message: dict[str, Any] = {
-            "op": "packed", "end": self.ring.produced, "nbytes": flat.nbytes, "offset": base, "length": int(flat.size),
-            "layout": layout, "meta": meta,
-        }
-        message.update(part)  # which part of the step, and whether more follow
-        self._send(message)
+        layout = tuple(
+            PackedItem(k.node, k.role, k.iteration, k.view, dtype, None if ns is None else tuple(ns), None if ss is None else tuple(ss))
+            for k, dtype, ns, ss in packed.layout
+        )
+        self._send(PackedMessage(meta, base, int(flat.size), self.ring.produced, int(flat.nbytes), layout, **part))
         self._sent()
 
     # ------------------------------------------------------------------------------ the rest
     def op(self, name: str, *args: Any) -> bool:
         """A sidecar operation (``write_graph``, ``add_notes``, ``start_segment``, ...), in order with records."""
+        message = OpMessage(name, args)  # an unknown name is a clear error here, not in the writer process
         if self._closed or self._check_error():
             return False
         try:
-            self._send({"op": name, "args": list(args)})
+            self._send(message)
         except StoreError as exc:
             self._failure = self._failure or exc
             self._check_error()
@@ -443,10 +445,10 @@ class ProcessWriter:
         self._flush_id += 1
         target = self._flush_id
         try:
-            self._send({"op": "flush", "id": target})
+            self._send(FlushMessage(target))
             self._wait("flush", lambda: int(self.ring.header[FLUSHED]) >= target, timeout)
         except StoreError as exc:
-            if timeout is not None and self._failure is None and "timed out" in str(exc):
+            if isinstance(exc, WaitTimedOut) and self._failure is None:
                 raise StoreError(f"flushing run {self.name!r} timed out after {timeout} s.") from exc
             self._failure = self._failure or self.error or exc
         self._check_error()
@@ -468,11 +470,11 @@ class ProcessWriter:
             status, error = "failed", error or str(failure)
         try:
             if self.proc.poll() is None and self._failure is None:
-                self._send({"op": "close", "status": status, "error": error})
+                self._send(CloseMessage(status, error))
                 self._close_pipes()
                 self._wait("write what it holds and close the run", lambda: self.proc.poll() is not None, limit, closing=True)
             elif self.proc.poll() is None:  # it stopped answering: one try, so that it says why when it goes on
-                self._send_nowait({"op": "close", "status": status, "error": error})
+                self._send_nowait(CloseMessage(status, error))
         except StoreError as exc:
             failure = failure or exc
         finally:
@@ -485,15 +487,7 @@ class ProcessWriter:
                 _FINISHING_ALONE.append(self.proc)
         if not closed and self.proc.poll() is not None:
             self._mark_failed("; ".join(x for x in (error, str(failure or "the writer process ended without closing the run")) if x))
-        if failure is None:
-            return
-        in_flight = sys.exc_info()[1]
-        if in_flight is not None and in_flight is not failure and not self._raised:
-            in_flight.add_note(f"comgra: {failure} (the run {self.name!r} may be incomplete)")
-        if self.on_error == "raise" and not self._raised and not after_error and in_flight is None:
-            self._raised = True
-            raise failure
-        warnings.warn(f"comgra: run {self.name!r} may be incomplete: {failure}", RuntimeWarning, stacklevel=2)
+        self.policy.closed(failure, after_error=after_error)
 
     def _mark_failed(self, reason: str) -> None:
         """The writer process died: mark the run ``failed`` from here (what it committed stays valid)."""
@@ -508,6 +502,13 @@ class ProcessWriter:
                 location.write_json(fmt.META_FILE, meta)
         except Exception as exc:  # the store is gone too; a reader sees "running" with an old heartbeat
             warnings.warn(f"comgra: could not mark run {self.name!r} as failed: {exc}", RuntimeWarning, stacklevel=3)
+
+
+def travels_raw(step: PendingStep) -> bool:
+    """Whether a step's raw tensors go to the writer process, which reduces them: only CPU tensors (an
+    accelerator's are reduced where they live), and only when the writer has a core torch does not use
+    (:func:`~.parts.reduce_in_writer`, measured in docs/benchmarks.md)."""
+    return reduce_in_writer() and all(s.tensor.device.type == "cpu" for s in step.snapshots)
 
 
 def _ring_tensor(tensor: Any) -> Any:

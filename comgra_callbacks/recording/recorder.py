@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 from comgra_callbacks.errors import RecordingError
 from comgra_callbacks.names import NameFilter, name_predicate
@@ -38,17 +38,15 @@ from comgra_callbacks.recording.capture import (
     select_modules,
 )
 from comgra_callbacks.recording.modules import is_container, module_tree
-from comgra_callbacks.recording.parts import reduce_in_writer
-from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot, estimate_bytes, pack
+from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot, estimate_bytes
 from comgra_callbacks.recording.policy import RecordingPolicy, detail_rules
 from comgra_callbacks.recording.reduce import neuron_matrix_shape
 from comgra_callbacks.recording.sampling import First, SampleSelector
 from comgra_callbacks.recording.triggers import StepSummary
-from comgra_callbacks.store.background import BackgroundWriter
+from comgra_callbacks.store.format import SeriesKey
 
 if TYPE_CHECKING:
-    from comgra_callbacks.recording.process_writer import ProcessWriter
-from comgra_callbacks.store.format import SeriesKey
+    from comgra_callbacks.store.sink import Sink
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +180,11 @@ class Recorder:
 
     Args:
         config: what to capture.
-        writer: the background writer of the run (the recorder closes it).
+        writer: the run's writer, a :class:`~comgra_callbacks.store.sink.Sink` (the recorder closes it).
         policy: decides whether armed steps are kept (None: every begun step is kept).
     """
 
-    def __init__(self, config: RecorderConfig, writer: BackgroundWriter | ProcessWriter, policy: RecordingPolicy | None = None) -> None:
+    def __init__(self, config: RecorderConfig, writer: Sink, policy: RecordingPolicy | None = None) -> None:
         self.config = config
         self.writer = writer
         self.policy = policy
@@ -704,10 +702,7 @@ class Recorder:
             self._step = None
             if self.policy is not None and self.policy.wants_bytes:
                 self.policy.kept(pending.step, estimate_bytes(pending))
-            if self.writer.accepts_raw and reduce_in_writer() and all(s.tensor.device.type == "cpu" for s in pending.snapshots):
-                queued = cast("ProcessWriter", self.writer).submit_record(pending)  # the writer process reduces it
-            else:
-                queued = self.writer.submit_record(pack(pending))  # reduced here, on the tensors' device
+            queued = self.writer.submit(pending)  # where it is reduced is the sink's placement (store/sink.py)
             if queued:
                 self.steps_recorded += 1
             return queued

@@ -1,0 +1,304 @@
+"""The messages a run's writer takes, typed and versioned, and their wire format (one JSON line each).
+
+Both transports carry the same messages to the one writer loop (:class:`~comgra_callbacks.store.sink.Worker`):
+the thread writer (``store/background.py``) hands them over in memory, the writer process
+(``recording/worker.py``) reads them from its standard input, where :func:`encode` / :func:`decode` are the
+only code that knows how they look. Each is a frozen dataclass with a ``version``: a field added or renamed
+raises the version, and a writer that meets a version it does not know says so (:class:`FormatVersionError`)
+instead of reading a field at the wrong index, which is how the 12-field positional lists that crossed
+before could break silently.
+
+On the wire a message is an object with its ``type`` and fields by name; the items of a layout (which repeat
+for every tensor of a step) are lists in their dataclass's field order, checked for length when decoded.
+Nothing here imports torch: the writer process never does.
+
+>>> msg = FlushMessage(3)
+>>> decode(encode(msg)) == msg
+True
+>>> encode(CloseMessage("finished"))
+b'\\n{"type":"close","version":1,"status":"finished","error":null}\\n'
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from comgra_callbacks.errors import FormatVersionError, StoreError
+
+VERSION = 1
+# Sidecar operations a writer runs (``RunWriter.<name>(*args)``), in order with the records.
+OPS = frozenset({"write_graph", "write_modules", "add_notes", "add_scalars", "start_segment", "update_meta", "commit"})
+FULL = -1  # RawItem.samples: keep the whole tensor
+
+
+@dataclass(frozen=True)
+class StepMeta:
+    """Where a recorded step is in training (the columns of the ``records`` index)."""
+
+    step: int
+    step_type: str
+    epoch: int
+    batch_idx: int
+    time: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class RawItem:
+    """One tensor of a record whose raw values are in the ring, and what the writer keeps of it.
+
+    ``dtype`` is the recorded tensor's dtype name, ``ring_dtype`` how its values lie in the ring (dtypes numpy
+    lacks travel as float32); ``offset`` is relative to the record's ``base``; ``samples`` is 0 (none), a
+    count of leading samples, or ``FULL``; ``reference`` is, for an update, the index of its weight's item
+    in the same layout (``-1``: the weight travels in another part of the step; None: no ratio).
+    """
+
+    node: str
+    role: str | None
+    iteration: int
+    view: str
+    dtype: str
+    ring_dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    is_parameter: bool
+    neurons: bool
+    samples: int
+    reference: int | None
+    neuron_axis: int | None
+
+
+@dataclass(frozen=True)
+class PackedItem:
+    """One series of a record reduced before it travelled: where its per-neuron statistics and samples are
+    in the record's float32 buffer (after the ``(series, n_stats)`` block of batch statistics)."""
+
+    node: str
+    role: str | None
+    iteration: int
+    view: str
+    dtype: str
+    neuron_shape: tuple[int, ...] | None
+    sample_shape: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class StartMessage:
+    """The first message to a writer process: which run it opens and how it blocks records."""
+
+    root: str
+    run: str
+    storage_options: dict[str, Any] | None
+    resume: bool
+    meta: dict[str, Any]
+    flush_rows: int
+    flush_bytes: int
+    flush_secs: float
+    version: int = VERSION
+
+
+@dataclass(frozen=True)
+class LayoutMessage:
+    """The tensors of a raw record, described once and named by ``id`` (a step's tensors repeat every step)."""
+
+    id: int
+    items: tuple[RawItem, ...]
+    version: int = VERSION
+
+
+@dataclass(frozen=True)
+class RecordMessage:
+    """A step (or ``part`` of one; ``more`` on all but the last) whose raw tensors are in the ring from
+    ``base``, laid out as layout ``layout`` says; ``end`` is the ring's produced counter after it (what the
+    writer marks consumed once it took the record)."""
+
+    meta: StepMeta
+    layout: int
+    base: int
+    end: int
+    nbytes: int
+    batch_size: int | None = None
+    sample_index: tuple[int, ...] | None = None
+    part: int = 0
+    more: bool = False
+    version: int = VERSION
+
+
+@dataclass(frozen=True)
+class PackedMessage:
+    """A step (or a part of one) already reduced: ``length`` float32 values in the ring from ``offset``."""
+
+    meta: StepMeta
+    offset: int
+    length: int
+    end: int
+    nbytes: int
+    layout: tuple[PackedItem, ...]
+    part: int = 0
+    more: bool = False
+    version: int = VERSION
+
+
+@dataclass(frozen=True)
+class OpMessage:
+    """A sidecar operation, ``RunWriter.<name>(*args)``; ``name`` is one of :data:`OPS`."""
+
+    name: str
+    args: tuple[Any, ...] = ()
+    version: int = VERSION
+
+    def __post_init__(self) -> None:
+        if self.name not in OPS:
+            raise StoreError(f"`OpMessage(name={self.name!r})`: expected one of {sorted(OPS)}, got {self.name!r}.")
+
+
+@dataclass(frozen=True)
+class FlushMessage:
+    """Commit everything received before this message, then acknowledge ``id``."""
+
+    id: int
+    version: int = VERSION
+
+
+@dataclass(frozen=True)
+class CloseMessage:
+    """Commit everything, mark the run ``status`` (with ``error``), stop."""
+
+    status: str
+    error: str | None = None
+    version: int = VERSION
+
+
+Message = StartMessage | LayoutMessage | RecordMessage | PackedMessage | OpMessage | FlushMessage | CloseMessage
+_TYPES: dict[str, type] = {
+    "start": StartMessage, "layout": LayoutMessage, "record": RecordMessage, "packed": PackedMessage,
+    "op": OpMessage, "flush": FlushMessage, "close": CloseMessage,
+}
+_NAMES = {cls: name for name, cls in _TYPES.items()}
+_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in (*_TYPES.values(), StepMeta, RawItem, PackedItem)}
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    return None if value is None else tuple(int(v) for v in value)
+
+
+def _item(cls: type, value: Any, **convert: Any) -> Any:
+    """A nested item from its list of field values (in field order); ``convert`` maps a field to the
+    function that turns its JSON value back (shapes are tuples)."""
+    names = _FIELDS[cls]
+    if not isinstance(value, list) or len(value) != len(names):
+        raise StoreError(f"`decode`: expected a {cls.__name__} as a list of {len(names)} values {names}, got {value!r}.")
+    values = dict(zip(names, value))
+    for name, function in convert.items():
+        values[name] = function(values[name])
+    return cls(**values)
+
+
+def _raw_item(value: Any) -> RawItem:
+    return _item(RawItem, value, shape=_shape)
+
+
+def _packed_item(value: Any) -> PackedItem:
+    return _item(PackedItem, value, neuron_shape=_shape, sample_shape=_shape)
+
+
+# how a field that is not a plain JSON value comes back
+_DECODE: dict[str, Any] = {
+    "meta": lambda v, cls: _item(StepMeta, v) if cls in (RecordMessage, PackedMessage) else v,
+    "items": lambda v, cls: tuple(_raw_item(x) for x in v),
+    "layout": lambda v, cls: tuple(_packed_item(x) for x in v) if cls is PackedMessage else v,
+    "sample_index": lambda v, cls: None if v is None else tuple(int(x) for x in v),
+    "args": lambda v, cls: tuple(v),
+}
+
+
+def _wire(value: Any) -> Any:
+    """A field's JSON value: nested items as lists of their fields, tuples as lists."""
+    names = _FIELDS.get(type(value))
+    if names is not None:
+        return [_wire(getattr(value, n)) for n in names]
+    if isinstance(value, tuple):
+        return [_wire(v) for v in value]
+    return value
+
+
+def encode(message: Message) -> bytes:
+    """One message as one JSON line. It starts with a newline too: a line torn by an interrupt while it was
+    written ends at the next message, and the reader skips just that one."""
+    cls = type(message)
+    if cls not in _NAMES:
+        raise StoreError(f"`encode`: expected one of {sorted(c.__name__ for c in _NAMES)}, got {cls.__name__}.")
+    body: dict[str, Any] = {"type": _NAMES[cls], "version": message.version}
+    for name in _FIELDS[cls]:
+        if name != "version":
+            body[name] = _wire(getattr(message, name))
+    return b"\n" + json.dumps(body, separators=(",", ":"), allow_nan=True).encode() + b"\n"
+
+
+def decode(line: bytes | str) -> Message:
+    """The message of one JSON line.
+
+    Raises:
+        ValueError: the line is not JSON (a message torn by an interrupt: skip it).
+        FormatVersionError: the message has a version this code does not read.
+        StoreError: the line is JSON but not a message (an unknown type or missing fields).
+    """
+    body = json.loads(line)
+    if not isinstance(body, dict) or body.get("type") not in _TYPES:
+        kind = body.get("type") if isinstance(body, dict) else type(body).__name__
+        raise StoreError(f"`decode`: expected a message of type {sorted(_TYPES)}, got {kind!r}.")
+    cls = _TYPES[body.pop("type")]
+    version = body.get("version")
+    if version != VERSION:
+        raise FormatVersionError(
+            f"`decode`: a {cls.__name__} of version {version!r}, but this writer reads version {VERSION}. "
+            "HINT: the training process and its writer process run different versions of comgra_callbacks; "
+            "reinstall it and restart training."
+        )
+    try:
+        return cls(**{k: _DECODE[k](v, cls) if k in _DECODE else v for k, v in body.items()})
+    except TypeError as exc:
+        raise StoreError(f"`decode`: a {cls.__name__} with the fields {sorted(body)}: {exc}.") from exc
+
+
+def unpack_entries(flat: Any, layout: Any, *, copy: bool) -> list[Any]:
+    """The entries of a packed record: the one decoder of the buffer ``pack`` lays out (``recording/pending.py``),
+    used by the thread writer (views of a buffer it owns) and the writer process (``copy``: out of the ring).
+
+    ``flat`` is a float32 numpy array: the ``(series, n_stats)`` block of batch statistics, then each series'
+    per-neuron statistics and samples, in order; ``layout`` gives, per series, ``(key, dtype, neuron_shape,
+    sample_shape)`` (a shape None: not kept). Returns ``HostEntry`` objects.
+
+    >>> import numpy as np
+    >>> from comgra_callbacks.stats import N_STATS
+    >>> from comgra_callbacks.store.format import SeriesKey
+    >>> flat = np.arange(N_STATS + 6, dtype=np.float32)
+    >>> [entry] = unpack_entries(flat, [(SeriesKey("a", None, 0, "value"), "float32", None, (2, 3))], copy=False)
+    >>> entry.samples.tolist()
+    [[11.0, 12.0, 13.0], [14.0, 15.0, 16.0]]
+    """
+    import math
+
+    from comgra_callbacks.stats import N_STATS
+    from comgra_callbacks.store.writer import HostEntry
+
+    n = len(layout)
+    stats_block = flat[: n * N_STATS].reshape(n, N_STATS)
+    if copy:
+        stats_block = stats_block.copy()
+    offset = n * N_STATS
+    entries = []
+    for i, (key, dtype, neuron_shape, sample_shape) in enumerate(layout):
+        pieces: list[Any] = []
+        for shape in (neuron_shape, sample_shape):
+            if shape is None:
+                pieces.append(None)
+                continue
+            size = math.prod(shape)
+            piece = flat[offset : offset + size].reshape(shape)
+            pieces.append(piece.copy() if copy else piece)
+            offset += size
+        entries.append(HostEntry(key, stats_block[i], pieces[0], pieces[1], str(dtype)))
+    return entries
