@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ FLAGS = [
 APP = Path(__file__).resolve().parents[2] / "comgra_callbacks" / "dashboard" / "app.py"
 DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 TIMEOUT_MS = 20_000
+START_SECS = 120  # panel serve starts in ~5 s on an idle machine, but a loaded one took over a minute
 
 # The page coordinates of a node's box in the graph, read from the Bokeh figure's data.
 BOX_CENTRE_JS = """(name) => {
@@ -85,10 +87,13 @@ def serving(root: Path, *args: str) -> Iterator[str]:
         sys.executable, "-m", "panel", "serve", str(APP), "--address", "127.0.0.1", "--port", str(port),
         f"--allow-websocket-origin=127.0.0.1:{port}", "--args", str(root), *args,
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # The server's output goes to a file: a pipe nobody drains blocks the server once it is full, and reading a
+    # pipe to its end waits for a process that has not exited (both hung this fixture on a loaded machine).
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/app"
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + START_SECS
         while True:
             try:
                 with urllib.request.urlopen(url, timeout=5) as response:
@@ -96,17 +101,23 @@ def serving(root: Path, *args: str) -> Iterator[str]:
                         break
             except OSError:
                 if process.poll() is not None or time.time() > deadline:
-                    output = process.stdout.read().decode() if process.stdout else ""
-                    pytest.fail(f"panel serve did not start: {output[-2000:]}")
+                    _stop(process)
+                    log.seek(0)
+                    pytest.fail(f"panel serve did not answer within {START_SECS} s: {log.read().decode(errors='replace')[-2000:]}")
                 time.sleep(0.3)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop(process)
+        log.close()
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @pytest.fixture(scope="module")
