@@ -229,6 +229,49 @@ def partials_torch(x: Any, dim: int) -> Any:
     return torch.stack([torch.full_like(total, float(items)), total, m2, abs_sum, low, high, items - nonzero, none, none], 1)
 
 
+CANCELLATION_SHARE = 0.25  # m2 from the sum of squares is kept where it is at least this share of that sum
+
+
+def one_pass_partials_torch(x: Any, dim: int) -> tuple[Any, Any]:
+    """Partial sums ``(g, N_PARTIALS, neurons)`` float64 of a float 3-D tensor over its axis ``dim`` in fewer
+    passes than :func:`partials_torch`, and ``(g,)`` bools: whether each tensor's ``m2`` can be trusted.
+
+    ``m2`` is the sum of squares less ``sum**2 / items`` (no pass over deviations); that difference loses
+    precision where a neuron's mean is large against its spread, so a tensor with a neuron whose ``m2`` is
+    below ``CANCELLATION_SHARE`` of its sum of squares is marked, and the caller takes :func:`partials_torch`
+    for it (relative error here: at most ~4x float32 rounding). Non-finite values show as in
+    :func:`partials_torch`. Passes: the sum; the squares (one ``vector_norm`` where ``dim`` is the contiguous
+    axis, else ``mul`` into the scratch buffer and a sum); ``abs`` into the scratch and a sum; ``sign`` of that
+    in place and a sum (the non-zero count); ``amin``; ``amax`` (``aminmax``, ``var``, ``vector_norm`` over
+    a strided axis and boolean counts are 3-40x slower here: docs/benchmarks.md)."""
+    import torch
+
+    items = x.shape[dim]
+    total = x.sum(dim)
+    scratch = torch.empty_like(x)
+    if dim == x.dim() - 1 and x.is_contiguous():
+        squares = torch.linalg.vector_norm(x, 2, dim).double() ** 2
+    else:
+        squares = torch.mul(x, x, out=scratch).sum(dim).double()
+    abs_sum = torch.abs(x, out=scratch).sum(dim)
+    nonzero = torch.sign(scratch, out=scratch).sum(dim)
+    if items == 0:
+        low, high = torch.full_like(total, math.inf), torch.full_like(total, -math.inf)
+    else:
+        low, high = x.amin(dim), x.amax(dim)
+    total64 = total.double()
+    if items > 1:
+        m2 = squares - total64 * total64 / items
+        trusted = (m2 >= CANCELLATION_SHARE * squares).all(-1)
+        m2 = m2.clamp(min=0.0)
+    else:  # one item per neuron (or none): no spread
+        m2 = torch.zeros_like(total64)
+        trusted = torch.ones(total.shape[0], dtype=torch.bool, device=x.device)
+    none = torch.zeros_like(total64)
+    columns = [torch.full_like(total64, float(items)), total64, m2, abs_sum.double(), low.double(), high.double(), items - nonzero.double(), none, none]
+    return torch.stack(columns, 1), trusted
+
+
 def masked_partials_torch(x: Any, dim: int) -> Any:
     """Partial sums over the finite elements, in float64 (the general, slower path)."""
     import torch

@@ -109,6 +109,15 @@ def pack(pending: PendingStep) -> PackedStep:
     import torch
 
     snaps = pending.snapshots
+    on_cpu = all(s.tensor.device.type == "cpu" for s in snaps)
+    with reduce.cpu_threads(1 if on_cpu else None):  # short operations: one thread (see reduce.cpu_threads)
+        return _pack(pending)
+
+
+def _pack(pending: PendingStep) -> PackedStep:
+    import torch
+
+    snaps = pending.snapshots
     stats, neurons = _statistics(snaps)
     _update_ratios(snaps, stats)
     index = pending.sample_index

@@ -19,6 +19,9 @@ reduced again over their finite elements, in float64.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +31,45 @@ from comgra_callbacks.stats import N_NEURON_STATS, N_STATS, STAT_INDEX, STAT_NAM
 __all__ = ["N_NEURON_STATS", "N_STATS", "STAT_INDEX", "STAT_NAMES", "reduce_tensors", "stats_rows", "neuron_rows", "stats_torch"]
 
 GROUP_MAX_NUMEL = 1 << 16  # tensors this large are reduced alone (stacking them would copy them)
+THREADED_MIN_NUMEL = 1 << 22  # CPU groups this large are reduced with torch's threads, smaller ones on one
+
+
+@contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the block (None: unchanged), then restored.
+
+    The reductions of a step are hundreds of short operations over tensors of at most a few MB; each
+    parallel operation ends at a barrier that waits for every thread of the pool, and on a machine whose
+    cores are busy (a data loader, a writer process, someone else's job) one preempted thread stalls it for
+    a scheduler slice. Measured on the 2-core machine (docs/benchmarks.md): one thread was as fast or faster
+    for every kernel up to 2 MB when idle, and 10-100x faster under load."""
+    import torch
+
+    before = torch.get_num_threads()
+    outer = _OUTER_THREADS.__dict__.setdefault("stack", [])
+    outer.append(before)
+    try:
+        if n is None or n == before:
+            yield
+            return
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+    finally:
+        outer.pop()
+
+
+_OUTER_THREADS = threading.local()  # .stack: the thread counts cpu_threads() replaced on this thread, outermost first
+
+
+def default_threads() -> int:
+    """torch's thread count outside every :func:`cpu_threads` block."""
+    import torch
+
+    outer = getattr(_OUTER_THREADS, "stack", None)
+    return outer[0] if outer else torch.get_num_threads()
 
 
 @dataclass(frozen=True)
@@ -78,18 +120,22 @@ def reduce_tensors(
         groups.setdefault((view.device, view.dtype, layout, *alone), []).append(i)
     combined: list[Any] = [None] * len(tensors)  # (N_PARTIALS,) per tensor
     neuron_parts: list[tuple[list[int], Any]] = []  # (members, partials (g, N_PARTIALS, k)) of groups with neurons
-    for members in groups.values():
-        view, layout = views[members[0]]
-        x = torch.cat([views[i][0] for i in members]) if len(members) > 1 else view
-        p = _checked_partials(x, layout.dim, synchronous if synchronous is not None else view.device.type == "cpu")
-        whole = spec.combine_neurons(p, torch).to(device)
-        for j, i in enumerate(members):
-            combined[i] = whole[j]
-        if layout.neurons:
-            neuron_parts.append((members, p))
-    numel = torch.tensor([float(t.numel()) for t in tensors], dtype=torch.float64, device=device)
-    rows = spec.batch_from_partials(torch.stack(combined)[:, :, None], numel, torch).float()  # one derivation for the step
-    return rows, _neuron_blocks(neuron_parts, len(tensors))
+    threads = default_threads()
+    with cpu_threads(1 if device.type == "cpu" else None):
+        for members in groups.values():
+            view, layout = views[members[0]]
+            large = view.device.type == "cpu" and sum(views[i][0].numel() for i in members) >= THREADED_MIN_NUMEL
+            with cpu_threads(threads if large else None):
+                x = torch.cat([views[i][0] for i in members]) if len(members) > 1 else view
+                p = _checked_partials(x, layout.dim, synchronous if synchronous is not None else view.device.type == "cpu")
+            whole = (p[:, :, 0] if p.shape[2] == 1 else spec.combine_neurons(p, torch)).to(device)  # one neuron: itself
+            for j, i in enumerate(members):
+                combined[i] = whole[j]
+            if layout.neurons:
+                neuron_parts.append((members, p))
+        numel = torch.tensor([float(t.numel()) for t in tensors], dtype=torch.float64, device=device)
+        rows = spec.batch_from_partials(torch.stack(combined)[:, :, None], numel, torch).float()  # one derivation for the step
+        return rows, _neuron_blocks(neuron_parts, len(tensors))
 
 
 def _neuron_blocks(parts: list[tuple[list[int], Any]], n: int) -> list[Any]:
@@ -113,16 +159,24 @@ def _neuron_blocks(parts: list[tuple[list[int], Any]], n: int) -> list[Any]:
 
 
 def _checked_partials(x: Any, dim: int, synchronous: bool) -> Any:
+    """Partial sums of a group, float64. On the CPU (``synchronous``) the fewest passes
+    (:func:`~comgra_callbacks.stats.one_pass_partials_torch`), with the deviation kernel for a tensor whose
+    ``m2`` would lose precision and the masked kernel for one with a non-finite value (one host
+    synchronisation tells which). Elsewhere nothing waits for the device: the deviation kernel, and the
+    masked one chosen on the device."""
     import torch
 
-    p = spec.partials_torch(x, dim)
-    sums = p[:, 1].sum(-1) + p[:, 2].sum(-1)  # "sum" and "m2": non-finite when anything was
     if synchronous:
-        bad = (~torch.isfinite(sums)).nonzero().reshape(-1)
-        if len(bad):  # NaN, inf, or beyond float32: describe the finite part, in float64
-            p = p.double()
-            p[bad] = spec.masked_partials_torch(x[bad], dim)
+        p, trusted = spec.one_pass_partials_torch(x, dim)
+        finite = torch.isfinite(p[:, 1].sum(-1) + p[:, 2].sum(-1))  # "sum" and "m2": non-finite when anything was
+        verdict = torch.where(finite, torch.where(trusted, 0, 1), 2).tolist()  # 0 ok, 1 cancellation, 2 non-finite
+        for code, kernel in ((1, spec.partials_torch), (2, spec.masked_partials_torch)):
+            rows = [i for i, v in enumerate(verdict) if v == code]
+            if rows:  # a large offset: sums of deviations; NaN, inf, or beyond float32: the finite part, in float64
+                p[rows] = kernel(x if len(rows) == len(verdict) else x[rows], dim).double()
         return p
+    p = spec.partials_torch(x, dim)
+    sums = p[:, 1].sum(-1) + p[:, 2].sum(-1)
     return torch.where(torch.isfinite(sums)[:, None, None], p.double(), spec.masked_partials_torch(x, dim))
 
 
