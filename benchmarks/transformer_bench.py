@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per configuration and round (after a warm-up of 5)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every configuration")
     parser.add_argument("--quick", action="store_true", help="--steps 25 --rounds 1: a smoke run (not for the figures in docs/)")
+    parser.add_argument("--only", default="", help="semicolon-separated row names or substrings of them: run only those rows (the no-callback row always runs)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/transformer.json"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -188,10 +189,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         skipped = f"{TENSORBOARD}: skipped, `tensorboard` is not installed (pip install tensorboard)"
         print(f"note: {skipped}", file=sys.stderr)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(";") if w.strip()]
+        names = [n for n in names if n == "no callback" or n in wanted or any(w in n for w in wanted if w not in names)]
     extra: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="comgra-lm-bench-") as tmp:
         for name in ("no callback", "every step, default detail"):  # imports, allocator and thread pools warm
-            fit(name, 3, Path(tmp) / f"warm-{names.index(name)}")
+            fit(name, 3, Path(tmp) / f"warm-{name.replace(' ', '-').replace(',', '')}")
 
         def run(name: str, round_: int) -> list[float]:
             result = fit(name, args.steps + WARMUP, Path(tmp) / f"{len(extra)}-{round_}-{names.index(name)}")
@@ -204,9 +208,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figure = {k: mean[k] if "(mean)" in k else median[k] for k in names}
     base = {k: mean["no callback"] if "(mean)" in k else median["no callback"] for k in names}
     captured = max((e.get("captured", 0) for e in extra.values()), default=0)
-    floor = floor_seconds(captured)
+    floor = floor_seconds(captured) if captured else float("nan")
     plain = median["no callback"]
+    with open("/proc/loadavg") as handle:
+        load = handle.read().split()[:3]
     summary: dict[str, Any] = {
+        "load_average_at_end": load,
         "workload": f"LM 4x TransformerEncoderLayer d128 h4 ff512, seq 64, batch 16, vocab 512, AdamW, CPU, {torch.get_num_threads()} threads",
         "steps": args.steps,
         "rounds": args.rounds,

@@ -118,8 +118,8 @@ def reduce_tensors(
     for i, (view, layout) in enumerate(views):
         alone = (i,) if view.numel() >= GROUP_MAX_NUMEL else ()
         groups.setdefault((view.device, view.dtype, layout, *alone), []).append(i)
-    combined: list[Any] = [None] * len(tensors)  # (N_PARTIALS,) per tensor
-    neuron_parts: list[tuple[list[int], Any]] = []  # (members, partials (g, N_PARTIALS, k)) of groups with neurons
+    all_parts: list[tuple[list[int], Any]] = []  # (members, partials (g, N_PARTIALS, k)) of every group
+    neuron_parts: list[tuple[list[int], Any]] = []  # ... of the groups with neurons
     threads = default_threads()
     with cpu_threads(1 if device.type == "cpu" else None):
         for members in groups.values():
@@ -128,14 +128,34 @@ def reduce_tensors(
             with cpu_threads(threads if large else None):
                 x = torch.cat([views[i][0] for i in members]) if len(members) > 1 else view
                 p = _checked_partials(x, layout.dim, synchronous if synchronous is not None else view.device.type == "cpu")
-            whole = (p[:, :, 0] if p.shape[2] == 1 else spec.combine_neurons(p, torch)).to(device)  # one neuron: itself
-            for j, i in enumerate(members):
-                combined[i] = whole[j]
+            all_parts.append((members, p.to(device)))
             if layout.neurons:
                 neuron_parts.append((members, p))
         numel = torch.tensor([float(t.numel()) for t in tensors], dtype=torch.float64, device=device)
-        rows = spec.batch_from_partials(torch.stack(combined)[:, :, None], numel, torch).float()  # one derivation for the step
+        combined = _combine_all(all_parts, len(tensors), device)  # (len(tensors), N_PARTIALS)
+        rows = spec.batch_from_partials(combined[:, :, None], numel, torch).float()  # one derivation for the step
         return rows, _neuron_blocks(neuron_parts, len(tensors))
+
+
+def _combine_all(parts: list[tuple[list[int], Any]], n: int, device: Any) -> Any:
+    """Every tensor's partial sums combined over its neurons, ``(n, N_PARTIALS)`` float64: what
+    :func:`~comgra_callbacks.stats.combine_neurons` gives per group, for all groups of the step in ~15
+    operations (segment sums by tensor) instead of ~20 per group."""
+    import torch
+
+    P = spec._P
+    flat = torch.cat([p.double().transpose(0, 1).reshape(p.shape[1], -1) for _, p in parts], 1)  # (N_PARTIALS, sum g*k)
+    seg = torch.cat([torch.as_tensor(members, device=device).repeat_interleave(p.shape[2]) for members, p in parts])
+    out = torch.zeros((n, flat.shape[0]), dtype=torch.float64, device=device).index_add_(0, seg, flat.T)
+    count, total = flat[P["count"]], flat[P["sum"]]
+    n_all = out[:, P["count"]]
+    mean = out[:, P["sum"]] / torch.where(n_all > 0, n_all, torch.ones_like(n_all))
+    neuron_mean = total / torch.where(count > 0, count, torch.ones_like(count))
+    spread = torch.where(count > 0, count * (neuron_mean - mean[seg]) ** 2, torch.zeros_like(count))  # Chan et al.
+    out[:, P["m2"]] += torch.zeros_like(n_all).index_add_(0, seg, spread)
+    out[:, P["min"]] = torch.full_like(n_all, math.inf).scatter_reduce_(0, seg, flat[P["min"]], "amin")
+    out[:, P["max"]] = torch.full_like(n_all, -math.inf).scatter_reduce_(0, seg, flat[P["max"]], "amax")
+    return out
 
 
 def _neuron_blocks(parts: list[tuple[list[int], Any]], n: int) -> list[Any]:
