@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import statistics
 import sys
 import tempfile
@@ -35,12 +36,14 @@ class Marks(pl.Callback):
 
     def __init__(self) -> None:
         self.marks: dict[str, list[float]] = {}
+        self.faults: list[int] = []  # minor page faults of the process at each batch start
 
     def _mark(self, hook: str) -> None:
         self.marks.setdefault(hook, []).append(time.perf_counter())
 
     def on_train_batch_start(self, *args: Any) -> None:
         self._mark("batch_start")
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
     def on_before_backward(self, *args: Any) -> None:
         self._mark("before_backward")
@@ -56,16 +59,18 @@ class Marks(pl.Callback):
 
 
 def phases(first: Marks, last: Marks) -> dict[str, list[float]]:
-    """Per step (ms): forward, backward, optimizer, callback end of step, whole step (batch start to batch start)."""
+    """Per step (ms): forward, backward, optimizer, callback end of step, whole step (batch start to batch
+    start); and the minor page faults of the step (fresh memory the allocator had to map)."""
     a, b = first.marks, last.marks
     n = len(a["batch_start"]) - 1
-    out: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "callback end": [], "step": []}
+    out: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "callback end": [], "step": [], "page faults": []}
     for i in range(WARMUP, n):
         out["forward"].append(b["before_backward"][i] - b["batch_start"][i])
         out["backward"].append(a["after_backward"][i] - b["before_backward"][i])
         out["optimizer"].append(a["batch_end"][i] - b["before_optimizer"][i])
         out["callback end"].append(b["batch_end"][i] - a["batch_end"][i])
         out["step"].append(a["batch_start"][i + 1] - a["batch_start"][i])
+        out["page faults"].append((first.faults[i + 1] - first.faults[i]) / 1e3)  # shown x1000 below
     return {k: [x * 1e3 for x in v] for k, v in out.items()}
 
 
