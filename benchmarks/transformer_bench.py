@@ -149,7 +149,7 @@ def fit(name: str, steps: int, root: Path) -> dict[str, Any]:
         enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=str(root),
     )
     trainer.fit(LM(4), data(steps + 1))
-    result: dict[str, Any] = {"step_s": timer.periods(WARMUP), "rss_mb": timer.rss}
+    result: dict[str, Any] = {"step_s": timer.periods(WARMUP), "cpu_s": timer.cpu_periods(WARMUP), "rss_mb": timer.rss}
     if comgra is not None:
         from comgra_callbacks import open_run
 
@@ -193,13 +193,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         wanted = [w.strip() for w in args.only.split(";") if w.strip()]
         names = [n for n in names if n == "no callback" or n in wanted or any(w in n for w in wanted if w not in names)]
     extra: dict[str, dict[str, Any]] = {}
+    cpu: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="comgra-lm-bench-") as tmp:
         for name in ("no callback", "every step, default detail"):  # imports, allocator and thread pools warm
             fit(name, 3, Path(tmp) / f"warm-{name.replace(' ', '-').replace(',', '')}")
 
         def run(name: str, round_: int) -> list[float]:
             result = fit(name, args.steps + WARMUP, Path(tmp) / f"{len(extra)}-{round_}-{names.index(name)}")
-            extra[name] = {k: v for k, v in result.items() if k != "step_s"}
+            extra[name] = {k: v for k, v in result.items() if k not in ("step_s", "cpu_s")}
+            cpu.setdefault(name, []).extend(result["cpu_s"])
             return list(result["step_s"])
 
         samples = interleaved(names, args.rounds, run)
@@ -219,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rounds": args.rounds,
         "step_ms": {k: round(v * 1e3, 2) for k, v in figure.items()},
         "ratio_to_no_callback": {k: round(figure[k] / base[k], 3) for k in names},
+        "cpu_ms_per_step": {k: round((statistics.mean(v) if "(mean)" in k else statistics.median(v)) * 1e3, 1) for k, v in cpu.items() if v},
         "floor_ms": round(floor * 1e3, 3),
         "floor_ratio": round((plain + floor) / plain, 3),
         "overhead_in_floors": {k: round((figure[k] - base[k]) / floor, 1) for k in names if floor > 0},

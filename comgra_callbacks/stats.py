@@ -229,47 +229,60 @@ def partials_torch(x: Any, dim: int) -> Any:
     return torch.stack([torch.full_like(total, float(items)), total, m2, abs_sum, low, high, items - nonzero, none, none], 1)
 
 
-CANCELLATION_SHARE = 0.25  # m2 from the sum of squares is kept where it is at least this share of that sum
+SUM_NAMES = ("sum", "squares", "abs_sum", "nonzero", "min", "max")  # what sums_torch reads, per neuron
 
 
-def one_pass_partials_torch(x: Any, dim: int) -> tuple[Any, Any]:
-    """Partial sums ``(g, N_PARTIALS, neurons)`` float64 of a float 3-D tensor over its axis ``dim`` in fewer
-    passes than :func:`partials_torch`, and ``(g,)`` bools: whether each tensor's ``m2`` can be trusted.
-
-    ``m2`` is the sum of squares less ``sum**2 / items`` (no pass over deviations); that difference loses
-    precision where a neuron's mean is large against its spread, so a tensor with a neuron whose ``m2`` is
-    below ``CANCELLATION_SHARE`` of its sum of squares is marked, and the caller takes :func:`partials_torch`
-    for it (relative error here: at most ~4x float32 rounding). Non-finite values show as in
-    :func:`partials_torch`. Passes: the sum; the squares (one ``vector_norm`` where ``dim`` is the contiguous
-    axis, else ``mul`` into the scratch buffer and a sum); ``abs`` into the scratch and a sum; ``sign`` of that
-    in place and a sum (the non-zero count); ``amin``; ``amax`` (``aminmax``, ``var``, ``vector_norm`` over
-    a strided axis and boolean counts are 3-40x slower here: docs/benchmarks.md)."""
+def sums_torch(x: Any, dim: int) -> Any:
+    """Plain sums ``(g, len(SUM_NAMES), neurons)`` of a float 3-D tensor over its axis ``dim`` (the items),
+    in the fewest passes measured on this project's CPU; :func:`partials_from_sums` turns them into partial
+    sums. Passes: the sum; the squares (one ``vector_norm`` where ``dim`` is the contiguous axis, else
+    ``mul`` into a scratch buffer and a sum); ``abs`` into the scratch and a sum; ``sign`` of that in place
+    and a sum (the non-zero count); ``amin``; ``amax``. ``aminmax``, ``var``, ``vector_norm`` over a
+    strided axis and boolean counts were 3-40x slower (docs/benchmarks.md)."""
     import torch
 
     items = x.shape[dim]
     total = x.sum(dim)
     scratch = torch.empty_like(x)
     if dim == x.dim() - 1 and x.is_contiguous():
-        squares = torch.linalg.vector_norm(x, 2, dim).double() ** 2
+        squares = torch.linalg.vector_norm(x, 2, dim).pow_(2)
     else:
-        squares = torch.mul(x, x, out=scratch).sum(dim).double()
+        squares = torch.mul(x, x, out=scratch).sum(dim)
     abs_sum = torch.abs(x, out=scratch).sum(dim)
     nonzero = torch.sign(scratch, out=scratch).sum(dim)
     if items == 0:
         low, high = torch.full_like(total, math.inf), torch.full_like(total, -math.inf)
     else:
         low, high = x.amin(dim), x.amax(dim)
-    total64 = total.double()
-    if items > 1:
-        m2 = squares - total64 * total64 / items
-        trusted = (m2 >= CANCELLATION_SHARE * squares).all(-1)
-        m2 = m2.clamp(min=0.0)
-    else:  # one item per neuron (or none): no spread
-        m2 = torch.zeros_like(total64)
-        trusted = torch.ones(total.shape[0], dtype=torch.bool, device=x.device)
-    none = torch.zeros_like(total64)
-    columns = [torch.full_like(total64, float(items)), total64, m2, abs_sum.double(), low.double(), high.double(), items - nonzero.double(), none, none]
-    return torch.stack(columns, 1), trusted
+    return torch.stack([total, squares, abs_sum, nonzero, low, high], 1)
+
+
+CANCELLATION_SHARE = 0.25  # m2 from the sum of squares is kept where it is at least this share of that sum
+
+
+def partials_from_sums(sums: Any, items: Any) -> tuple[Any, Any]:
+    """Partial sums ``(N_PARTIALS, columns)`` float64 from :func:`sums_torch`'s ``(len(SUM_NAMES), columns)``
+    (``items``: each column's item count), and a code per column: 0 exact, 1 ``m2`` lost precision, 2 a
+    non-finite value (or a sum beyond float32).
+
+    ``m2`` is the sum of squares less ``sum**2 / items``. That difference loses precision where a neuron's
+    mean is large against its spread: below ``CANCELLATION_SHARE`` of the sum of squares the relative error
+    could pass ~4x float32 rounding, and the caller takes :func:`partials_torch` (sums of deviations) for the
+    tensor instead; for code 2, :func:`masked_partials_torch`. NaN and inf make the sum or the squares
+    non-finite, so they are found without counting them."""
+    import torch
+
+    sums = sums.double()
+    total, squares, abs_sum, nonzero, low, high = (sums[i] for i in range(len(SUM_NAMES)))
+    items = items.double()
+    several = items > 1
+    m2 = torch.where(several, squares - total * total / items.clamp(min=1.0), torch.zeros_like(total))
+    finite = torch.isfinite(total) & torch.isfinite(squares)
+    trusted = (m2 >= CANCELLATION_SHARE * squares) | ~several
+    code = torch.where(finite, torch.where(trusted, 0, 1), 2)
+    none = torch.zeros_like(total)
+    partials = torch.stack([items, total, m2.clamp(min=0.0), abs_sum, low, high, items - nonzero, none, none])
+    return partials, code
 
 
 def masked_partials_torch(x: Any, dim: int) -> Any:

@@ -118,34 +118,72 @@ def reduce_tensors(
     for i, (view, layout) in enumerate(views):
         alone = (i,) if view.numel() >= GROUP_MAX_NUMEL else ()
         groups.setdefault((view.device, view.dtype, layout, *alone), []).append(i)
-    all_parts: list[tuple[list[int], Any]] = []  # (members, partials (g, N_PARTIALS, k)) of every group
-    neuron_parts: list[tuple[list[int], Any]] = []  # ... of the groups with neurons
+    n = len(tensors)
+    sync = synchronous if synchronous is not None else device.type == "cpu"
     threads = default_threads()
     with cpu_threads(1 if device.type == "cpu" else None):
+        pieces, seg, counts, spans = [], [], [], [0] * n  # spans[i]: tensor i's first column
+        column = 0
         for members in groups.values():
             view, layout = views[members[0]]
             large = view.device.type == "cpu" and sum(views[i][0].numel() for i in members) >= THREADED_MIN_NUMEL
             with cpu_threads(threads if large else None):
                 x = torch.cat([views[i][0] for i in members]) if len(members) > 1 else view
-                p = _checked_partials(x, layout.dim, synchronous if synchronous is not None else view.device.type == "cpu")
-            all_parts.append((members, p.to(device)))
-            if layout.neurons:
-                neuron_parts.append((members, p))
+                r = spec.sums_torch(x, layout.dim) if sync else _device_partials(x, layout.dim)  # (g, R, k)
+            k = r.shape[2]
+            pieces.append(r.to(device).transpose(0, 1).reshape(r.shape[1], -1))
+            seg.append(torch.as_tensor(members, device=device).repeat_interleave(k))
+            counts.append(torch.full((len(members) * k,), float(x.shape[layout.dim]), dtype=torch.float64, device=device))  # items per column
+            for i in members:
+                spans[i] = column
+                column += k
+        flat = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
+        segments = torch.cat(seg) if len(seg) > 1 else seg[0]
+        if sync:
+            item_counts = torch.cat(counts) if len(counts) > 1 else counts[0]
+            flat = _exact(flat, item_counts, segments, views, spans, n)
+        else:
+            flat = flat.double()
         numel = torch.tensor([float(t.numel()) for t in tensors], dtype=torch.float64, device=device)
-        combined = _combine_all(all_parts, len(tensors), device)  # (len(tensors), N_PARTIALS)
+        combined = _combine_all(flat, segments, n, device)  # (n, N_PARTIALS)
         rows = spec.batch_from_partials(combined[:, :, None], numel, torch).float()  # one derivation for the step
-        return rows, _neuron_blocks(neuron_parts, len(tensors))
+        return rows, _neuron_blocks(flat, views, spans)
 
 
-def _combine_all(parts: list[tuple[list[int], Any]], n: int, device: Any) -> Any:
+def _device_partials(x: Any, dim: int) -> Any:
+    """Partial sums of a group on an accelerator, chosen there without a host synchronisation: the deviation
+    kernel, or the masked one for a tensor with a non-finite value."""
+    import torch
+
+    p = spec.partials_torch(x, dim)
+    sums = p[:, 1].sum(-1) + p[:, 2].sum(-1)
+    return torch.where(torch.isfinite(sums)[:, None, None], p.double(), spec.masked_partials_torch(x, dim))
+
+
+def _exact(sums: Any, items: Any, segments: Any, views: list[tuple[Any, Layout]], spans: list[int], n: int) -> Any:
+    """Partial sums ``(N_PARTIALS, columns)`` from the plain sums of every column of the step; a tensor with
+    a non-finite value or a precision loss in its ``m2`` (:func:`~comgra_callbacks.stats.partials_from_sums`;
+    one host synchronisation for the step tells which) is reduced again by the kernel that describes it."""
+    import torch
+
+    flat, code = spec.partials_from_sums(sums, items)
+    verdict = torch.zeros(n, dtype=code.dtype, device=code.device).scatter_reduce_(0, segments, code, "amax").tolist()
+    for i, v in enumerate(verdict):
+        if v:  # a large offset: sums of deviations; NaN, inf, or beyond float32: the finite part, in float64
+            view, layout = views[i]
+            kernel = spec.partials_torch if v == 1 else spec.masked_partials_torch
+            p = kernel(view, layout.dim)[0].double()  # (N_PARTIALS, k)
+            flat[:, spans[i] : spans[i] + p.shape[1]] = p.to(flat.device)
+    return flat
+
+
+def _combine_all(flat: Any, seg: Any, n: int, device: Any) -> Any:
     """Every tensor's partial sums combined over its neurons, ``(n, N_PARTIALS)`` float64: what
-    :func:`~comgra_callbacks.stats.combine_neurons` gives per group, for all groups of the step in ~15
-    operations (segment sums by tensor) instead of ~20 per group."""
+    :func:`~comgra_callbacks.stats.combine_neurons` gives per tensor, for the whole step in ~15 operations
+    (segment sums by tensor) instead of ~20 per group."""
     import torch
 
     P = spec._P
-    flat = torch.cat([p.double().transpose(0, 1).reshape(p.shape[1], -1) for _, p in parts], 1)  # (N_PARTIALS, sum g*k)
-    seg = torch.cat([torch.as_tensor(members, device=device).repeat_interleave(p.shape[2]) for members, p in parts])
     out = torch.zeros((n, flat.shape[0]), dtype=torch.float64, device=device).index_add_(0, seg, flat.T)
     count, total = flat[P["count"]], flat[P["sum"]]
     n_all = out[:, P["count"]]
@@ -158,46 +196,28 @@ def _combine_all(parts: list[tuple[list[int], Any]], n: int, device: Any) -> Any
     return out
 
 
-def _neuron_blocks(parts: list[tuple[list[int], Any]], n: int) -> list[Any]:
-    """Per-neuron statistics of every group, derived in one call per device (few operations per step)."""
+def _neuron_blocks(flat: Any, views: list[tuple[Any, Layout]], spans: list[int]) -> list[Any]:
+    """Per-neuron statistics of every tensor that keeps them, derived in one call for the step."""
     import torch
 
-    blocks: list[Any] = [None] * n
-    by_device: dict[Any, list[tuple[list[int], Any]]] = {}
-    for members, p in parts:
-        by_device.setdefault(p.device, []).append((members, p))
-    for items in by_device.values():
-        flat = torch.cat([p.double().transpose(0, 1).reshape(p.shape[1], -1) for _, p in items], 1)  # (N_PARTIALS, sum g*k)
-        derived = spec.neurons_from_partials(flat, torch)  # (N_NEURON_STATS, sum g*k)
-        offset = 0
-        for members, p in items:
-            k = p.shape[2]
-            for i in members:
-                blocks[i] = derived[:, offset : offset + k]
-                offset += k
+    wanted = [i for i, (_, layout) in enumerate(views) if layout.neurons]
+    blocks: list[Any] = [None] * len(views)
+    if not wanted:
+        return blocks
+    widths = [_neurons(views[i]) for i in wanted]
+    columns = torch.cat([torch.arange(spans[i], spans[i] + k, device=flat.device) for i, k in zip(wanted, widths)])
+    derived = spec.neurons_from_partials(flat[:, columns], torch)  # (N_NEURON_STATS, sum of widths)
+    offset = 0
+    for i, k in zip(wanted, widths):
+        blocks[i] = derived[:, offset : offset + k]
+        offset += k
     return blocks
 
 
-def _checked_partials(x: Any, dim: int, synchronous: bool) -> Any:
-    """Partial sums of a group, float64. On the CPU (``synchronous``) the fewest passes
-    (:func:`~comgra_callbacks.stats.one_pass_partials_torch`), with the deviation kernel for a tensor whose
-    ``m2`` would lose precision and the masked kernel for one with a non-finite value (one host
-    synchronisation tells which). Elsewhere nothing waits for the device: the deviation kernel, and the
-    masked one chosen on the device."""
-    import torch
-
-    if synchronous:
-        p, trusted = spec.one_pass_partials_torch(x, dim)
-        finite = torch.isfinite(p[:, 1].sum(-1) + p[:, 2].sum(-1))  # "sum" and "m2": non-finite when anything was
-        verdict = torch.where(finite, torch.where(trusted, 0, 1), 2).tolist()  # 0 ok, 1 cancellation, 2 non-finite
-        for code, kernel in ((1, spec.partials_torch), (2, spec.masked_partials_torch)):
-            rows = [i for i, v in enumerate(verdict) if v == code]
-            if rows:  # a large offset: sums of deviations; NaN, inf, or beyond float32: the finite part, in float64
-                p[rows] = kernel(x if len(rows) == len(verdict) else x[rows], dim).double()
-        return p
-    p = spec.partials_torch(x, dim)
-    sums = p[:, 1].sum(-1) + p[:, 2].sum(-1)
-    return torch.where(torch.isfinite(sums)[:, None, None], p.double(), spec.masked_partials_torch(x, dim))
+def _neurons(view: tuple[Any, Layout]) -> int:
+    """How many neurons (columns) a 3-D view has: the axis that is not reduced."""
+    x, layout = view
+    return x.shape[2 if layout.dim == 1 else 1]
 
 
 def stats_rows(tensors: list[Any], *, synchronous: bool | None = None) -> Any:
@@ -221,8 +241,14 @@ def neuron_rows(matrices: list[Any], *, synchronous: bool | None = None) -> list
     out: list[Any] = []
     for m in matrices:
         x = spec.as_float_torch(m).reshape(1, *m.shape)
-        p = _checked_partials(x, 1, synchronous if synchronous is not None else m.device.type == "cpu")
-        out.append(spec.neurons_from_partials(p, torch)[0])
+        if synchronous if synchronous is not None else m.device.type == "cpu":
+            k = x.shape[2]
+            sums = spec.sums_torch(x, 1)[0]
+            segments = torch.zeros(k, dtype=torch.int64, device=x.device)
+            p = _exact(sums, torch.full((k,), float(x.shape[1]), dtype=torch.float64, device=x.device), segments, [(x, Layout(tuple(x.shape), 1, True))], [0], 1)
+        else:
+            p = _device_partials(x, 1)[0]
+        out.append(spec.neurons_from_partials(p, torch))
     return out
 
 
