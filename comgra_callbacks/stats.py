@@ -257,7 +257,7 @@ def sums_torch(x: Any, dim: int) -> Any:
     return torch.stack([total, squares, abs_sum, nonzero, low, high], 1)
 
 
-CANCELLATION_SHARE = 0.25  # m2 from the sum of squares is kept where it is at least this share of that sum
+CANCELLATION_SHARE = 0.1  # m2 from the sum of squares is kept where it is at least this share of that sum
 
 
 def partials_from_sums(sums: Any, items: Any) -> tuple[Any, Any]:
@@ -267,7 +267,7 @@ def partials_from_sums(sums: Any, items: Any) -> tuple[Any, Any]:
 
     ``m2`` is the sum of squares less ``sum**2 / items``. That difference loses precision where a neuron's
     mean is large against its spread: below ``CANCELLATION_SHARE`` of the sum of squares the relative error
-    could pass ~4x float32 rounding, and the caller takes :func:`partials_torch` (sums of deviations) for the
+    could pass ~10x float32 rounding, and the caller takes :func:`partials_torch` (sums of deviations) for the
     tensor instead; for code 2, :func:`masked_partials_torch`. NaN and inf make the sum or the squares
     non-finite, so they are found without counting them."""
     import torch
