@@ -4,6 +4,9 @@ A tensor is read once, as a 2-D view ``(items, neurons)`` (per-neuron statistics
 are its last axis, or the channels; of a parameter its output units; a tensor without per-neuron statistics is
 one neuron). Its **partial sums** are computed per neuron in one set of reductions, and every statistic is
 derived from them (:func:`batch_from_partials`, :func:`neurons_from_partials`); nothing reads the tensor again.
+Kernels: numpy (:func:`partials_numpy`); torch on the CPU, plain sums (:func:`sums_torch`) turned into partial
+sums (:func:`partials_from_sums`), with :func:`partials_torch` (deviations) where the sum of squares would
+lose the variance and :func:`masked_partials_torch` for non-finite values; on an accelerator the last two.
 
 Partial sums, per neuron, over its items (``PARTIAL_NAMES``, in this order):
 

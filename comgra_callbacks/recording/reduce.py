@@ -1,13 +1,14 @@
 """Statistics of a recorded step's tensors, computed with torch where they live, each tensor read once.
 
 Every tensor is viewed as ``(items, neurons)`` (:func:`neuron_layout`: its per-neuron view when per-neuron
-statistics are kept, else one neuron of all its elements) and its partial sums are taken in one set of
-reductions (:func:`comgra_callbacks.stats.partials_torch`); batch and per-neuron statistics both follow from
-them (the definitions: :mod:`comgra_callbacks.stats`). The hot path pays per operation (microseconds of
-dispatch each), so small tensors with the same layout are stacked and reduced as one group; a tensor of
-``GROUP_MAX_NUMEL`` elements or more is reduced alone, without the copy a stack makes (measured:
-docs/benchmarks.md). A non-finite value makes its tensor's sums non-finite; such tensors (rare) are
-reduced again over their finite elements, in float64.
+statistics are kept, else one neuron of all its elements) and read once for its plain sums
+(:func:`comgra_callbacks.stats.sums_torch`); partial sums, batch and per-neuron statistics all follow from
+them, for every tensor of the step at once (the definitions: :mod:`comgra_callbacks.stats`). The hot path
+pays per operation (microseconds of dispatch each), so small tensors with the same layout are stacked and
+reduced as one group; a tensor of ``GROUP_MAX_NUMEL`` elements or more is reduced alone, without the copy a
+stack makes; on the CPU all of it runs on one torch thread (:func:`cpu_threads`; measured:
+docs/benchmarks.md). A non-finite value, or a mean so large against the spread that the sum of squares
+would lose the variance, sends its tensor (rare) to the kernel that describes it exactly.
 
 >>> import torch
 >>> rows = stats_rows([torch.tensor([1.0, 2.0, float("nan"), 0.0]), torch.tensor([[3.0, 4.0]])])
