@@ -32,17 +32,25 @@ class BatchStartTimer(pl.Callback):
 
     def __init__(self, rss_every: int = 50) -> None:
         self.starts: list[float] = []
+        self.cpu: list[float] = []  # CPU time of this process (all its threads) at each batch start
         self.rss: list[float] = []
         self.rss_every = rss_every
 
     def on_train_batch_start(self, *args: Any) -> None:
         self.starts.append(time.perf_counter())
+        self.cpu.append(time.process_time())
         if len(self.starts) % self.rss_every == 0:
             self.rss.append(rss_mb())
 
     def periods(self, warmup: int) -> list[float]:
         """Step times in seconds, without the first ``warmup`` steps."""
         return [b - a for a, b in zip(self.starts, self.starts[1:])][warmup:]
+
+    def cpu_periods(self, warmup: int) -> list[float]:
+        """CPU seconds this process used per step (every thread; not a writer process), without the first
+        ``warmup`` steps: less sensitive than wall time to other jobs on a shared machine, though an OpenMP
+        pool waiting for a preempted thread spins and counts too."""
+        return [b - a for a, b in zip(self.cpu, self.cpu[1:])][warmup:]
 
 
 def interleaved(names: list[str], rounds: int, run: Callable[[str, int], list[float]]) -> dict[str, list[float]]:

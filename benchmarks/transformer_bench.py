@@ -149,7 +149,7 @@ def fit(name: str, steps: int, root: Path) -> dict[str, Any]:
         enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=str(root),
     )
     trainer.fit(LM(4), data(steps + 1))
-    result: dict[str, Any] = {"step_s": timer.periods(WARMUP), "rss_mb": timer.rss}
+    result: dict[str, Any] = {"step_s": timer.periods(WARMUP), "cpu_s": timer.cpu_periods(WARMUP), "rss_mb": timer.rss}
     if comgra is not None:
         from comgra_callbacks import open_run
 
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per configuration and round (after a warm-up of 5)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every configuration")
     parser.add_argument("--quick", action="store_true", help="--steps 25 --rounds 1: a smoke run (not for the figures in docs/)")
+    parser.add_argument("--only", default="", help="semicolon-separated row names or substrings of them: run only those rows (the no-callback row always runs)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/transformer.json"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -188,14 +189,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         skipped = f"{TENSORBOARD}: skipped, `tensorboard` is not installed (pip install tensorboard)"
         print(f"note: {skipped}", file=sys.stderr)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(";") if w.strip()]
+        names = [n for n in names if n == "no callback" or n in wanted or any(w in n for w in wanted if w not in names)]
     extra: dict[str, dict[str, Any]] = {}
+    cpu: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="comgra-lm-bench-") as tmp:
         for name in ("no callback", "every step, default detail"):  # imports, allocator and thread pools warm
-            fit(name, 3, Path(tmp) / f"warm-{names.index(name)}")
+            fit(name, 3, Path(tmp) / f"warm-{name.replace(' ', '-').replace(',', '')}")
 
         def run(name: str, round_: int) -> list[float]:
             result = fit(name, args.steps + WARMUP, Path(tmp) / f"{len(extra)}-{round_}-{names.index(name)}")
-            extra[name] = {k: v for k, v in result.items() if k != "step_s"}
+            extra[name] = {k: v for k, v in result.items() if k not in ("step_s", "cpu_s")}
+            cpu.setdefault(name, []).extend(result["cpu_s"])
             return list(result["step_s"])
 
         samples = interleaved(names, args.rounds, run)
@@ -204,14 +210,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figure = {k: mean[k] if "(mean)" in k else median[k] for k in names}
     base = {k: mean["no callback"] if "(mean)" in k else median["no callback"] for k in names}
     captured = max((e.get("captured", 0) for e in extra.values()), default=0)
-    floor = floor_seconds(captured)
+    floor = floor_seconds(captured) if captured else float("nan")
     plain = median["no callback"]
+    with open("/proc/loadavg") as handle:
+        load = handle.read().split()[:3]
     summary: dict[str, Any] = {
+        "load_average_at_end": load,
         "workload": f"LM 4x TransformerEncoderLayer d128 h4 ff512, seq 64, batch 16, vocab 512, AdamW, CPU, {torch.get_num_threads()} threads",
         "steps": args.steps,
         "rounds": args.rounds,
         "step_ms": {k: round(v * 1e3, 2) for k, v in figure.items()},
         "ratio_to_no_callback": {k: round(figure[k] / base[k], 3) for k in names},
+        "cpu_ms_per_step": {k: round((statistics.mean(v) if "(mean)" in k else statistics.median(v)) * 1e3, 1) for k, v in cpu.items() if v},
         "floor_ms": round(floor * 1e3, 3),
         "floor_ratio": round((plain + floor) / plain, 3),
         "overhead_in_floors": {k: round((figure[k] - base[k]) / floor, 1) for k in names if floor > 0},

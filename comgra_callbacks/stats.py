@@ -4,6 +4,9 @@ A tensor is read once, as a 2-D view ``(items, neurons)`` (per-neuron statistics
 are its last axis, or the channels; of a parameter its output units; a tensor without per-neuron statistics is
 one neuron). Its **partial sums** are computed per neuron in one set of reductions, and every statistic is
 derived from them (:func:`batch_from_partials`, :func:`neurons_from_partials`); nothing reads the tensor again.
+Kernels: numpy (:func:`partials_numpy`); torch on the CPU, plain sums (:func:`sums_torch`) turned into partial
+sums (:func:`partials_from_sums`), with :func:`partials_torch` (deviations) where the sum of squares would
+lose the variance and :func:`masked_partials_torch` for non-finite values; on an accelerator the last two.
 
 Partial sums, per neuron, over its items (``PARTIAL_NAMES``, in this order):
 
@@ -227,6 +230,62 @@ def partials_torch(x: Any, dim: int) -> Any:
         low, high = x.amin(dim), x.amax(dim)
     none = torch.zeros_like(total)
     return torch.stack([torch.full_like(total, float(items)), total, m2, abs_sum, low, high, items - nonzero, none, none], 1)
+
+
+SUM_NAMES = ("sum", "squares", "abs_sum", "nonzero", "min", "max")  # what sums_torch reads, per neuron
+
+
+def sums_torch(x: Any, dim: int) -> Any:
+    """Plain sums ``(g, len(SUM_NAMES), neurons)`` of a float 3-D tensor over its axis ``dim`` (the items),
+    in the fewest passes measured on this project's CPU; :func:`partials_from_sums` turns them into partial
+    sums. Passes: the sum; the squares (one ``vector_norm`` where ``dim`` is the contiguous axis, else
+    ``mul`` into a scratch buffer and a sum); ``abs`` into the scratch and a sum; ``sign`` of that in place
+    and a sum (the non-zero count); ``amin``; ``amax``. ``aminmax``, ``var``, ``vector_norm`` over a
+    strided axis and boolean counts were 3-40x slower (docs/benchmarks.md)."""
+    import torch
+
+    items = x.shape[dim]
+    total = x.sum(dim)
+    scratch = torch.empty_like(x)
+    if dim == x.dim() - 1 and x.is_contiguous():
+        squares = torch.linalg.vector_norm(x, 2, dim).pow_(2)
+    else:
+        squares = torch.mul(x, x, out=scratch).sum(dim)
+    abs_sum = torch.abs(x, out=scratch).sum(dim)
+    nonzero = torch.sign(scratch, out=scratch).sum(dim)
+    if items == 0:
+        low, high = torch.full_like(total, math.inf), torch.full_like(total, -math.inf)
+    else:
+        low, high = x.amin(dim), x.amax(dim)
+    return torch.stack([total, squares, abs_sum, nonzero, low, high], 1)
+
+
+CANCELLATION_SHARE = 0.1  # m2 from the sum of squares is kept where it is at least this share of that sum
+
+
+def partials_from_sums(sums: Any, items: Any) -> tuple[Any, Any]:
+    """Partial sums ``(N_PARTIALS, columns)`` float64 from :func:`sums_torch`'s ``(len(SUM_NAMES), columns)``
+    (``items``: each column's item count), and a code per column: 0 exact, 1 ``m2`` lost precision, 2 a
+    non-finite value (or a sum beyond float32).
+
+    ``m2`` is the sum of squares less ``sum**2 / items``. That difference loses precision where a neuron's
+    mean is large against its spread: below ``CANCELLATION_SHARE`` of the sum of squares the relative error
+    could pass ~10x float32 rounding, and the caller takes :func:`partials_torch` (sums of deviations) for the
+    tensor instead; for code 2, :func:`masked_partials_torch`. NaN and inf make the sum or the squares
+    non-finite, so they are found without counting them."""
+    import torch
+
+    sums = sums.double()
+    total, squares, abs_sum, nonzero, low, high = (sums[i] for i in range(len(SUM_NAMES)))
+    items = items.double()
+    several = items > 1
+    m2 = torch.where(several, squares - total * total / items.clamp(min=1.0), torch.zeros_like(total))
+    finite = torch.isfinite(total) & torch.isfinite(squares)
+    trusted = (m2 >= CANCELLATION_SHARE * squares) | ~several
+    code = torch.where(finite, torch.where(trusted, 0, 1), 2)
+    none = torch.zeros_like(total)
+    partials = torch.stack([items, total, m2.clamp(min=0.0), abs_sum, low, high, items - nonzero, none, none])
+    return partials, code
 
 
 def masked_partials_torch(x: Any, dim: int) -> Any:

@@ -130,3 +130,29 @@ def test_pack_and_materialize_round_trip() -> None:
 
 def test_stat_names_are_the_documented_ones() -> None:
     assert STAT_NAMES == ("mean", "std", "abs_mean", "min", "max", "l2", "zero_frac", "nan_count", "inf_count", "numel", "update_ratio")
+
+
+def test_reductions_leave_torch_threads_as_they_were() -> None:
+    """pack() reduces on one thread (reduce.cpu_threads) and must hand torch's thread count back, also when
+    a reduction fails; a group large enough for the threaded path sees the count from outside."""
+    before = torch.get_num_threads()
+    reduce.reduce_tensors([torch.randn(64, 8), torch.randn(3)], [(True, False, None), (False, False, None)])
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with reduce.cpu_threads(1):
+            assert torch.get_num_threads() == 1 and reduce.default_threads() == before
+            raise RuntimeError("a failing reduction")
+    assert torch.get_num_threads() == before
+
+
+def test_large_offset_takes_the_deviation_kernel() -> None:
+    """A neuron whose mean dwarfs its spread would lose m2 to cancellation in the sum of squares; its
+    tensor is reduced again from deviations, so the std keeps float32 precision."""
+    from comgra_callbacks import stats as spec
+
+    x = (1e4 + torch.linspace(-1e-2, 1e-2, 4096, dtype=torch.float32)).reshape(1024, 4)
+    block = reduce.neuron_rows([x])[0]
+    expected = x.double().std(0)
+    np.testing.assert_allclose(block[1].numpy(), expected.numpy(), rtol=1e-3)
+    _, code = spec.partials_from_sums(spec.sums_torch(x.reshape(1, 1024, 4), 1)[0], torch.full((4,), 1024.0))
+    assert code.tolist() == [1, 1, 1, 1]  # what sent it there

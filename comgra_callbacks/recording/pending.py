@@ -92,6 +92,13 @@ class PendingStep:
 
 def pack(pending: PendingStep) -> PackedStep:
     """Compute every statistic of the step where its tensors live and start one copy to the host."""
+    snaps = pending.snapshots
+    on_cpu = all(s.tensor.device.type == "cpu" for s in snaps)
+    with reduce.cpu_threads(1 if on_cpu else None):  # short operations: one thread (see reduce.cpu_threads)
+        return _pack(pending)
+
+
+def _pack(pending: PendingStep) -> PackedStep:
     import torch
 
     snaps = pending.snapshots

@@ -40,7 +40,7 @@ from comgra_callbacks.recording.capture import (
 from comgra_callbacks.recording.modules import is_container, module_tree
 from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot, estimate_bytes
 from comgra_callbacks.recording.policy import RecordingPolicy, detail_rules
-from comgra_callbacks.recording.reduce import neuron_matrix_shape
+from comgra_callbacks.recording.reduce import cpu_threads, neuron_matrix_shape
 from comgra_callbacks.recording.sampling import First, SampleSelector
 from comgra_callbacks.recording.triggers import StepSummary
 from comgra_callbacks.store.format import SeriesKey
@@ -626,15 +626,22 @@ class Recorder:
                     self.unpark(parked)
         ids = None if params is None else {id(p) for p in params}
         chosen = [(n, p) for n, p in self._params if n not in step.params_seen and (ids is None or id(p) in ids)]
-        if chosen:
-            self._capture_parameters(step, chosen, keep_before=self.config.updates and updates)
-        if not step.params_done and self.config.updates and updates and ids is not None:
-            # the other trainable parameters as they are now: their update, if no optimizer of theirs steps on
-            # this step, is what changed them by the end of the step (zero for parameters no optimizer holds)
-            for name, p in self._params:
-                if name not in step.params_seen and p.requires_grad:
-                    step.before[name] = _snapshot(p)
+        with cpu_threads(self._copy_threads()):
+            if chosen:
+                self._capture_parameters(step, chosen, keep_before=self.config.updates and updates)
+            if not step.params_done and self.config.updates and updates and ids is not None:
+                # the other trainable parameters as they are now: their update, if no optimizer of theirs steps on
+                # this step, is what changed them by the end of the step (zero for parameters no optimizer holds)
+                for name, p in self._params:
+                    if name not in step.params_seen and p.requires_grad:
+                        step.before[name] = _snapshot(p)
         step.params_done = True
+
+    def _copy_threads(self) -> int | None:
+        """One torch thread for the recorder's copies and differences of a CPU model's parameters (short
+        operations whose parallel barriers stall on a busy machine: see ``reduce.cpu_threads``); None
+        (unchanged) on an accelerator."""
+        return 1 if self._params and self._params[0][1].device.type == "cpu" else None
 
     def _capture_parameters(self, step: _Step, params: list[tuple[str, Any]], *, keep_before: bool) -> None:
         for name, p in params:
@@ -670,20 +677,22 @@ class Recorder:
             return False
         try:
             self._remove_hooks(step)
-            rest = [(n, p) for n, p in self._params if n not in step.params_seen]
-            if rest:  # not stepped by any optimizer on this step (frozen, validation, no optimizer step)
-                early = {n: step.before[n] for n, _ in rest if n in step.before}
-                self._capture_parameters(step, rest, keep_before=False)
-                step.before.update(early)
-            self._capture_buffers(step)
+            with cpu_threads(self._copy_threads()):
+                rest = [(n, p) for n, p in self._params if n not in step.params_seen]
+                if rest:  # not stepped by any optimizer on this step (frozen, validation, no optimizer step)
+                    early = {n: step.before[n] for n, _ in rest if n in step.before}
+                    self._capture_parameters(step, rest, keep_before=False)
+                    step.before.update(early)
+                self._capture_buffers(step)
             if step.attribution is not None:
                 for snap in step.attribution.finish(step.batch, step.values, step.grad_scale):
                     step.add(snap)
-            for name, p in self._params:
-                before = step.before.get(name)
-                if before is not None:
-                    delta = p.detach().to(before.dtype) - before
-                    step.add(Snapshot(SeriesKey(name, None, 0, "update"), delta, _dtype_name(p), True, reference=before))
+            with cpu_threads(self._copy_threads()):
+                for name, p in self._params:
+                    before = step.before.get(name)
+                    if before is not None:
+                        delta = p.detach().to(before.dtype) - before
+                        step.add(Snapshot(SeriesKey(name, None, 0, "update"), delta, _dtype_name(p), True, reference=before))
             self._build_graph(step)
             self._check_versions(step)
             pending = step.pending

@@ -1,13 +1,14 @@
 """Statistics of a recorded step's tensors, computed with torch where they live, each tensor read once.
 
 Every tensor is viewed as ``(items, neurons)`` (:func:`neuron_layout`: its per-neuron view when per-neuron
-statistics are kept, else one neuron of all its elements) and its partial sums are taken in one set of
-reductions (:func:`comgra_callbacks.stats.partials_torch`); batch and per-neuron statistics both follow from
-them (the definitions: :mod:`comgra_callbacks.stats`). The hot path pays per operation (microseconds of
-dispatch each), so small tensors with the same layout are stacked and reduced as one group; a tensor of
-``GROUP_MAX_NUMEL`` elements or more is reduced alone, without the copy a stack makes (measured:
-docs/benchmarks.md). A non-finite value makes its tensor's sums non-finite; such tensors (rare) are
-reduced again over their finite elements, in float64.
+statistics are kept, else one neuron of all its elements) and read once for its plain sums
+(:func:`comgra_callbacks.stats.sums_torch`); partial sums, batch and per-neuron statistics all follow from
+them, for every tensor of the step at once (the definitions: :mod:`comgra_callbacks.stats`). The hot path
+pays per operation (microseconds of dispatch each), so small tensors with the same layout are stacked and
+reduced as one group; a tensor of ``GROUP_MAX_NUMEL`` elements or more is reduced alone, without the copy a
+stack makes; on the CPU all of it runs on one torch thread (:func:`cpu_threads`; measured:
+docs/benchmarks.md). A non-finite value, or a mean so large against the spread that the sum of squares
+would lose the variance, sends its tensor (rare) to the kernel that describes it exactly.
 
 >>> import torch
 >>> rows = stats_rows([torch.tensor([1.0, 2.0, float("nan"), 0.0]), torch.tensor([[3.0, 4.0]])])
@@ -19,6 +20,9 @@ reduced again over their finite elements, in float64.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +32,45 @@ from comgra_callbacks.stats import N_NEURON_STATS, N_STATS, STAT_INDEX, STAT_NAM
 __all__ = ["N_NEURON_STATS", "N_STATS", "STAT_INDEX", "STAT_NAMES", "reduce_tensors", "stats_rows", "neuron_rows", "stats_torch"]
 
 GROUP_MAX_NUMEL = 1 << 16  # tensors this large are reduced alone (stacking them would copy them)
+THREADED_MIN_NUMEL = 1 << 22  # CPU groups this large are reduced with torch's threads, smaller ones on one
+
+
+@contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the block (None: unchanged), then restored.
+
+    The reductions of a step are hundreds of short operations over tensors of at most a few MB; each
+    parallel operation ends at a barrier that waits for every thread of the pool, and on a machine whose
+    cores are busy (a data loader, a writer process, someone else's job) one preempted thread stalls it for
+    a scheduler slice. Measured on the 2-core machine (docs/benchmarks.md): one thread was as fast or faster
+    for every kernel up to 2 MB when idle, and 10-100x faster under load."""
+    import torch
+
+    before = torch.get_num_threads()
+    outer = _OUTER_THREADS.__dict__.setdefault("stack", [])
+    outer.append(before)
+    try:
+        if n is None or n == before:
+            yield
+            return
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+    finally:
+        outer.pop()
+
+
+_OUTER_THREADS = threading.local()  # .stack: the thread counts cpu_threads() replaced on this thread, outermost first
+
+
+def default_threads() -> int:
+    """torch's thread count outside every :func:`cpu_threads` block."""
+    import torch
+
+    outer = getattr(_OUTER_THREADS, "stack", None)
+    return outer[0] if outer else torch.get_num_threads()
 
 
 @dataclass(frozen=True)
@@ -76,54 +119,106 @@ def reduce_tensors(
     for i, (view, layout) in enumerate(views):
         alone = (i,) if view.numel() >= GROUP_MAX_NUMEL else ()
         groups.setdefault((view.device, view.dtype, layout, *alone), []).append(i)
-    combined: list[Any] = [None] * len(tensors)  # (N_PARTIALS,) per tensor
-    neuron_parts: list[tuple[list[int], Any]] = []  # (members, partials (g, N_PARTIALS, k)) of groups with neurons
-    for members in groups.values():
-        view, layout = views[members[0]]
-        x = torch.cat([views[i][0] for i in members]) if len(members) > 1 else view
-        p = _checked_partials(x, layout.dim, synchronous if synchronous is not None else view.device.type == "cpu")
-        whole = spec.combine_neurons(p, torch).to(device)
-        for j, i in enumerate(members):
-            combined[i] = whole[j]
-        if layout.neurons:
-            neuron_parts.append((members, p))
-    numel = torch.tensor([float(t.numel()) for t in tensors], dtype=torch.float64, device=device)
-    rows = spec.batch_from_partials(torch.stack(combined)[:, :, None], numel, torch).float()  # one derivation for the step
-    return rows, _neuron_blocks(neuron_parts, len(tensors))
-
-
-def _neuron_blocks(parts: list[tuple[list[int], Any]], n: int) -> list[Any]:
-    """Per-neuron statistics of every group, derived in one call per device (few operations per step)."""
-    import torch
-
-    blocks: list[Any] = [None] * n
-    by_device: dict[Any, list[tuple[list[int], Any]]] = {}
-    for members, p in parts:
-        by_device.setdefault(p.device, []).append((members, p))
-    for items in by_device.values():
-        flat = torch.cat([p.double().transpose(0, 1).reshape(p.shape[1], -1) for _, p in items], 1)  # (N_PARTIALS, sum g*k)
-        derived = spec.neurons_from_partials(flat, torch)  # (N_NEURON_STATS, sum g*k)
-        offset = 0
-        for members, p in items:
-            k = p.shape[2]
+    n = len(tensors)
+    sync = synchronous if synchronous is not None else device.type == "cpu"
+    threads = default_threads()
+    with cpu_threads(1 if device.type == "cpu" else None):
+        pieces, seg, counts, spans = [], [], [], [0] * n  # spans[i]: tensor i's first column
+        column = 0
+        for members in groups.values():
+            view, layout = views[members[0]]
+            large = view.device.type == "cpu" and sum(views[i][0].numel() for i in members) >= THREADED_MIN_NUMEL
+            with cpu_threads(threads if large else None):
+                x = torch.cat([views[i][0] for i in members]) if len(members) > 1 else view
+                r = spec.sums_torch(x, layout.dim) if sync else _device_partials(x, layout.dim)  # (g, R, k)
+            k = r.shape[2]
+            pieces.append(r.to(device).transpose(0, 1).reshape(r.shape[1], -1))
+            seg.append(torch.as_tensor(members, device=device).repeat_interleave(k))
+            counts.append(torch.full((len(members) * k,), float(x.shape[layout.dim]), dtype=torch.float64, device=device))  # items per column
             for i in members:
-                blocks[i] = derived[:, offset : offset + k]
-                offset += k
-    return blocks
+                spans[i] = column
+                column += k
+        flat = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
+        segments = torch.cat(seg) if len(seg) > 1 else seg[0]
+        if sync:
+            item_counts = torch.cat(counts) if len(counts) > 1 else counts[0]
+            flat = _exact(flat, item_counts, segments, views, spans, n)
+        else:
+            flat = flat.double()
+        numel = torch.tensor([float(t.numel()) for t in tensors], dtype=torch.float64, device=device)
+        combined = _combine_all(flat, segments, n, device)  # (n, N_PARTIALS)
+        rows = spec.batch_from_partials(combined[:, :, None], numel, torch).float()  # one derivation for the step
+        return rows, _neuron_blocks(flat, views, spans)
 
 
-def _checked_partials(x: Any, dim: int, synchronous: bool) -> Any:
+def _device_partials(x: Any, dim: int) -> Any:
+    """Partial sums of a group on an accelerator, chosen there without a host synchronisation: the deviation
+    kernel, or the masked one for a tensor with a non-finite value."""
     import torch
 
     p = spec.partials_torch(x, dim)
-    sums = p[:, 1].sum(-1) + p[:, 2].sum(-1)  # "sum" and "m2": non-finite when anything was
-    if synchronous:
-        bad = (~torch.isfinite(sums)).nonzero().reshape(-1)
-        if len(bad):  # NaN, inf, or beyond float32: describe the finite part, in float64
-            p = p.double()
-            p[bad] = spec.masked_partials_torch(x[bad], dim)
-        return p
+    sums = p[:, 1].sum(-1) + p[:, 2].sum(-1)
     return torch.where(torch.isfinite(sums)[:, None, None], p.double(), spec.masked_partials_torch(x, dim))
+
+
+def _exact(sums: Any, items: Any, segments: Any, views: list[tuple[Any, Layout]], spans: list[int], n: int) -> Any:
+    """Partial sums ``(N_PARTIALS, columns)`` from the plain sums of every column of the step; a tensor with
+    a non-finite value or a precision loss in its ``m2`` (:func:`~comgra_callbacks.stats.partials_from_sums`;
+    one host synchronisation for the step tells which) is reduced again by the kernel that describes it."""
+    import torch
+
+    flat, code = spec.partials_from_sums(sums, items)
+    verdict = torch.zeros(n, dtype=code.dtype, device=code.device).scatter_reduce_(0, segments, code, "amax").tolist()
+    for i, v in enumerate(verdict):
+        if v:  # a large offset: sums of deviations; NaN, inf, or beyond float32: the finite part, in float64
+            view, layout = views[i]
+            kernel = spec.partials_torch if v == 1 else spec.masked_partials_torch
+            p = kernel(view, layout.dim)[0].double()  # (N_PARTIALS, k)
+            flat[:, spans[i] : spans[i] + p.shape[1]] = p.to(flat.device)
+    return flat
+
+
+def _combine_all(flat: Any, seg: Any, n: int, device: Any) -> Any:
+    """Every tensor's partial sums combined over its neurons, ``(n, N_PARTIALS)`` float64: what
+    :func:`~comgra_callbacks.stats.combine_neurons` gives per tensor, for the whole step in ~15 operations
+    (segment sums by tensor) instead of ~20 per group."""
+    import torch
+
+    P = spec._P
+    out = torch.zeros((n, flat.shape[0]), dtype=torch.float64, device=device).index_add_(0, seg, flat.T)
+    count, total = flat[P["count"]], flat[P["sum"]]
+    n_all = out[:, P["count"]]
+    mean = out[:, P["sum"]] / torch.where(n_all > 0, n_all, torch.ones_like(n_all))
+    neuron_mean = total / torch.where(count > 0, count, torch.ones_like(count))
+    spread = torch.where(count > 0, count * (neuron_mean - mean[seg]) ** 2, torch.zeros_like(count))  # Chan et al.
+    out[:, P["m2"]] += torch.zeros_like(n_all).index_add_(0, seg, spread)
+    out[:, P["min"]] = torch.full_like(n_all, math.inf).scatter_reduce_(0, seg, flat[P["min"]], "amin")
+    out[:, P["max"]] = torch.full_like(n_all, -math.inf).scatter_reduce_(0, seg, flat[P["max"]], "amax")
+    return out
+
+
+def _neuron_blocks(flat: Any, views: list[tuple[Any, Layout]], spans: list[int]) -> list[Any]:
+    """Per-neuron statistics of every tensor that keeps them, derived in one call for the step."""
+    import torch
+
+    wanted = [i for i, (_, layout) in enumerate(views) if layout.neurons]
+    blocks: list[Any] = [None] * len(views)
+    if not wanted:
+        return blocks
+    widths = [_neurons(views[i]) for i in wanted]
+    columns = torch.cat([torch.arange(spans[i], spans[i] + k, device=flat.device) for i, k in zip(wanted, widths)])
+    derived = spec.neurons_from_partials(flat[:, columns], torch)  # (N_NEURON_STATS, sum of widths)
+    offset = 0
+    for i, k in zip(wanted, widths):
+        blocks[i] = derived[:, offset : offset + k]
+        offset += k
+    return blocks
+
+
+def _neurons(view: tuple[Any, Layout]) -> int:
+    """How many neurons (columns) a 3-D view has: the axis that is not reduced."""
+    x, layout = view
+    return x.shape[2 if layout.dim == 1 else 1]
 
 
 def stats_rows(tensors: list[Any], *, synchronous: bool | None = None) -> Any:
@@ -147,8 +242,14 @@ def neuron_rows(matrices: list[Any], *, synchronous: bool | None = None) -> list
     out: list[Any] = []
     for m in matrices:
         x = spec.as_float_torch(m).reshape(1, *m.shape)
-        p = _checked_partials(x, 1, synchronous if synchronous is not None else m.device.type == "cpu")
-        out.append(spec.neurons_from_partials(p, torch)[0])
+        if synchronous if synchronous is not None else m.device.type == "cpu":
+            k = x.shape[2]
+            sums = spec.sums_torch(x, 1)[0]
+            segments = torch.zeros(k, dtype=torch.int64, device=x.device)
+            p = _exact(sums, torch.full((k,), float(x.shape[1]), dtype=torch.float64, device=x.device), segments, [(x, Layout(tuple(x.shape), 1, True))], [0], 1)
+        else:
+            p = _device_partials(x, 1)[0]
+        out.append(spec.neurons_from_partials(p, torch))
     return out
 
 
