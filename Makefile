@@ -21,8 +21,13 @@ venv: $(STAMP)
 browser:
 	@bash .ci/ensure-chromium
 
+# Two workers, one test file each at a time (module fixtures are built once): 9.5 min instead of 14.5 on a
+# 2-core machine, because much of the suite waits on subprocesses, servers and the browser.
+# `make test PYTEST_WORKERS=0` runs it in one process.
+PYTEST_WORKERS ?= 2
+
 test: venv browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 demo: venv
 	$(PY) -m comgra_callbacks.demo $(DEMO_ARGS)
