@@ -233,7 +233,9 @@ def influence(
             items of batches of different sizes compare (TracIn's per-example gradients).
 
     For Adam the per-sample gradient is preconditioned like the update (``share * precond``); for SGD it is
-    the gradient itself. A positive influence: the item's step lowered the test loss (to first order).
+    the gradient itself. A parameter recorded with ``attribution_projection=k`` takes the products of the
+    projected gradients with the test gradient projected by the same matrix: an estimate, relative error
+    about ``1/sqrt(k)`` (docs/attribution.md#random-projection); a ``TestGradient`` measure stays exact. A positive influence: the item's step lowered the test loss (to first order).
 
     Returns:
         one row per training item, largest influence first: ``dataset_index``, ``influence``, ``steps``.
@@ -268,7 +270,7 @@ def influence(
     seen: dict[int, list[int]] = {}
     for step in chosen:
         a = run.attribution(param, step, step_type=step_type)
-        if not a.has_factors:
+        if not a.has_factors and a.projected is None:
             raise ConfigError(
                 f"`influence(test_gradients=...)`: {param!r} was recorded with attribution_keep='contributions' (step {step}), "
                 f"which keeps no per-sample gradients to take a supplied test gradient's products with. HINT: record "
@@ -280,7 +282,11 @@ def influence(
         shape = a.shape
         if test.shape != shape:
             raise ConfigError(f"`influence(test_gradients=...)`: expected the gradient of {param!r} with shape {shape}, got shape {test.shape} at step {step}.")
-        values = -_directional(a, test).sum(axis=1)  # lr * share * <grad_i * precond, test>
+        if a.projected is not None:  # attribution_projection=k: <R g_i, R (test * precond)>, Johnson-Lindenstrauss
+            d = test * a.precond if a.precond is not None else test
+            values = a.lr * a.share * (a.projected.astype(np.float64) @ a.project(d))
+        else:
+            values = -_directional(a, test).sum(axis=1)  # lr * share * <grad_i * precond, test>
         if per_example:
             values = values * a.batch_size
         for item, value in zip(a.dataset_index.tolist(), values.tolist()):

@@ -23,7 +23,7 @@ from comgra_callbacks.errors import ComgraError, ConfigError, ConfigTypeError, S
 from comgra_callbacks.measures import check_measures
 from comgra_callbacks.measures import evaluate as evaluate_measures
 from comgra_callbacks.names import NameFilter, describe_filter, name_predicate
-from comgra_callbacks.recording.attribution import check_index_field, check_keep
+from comgra_callbacks.recording.attribution import check_index_field, check_keep, check_projection
 from comgra_callbacks.recording.capture import check_modules_spec
 from comgra_callbacks.recording.interventions import Intervention, check_interventions
 from comgra_callbacks.recording.policy import Plan, RecordingPolicy, detail_rules
@@ -81,6 +81,7 @@ class RecordingOptions:
     attribution: NameFilter = None
     index_field: str | int | None = None
     attribution_keep: Literal["factors", "contributions"] = "factors"
+    attribution_projection: int | None = None
     circuit_tracking: dict[str, CircuitTracking] | None = None
 
     @classmethod
@@ -166,6 +167,7 @@ class RecordingOptions:
             attribution=kw.get("attribution"),
             index_field=check_index_field(owner, kw.get("index_field")),
             attribution_keep=check_keep(owner, kw.get("attribution_keep", "factors")),  # type: ignore[arg-type]
+            attribution_projection=check_projection(owner, kw.get("attribution_projection")),
             circuit_tracking=check_circuit_tracking(owner, kw.get("circuit_tracking")),
         )
 
@@ -215,7 +217,7 @@ class RecordingOptions:
             neuron_axis=self.neuron_axis,
             attribution=self.attribution,
             index_field=self.index_field,
-            attribution_options={"keep": self.attribution_keep, "tests": self.test_gradients()},
+            attribution_options={"keep": self.attribution_keep, "tests": self.test_gradients(), "projection": self.attribution_projection},
         )
 
     def test_gradients(self) -> dict[str, Any]:
@@ -253,6 +255,7 @@ class RecordingOptions:
             "attribution": describe_filter(self.attribution),
             "index_field": self.index_field,
             "attribution_keep": self.attribution_keep,
+            "attribution_projection": self.attribution_projection,
             "circuit_tracking": {k: t.describe() for k, t in self.circuit_tracking.items()} if self.circuit_tracking else None,
             **self.policy.describe(),
         }

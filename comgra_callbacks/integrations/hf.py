@@ -89,7 +89,7 @@ class ComgraTrainerCallback(TrainerCallback):
         schedule, step_type, triggers, arm_every, detail, samples: as for :class:`~comgra_callbacks.ComgraCallback`.
         ranks: ``"zero"`` (only the process of global rank 0 records) or ``"all"`` (each rank writes the run
             group ``<run_name>/rank<r>``).
-        attribution, index_field, attribution_keep: as for :class:`~comgra_callbacks.ComgraCallback`; the index is a model input
+        attribution, index_field, attribution_keep, attribution_projection: as for :class:`~comgra_callbacks.ComgraCallback`; the index is a model input
             of that name (the ``Trainer`` drops dataset columns the model's ``forward`` does not take).
         measures, measure_schedule, interventions, intervention_schedule, circuit_tracking: as for
             :class:`~comgra_callbacks.ComgraCallback`; the extra pass
@@ -139,6 +139,7 @@ class ComgraTrainerCallback(TrainerCallback):
         attribution: NameFilter = None,
         index_field: str | int | None = None,
         attribution_keep: Literal["factors", "contributions"] = "factors",
+        attribution_projection: int | None = None,
         circuit_tracking: CircuitTracking | dict[str, CircuitTracking] | None = None,
         n_samples: int = 4,
         neurons: bool = True,

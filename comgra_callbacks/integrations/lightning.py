@@ -96,6 +96,10 @@ class ComgraCallback(Callback):
         attribution_keep: ``"factors"`` (default: the exact per-sample factors) or ``"contributions"`` (reduced
             at the step's end to each sample's contribution to each neuron's update, ``B·d_out`` numbers; enough
             for ``contributions``, ``top_items`` and ``influence`` through a ``TestGradient`` measure).
+        attribution_projection: ``k`` (a positive int): store the ``torch.func`` parameters' per-sample
+            gradients projected by a fixed seeded Gaussian matrix to ``(B, k)``, next to the exact per-sample
+            contributions (``nn.Linear`` parameters keep their factors); ``influence`` with supplied test
+            gradients is then approximate, relative error about ``1/sqrt(k)`` (docs/attribution.md).
         circuit_tracking: ``CircuitTracking(clean, corrupted, nodes, schedule=None)`` (or a dict ``{name: ...}``):
             attribution-patching scores of every unit of ``nodes`` for a fixed clean/corrupted pair, evaluated
             before the forward pass of the steps the schedule records (or of its own ``schedule``), in eval mode,
@@ -165,6 +169,7 @@ class ComgraCallback(Callback):
         attribution: NameFilter = None,
         index_field: str | int | None = None,
         attribution_keep: Literal["factors", "contributions"] = "factors",
+        attribution_projection: int | None = None,
         circuit_tracking: CircuitTracking | dict[str, CircuitTracking] | None = None,
         n_samples: int = 4,
         neurons: bool = True,

@@ -18,6 +18,10 @@ What one recorded step stores for each chosen parameter ``p`` (series of node ``
 * ``attribution:precond`` (Adam, AdamW): ``1 / (sqrt(v_hat) + eps)`` after the step, shaped like ``p``;
 * ``attribution:update``: the parameter's change over the step, shaped like ``p``;
 * ``attribution:per_sample_grad`` ``(B, *p.shape)``: for ``torch.func`` parameters, instead of the factors;
+  with ``projection=k`` (``attribution_projection=`` of the callbacks) ``attribution:per_sample_grad_projected``
+  ``(B, k)`` instead, ``G_flat @ R`` with the seeded Gaussian ``R`` of
+  :func:`~comgra_callbacks.store.attribution.projection_chunks`, next to the exact contributions of the compact
+  mode below (``attribution:contribution``, ``attribution:update_norm``);
 * ``attribution:test:<measure>`` ``(B,)``: for each :class:`~comgra_callbacks.measures.TestGradient` measure
   evaluated on the step, ``<grad_i * precond, test gradient>`` per sample (what TracIn needs, B numbers).
 
@@ -50,14 +54,22 @@ from comgra_callbacks.store.attribution import (
     OPTIMIZER_FIELDS,
     OPTIMIZER_KINDS,
     PREFIX,
+    PROJECTION_SEED,
     TEST_PREFIX,
+    projection_chunks,
 )
 from comgra_callbacks.store.format import SeriesKey
 
-INPUT, GRAD_OUTPUT, INDEX, OPTIMIZER, PRECOND, UPDATE, PER_SAMPLE, CONTRIBUTION, UPDATE_NORM = (
+INPUT, GRAD_OUTPUT, INDEX, OPTIMIZER, PRECOND, UPDATE, PER_SAMPLE, CONTRIBUTION, UPDATE_NORM, PROJECTED = (
     PREFIX + v
-    for v in ("input", "grad_output", "index", "optimizer", "precond", "update", "per_sample_grad", "contribution", "update_norm")
+    for v in (
+        "input", "grad_output", "index", "optimizer", "precond", "update", "per_sample_grad", "contribution", "update_norm",
+        "per_sample_grad_projected",
+    )
 )
+PROJECTION_CACHE_BYTES = 256 << 20
+"""A projection matrix up to this size is kept (on the parameter's device) between recorded steps; a larger
+one is regenerated chunk by chunk on each recorded step instead of being held."""
 INDEX_FIELDS = ("idx", "index")
 """Batch fields taken as the dataset index of each sample when ``index_field`` is not given."""
 
@@ -89,6 +101,29 @@ def check_keep(owner: str, value: Any) -> str:
     if value in KEEP_CHOICES:
         return str(value)
     raise ConfigError(f"`{owner}(attribution_keep=...)`: expected one of {KEEP_CHOICES}, got {value!r}.")
+
+
+def check_projection(owner: str, value: Any) -> int | None:
+    """``attribution_projection=``: None (the default: full per-sample gradients) or ``k``, a positive int,
+    the dimension ``torch.func`` parameters' per-sample gradients are randomly projected to.
+
+    >>> check_projection("ComgraCallback", 0)
+    Traceback (most recent call last):
+    ...
+    comgra_callbacks.errors.ConfigError: `ComgraCallback(attribution_projection=...)`: expected None or a positive int (the projected dimension k, e.g. 1024), got 0.
+    >>> check_projection("ComgraCallback", "512")
+    Traceback (most recent call last):
+    ...
+    comgra_callbacks.errors.ConfigTypeError: `ComgraCallback(attribution_projection=...)`: expected None or a positive int (the projected dimension k, e.g. 1024), got '512' of type str.
+    """
+    if value is None:
+        return None
+    expected = f"`{owner}(attribution_projection=...)`: expected None or a positive int (the projected dimension k, e.g. 1024), got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigTypeError(f"{expected} of type {type(value).__name__}.")
+    if value < 1:
+        raise ConfigError(f"{expected}.")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -334,8 +369,13 @@ class StepFactors:
                     test = test.to(torch.float32) * precond if precond is not None else test.to(torch.float32)
                     dots = _row_dots(target, x, g, per_sample, test).reshape(size, -1).sum(dim=1)
                     out.append(_full(key, TEST_PREFIX + name, dots))
+            projection = self.owner.projection
             if self.owner.keep == "contributions":
                 out.extend(_contribution_snapshots(target, x, g, per_sample, update, precond, fields))
+            elif per_sample is not None and projection is not None:  # exact contributions, projected gradients
+                fields[OPTIMIZER_FIELDS.index("projection_seed")] = float(PROJECTION_SEED)
+                out.extend(_contribution_snapshots(target, x, g, per_sample, update, precond, fields))
+                out.append(_full(key, PROJECTED, self.owner.project(target.name, per_sample.reshape(size, -1))))
             elif per_sample is not None:
                 out.append(_full(key, PER_SAMPLE, per_sample))
             else:
@@ -416,7 +456,7 @@ def _optimizer_fields(param: Any, info: _OptimizerInfo) -> tuple[list[float], An
     import torch
 
     group, kind = info.group, OPTIMIZER_KINDS[info.kind]
-    fields = [float(info.kind), info.lr, 1.0, 0.0, 0.0, 0.0, float(group.get("weight_decay", 0.0) or 0.0), 0.0]
+    fields = [float(info.kind), info.lr, 1.0, 0.0, 0.0, 0.0, float(group.get("weight_decay", 0.0) or 0.0), 0.0, 0.0]
     precond = None
     if kind == "sgd":
         momentum = float(group.get("momentum", 0.0) or 0.0)
@@ -453,6 +493,9 @@ class Attribution:
             see the module docstring).
         tests: ``{name: TestGradient}`` measures whose test gradients are turned into TracIn's inner
             products on the steps they were evaluated on.
+        projection: ``k``: with ``keep="factors"``, a ``torch.func`` parameter's per-sample gradients are
+            stored projected, ``(B, k)`` (see :meth:`project`), next to the exact contributions; None keeps
+            them whole. ``nn.Linear`` parameters keep their factors either way.
 
     Raises:
         ConfigError: ``spec`` chooses no parameter of ``model`` that can be attributed (the message lists them).
@@ -465,8 +508,11 @@ class Attribution:
         index_field: str | int | None = None,
         keep: str = "factors",
         tests: Mapping[str, Any] | None = None,
+        projection: int | None = None,
     ) -> None:
         self.targets = choose_targets(model, spec)
+        self.projection = check_projection("Attribution", projection)
+        self._matrices: dict[str, Any] = {}  # parameter name -> its projection matrix, when small enough to keep
         self.modules = {t.module_name: t.module for t in self.targets}
         self.func_modules = {t.module_name for t in self.targets if t.how == "func"}
         self.index_field = index_field
@@ -475,6 +521,29 @@ class Attribution:
         for test in self.tests.values():
             test.want([t.name for t in self.targets])
         self._warned = False
+
+    def project(self, name: str, flat: Any) -> Any:
+        """``(B, k)``: per-sample gradients ``flat`` (``(B, numel)``) of parameter ``name`` times its random
+        projection ``R`` (``(numel, k)``, N(0, 1/k) entries), generated from the seed and the name by
+        :func:`~comgra_callbacks.store.attribution.projection_chunks`, so that the reader rebuilds it."""
+        import torch
+
+        assert self.projection is not None
+        kept = self._matrices.get(name)
+        if kept is not None and kept.device == flat.device:
+            return flat @ kept
+        numel, k = int(flat.shape[1]), self.projection
+        keep = numel * k * 4 <= PROJECTION_CACHE_BYTES
+        out = torch.zeros(flat.shape[0], k, dtype=torch.float32, device=flat.device)
+        parts = []
+        for start, rows in projection_chunks(name, numel, k):
+            r = torch.from_numpy(rows).to(flat.device)
+            out += flat[:, start : start + r.shape[0]] @ r
+            if keep:
+                parts.append(r)
+        if keep:
+            self._matrices[name] = torch.cat(parts)
+        return out
 
     def begin(self, is_current: Callable[[], bool]) -> StepFactors:
         """Hooks on the chosen modules for one step; ``is_current()`` says whether a call belongs to it. The

@@ -6,6 +6,8 @@ Kept apart from :mod:`~comgra_callbacks.store.reader` so that the reader stays s
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 _NUMEL = fmt.STAT_INDEX["numel"]
 PREFIX = "attribution:"
 """The views of a parameter node that hold what ``attribution=`` recorded (not listed by ``Run.views``)."""
-OPTIMIZER_FIELDS = ("kind", "lr", "share", "has_precond", "index_from_batch", "beta1", "weight_decay", "optimizer_step")
+OPTIMIZER_FIELDS = ("kind", "lr", "share", "has_precond", "index_from_batch", "beta1", "weight_decay", "optimizer_step", "projection_seed")
 """The entries of the ``attribution:optimizer`` vector, in order."""
 OPTIMIZER_KINDS = ("other", "sgd", "adam", "adamw")
 """``kind`` codes: an optimizer that is none of SGD, Adam, AdamW is treated like plain SGD (``share`` 1)."""
@@ -32,6 +34,42 @@ TEST_PREFIX = PREFIX + "test:"
 """``attribution:test:<measure>``: per sample, ``<grad_i * precond, test gradient>`` of a ``TestGradient`` measure."""
 INDEX_SPLIT = 1 << 24
 """Samples are stored as float32, exact for integers below 2**24: a dataset index is kept as two halves."""
+PROJECTION_SEED = 14
+"""The seed of the random projections of ``attribution_projection=`` (recorded as the optimizer field
+``projection_seed``, float32-exact below 2**24, so that the reader rebuilds the same matrix)."""
+PROJECTION_CHUNK = 8192
+"""Rows of a projection matrix generated at once: each chunk has its own generator, so that a matrix is
+rebuilt piece by piece without ever holding all of it."""
+
+
+def projection_chunks(param: str, numel: int, k: int, seed: int = PROJECTION_SEED) -> Iterator[tuple[int, np.ndarray]]:
+    """The random projection ``R`` (``(numel, k)``, float32, entries N(0, 1/k)) of parameter ``param``, as
+    ``(first row, rows)`` chunks of :data:`PROJECTION_CHUNK` rows.
+
+    Chunk ``c`` is ``standard_normal((rows, k), float32) / sqrt(k)`` from numpy's
+    ``default_rng([seed, crc32(param), c])`` (PCG64 seeded through a ``SeedSequence``): the recorder and the
+    reader rebuild the same ``R`` from the seed and the name, in any process and on any machine; nothing of
+    ``R`` is stored.
+
+    >>> a = np.concatenate([r for _, r in projection_chunks("emb.weight", 10, 4)])
+    >>> a.shape, bool(np.array_equal(a, np.concatenate([r for _, r in projection_chunks("emb.weight", 10, 4)])))
+    ((10, 4), True)
+    """
+    tag = zlib.crc32(param.encode("utf-8"))
+    scale = np.float32(1.0 / np.sqrt(k))
+    for c, start in enumerate(range(0, numel, PROJECTION_CHUNK)):
+        rows = min(PROJECTION_CHUNK, numel - start)
+        yield start, np.random.default_rng([int(seed), tag, c]).standard_normal((rows, k), dtype=np.float32) * scale
+
+
+def project(param: str, vectors: np.ndarray, k: int, seed: int = PROJECTION_SEED) -> np.ndarray:
+    """``(..., k)``: ``vectors`` (``(..., numel)``, flattened parameter-shaped arrays) times the projection
+    ``R`` of ``param`` (see :func:`projection_chunks`), in float64."""
+    flat = np.asarray(vectors, dtype=np.float64)
+    out = np.zeros((*flat.shape[:-1], k), dtype=np.float64)
+    for start, rows in projection_chunks(param, flat.shape[-1], k, seed):
+        out += flat[..., start : start + len(rows)] @ rows.astype(np.float64)
+    return out
 
 
 def has_statistics(view: str) -> bool:
@@ -201,6 +239,9 @@ class AttributionStep:
         contributions: ``(B, rows)`` with ``attribution_keep="contributions"``: each sample's signed share of each
             row's (neuron's) update along it, ``<u_ij, Δ_j> / |Δ_j|``; then no factors, ``precond`` or ``update``.
         update_norms: ``(rows,)`` the rows' update norms ``|Δ_j|`` (``attribution_keep="contributions"``).
+        projected: ``(B, k)`` with ``attribution_projection=k`` (``torch.func`` parameters): each sample's
+            gradient, flattened, times the random projection ``R`` (:meth:`project` applies the same ``R``);
+            then ``per_sample`` is None and ``contributions`` / ``update_norms`` hold the exact contributions.
     """
 
     param: str
@@ -218,6 +259,7 @@ class AttributionStep:
     per_sample: np.ndarray | None = None
     contributions: np.ndarray | None = None
     update_norms: np.ndarray | None = None
+    projected: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:
@@ -226,7 +268,7 @@ class AttributionStep:
     @property
     def keep(self) -> str:
         """``"factors"`` or ``"contributions"``: what the step kept (``attribution_keep=``)."""
-        return "contributions" if self.contributions is not None else "factors"
+        return "contributions" if self.contributions is not None and self.update is None else "factors"
 
     @property
     def has_factors(self) -> bool:
@@ -261,12 +303,33 @@ class AttributionStep:
             return g.sum(axis=1)
         return np.einsum("bto,bti->boi", g, self.inputs.astype(np.float64))
 
+    def project(self, vector: np.ndarray) -> np.ndarray:
+        """``(k,)``: a parameter-shaped ``vector`` times the random projection the step's ``projected``
+        gradients were taken with, rebuilt from the recorded seed and the parameter's name; then
+        ``projected @ project(t)`` approximates each sample's ``<grad_i, t>`` (Johnson-Lindenstrauss, relative
+        error about ``1 / sqrt(k)``, docs/attribution.md#random-projection).
+
+        Raises:
+            ConfigError: the step has no projected gradients.
+        """
+        if self.projected is None:
+            raise ConfigError(f"`AttributionStep.project()`: {self.param!r} at step {self.step} was recorded without attribution_projection=.")
+        seed = int(self.fields.get("projection_seed", PROJECTION_SEED))
+        return project(self.param, np.asarray(vector, dtype=np.float64).reshape(-1), int(self.projected.shape[1]), seed)
+
     def per_sample_updates(self) -> np.ndarray:
         """``(B, *param.shape)``: each sample's share of the update, ``-lr * share * grad_i * precond``."""
         u = -self.lr * self.share * self.per_sample_grads()
         return u * self.precond if self.precond is not None else u
 
     def _need_factors(self, what: str) -> None:
+        if not self.has_factors and self.projected is not None:
+            raise ConfigError(
+                f"`AttributionStep.{what}()`: {self.param!r} at step {self.step} was recorded with "
+                f"attribution_projection={self.projected.shape[1]}, which keeps each sample's gradient only projected to "
+                f"{self.projected.shape[1]} dimensions (AttributionStep.projected) and the exact contributions. HINT: "
+                "record without attribution_projection= for the full per-sample gradients."
+            )
         if not self.has_factors:
             raise ConfigError(
                 f"`AttributionStep.{what}()`: {self.param!r} at step {self.step} was recorded with "
@@ -289,13 +352,13 @@ def read_attribution(run: Run, param: str, step: int, *, step_type: str | None =
         except StepNotFoundError:
             return None
 
-    g, per_sample, contribution = get("grad_output"), get("per_sample_grad"), get("contribution")
-    if g is None and per_sample is None and contribution is None:
+    g, per_sample, contribution, projected = get("grad_output"), get("per_sample_grad"), get("contribution"), get("per_sample_grad_projected")
+    if g is None and per_sample is None and contribution is None and projected is None:
         raise StepNotFoundError(f"Run {run.name!r} has no attribution of {param!r} at step {step}; it has it at steps {attribution_steps(run, param, step_type=step_type)[:10]}.")
     vector = get("optimizer")
     fields = dict(zip(OPTIMIZER_FIELDS, (float(v) for v in (vector if vector is not None else []))))
     halves = get("index")
-    size = next(a for a in (g, per_sample, contribution) if a is not None).shape[0]
+    size = next(a for a in (g, per_sample, contribution, projected) if a is not None).shape[0]
     index = halves[:, 0].astype(np.int64) * INDEX_SPLIT + halves[:, 1].astype(np.int64) if halves is not None else np.arange(size)
     kind = int(fields.get("kind", 0))
     update = get("update")
@@ -315,6 +378,7 @@ def read_attribution(run: Run, param: str, step: int, *, step_type: str | None =
         per_sample=per_sample,
         contributions=contribution,
         update_norms=get("update_norm"),
+        projected=projected,
     )
 
 
