@@ -37,10 +37,12 @@ from comgra_callbacks.recording.capture import (
     output_tensors,
     select_modules,
 )
+from comgra_callbacks.recording.detail import Detail, DetailChooser
+from comgra_callbacks.recording.detail import culprits as find_culprits
 from comgra_callbacks.recording.modules import is_container, module_tree
 from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot, estimate_bytes
-from comgra_callbacks.recording.policy import RecordingPolicy, detail_rules
-from comgra_callbacks.recording.reduce import cpu_threads, neuron_matrix_shape
+from comgra_callbacks.recording.policy import RecordingPolicy
+from comgra_callbacks.recording.reduce import cpu_threads
 from comgra_callbacks.recording.sampling import First, SampleSelector
 from comgra_callbacks.recording.triggers import StepSummary
 from comgra_callbacks.store.format import SeriesKey
@@ -49,15 +51,6 @@ if TYPE_CHECKING:
     from comgra_callbacks.store.sink import Sink
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Detail:
-    """How much of a tensor is kept: batch statistics always; per-neuron statistics; ``samples`` leading
-    samples (``FULL`` = the whole tensor)."""
-
-    neurons: bool = True
-    samples: int = 0
 
 
 @dataclass
@@ -188,7 +181,6 @@ class Recorder:
         self.config = config
         self.writer = writer
         self.policy = policy
-        self._rules = detail_rules(config.detail, "detail")
         self._selector = config.samples or First()
         self._context: dict[str, Any] = {"step": 0, "step_type": "train", "epoch": 0, "batch_idx": 0, "batch": None}
         self._notes: list[dict[str, Any]] = []
@@ -209,7 +201,7 @@ class Recorder:
         self._graph_signatures: dict[str, frozenset[str]] = {}
         self._node_attrs: dict[str, dict[str, Any]] = {}
         self._warned: set[str] = set()
-        self._details: dict[tuple[str, str, tuple[int, ...], bool, bool, int | None], Detail] = {}
+        self._details = DetailChooser(config, self._warn_once)
         self._stable: dict[str, bool] = {}  # node -> its recorded value was never changed in place later in a step
         self._hooks: ModuleHooks | None = None
         self._attribution: Any = None
@@ -865,18 +857,6 @@ class Recorder:
         self.writer.op("write_graph", document)
 
     # ----------------------------------------------------------------------------------- detail
-    def _detail(self, name: str, kind: str, shape: tuple[int, ...], *, is_parameter: bool, triggered: bool = False, axis: int | None = None) -> Detail:
-        """The detail kept for a tensor (cached: it is asked for every tensor of every recorded step).
-
-        A step kept by a trigger keeps samples of every node that has a batch axis, whatever ``detail=``
-        says for scheduled steps: what tracing an anomaly back to its origin needs."""
-        cache_key = (name, kind, shape, is_parameter, triggered, axis)
-        cached = self._details.get(cache_key)
-        if cached is None:
-            cached = self._decide_detail(name, kind, shape, is_parameter=is_parameter, triggered=triggered, axis=axis)
-            self._details[cache_key] = cached
-        return cached
-
     def _finalize_details(self, step: _Step, *, triggered: bool = False) -> None:
         """Decide each snapshot's detail now that the graph has settled the kinds (e.g. ``output``)."""
         for snap in step.pending.snapshots:
@@ -887,7 +867,7 @@ class Recorder:
                 snap.neurons, snap.samples = False, FULL
                 continue
             attrs = self._node_attrs.get(node) or step.nodes.get(node) or self._param_nodes.get(node) or {}
-            detail = self._detail(node, str(attrs.get("kind", "intermediate")), tuple(snap.tensor.shape), is_parameter=snap.is_parameter, triggered=triggered, axis=snap.neuron_axis)
+            detail = self._details.detail(node, str(attrs.get("kind", "intermediate")), tuple(snap.tensor.shape), is_parameter=snap.is_parameter, triggered=triggered, axis=snap.neuron_axis)
             snap.neurons, snap.samples = detail.neurons, detail.samples
 
     def _select_samples(self, step: _Step, *, triggered: bool = False) -> None:
@@ -905,7 +885,7 @@ class Recorder:
 
         positions, dataset_ids = self._selector.select(step.batch, step.values, pending.batch_size, k)
         if triggered:
-            culprits = self._culprits(step, pending.batch_size)
+            culprits = find_culprits(pending.snapshots, step.values, pending.batch_size, self.config.n_samples)
             if culprits:
                 chosen = list(dict.fromkeys(culprits + (list(range(pending.batch_size)) if positions is None else [int(p) for p in positions])))
                 positions, dataset_ids = torch.as_tensor(chosen[: max(k, len(culprits[:k]))], dtype=torch.int64), None
@@ -917,53 +897,6 @@ class Recorder:
                 tensor = torch.as_tensor(values).detach().reshape(-1).to("cpu", torch.int64)
                 step.nodes[name] = {"kind": "input", "module": None, "shape": list(tensor.shape), "dtype": "int64", "roles": [None], "iterations": 1, "selection": True}
                 step.add(Snapshot(SeriesKey(name, None, 0, "value"), tensor, "int64"))
-
-    def _culprits(self, step: _Step, batch_size: int) -> list[int]:
-        """Batch positions that made a trigger fire: non-finite values anywhere (first), then the largest
-        entries of a recorded per-sample loss (a vector of the batch's length whose name says loss)."""
-        import torch
-
-        found: list[int] = []
-        for snap in step.pending.snapshots:
-            t = snap.tensor
-            if snap.is_parameter or t.dim() == 0 or t.shape[0] != batch_size or not t.is_floating_point() or not t.numel():
-                continue
-            bad = ~torch.isfinite(t.reshape(batch_size, -1)).all(dim=1)
-            if bool(bad.any()):
-                found.extend(int(i) for i in bad.nonzero().reshape(-1).tolist())
-        for name, tensor in step.values.items():
-            if "loss" in name and tensor.dim() == 1 and tensor.shape[0] == batch_size and tensor.is_floating_point():
-                order = torch.argsort(torch.nan_to_num(tensor.detach().float(), nan=float("inf")), descending=True)
-                found.extend(int(i) for i in order[: self.config.n_samples].tolist())
-                break
-        return list(dict.fromkeys(found))
-
-    def _decide_detail(self, name: str, kind: str, shape: tuple[int, ...], *, is_parameter: bool, triggered: bool = False, axis: int | None = None) -> Detail:
-        detail = self.config.detail_fn(name, kind) if self.config.detail_fn is not None else None
-        if detail is None:
-            for matches, level in self._rules:
-                if matches(name):
-                    k = self.config.n_samples
-                    detail = {"stats": Detail(False, 0), "neurons": Detail(True, 0), "samples": Detail(True, k), "full": Detail(True, FULL)}[level]
-                    break
-        if detail is None:
-            with_samples = not is_parameter and kind in ("input", "target", "output", "loss")
-            detail = Detail(neurons=self.config.neurons, samples=self.config.n_samples if with_samples else 0)
-        if triggered and not is_parameter and len(shape) > 0 and detail.samples != FULL:
-            detail = Detail(detail.neurons, max(detail.samples, self.config.n_samples))
-        neurons, samples = detail.neurons, detail.samples
-        matrix = neuron_matrix_shape(shape, is_parameter=is_parameter, axis=axis)
-        if neurons and matrix is not None and matrix[1] > self.config.max_neurons:
-            self._warn_once(f"neurons:{name}", f"comgra: node {name!r} has {matrix[1]} neurons (> max_neurons={self.config.max_neurons}); its per-neuron statistics are not kept.")
-            neurons = False
-        if samples:
-            per_sample = 1
-            for n in (shape if samples == FULL or not shape else shape[1:]):
-                per_sample *= n
-            if per_sample > self.config.max_sample_numel:
-                self._warn_once(f"samples:{name}", f"comgra: one sample of node {name!r} has {per_sample} elements (> max_sample_numel={self.config.max_sample_numel}); its samples are not kept.")
-                samples = 0
-        return Detail(neurons, samples)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
