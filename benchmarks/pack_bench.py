@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_workload import LM, data  # noqa: E402
 
-from comgra_callbacks.recording import parts, pending, recorder  # noqa: E402
+from comgra_callbacks.recording import parts, pending, process_writer  # noqa: E402
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore")
@@ -38,7 +38,7 @@ def captured_step(neurons: bool = True, n_samples: int | None = None) -> pending
     from comgra_callbacks import ComgraCallback
 
     kept: list[pending.PendingStep] = []
-    original = recorder.pack
+    original = process_writer.pack  # what the writer process's sink calls on a step
 
     def keep(step: pending.PendingStep) -> Any:
         kept.append(copy.copy(step))
@@ -47,7 +47,7 @@ def captured_step(neurons: bool = True, n_samples: int | None = None) -> pending
             s.tensor = s.tensor.detach().clone()
         return original(step)
 
-    recorder.pack = keep
+    process_writer.pack = keep  # type: ignore[assignment]
     parts_env = parts.os.environ.get(parts.REDUCE_ENV)
     parts.os.environ[parts.REDUCE_ENV] = "training"
     try:
@@ -61,7 +61,7 @@ def captured_step(neurons: bool = True, n_samples: int | None = None) -> pending
             )
             trainer.fit(LM(4), data(3))
     finally:
-        recorder.pack = original
+        process_writer.pack = original  # type: ignore[assignment]
         if parts_env is None:
             parts.os.environ.pop(parts.REDUCE_ENV, None)
         else:

@@ -156,3 +156,77 @@ def test_large_offset_takes_the_deviation_kernel() -> None:
     np.testing.assert_allclose(block[1].numpy(), expected.numpy(), rtol=1e-3)
     _, code = spec.partials_from_sums(spec.sums_torch(x.reshape(1, 1024, 4), 1)[0], torch.full((4,), 1024.0))
     assert code.tolist() == [1, 1, 1, 1]  # what sent it there
+
+
+def test_a_tensor_needing_deviations_is_reduced_from_them_on_later_steps() -> None:
+    """The plan of a step remembers a tensor whose m2 lost precision from plain sums and reduces it from
+    deviations on the next steps (one pass fewer); the numbers stay those of the first step, and a NaN that
+    appears later in that tensor still takes the masked kernel."""
+    offset = (1e4 + torch.linspace(-1e-2, 1e-2, 1 << 16)).reshape(1024, 64)  # alone in its group (GROUP_MAX_NUMEL)
+    other = torch.randn(1024, 64)
+    layouts = [(True, False, None)] * 2
+    first_rows, first_blocks = reduce.reduce_tensors([offset, other], layouts)
+    plan = reduce._plan([offset, other], layouts)
+    assert plan.deviations == {0}
+    rows, blocks = reduce.reduce_tensors([offset, other], layouts)
+    np.testing.assert_allclose(rows.numpy(), first_rows.numpy(), rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(blocks[0].numpy(), first_blocks[0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(blocks[0][1].numpy(), offset.double().std(0).numpy(), rtol=1e-3)
+    spoilt = offset.clone()
+    spoilt[3, 5] = float("nan")
+    rows = reduce.reduce_tensors([spoilt, other], layouts)[0]
+    assert rows[0, STAT_INDEX["nan_count"]].item() == 1.0
+    finite = spoilt[torch.isfinite(spoilt)].double()
+    assert rows[0, STAT_INDEX["mean"]].item() == pytest.approx(finite.mean().item(), rel=1e-6)
+    assert rows[0, STAT_INDEX["std"]].item() == pytest.approx(finite.std().item(), rel=1e-3)
+
+
+def test_share_work_keeps_the_order_and_hands_back_failures() -> None:
+    import threading
+
+    seen: set[str] = set()
+
+    def work(i: int) -> int:
+        seen.add(threading.current_thread().name)
+        torch.randn(256, 256).sum()  # releases the GIL: the helper gets a turn
+        return i * i
+
+    items = list(range(40))
+    assert reduce.share_work(work, items, cost=lambda i: i % 7) == [i * i for i in items]
+    assert reduce.share_work(work, [3]) == [9]
+    for _ in range(20):  # the helper takes part (not guaranteed on every call of a busy machine)
+        reduce.share_work(work, items)
+        if "comgra-reduce" in seen:
+            break
+    assert "comgra-reduce" in seen
+
+    def fails(i: int) -> int:
+        if i == 5:
+            raise ValueError("item 5")
+        return i
+
+    with pytest.raises(ValueError, match="item 5"):
+        reduce.share_work(fails, list(range(10)))
+    assert reduce.share_work(work, items) == [i * i for i in items]  # the helper still works afterwards
+
+
+def test_sharing_follows_the_faster_way() -> None:
+    """Each way is tried twice, then the faster is kept, and the other is tried again now and then, so that
+    a change of the machine's load changes the choice."""
+    choice = reduce.Sharing()
+    tried = []
+    for _ in range(4):
+        way = choice.pick()
+        tried.append(way)
+        choice.observe(way, 0.010 if way else 0.030)  # two threads faster
+    assert sorted(tried) == [False, False, True, True]
+    picks = []
+    for _ in range(16):
+        way = choice.pick()
+        picks.append(way)
+        choice.observe(way, 0.010 if way else 0.030)
+    assert picks.count(True) >= 13 and False in picks  # mostly shared, the other way still tried
+    for _ in range(60):  # the machine got busy: two threads now slower
+        way = choice.pick()
+        choice.observe(way, 0.050 if way else 0.030)
+    assert [choice.pick() for _ in range(7)].count(False) >= 6

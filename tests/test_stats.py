@@ -84,14 +84,19 @@ def numpy_path(tensors: list[torch.Tensor], is_parameter: bool) -> list[tuple[np
     return [reduce_numpy.reduce_array(a, neurons=True, is_parameter=is_parameter) for a in arrays]
 
 
-def torch_path(synchronous: bool, alone: bool):  # noqa: ANN201
+def torch_path(synchronous: bool, alone: bool, shared: bool | None = None, repeats: int = 1):  # noqa: ANN201
+    """``shared``: the groups reduced by two threads (``reduce.share_work``) or one; ``repeats``: the same
+    step reduced that many times, the last result checked (the plan and what it learnt are reused)."""
+
     def run(tensors: list[torch.Tensor], is_parameter: bool) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        limit = reduce.GROUP_MAX_NUMEL
+        limit, forced = reduce.GROUP_MAX_NUMEL, reduce.FORCE_SHARING
         reduce.GROUP_MAX_NUMEL = 1 if alone else 1 << 30
+        reduce.FORCE_SHARING = shared
         try:
-            rows, blocks = reduce.reduce_tensors(tensors, [(True, is_parameter, None)] * len(tensors), synchronous=synchronous)
+            for _ in range(repeats):
+                rows, blocks = reduce.reduce_tensors(tensors, [(True, is_parameter, None)] * len(tensors), synchronous=synchronous)
         finally:
-            reduce.GROUP_MAX_NUMEL = limit
+            reduce.GROUP_MAX_NUMEL, reduce.FORCE_SHARING = limit, forced
         return [(r.numpy(), None if b is None else b.numpy()) for r, b in zip(rows, blocks)]
 
     return run
@@ -103,6 +108,9 @@ PATHS = {
     "torch-cpu-alone": torch_path(True, True),
     "torch-accelerator-grouped": torch_path(False, False),
     "torch-accelerator-alone": torch_path(False, True),
+    "torch-cpu-two-threads": torch_path(True, True, shared=True),
+    "torch-cpu-one-thread": torch_path(True, True, shared=False),
+    "torch-cpu-third-step": torch_path(True, True, repeats=3),  # tensors remembered for the deviation kernel
 }
 
 

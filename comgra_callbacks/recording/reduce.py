@@ -6,9 +6,12 @@ statistics are kept, else one neuron of all its elements) and read once for its 
 them, for every tensor of the step at once (the definitions: :mod:`comgra_callbacks.stats`). The hot path
 pays per operation (microseconds of dispatch each), so small tensors with the same layout are stacked and
 reduced as one group; a tensor of ``GROUP_MAX_NUMEL`` elements or more is reduced alone, without the copy a
-stack makes; on the CPU all of it runs on one torch thread (:func:`cpu_threads`; measured:
-docs/benchmarks.md). A non-finite value, or a mean so large against the spread that the sum of squares
-would lose the variance, sends its tensor (rare) to the kernel that describes it exactly.
+stack makes. The grouping and the index tensors of a step are planned once per set of shapes (:func:`_plan`).
+On the CPU every operation runs on one torch thread (:func:`cpu_threads`), and the groups of a large step
+are shared between the training thread and one helper thread where that is faster (:func:`share_work`,
+:class:`Sharing`; measured: docs/benchmarks.md). A non-finite value, or a mean so large against the spread
+that the sum of squares would lose the variance, sends its tensor (rare) to the kernel that describes it
+exactly; a tensor that needed the deviations once is reduced from them on later steps directly.
 
 >>> import torch
 >>> rows = stats_rows([torch.tensor([1.0, 2.0, float("nan"), 0.0]), torch.tensor([[3.0, 4.0]])])
@@ -19,11 +22,15 @@ would lose the variance, sends its tensor (rare) to the kernel that describes it
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from comgra_callbacks import stats as spec
@@ -63,6 +70,109 @@ def cpu_threads(n: int | None) -> Iterator[None]:
 
 
 _OUTER_THREADS = threading.local()  # .stack: the thread counts cpu_threads() replaced on this thread, outermost first
+
+
+SHARED_MIN_NUMEL = 1 << 20  # a CPU step with this many elements may be reduced by two threads (share_work) ...
+SHARE_ENV = "COMGRA_SHARE_REDUCTIONS"  # ... "1" always (when torch has one thread too), "0" never; unset: learnt (Sharing)
+FORCE_SHARING: bool | None = {"1": True, "0": False}.get(os.environ.get(SHARE_ENV, ""))
+
+
+class _Helper:
+    """The second thread of :func:`share_work`, started on first use (a daemon: it holds nothing)."""
+
+    def __init__(self) -> None:
+        self.tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name="comgra-reduce", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self.tasks.get()()
+
+
+_HELPER: list[_Helper] = []  # the process's helper, once started
+_HELPER_LOCK = threading.Lock()
+
+
+def share_work(fn: Callable[[Any], Any], items: list[Any], cost: Callable[[Any], int] | None = None) -> list[Any]:
+    """``[fn(item) for item in items]``, computed by the calling thread and one helper thread together.
+
+    Both take the next item from one shared counter (largest ``cost`` first), so neither waits for the other
+    except for the item the helper holds when the list runs out: on a busy machine, where the helper may not
+    get a core for a while, the calling thread simply does everything (and does not wait for a helper that
+    never started). torch's operations release the GIL while they compute, so on an idle second core the
+    reductions of a large step take about half the time (measured: docs/benchmarks.md). The helper runs with
+    the thread count the calling thread had when it started it (one, inside ``cpu_threads(1)``)."""
+    if len(items) < 2:
+        return [fn(item) for item in items]
+    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost is not None else list(range(len(items)))
+    results: list[Any] = [None] * len(items)
+    counter = itertools.count()
+    lock = threading.Lock()
+    state = {"started": False, "cancelled": False}
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def drain() -> None:
+        for position in counter:  # next() of a count is atomic under the GIL
+            if position >= len(order):
+                return
+            results[order[position]] = fn(items[order[position]])
+
+    def helper() -> None:
+        with lock:
+            if state["cancelled"]:
+                return
+            state["started"] = True
+        try:
+            drain()
+        except BaseException as exc:  # handed to the calling thread
+            failure.append(exc)
+        finally:
+            done.set()
+
+    with _HELPER_LOCK:
+        if not _HELPER:
+            _HELPER.append(_Helper())
+    _HELPER[0].tasks.put(helper)
+    drain()
+    with lock:
+        state["cancelled"] = not state["started"]
+        wait = state["started"]
+    if wait:
+        done.wait()
+    if failure:
+        raise failure[0]
+    return results
+
+
+class Sharing:
+    """Whether :func:`share_work` is faster than one thread for a recurring piece of work, learnt from its
+    wall times: on an idle second core sharing halves the reductions of a large step, but where the other
+    core is busy (a data loader, the writer process, another job) the helper is preempted, holding the GIL,
+    and sharing is slower than one thread (measured: docs/benchmarks.md). Each way is tried twice, then the
+    faster (by a moving average) is used, and the other is tried again every ``EXPLORE`` calls, so the choice
+    follows the machine's load."""
+
+    EXPLORE = 8
+    WEIGHT = 0.3  # of the newest time in the moving average
+
+    def __init__(self) -> None:
+        self.mean: dict[bool, float] = {}
+        self.seen = {True: 0, False: 0}
+        self.calls = 0
+
+    def pick(self) -> bool:
+        self.calls += 1
+        if min(self.seen.values()) < 2:
+            return self.seen[True] <= self.seen[False]
+        best = self.mean[True] < self.mean[False]
+        return (not best) if self.calls % self.EXPLORE == 0 else best
+
+    def observe(self, shared: bool, seconds: float) -> None:
+        self.seen[shared] += 1
+        old = self.mean.get(shared)
+        self.mean[shared] = seconds if old is None else (1 - self.WEIGHT) * old + self.WEIGHT * seconds
 
 
 def default_threads() -> int:
@@ -105,50 +215,135 @@ def reduce_tensors(
     ``layouts``: per tensor ``(neurons wanted, is a parameter, neuron axis)`` (default: no per-neuron
     statistics). On the CPU (``synchronous``, the default there) a tensor whose sums show a non-finite value
     is reduced again over its finite elements; elsewhere nothing waits for the device: the masked partial sums
-    of each group are computed too and chosen on the device."""
+    of each group are computed too and chosen on the device. The bookkeeping of a step (views, groups,
+    columns) is planned once per set of shapes and reused (:func:`_plan`): a training run records the same
+    tensors step after step."""
     import torch
 
     if not tensors:
         return torch.empty((0, N_STATS), dtype=torch.float32), []
     device = tensors[0].device
     wanted = layouts or [(False, False, None)] * len(tensors)
-    views: list[tuple[Any, Layout]] = [
-        neuron_layout(t, neurons=neurons, is_parameter=is_parameter, axis=axis) for t, (neurons, is_parameter, axis) in zip(tensors, wanted)
-    ]
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, (view, layout) in enumerate(views):
-        alone = (i,) if view.numel() >= GROUP_MAX_NUMEL else ()
-        groups.setdefault((view.device, view.dtype, layout, *alone), []).append(i)
-    n = len(tensors)
     sync = synchronous if synchronous is not None else device.type == "cpu"
+    plan = _plan(tensors, wanted)
+    views = [
+        (spec.as_float_torch(t).reshape(layout.shape), layout) if not moved else neuron_layout(t, neurons=True, axis=w[2])
+        for t, layout, moved, w in zip(tensors, plan.layouts, plan.moved, wanted)
+    ]
     threads = default_threads()
+    # a large CPU step is shared by two threads (share_work); otherwise one thread, except for a huge group
+    forced = FORCE_SHARING
+    shareable = device.type == "cpu" and (forced if forced is not None else threads > 1 and plan.numel_total >= SHARED_MIN_NUMEL)
+    shared = shareable and (forced if forced is not None else plan.sharing.pick())
+
+    given: dict[int, Any] = {}  # tensors reduced from deviations at once (plan.deviations)
+
+    def reduce_group(g: int) -> Any:
+        members, layout = plan.groups[g], plan.layouts[plan.groups[g][0]]
+        huge = not shared and device.type == "cpu" and plan.sizes[g] >= THREADED_MIN_NUMEL
+        with cpu_threads(threads if huge else None):  # never switched on the helper thread
+            x = torch.cat([views[i][0] for i in members]) if len(members) > 1 else views[members[0]][0]
+            if not sync:
+                return _device_partials(x, layout.dim)  # (g, N_PARTIALS, k)
+            if members[0] in plan.deviations:  # its m2 lost precision from plain sums before: skip them
+                given[members[0]] = spec.partials_torch(x, layout.dim)[0].double()
+                return torch.zeros((1, len(spec.SUM_NAMES), _width(layout)), dtype=x.dtype, device=x.device)
+            return spec.sums_torch(x, layout.dim)  # (g, len(SUM_NAMES), k)
+
     with cpu_threads(1 if device.type == "cpu" else None):
-        pieces, seg, counts, spans = [], [], [], [0] * n  # spans[i]: tensor i's first column
-        column = 0
-        for members in groups.values():
-            view, layout = views[members[0]]
-            large = view.device.type == "cpu" and sum(views[i][0].numel() for i in members) >= THREADED_MIN_NUMEL
-            with cpu_threads(threads if large else None):
-                x = torch.cat([views[i][0] for i in members]) if len(members) > 1 else view
-                r = spec.sums_torch(x, layout.dim) if sync else _device_partials(x, layout.dim)  # (g, R, k)
-            k = r.shape[2]
-            pieces.append(r.to(device).transpose(0, 1).reshape(r.shape[1], -1))
-            seg.append(torch.as_tensor(members, device=device).repeat_interleave(k))
-            counts.append(torch.full((len(members) * k,), float(x.shape[layout.dim]), dtype=torch.float64, device=device))  # items per column
-            for i in members:
-                spans[i] = column
-                column += k
+        indices = list(range(len(plan.groups)))
+        started = time.perf_counter()
+        reduced = share_work(reduce_group, indices, cost=plan.sizes.__getitem__) if shared else [reduce_group(g) for g in indices]
+        if shareable:
+            plan.sharing.observe(shared, time.perf_counter() - started)
+        pieces = [r.to(device).transpose(0, 1).reshape(r.shape[1], -1) for r in reduced]
         flat = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
-        segments = torch.cat(seg) if len(seg) > 1 else seg[0]
+        segments, item_counts, numel = plan.tensors(device)
         if sync:
-            item_counts = torch.cat(counts) if len(counts) > 1 else counts[0]
-            flat = _exact(flat, item_counts, segments, views, spans, n)
+            flat, imprecise = _exact(flat, item_counts, segments, views, plan.spans, len(tensors), given)
+            plan.deviations |= {i for i in imprecise if len(plan.groups[plan.group_of[i]]) == 1}
         else:
             flat = flat.double()
-        numel = torch.tensor([float(t.numel()) for t in tensors], dtype=torch.float64, device=device)
-        combined = _combine_all(flat, segments, n, device)  # (n, N_PARTIALS)
+        combined = _combine_all(flat, segments, len(tensors), device)  # (n, N_PARTIALS)
         rows = spec.batch_from_partials(combined[:, :, None], numel, torch).float()  # one derivation for the step
-        return rows, _neuron_blocks(flat, views, spans)
+        return rows, _neuron_blocks(flat, plan, device)
+
+
+@dataclass
+class _Plan:
+    """How a step's tensors are reduced, worked out once per set of shapes (:func:`_plan`)."""
+
+    layouts: list[Layout]
+    moved: list[bool]  # the neurons are not on the last axis: the view is a copy (neuron_layout)
+    groups: list[list[int]]  # tensors reduced together, in column order
+    sizes: list[int]  # elements per group
+    spans: list[int]  # each tensor's first column
+    numel: list[float]  # elements per tensor
+    numel_total: int
+    neuron_tensors: list[int]  # the tensors with per-neuron statistics ...
+    widths: list[int]  # ... and their neurons
+    group_of: list[int]  # each tensor's group
+    on: dict[Any, tuple[Any, ...]] = field(default_factory=dict)  # device -> its index tensors
+    deviations: set[int] = field(default_factory=set)  # tensors alone in their group whose m2 needs deviations
+    sharing: Sharing = field(default_factory=lambda: Sharing())  # whether share_work pays for this step
+
+    def tensors(self, device: Any) -> tuple[Any, Any, Any]:
+        """On ``device`` (made once): per column its tensor and its items; per tensor its elements."""
+        if device not in self.on:
+            import torch
+
+            widths = [_width(layout) for layout in self.layouts]
+            segments = [0] * sum(widths)
+            for i, (span, k) in enumerate(zip(self.spans, widths)):
+                segments[span : span + k] = [i] * k
+            items = [float(self.layouts[i].shape[self.layouts[i].dim]) for i in segments]
+            self.on[device] = (
+                torch.tensor(segments, dtype=torch.int64, device=device), torch.tensor(items, dtype=torch.float64, device=device),
+                torch.tensor(self.numel, dtype=torch.float64, device=device),
+            )
+        return self.on[device]
+
+
+_PLANS: dict[tuple[Any, ...], _Plan] = {}  # the last few plans, by the shapes and layouts of the step
+_PLANS_KEPT = 16
+
+
+def _plan(tensors: list[Any], wanted: list[tuple[bool, bool, int | None]]) -> _Plan:
+    key = (GROUP_MAX_NUMEL, *((tuple(t.shape), t.dtype, t.device, *w) for t, w in zip(tensors, wanted)))
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    views = [neuron_layout(t, neurons=n, is_parameter=p, axis=a) for t, (n, p, a) in zip(tensors, wanted)]
+    by_key: dict[tuple[Any, ...], list[int]] = {}
+    for i, (view, layout) in enumerate(views):
+        alone = (i,) if view.numel() >= GROUP_MAX_NUMEL else ()
+        by_key.setdefault((view.device, view.dtype, layout, *alone), []).append(i)
+    groups = list(by_key.values())
+    layouts = [layout for _, layout in views]
+    spans, column = [0] * len(tensors), 0
+    for members in groups:
+        for i in members:
+            spans[i] = column
+            column += _width(layouts[i])
+    moved = [bool(n and not p and a is not None and t.dim() > 1 and a % t.dim() != t.dim() - 1) for t, (n, p, a) in zip(tensors, wanted)]
+    neuron_tensors = [i for i, layout in enumerate(layouts) if layout.neurons]
+    group_of = [0] * len(tensors)
+    for g, members in enumerate(groups):
+        for i in members:
+            group_of[i] = g
+    plan = _Plan(
+        layouts, moved, groups, [sum(views[i][0].numel() for i in m) for m in groups], spans, [float(t.numel()) for t in tensors],
+        sum(v.numel() for v, _ in views), neuron_tensors, [_width(layouts[i]) for i in neuron_tensors], group_of,
+    )
+    if len(_PLANS) >= _PLANS_KEPT:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = plan
+    return plan
+
+
+def _width(layout: Layout) -> int:
+    """How many neurons (columns) a layout has: the axis that is not reduced."""
+    return layout.shape[2 if layout.dim == 1 else 1]
 
 
 def _device_partials(x: Any, dim: int) -> Any:
@@ -161,21 +356,32 @@ def _device_partials(x: Any, dim: int) -> Any:
     return torch.where(torch.isfinite(sums)[:, None, None], p.double(), spec.masked_partials_torch(x, dim))
 
 
-def _exact(sums: Any, items: Any, segments: Any, views: list[tuple[Any, Layout]], spans: list[int], n: int) -> Any:
-    """Partial sums ``(N_PARTIALS, columns)`` from the plain sums of every column of the step; a tensor with
-    a non-finite value or a precision loss in its ``m2`` (:func:`~comgra_callbacks.stats.partials_from_sums`;
-    one host synchronisation for the step tells which) is reduced again by the kernel that describes it."""
+def _exact(
+    sums: Any, items: Any, segments: Any, views: list[tuple[Any, Layout]], spans: list[int], n: int, given: dict[int, Any] | None = None,
+) -> tuple[Any, set[int]]:
+    """Partial sums ``(N_PARTIALS, columns)`` from the plain sums of every column of the step, and the
+    tensors whose ``m2`` lost precision; such a tensor, or one with a non-finite value
+    (:func:`~comgra_callbacks.stats.partials_from_sums`; one host synchronisation for the step tells which), is
+    reduced again by the kernel that describes it. ``given``: tensors already reduced from deviations
+    (``partials_torch``, ``(N_PARTIALS, k)``; their columns in ``sums`` are placeholders), used as they are
+    unless they show a non-finite value."""
     import torch
 
     flat, code = spec.partials_from_sums(sums, items)
-    verdict = torch.zeros(n, dtype=code.dtype, device=code.device).scatter_reduce_(0, segments, code, "amax").tolist()
-    for i, v in enumerate(verdict):
+    verdicts = torch.zeros(n, dtype=code.dtype, device=code.device).scatter_reduce_(0, segments, code, "amax")
+    for i, p in (given or {}).items():
+        flat[:, spans[i] : spans[i] + p.shape[1]] = p.to(flat.device)
+        verdicts[i] = torch.where(torch.isfinite(p[1].sum() + p[2].sum()), 0, 2).to(verdicts.device)
+    imprecise = set()
+    for i, v in enumerate(verdicts.tolist()):
         if v:  # a large offset: sums of deviations; NaN, inf, or beyond float32: the finite part, in float64
             view, layout = views[i]
             kernel = spec.partials_torch if v == 1 else spec.masked_partials_torch
             p = kernel(view, layout.dim)[0].double()  # (N_PARTIALS, k)
             flat[:, spans[i] : spans[i] + p.shape[1]] = p.to(flat.device)
-    return flat
+            if v == 1:
+                imprecise.add(i)
+    return flat, imprecise
 
 
 def _combine_all(flat: Any, seg: Any, n: int, device: Any) -> Any:
@@ -197,28 +403,18 @@ def _combine_all(flat: Any, seg: Any, n: int, device: Any) -> Any:
     return out
 
 
-def _neuron_blocks(flat: Any, views: list[tuple[Any, Layout]], spans: list[int]) -> list[Any]:
+def _neuron_blocks(flat: Any, plan: _Plan, device: Any) -> list[Any]:
     """Per-neuron statistics of every tensor that keeps them, derived in one call for the step."""
     import torch
 
-    wanted = [i for i, (_, layout) in enumerate(views) if layout.neurons]
-    blocks: list[Any] = [None] * len(views)
-    if not wanted:
+    blocks: list[Any] = [None] * len(plan.layouts)
+    if not plan.widths:
         return blocks
-    widths = [_neurons(views[i]) for i in wanted]
-    columns = torch.cat([torch.arange(spans[i], spans[i] + k, device=flat.device) for i, k in zip(wanted, widths)])
-    derived = spec.neurons_from_partials(flat[:, columns], torch)  # (N_NEURON_STATS, sum of widths)
-    offset = 0
-    for i, k in zip(wanted, widths):
-        blocks[i] = derived[:, offset : offset + k]
-        offset += k
+    # every column is derived (no gather: the columns without per-neuron statistics are few, ~1 per tensor)
+    derived = spec.neurons_from_partials(flat, torch)  # (N_NEURON_STATS, columns)
+    for i, k in zip(plan.neuron_tensors, plan.widths):
+        blocks[i] = derived[:, plan.spans[i] : plan.spans[i] + k]
     return blocks
-
-
-def _neurons(view: tuple[Any, Layout]) -> int:
-    """How many neurons (columns) a 3-D view has: the axis that is not reduced."""
-    x, layout = view
-    return x.shape[2 if layout.dim == 1 else 1]
 
 
 def stats_rows(tensors: list[Any], *, synchronous: bool | None = None) -> Any:
@@ -246,7 +442,7 @@ def neuron_rows(matrices: list[Any], *, synchronous: bool | None = None) -> list
             k = x.shape[2]
             sums = spec.sums_torch(x, 1)[0]
             segments = torch.zeros(k, dtype=torch.int64, device=x.device)
-            p = _exact(sums, torch.full((k,), float(x.shape[1]), dtype=torch.float64, device=x.device), segments, [(x, Layout(tuple(x.shape), 1, True))], [0], 1)
+            p = _exact(sums, torch.full((k,), float(x.shape[1]), dtype=torch.float64, device=x.device), segments, [(x, Layout(tuple(x.shape), 1, True))], [0], 1)[0]
         else:
             p = _device_partials(x, 1)[0]
         out.append(spec.neurons_from_partials(p, torch))
