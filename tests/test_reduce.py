@@ -230,3 +230,39 @@ def test_sharing_follows_the_faster_way() -> None:
         way = choice.pick()
         choice.observe(way, 0.050 if way else 0.030)
     assert [choice.pick() for _ in range(7)].count(False) >= 6
+
+
+@pytest.mark.parametrize("dim", [1, 2], ids=["items-strided", "items-contiguous"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_one_pass_kernel_gives_torchs_sums(dim: int, dtype: torch.dtype) -> None:
+    """recording/fused.py (numba, part of the dev install) against stats.sums_torch: more items than one
+    float32 block (fused.BLOCK), zeros and -0.0, infinities, several groups, no items."""
+    from comgra_callbacks import stats as spec
+    from comgra_callbacks.recording import fused
+
+    assert fused.available()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 150, 9, generator=g, dtype=dtype) * 5 + 2
+    x[0, 7, 2] = 0.0
+    x[1, :, 4] = -0.0
+    x[2, 11, 1] = float("inf")
+    x[2, 12, 3] = float("-inf")
+    x = x if dim == 1 else x.transpose(1, 2).contiguous()
+    got, want = fused.sums_fused(x, dim), spec.sums_torch(x, dim).double()
+    assert got is not None and got.dtype == torch.float64 and got.shape == want.shape
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-3)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    empty = torch.zeros((1, 0, 4) if dim == 1 else (1, 4, 0), dtype=dtype)
+    torch.testing.assert_close(fused.sums_fused(empty, dim), spec.sums_torch(empty, dim).double())
+
+
+def test_the_one_pass_kernel_leaves_what_it_cannot_read_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from comgra_callbacks.recording import fused
+
+    x = torch.randn(1, 8, 4)
+    assert fused.sums_fused(x.half(), 1) is None  # read as float32 by the caller first
+    assert fused.sums_fused(torch.randn(1, 4, 8).transpose(1, 2), 1) is None  # a strided view
+    assert fused.sums_fused(x.reshape(8, 4), 1) is None
+    monkeypatch.setenv(fused.KERNEL_ENV, "torch")
+    assert not fused.available()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from comgra_callbacks import stats as spec
-from comgra_callbacks.recording import reduce, reduce_numpy
+from comgra_callbacks.recording import fused, reduce, reduce_numpy
 from comgra_callbacks.store.format import NEURON_STAT_NAMES, STAT_INDEX, STAT_NAMES, SeriesKey
 
 torch.manual_seed(7)
@@ -84,19 +84,23 @@ def numpy_path(tensors: list[torch.Tensor], is_parameter: bool) -> list[tuple[np
     return [reduce_numpy.reduce_array(a, neurons=True, is_parameter=is_parameter) for a in arrays]
 
 
-def torch_path(synchronous: bool, alone: bool, shared: bool | None = None, repeats: int = 1):  # noqa: ANN201
+def torch_path(synchronous: bool, alone: bool, shared: bool | None = None, repeats: int = 1, kernel: str = "torch"):  # noqa: ANN201
     """``shared``: the groups reduced by two threads (``reduce.share_work``) or one; ``repeats``: the same
-    step reduced that many times, the last result checked (the plan and what it learnt are reused)."""
+    step reduced that many times, the last result checked (the plan and what it learnt are reused);
+    ``kernel``: the plain sums by torch's reductions or by the one-pass kernel (``recording/fused.py``)."""
 
     def run(tensors: list[torch.Tensor], is_parameter: bool) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        limit, forced = reduce.GROUP_MAX_NUMEL, reduce.FORCE_SHARING
+        limit, forced, fused_min = reduce.GROUP_MAX_NUMEL, reduce.FORCE_SHARING, reduce.FUSED_MIN_NUMEL
         reduce.GROUP_MAX_NUMEL = 1 if alone else 1 << 30
         reduce.FORCE_SHARING = shared
+        reduce.FUSED_MIN_NUMEL = 0 if kernel == "fused" else 1 << 62
+        if kernel == "fused":
+            assert fused.available(), "numba is part of the dev install (the `fast` extra)"
         try:
             for _ in range(repeats):
                 rows, blocks = reduce.reduce_tensors(tensors, [(True, is_parameter, None)] * len(tensors), synchronous=synchronous)
         finally:
-            reduce.GROUP_MAX_NUMEL, reduce.FORCE_SHARING = limit, forced
+            reduce.GROUP_MAX_NUMEL, reduce.FORCE_SHARING, reduce.FUSED_MIN_NUMEL = limit, forced, fused_min
         return [(r.numpy(), None if b is None else b.numpy()) for r, b in zip(rows, blocks)]
 
     return run
@@ -111,6 +115,9 @@ PATHS = {
     "torch-cpu-two-threads": torch_path(True, True, shared=True),
     "torch-cpu-one-thread": torch_path(True, True, shared=False),
     "torch-cpu-third-step": torch_path(True, True, repeats=3),  # tensors remembered for the deviation kernel
+    "fused-cpu-grouped": torch_path(True, False, kernel="fused"),
+    "fused-cpu-alone": torch_path(True, True, kernel="fused"),
+    "fused-cpu-two-threads": torch_path(True, True, shared=True, kernel="fused"),
 }
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from comgra_callbacks import stats as spec
+from comgra_callbacks.recording import fused
 from comgra_callbacks.stats import N_NEURON_STATS, N_STATS, STAT_INDEX, STAT_NAMES
 
 __all__ = ["N_NEURON_STATS", "N_STATS", "STAT_INDEX", "STAT_NAMES", "reduce_tensors", "stats_rows", "neuron_rows", "stats_torch"]
@@ -72,6 +73,7 @@ def cpu_threads(n: int | None) -> Iterator[None]:
 _OUTER_THREADS = threading.local()  # .stack: the thread counts cpu_threads() replaced on this thread, outermost first
 
 
+FUSED_MIN_NUMEL = 1 << 20  # a CPU step this large is read by the one-pass kernel (recording/fused.py), if numba is there
 SHARED_MIN_NUMEL = 1 << 20  # a CPU step with this many elements may be reduced by two threads (share_work) ...
 SHARE_ENV = "COMGRA_SHARE_REDUCTIONS"  # ... "1" always (when torch has one thread too), "0" never; unset: learnt (Sharing)
 FORCE_SHARING: bool | None = {"1": True, "0": False}.get(os.environ.get(SHARE_ENV, ""))
@@ -237,6 +239,7 @@ def reduce_tensors(
     shared = shareable and (forced if forced is not None else plan.sharing.pick())
 
     given: dict[int, Any] = {}  # tensors reduced from deviations at once (plan.deviations)
+    use_fused = sync and device.type == "cpu" and plan.numel_total >= FUSED_MIN_NUMEL and fused.available()
 
     def reduce_group(g: int) -> Any:
         members, layout = plan.groups[g], plan.layouts[plan.groups[g][0]]
@@ -247,8 +250,9 @@ def reduce_tensors(
                 return _device_partials(x, layout.dim)  # (g, N_PARTIALS, k)
             if members[0] in plan.deviations:  # its m2 lost precision from plain sums before: skip them
                 given[members[0]] = spec.partials_torch(x, layout.dim)[0].double()
-                return torch.zeros((1, len(spec.SUM_NAMES), _width(layout)), dtype=x.dtype, device=x.device)
-            return spec.sums_torch(x, layout.dim)  # (g, len(SUM_NAMES), k)
+                return torch.zeros((1, len(spec.SUM_NAMES), _width(layout)), dtype=torch.float64, device=x.device)
+            sums = fused.sums_fused(x, layout.dim) if use_fused else None  # one pass (numba), or None: torch's
+            return (sums if sums is not None else spec.sums_torch(x, layout.dim)).double()  # (g, len(SUM_NAMES), k)
 
     with cpu_threads(1 if device.type == "cpu" else None):
         indices = list(range(len(plan.groups)))
