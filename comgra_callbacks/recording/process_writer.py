@@ -291,8 +291,6 @@ class ProcessWriter:
             return False
         return True
 
-    submit_record = submit  # the name before the Sink protocol
-
     def _resolve(self, pending: PendingStep, parts: list[Part]) -> Iterator[Part]:
         """Parts as they are sent: snapshots reduced here become results (one ``pack`` per group, when due)."""
         for part in parts:
