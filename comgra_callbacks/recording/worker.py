@@ -31,11 +31,11 @@ import numpy as np
 
 from comgra_callbacks.recording import reduce_numpy as rn
 from comgra_callbacks.recording.ring import CLOSED, COMMITTED, CONSUMED, FLUSHED, PROGRESS, RECORDS, Ring
+from comgra_callbacks.recording.sampling import kept_samples
 from comgra_callbacks.stats import update_ratio
 from comgra_callbacks.store.attribution import counts_row, has_statistics
 from comgra_callbacks.store.format import STAT_INDEX, SeriesKey
 from comgra_callbacks.store.messages import (
-    FULL,
     LayoutMessage,
     PackedMessage,
     RawItem,
@@ -78,13 +78,8 @@ def reduce_record(ring: Ring, msg: RecordMessage, items: tuple[RawItem, ...]) ->
     for it, a, (row, neurons) in zip(items, arrays, reduced):
         chosen = None
         if it.samples:
-            if it.samples == FULL or a.ndim == 0:
-                chosen = a
-            elif index is not None and not it.is_parameter and msg.batch_size is not None and a.shape[0] == msg.batch_size:
-                chosen = a[index]
-            else:
-                chosen = a[: it.samples]
-            chosen = np.array(chosen, dtype=np.float32, copy=True)
+            kept = kept_samples(a, it.samples, index, is_parameter=it.is_parameter, batch_size=msg.batch_size)
+            chosen = np.array(kept, dtype=np.float32, copy=True)
         record.entries.append(HostEntry(_key(it), row, neurons, chosen, str(it.dtype)))
     return record
 
