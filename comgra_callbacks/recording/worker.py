@@ -20,6 +20,7 @@ when a step is larger than the ring; the parts are joined into one record.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import signal
 import sys
@@ -224,10 +225,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _answer(answer: Answer) -> bool:
-    """Send the start's answer to the trainer; False when it is gone already."""
+    """Send the start's answer to the trainer, all of it (standard output may be unbuffered, and a raw write
+    may take only a part); False when the trainer is gone already."""
+    view = memoryview(encode(answer))
     try:
-        sys.stdout.buffer.write(encode(answer))
-        sys.stdout.buffer.flush()
+        while view:
+            view = view[os.write(sys.stdout.fileno(), view) :]
         return True
     except (BrokenPipeError, OSError):
         return False
