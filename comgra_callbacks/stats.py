@@ -43,6 +43,7 @@ float32 limit (1e30) give finite statistics; an empty tensor has ``numel`` 0, ze
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -189,11 +190,45 @@ def stats_numpy(a: np.ndarray) -> np.ndarray:
     return batch_from_partials(partials_numpy(x)[None], x.size, np)[0].astype(np.float32)
 
 
-def update_ratio(l2: float, ref_l2: float) -> float:
-    """‖update‖ / ‖weight before the update‖, with the edge cases of the specification."""
-    if ref_l2 > 0:
-        return l2 / ref_l2
-    return math.inf if l2 > 0 else 0.0
+def update_ratio(l2: Any, ref_l2: Any) -> Any:
+    """‖update‖ / ‖weight before the update‖, with the edge cases of the specification: inf for a zero weight
+    and a non-zero update, 0 for both zero (NaN stays NaN over a positive weight, 0 over a zero one).
+
+    The one definition for both paths: floats in the writer process (numpy, never torch), 0-d tensors on the
+    training side. Floats give a float; numpy arrays an array; torch tensors (either argument; a float beside
+    one becomes a tensor on its device) a tensor, computed with ``where`` on the device: no host sync.
+    Arrays broadcast against each other.
+
+    >>> update_ratio(1.0, 2.0), update_ratio(1.0, 0.0), update_ratio(0.0, 0.0)
+    (0.5, inf, 0.0)
+    >>> update_ratio(np.array([1.0, 1.0, 0.0]), np.array([4.0, 0.0, 0.0])).tolist()
+    [0.25, inf, 0.0]
+    """
+    torch = _torch_if_tensor(l2, ref_l2)
+    if torch is None and isinstance(l2, (int, float, np.number)) and isinstance(ref_l2, (int, float, np.number)):
+        l2, ref_l2 = float(l2), float(ref_l2)  # in float64, like the derivation
+        if ref_l2 > 0:
+            return l2 / ref_l2
+        return math.inf if l2 > 0 else 0.0
+    if torch is not None:
+        device = next(x.device for x in (l2, ref_l2) if isinstance(x, torch.Tensor))
+        l2, ref_l2 = (x if isinstance(x, torch.Tensor) else torch.as_tensor(x, device=device) for x in (l2, ref_l2))
+        xp: Any = torch
+    else:
+        l2, ref_l2, xp = np.asarray(l2), np.asarray(ref_l2), np
+    positive = ref_l2 > 0
+    ratio = l2 / _where(xp, positive, ref_l2, xp.ones_like(ref_l2))  # no division by zero, even where unused
+    edge = _where(xp, l2 > 0, xp.full_like(ratio, math.inf), xp.zeros_like(ratio))
+    return _where(xp, positive, ratio, edge)
+
+
+def _torch_if_tensor(*values: Any) -> Any:
+    """The torch module when one of ``values`` is a torch tensor, else None. Looked up among the imported
+    modules, never imported: the writer process computes with numpy only and must not pay for torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None and any(isinstance(v, torch.Tensor) for v in values):
+        return torch
+    return None
 
 
 # -------------------------------------------------------------------------------------- torch kernel

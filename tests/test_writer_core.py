@@ -14,16 +14,19 @@ from comgra_callbacks.errors import ComgraError, FormatVersionError
 from comgra_callbacks.store.messages import (
     FULL,
     CloseMessage,
+    ErrorAnswer,
     FlushMessage,
     LayoutMessage,
     OpMessage,
     PackedItem,
     PackedMessage,
     RawItem,
+    ReadyAnswer,
     RecordMessage,
     StartMessage,
     StepMeta,
     decode,
+    decode_answer,
     encode,
 )
 from tests.conftest import classification_loader, make_mlp_module, quiet_trainer
@@ -90,6 +93,33 @@ def test_an_unknown_operation_is_refused_where_it_is_made() -> None:
     with pytest.raises(StoreError, match=r"`OpMessage\(name='drop_everything'\)`: expected one of \['add_notes'"):
         OpMessage("drop_everything")
     assert issubclass(StoreError, ComgraError)
+
+
+ANSWERS = [ReadyAnswer(), ErrorAnswer("a run already exists at /runs/r", "RunExistsError"), ErrorAnswer("", "OSError")]
+
+
+@pytest.mark.parametrize("answer", ANSWERS, ids=[type(a).__name__ for a in ANSWERS])
+def test_the_writer_process_start_answer_survives_its_wire_format(answer: Any) -> None:
+    line = encode(answer)
+    assert line.startswith(b"\n") and line.count(b"\n") == 2
+    assert decode_answer(line) == answer and decode_answer(line.strip().decode()) == answer
+    with pytest.raises(StoreError, match=r"`decode`: expected a message of type .*got '(ready|error)'"):
+        decode(line)  # an answer is not a message to the writer
+
+
+def test_a_start_answer_that_cannot_be_read_is_refused_clearly() -> None:
+    with pytest.raises(FormatVersionError, match=r"`decode_answer`: a ReadyAnswer of version 2, but this trainer reads version 1\. HINT: .*reinstall"):
+        decode_answer(encode(ReadyAnswer(version=2)))
+    with pytest.raises(FormatVersionError, match="an ErrorAnswer of version None, but"):
+        decode_answer(b'{"type": "error", "error": "x", "error_type": "OSError"}')
+    with pytest.raises(StoreError, match=r"`decode_answer`: expected an answer as one JSON line, got b'\{\"ready\": tr'"):
+        decode_answer(b'{"ready": tr')
+    with pytest.raises(StoreError, match=r"`decode_answer`: expected an answer of type \['error', 'ready'\], got None"):
+        decode_answer(b'{"ready": true}')  # the untyped answer of earlier versions
+    with pytest.raises(StoreError, match=r"expected an answer of type .*got 'flush'"):
+        decode_answer(encode(FlushMessage(1)))
+    with pytest.raises(StoreError, match=r"`decode_answer`: an ErrorAnswer with the fields \['error', 'version'\]"):
+        decode_answer(b'{"type": "error", "version": 1, "error": "x"}')
 
 
 @pytest.mark.slow

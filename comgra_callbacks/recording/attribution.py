@@ -35,6 +35,10 @@ of ``B·T·(d_in + d_out) + 2·rows·d_in``).
 A sample's share of the update is then ``-lr * share * (sum_t g_it ⊗ x_it) * precond`` (see
 :mod:`comgra_callbacks.analysis.attribution` and docs/attribution.md for what momentum, weight decay and Adam
 do to it). Hooks exist only on recorded steps and are removed when the step ends or is aborted.
+
+This module is the recording side: the options, the hooks of a step (:class:`StepFactors`) and the
+snapshots; the tensor mathematics (which parameter keeps what, per-sample gradients with ``torch.func``,
+row products, the projection, the optimizer's share) is in :mod:`comgra_callbacks.recording.per_sample`.
 """
 
 from __future__ import annotations
@@ -46,17 +50,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from comgra_callbacks.errors import ConfigError, ConfigTypeError
-from comgra_callbacks.names import NameFilter, name_predicate
+from comgra_callbacks.names import NameFilter
 from comgra_callbacks.recording.pending import FULL, Snapshot
+from comgra_callbacks.recording.per_sample import (
+    PROJECTION_CACHE_BYTES,  # noqa: F401 - re-exported
+    Call,
+    OptimizerInfo,
+    Target,
+    choose_targets,
+    contributions,
+    func_per_sample,
+    optimizer_fields,
+    optimizer_kind,
+    project,
+    row_dots,
+    unwrap_optimizer,
+)
 from comgra_callbacks.store.attribution import (
     INDEX_SPLIT,
     KEEP_CHOICES,
     OPTIMIZER_FIELDS,
-    OPTIMIZER_KINDS,
     PREFIX,
     PROJECTION_SEED,
     TEST_PREFIX,
-    projection_chunks,
 )
 from comgra_callbacks.store.format import SeriesKey
 
@@ -67,9 +83,6 @@ INPUT, GRAD_OUTPUT, INDEX, OPTIMIZER, PRECOND, UPDATE, PER_SAMPLE, CONTRIBUTION,
         "per_sample_grad_projected",
     )
 )
-PROJECTION_CACHE_BYTES = 256 << 20
-"""A projection matrix up to this size is kept (on the parameter's device) between recorded steps; a larger
-one is regenerated chunk by chunk on each recorded step instead of being held."""
 INDEX_FIELDS = ("idx", "index")
 """Batch fields taken as the dataset index of each sample when ``index_field`` is not given."""
 
@@ -126,129 +139,16 @@ def check_projection(owner: str, value: Any) -> int | None:
     return int(value)
 
 
-@dataclass(frozen=True)
-class Target:
-    """One chosen parameter: its node name, the module that owns it, and how its per-sample gradient is kept:
-    ``"weight"`` / ``"bias"`` of an ``nn.Linear`` (factors), or ``"func"`` (computed with ``torch.func``)."""
-
-    name: str
-    module_name: str
-    module: Any
-    param: Any
-    how: str
-    attr: str = ""
-
-    @property
-    def is_weight(self) -> bool:
-        return self.how == "weight"
-
-
-def choose_targets(model: Any, spec: NameFilter, owner: str = "attribution") -> list[Target]:
-    """The parameters ``spec`` names, and how each one's per-sample gradient is kept.
-
-    The weight and bias of an ``nn.Linear`` keep factors. A parameter of another module that is called with
-    one tensor and returns one (``nn.Embedding``, ``nn.LayerNorm``, a convolution) gets per-sample gradients
-    from ``torch.func`` (a vector-Jacobian product per sample of the module's recorded input and output
-    gradient); modules that mix the samples of a batch (batch normalization) cannot, and are skipped with a
-    warning.
-
-    Raises:
-        ConfigError: no parameter of ``model`` matches; the message lists the parameters there are.
-    """
-    import torch
-
-    from comgra_callbacks.recording.capture import clean_name
-
-    keep = name_predicate(spec, owner=f"{owner}=...")
-    modules = {clean_name(n): m for n, m in model.named_modules()}
-    names = [clean_name(n) for n, _ in model.named_parameters()]
-    params = {clean_name(n): p for n, p in model.named_parameters()}
-    matched = [n for n in names if keep(n)]
-    if not matched:
-        raise ConfigError(
-            f"`{owner}={spec!r}`: it matches no parameter; expected a filter of parameter names such as {names[:8]}"
-            f"{' ...' if len(names) > 8 else ''}. HINT: attribution=\"*.weight\" chooses every weight."
-        )
-    chosen, skipped = [], []
-    for name in matched:
-        module_name, _, attr = name.rpartition(".")
-        module = modules.get(module_name)
-        if module is None or params[name] is not getattr(module, attr, None):
-            skipped.append(name)
-        elif isinstance(module, torch.nn.Linear) and attr in ("weight", "bias"):
-            chosen.append(Target(name, module_name, module, params[name], attr, attr))
-        elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            skipped.append(name)
-        else:
-            chosen.append(Target(name, module_name, module, params[name], "func", attr))
-    if skipped:
-        warnings.warn(
-            f"comgra: `{owner}={spec!r}` matches parameters whose per-sample gradients cannot be taken from their "
-            f"module's input and output gradient (batch normalization mixes the samples); they get no attribution: "
-            f"{skipped[:8]}{' ...' if len(skipped) > 8 else ''}.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    if not chosen:
-        raise ConfigError(f"`{owner}={spec!r}`: of the parameters it matches ({matched[:8]}), none can be attributed. HINT: choose nn.Linear weights, e.g. \"*.weight\".")
-    return chosen
-
-
-@dataclass
-class _Call:
-    """One forward call of a chosen module on the step: its input and, after backward, its output's gradient."""
-
-    x: Any
-    batch: int
-    raw: bool = False
-    g: Any = None
-
-
-@dataclass
-class _OptimizerInfo:
-    kind: int
-    lr: float
-    group: dict[str, Any]
-    optimizer: Any
-    first_momentum: bool
-    before: Any
-
-
-def _optimizer_kind(optimizer: Any) -> int:
-    import torch
-
-    if isinstance(optimizer, torch.optim.AdamW):
-        return OPTIMIZER_KINDS.index("adamw")
-    if isinstance(optimizer, torch.optim.Adam):
-        return OPTIMIZER_KINDS.index("adam")
-    if isinstance(optimizer, torch.optim.SGD):
-        return OPTIMIZER_KINDS.index("sgd")
-    return 0
-
-
-def _unwrap(optimizer: Any) -> Any:
-    """The torch optimizer behind a framework's wrapper (Lightning's ``LightningOptimizer``; accelerate's
-    ``AcceleratedOptimizer``, itself an ``Optimizer`` subclass, holds the real one as ``.optimizer``)."""
-    import torch
-
-    for _ in range(3):
-        inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            break
-        optimizer = inner
-    return optimizer if isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "param_groups") else None
-
-
 @dataclass
 class StepFactors:
     """The factors of one recorded step; created by :meth:`Attribution.begin`, read by :meth:`finish`."""
 
     owner: Attribution
     is_current: Callable[[], bool]
-    calls: dict[str, list[_Call]] = field(default_factory=dict)  # module name -> its calls, in order
+    calls: dict[str, list[Call]] = field(default_factory=dict)  # module name -> its calls, in order
     forward_handles: list[Any] = field(default_factory=list)
     grad_handles: list[Any] = field(default_factory=list)
-    optimizer: dict[str, _OptimizerInfo] = field(default_factory=dict)  # parameter name -> its optimizer then
+    optimizer: dict[str, OptimizerInfo] = field(default_factory=dict)  # parameter name -> its optimizer then
     per_sample: dict[str, Any] = field(default_factory=dict)  # torch.func targets: (B, *shape) per-sample gradients
     tests: dict[str, dict[str, Any]] = field(default_factory=dict)  # measure name -> parameter name -> test gradient
 
@@ -270,15 +170,15 @@ class StepFactors:
                 return
             batch = int(x.shape[0]) if x.dim() > 1 else 1
             if raw:  # a module for torch.func: its input as it was (token ids stay integers)
-                call = _Call(x.detach().clone(), batch, raw=True)
+                call = Call(x.detach().clone(), batch, raw=True)
             else:
-                call = _Call(x.detach().to(torch.float32, copy=True).reshape(batch, -1, x.shape[-1]), batch)  # (B, T, d_in)
+                call = Call(x.detach().to(torch.float32, copy=True).reshape(batch, -1, x.shape[-1]), batch)  # (B, T, d_in)
             self.calls[module_name].append(call)
             self.grad_handles.append(output.register_hook(self._grad_hook(call)))
 
         return hook
 
-    def _grad_hook(self, call: _Call) -> Callable[[Any], None]:
+    def _grad_hook(self, call: Call) -> Callable[[Any], None]:
         def hook(grad: Any) -> None:
             import torch
 
@@ -309,13 +209,13 @@ class StepFactors:
     # -------------------------------------------------------------------------------- optimizer
     def before_optimizer_step(self, optimizer: Any) -> None:
         """Learn each chosen parameter's learning rate and optimizer, and keep its value before the step."""
-        optimizer = _unwrap(optimizer)
+        optimizer = unwrap_optimizer(optimizer)
         if optimizer is None:
             return
         import torch
 
         groups = {id(p): g for g in getattr(optimizer, "param_groups", ()) for p in g.get("params", ())}
-        kind = _optimizer_kind(optimizer)
+        kind = optimizer_kind(optimizer)
         for target in self.owner.targets:
             group = groups.get(id(target.param))
             if group is None or target.name in self.optimizer:
@@ -325,9 +225,9 @@ class StepFactors:
             state = optimizer.state.get(target.param, {}) if hasattr(optimizer, "state") else {}
             first = state.get("momentum_buffer") is None
             before = target.param.detach().to(torch.float32, copy=True)
-            self.optimizer[target.name] = _OptimizerInfo(kind, lr, group, optimizer, first, before)
+            self.optimizer[target.name] = OptimizerInfo(kind, lr, group, optimizer, first, before)
             if target.how == "func":  # before the step changes the parameter the gradient is taken at
-                self.per_sample[target.name] = _func_per_sample(target, self.calls.get(target.module_name, []))
+                self.per_sample[target.name] = func_per_sample(target, self.calls.get(target.module_name, []))
 
     # ----------------------------------------------------------------------------------- finish
     def finish(self, batch: Any, values: Mapping[str, Any], grad_scale: float = 1.0) -> list[Snapshot]:
@@ -358,7 +258,7 @@ class StepFactors:
                 index_rows, from_batch = self.owner.dataset_index(batch, values, size)
             if index_rows.shape[0] != size:
                 continue
-            fields, precond = _optimizer_fields(target.param, info)
+            fields, precond = optimizer_fields(target.param, info)
             fields[OPTIMIZER_FIELDS.index("index_from_batch")] = float(from_batch)
             update = target.param.detach().to(torch.float32) - info.before
             key = target.name
@@ -367,7 +267,7 @@ class StepFactors:
                 test = grads.get(target.name)
                 if test is not None and tuple(test.shape) == tuple(target.param.shape):
                     test = test.to(torch.float32) * precond if precond is not None else test.to(torch.float32)
-                    dots = _row_dots(target, x, g, per_sample, test).reshape(size, -1).sum(dim=1)
+                    dots = row_dots(target, x, g, per_sample, test).reshape(size, -1).sum(dim=1)
                     out.append(_full(key, TEST_PREFIX + name, dots))
             projection = self.owner.projection
             if self.owner.keep == "contributions":
@@ -395,91 +295,15 @@ class StepFactors:
         return out
 
 
-def _row_dots(target: Target, x: Any, g: Any, per_sample: Any, d: Any) -> Any:
-    """``(B, rows)``: ``<grad_i[j], d[j]>`` per sample ``i`` and row (neuron) ``j`` of the parameter, from the
-    factors without building the per-sample gradients: ``<sum_t g_t ⊗ x_t, D> = sum_t g_t · (D x_t)``."""
-    if per_sample is not None:  # (B, *shape) from torch.func
-        return (per_sample * d.unsqueeze(0)).reshape(per_sample.shape[0], d.shape[0], -1).sum(dim=2)
-    if target.is_weight:
-        projected = (x.reshape(-1, x.shape[-1]) @ d.T).reshape(g.shape)  # one GEMM: (B*T, d_in) @ (d_in, d_out)
-        return (g * projected).sum(dim=1)  # (B, T, d_out) -> (B, d_out)
-    return g.sum(dim=1) * d.unsqueeze(0)  # a bias
-
-
 def _contribution_snapshots(target: Target, x: Any, g: Any, per_sample: Any, update: Any, precond: Any, fields: list[float]) -> list[Snapshot]:
-    """``keep="contributions"``: each sample's signed share of each row's update along that row's update,
-    ``c_ij = -lr * share * <grad_ij * precond_j, Δ_j> / |Δ_j|`` ``(B, rows)``, and the rows' norms ``|Δ_j|``."""
-    import torch
-
-    lr, share = fields[OPTIMIZER_FIELDS.index("lr")], fields[OPTIMIZER_FIELDS.index("share")]
-    direction = update * precond if precond is not None else update
-    dots = _row_dots(target, x, g, per_sample, direction)  # (B, rows)
-    rows = update.reshape(update.shape[0], -1) if update.dim() > 1 else update.reshape(-1, 1)
-    norms = rows.norm(dim=1)  # (rows,)
-    contribution = -lr * share * dots / torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(0)
+    """``keep="contributions"``: the snapshots of :func:`~comgra_callbacks.recording.per_sample.contributions`."""
+    contribution, norms = contributions(target, x, g, per_sample, update, precond, fields)
     return [_full(target.name, CONTRIBUTION, contribution), _full(target.name, UPDATE_NORM, norms)]
-
-
-def _func_per_sample(target: Target, calls: list[_Call]) -> Any:
-    """``(B, *param.shape)``: each sample's gradient of ``target``'s parameter, summed over the module's calls,
-    from a vector-Jacobian product of the module at each sample's input with that sample's output gradient."""
-    import torch
-    from torch.func import functional_call, vjp, vmap
-
-    done = [c for c in calls if c.g is not None and c.raw]
-    if not done or len({c.batch for c in done}) > 1:
-        return None
-    param = target.param.detach()
-
-    def one(xi: Any, gi: Any) -> Any:
-        pulled = vjp(lambda p: functional_call(target.module, {target.attr: p}, (xi.unsqueeze(0),)), param)
-        return pulled[1](gi.unsqueeze(0).to(param.dtype))[0]
-
-    total = None
-    with torch.enable_grad():
-        for call in done:
-            grads = vmap(one)(call.x, call.g).to(torch.float32)
-            total = grads if total is None else total + grads
-    return total
 
 
 def _full(node: str, view: str, tensor: Any, dtype: str = "float32") -> Snapshot:
     return Snapshot(SeriesKey(node, None, 0, view), tensor, dtype, neurons=False, samples=FULL)
 
-
-def _optimizer_fields(param: Any, info: _OptimizerInfo) -> tuple[list[float], Any]:
-    """The ``attribution:optimizer`` vector and, for Adam, the preconditioner, read after the step.
-
-    ``share``: the factor of this step's gradient in the step's update direction: 1 for plain SGD; with
-    momentum ``1 - dampening`` (1 on the buffer's first step), ``1 + momentum * that`` with Nesterov; for Adam
-    ``(1 - beta1) / (1 - beta1**t)``. Negative under ``maximize``."""
-    import torch
-
-    group, kind = info.group, OPTIMIZER_KINDS[info.kind]
-    fields = [float(info.kind), info.lr, 1.0, 0.0, 0.0, 0.0, float(group.get("weight_decay", 0.0) or 0.0), 0.0, 0.0]
-    precond = None
-    if kind == "sgd":
-        momentum = float(group.get("momentum", 0.0) or 0.0)
-        share = 1.0
-        if momentum:
-            share = 1.0 if info.first_momentum else 1.0 - float(group.get("dampening", 0.0) or 0.0)
-            if group.get("nesterov"):
-                share = 1.0 + momentum * share
-        fields[2], fields[5] = share, momentum
-    elif kind in ("adam", "adamw"):
-        state = info.optimizer.state.get(param, {})
-        v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
-        t = state.get("step")
-        if v is not None and t is not None:
-            t = float(t.item() if isinstance(t, torch.Tensor) else t)
-            beta1, beta2 = (float(b) for b in group["betas"])
-            eps = float(group["eps"])
-            denom = (v.detach().to(torch.float32) / (1.0 - beta2**t)).sqrt() + eps
-            precond = 1.0 / denom
-            fields[2], fields[3], fields[5], fields[7] = (1.0 - beta1) / (1.0 - beta1**t), 1.0, beta1, t
-    if group.get("maximize"):
-        fields[2] = -fields[2]
-    return fields, precond
 
 
 class Attribution:
@@ -524,26 +348,10 @@ class Attribution:
 
     def project(self, name: str, flat: Any) -> Any:
         """``(B, k)``: per-sample gradients ``flat`` (``(B, numel)``) of parameter ``name`` times its random
-        projection ``R`` (``(numel, k)``, N(0, 1/k) entries), generated from the seed and the name by
-        :func:`~comgra_callbacks.store.attribution.projection_chunks`, so that the reader rebuilds it."""
-        import torch
-
+        projection ``R`` (:func:`~comgra_callbacks.recording.per_sample.project`; ``R`` kept between steps
+        when small enough)."""
         assert self.projection is not None
-        kept = self._matrices.get(name)
-        if kept is not None and kept.device == flat.device:
-            return flat @ kept
-        numel, k = int(flat.shape[1]), self.projection
-        keep = numel * k * 4 <= PROJECTION_CACHE_BYTES
-        out = torch.zeros(flat.shape[0], k, dtype=torch.float32, device=flat.device)
-        parts = []
-        for start, rows in projection_chunks(name, numel, k):
-            r = torch.from_numpy(rows).to(flat.device)
-            out += flat[:, start : start + r.shape[0]] @ r
-            if keep:
-                parts.append(r)
-        if keep:
-            self._matrices[name] = torch.cat(parts)
-        return out
+        return project(name, flat, self.projection, self._matrices)
 
     def begin(self, is_current: Callable[[], bool]) -> StepFactors:
         """Hooks on the chosen modules for one step; ``is_current()`` says whether a call belongs to it. The

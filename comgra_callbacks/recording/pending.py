@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from comgra_callbacks.recording import reduce
+from comgra_callbacks.recording.sampling import kept_samples
+from comgra_callbacks.stats import update_ratio
 from comgra_callbacks.store.attribution import counts_row_torch, has_statistics
 from comgra_callbacks.store.format import STAT_INDEX, SeriesKey
 from comgra_callbacks.store.messages import unpack_entries
@@ -171,17 +173,11 @@ def _update_ratios(snaps: list[Snapshot], stats: Any) -> None:
             continue
         j = value_row.get(snap.key.node)
         ref_l2 = stats[j, l2] if j is not None else torch.linalg.vector_norm(snap.reference.detach().float()).to(stats.device)
-        ratio = stats[i, l2] / ref_l2
-        stats[i, STAT_INDEX["update_ratio"]] = torch.where(ref_l2 > 0, ratio, torch.where(stats[i, l2] > 0, math.inf, 0.0))
+        stats[i, STAT_INDEX["update_ratio"]] = update_ratio(stats[i, l2], ref_l2)
 
 
 def _chosen_samples(snap: Snapshot, index: Any, batch_size: int | None) -> Any:
-    t = snap.tensor.detach()
-    if snap.samples == FULL or t.dim() == 0:
-        return t
-    if index is not None and not snap.is_parameter and batch_size is not None and t.shape[0] == batch_size:
-        return t.index_select(0, index.to(t.device))
-    return t[: snap.samples]
+    return kept_samples(snap.tensor.detach(), snap.samples, index, is_parameter=snap.is_parameter, batch_size=batch_size)
 
 
 def estimate_bytes(pending: PendingStep) -> int:

@@ -28,7 +28,6 @@ the ring and the choice of what travels raw (:meth:`ProcessWriter.submit`).
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import subprocess
@@ -41,12 +40,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from comgra_callbacks.errors import StoreError
+from comgra_callbacks.errors import FormatVersionError, StoreError
 from comgra_callbacks.recording.parts import NUMPY_DTYPES, Part, plan_raw, reduce_in_writer, split_packed
 from comgra_callbacks.recording.pending import FULL, PackedStep, PendingStep, pack
 from comgra_callbacks.recording.ring import CLOSED, CONSUMED, ERROR, FLUSHED, PROGRESS, RECORDS, Ring
 from comgra_callbacks.store.messages import (
+    Answer,
     CloseMessage,
+    ErrorAnswer,
     FlushMessage,
     LayoutMessage,
     Message,
@@ -57,6 +58,7 @@ from comgra_callbacks.store.messages import (
     RecordMessage,
     StartMessage,
     StepMeta,
+    decode_answer,
     encode,
 )
 from comgra_callbacks.store.sink import ErrorPolicy, WaitTimedOut, slow_warning, wait_bounded
@@ -134,8 +136,8 @@ class ProcessWriter:
         try:
             self._send(StartMessage(root, run, storage_options, resume, meta or {}, flush_rows, flush_bytes, flush_secs))
             answer = self._read_answer(start_timeout)
-            if "error" in answer:
-                raise StoreError(answer["error"])
+            if isinstance(answer, ErrorAnswer):
+                raise StoreError(answer.error)
         except BaseException:
             self._kill()
             self.ring.close()
@@ -174,17 +176,24 @@ class ProcessWriter:
         except OSError:
             pass
 
-    def _read_answer(self, timeout: float) -> dict[str, Any]:
+    def _read_answer(self, timeout: float) -> Answer:
+        """The writer process's answer to the start (:func:`~comgra_callbacks.store.messages.decode_answer`),
+        waiting at most ``timeout`` seconds for it to begin; an answer it cannot read says so, naming the run."""
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline() if ready else b""
+        while line == b"\n":  # every message starts on a new line (encode); the answer follows in the same write
+            line = self.proc.stdout.readline()
         if not line:
             code = self.proc.poll()
             raise StoreError(
                 f"`ProcessWriter`: the writer process of run {self.name!r} did not start (exit code {code}); see its error output above."
                 if code is not None else f"`ProcessWriter`: the writer process of run {self.name!r} did not answer within {timeout:.0f} s."
             )
-        return dict(json.loads(line))
+        try:
+            return decode_answer(line)
+        except (StoreError, FormatVersionError) as exc:
+            raise type(exc)(f"`ProcessWriter`: the writer process of run {self.name!r} answered its start with {line[:200]!r}: {exc}") from exc
 
     def _gone(self) -> StoreError:
         return StoreError(f"the writer process of run {self.name!r} stopped (exit code {self.proc.poll()}).")
@@ -290,8 +299,6 @@ class ProcessWriter:
             self._check_error()
             return False
         return True
-
-    submit_record = submit  # the name before the Sink protocol
 
     def _resolve(self, pending: PendingStep, parts: list[Part]) -> Iterator[Part]:
         """Parts as they are sent: snapshots reduced here become results (one ``pack`` per group, when due)."""

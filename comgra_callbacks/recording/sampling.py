@@ -17,6 +17,30 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from comgra_callbacks.errors import ConfigError, ConfigTypeError, RecordingError
+from comgra_callbacks.store.messages import FULL
+
+
+def kept_samples(a: Any, samples: int, index: Any, *, is_parameter: bool, batch_size: int | None) -> Any:
+    """The samples kept of one tensor (numpy array or torch tensor; the same rule on the training side and in
+    the writer process): all of it for ``samples == FULL`` or a 0-d tensor; for an activation with the batch
+    as its first axis and a selector's positions ``index``, those rows, in that order; else the first
+    ``samples`` rows (a parameter has no samples, so its leading rows stand in). ``samples`` is positive or
+    ``FULL``; nothing is copied (a torch ``index`` moves to the tensor's device, without a sync).
+
+    >>> import numpy as np
+    >>> a = np.arange(8).reshape(4, 2)
+    >>> kept_samples(a, 1, np.array([3, 0]), is_parameter=False, batch_size=4).tolist()
+    [[6, 7], [0, 1]]
+    >>> kept_samples(a, 1, np.array([3, 0]), is_parameter=True, batch_size=4).tolist()
+    [[0, 1]]
+    """
+    if samples == FULL or a.ndim == 0:
+        return a
+    if index is not None and not is_parameter and batch_size is not None and a.shape[0] == batch_size:
+        if hasattr(a, "index_select"):  # torch
+            return a.index_select(0, index.to(a.device))
+        return a[index]
+    return a[:samples]
 
 
 def batch_field(batch: Any, field: str | int, owner: str) -> Any:

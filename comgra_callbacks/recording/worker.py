@@ -5,8 +5,8 @@ thread writer's, fed by :class:`RingTransport`: from its standard input it reads
 (:func:`~comgra_callbacks.store.messages.decode`; the first, a ``StartMessage``, says where the run is), and
 the tensors of a recorded step are in the shared ring (:mod:`.ring`), whose descriptor it inherits. It
 computes the statistics of raw tensors with numpy (it never imports torch) and advances the ring's
-*consumed* counter. It answers the start with one JSON line on standard output: ``{"ready": true}`` or
-``{"error": "..."}``.
+*consumed* counter. It answers the start with one line on standard output, a
+:class:`~comgra_callbacks.store.messages.ReadyAnswer` or an :class:`~comgra_callbacks.store.messages.ErrorAnswer`.
 
 Signals meant for training are not for it: it runs in its own process group and ignores ``SIGINT`` and
 ``SIGTERM``, so a Ctrl+C, a ``timeout`` or a scheduler's ``SIGTERM`` never cost the records it holds. It
@@ -20,6 +20,7 @@ when a step is larger than the ring; the parts are joined into one record.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import signal
 import sys
@@ -31,18 +32,22 @@ import numpy as np
 
 from comgra_callbacks.recording import reduce_numpy as rn
 from comgra_callbacks.recording.ring import CLOSED, COMMITTED, CONSUMED, FLUSHED, PROGRESS, RECORDS, Ring
+from comgra_callbacks.recording.sampling import kept_samples
 from comgra_callbacks.stats import update_ratio
 from comgra_callbacks.store.attribution import counts_row, has_statistics
 from comgra_callbacks.store.format import STAT_INDEX, SeriesKey
 from comgra_callbacks.store.messages import (
-    FULL,
+    Answer,
+    ErrorAnswer,
     LayoutMessage,
     PackedMessage,
     RawItem,
+    ReadyAnswer,
     RecordMessage,
     StartMessage,
     StepMeta,
     decode,
+    encode,
     unpack_entries,
 )
 from comgra_callbacks.store.sink import ENDED, GONE, IDLE, Worker
@@ -78,13 +83,8 @@ def reduce_record(ring: Ring, msg: RecordMessage, items: tuple[RawItem, ...]) ->
     for it, a, (row, neurons) in zip(items, arrays, reduced):
         chosen = None
         if it.samples:
-            if it.samples == FULL or a.ndim == 0:
-                chosen = a
-            elif index is not None and not it.is_parameter and msg.batch_size is not None and a.shape[0] == msg.batch_size:
-                chosen = a[index]
-            else:
-                chosen = a[: it.samples]
-            chosen = np.array(chosen, dtype=np.float32, copy=True)
+            kept = kept_samples(a, it.samples, index, is_parameter=it.is_parameter, batch_size=msg.batch_size)
+            chosen = np.array(kept, dtype=np.float32, copy=True)
         record.entries.append(HostEntry(_key(it), row, neurons, chosen, str(it.dtype)))
     return record
 
@@ -212,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         location = open_root(start.root, start.storage_options).run(start.run)
         writer = RunWriter(location, meta=start.meta, resume=start.resume)
     except Exception as exc:
-        _answer({"error": f"{exc}", "type": type(exc).__name__})
+        _answer(ErrorAnswer(f"{exc}", type(exc).__name__))
         return 1
     messages: queue.Queue[Any] = queue.Queue()
     worker = Worker(writer, RingTransport(ring, messages), flush_rows=start.flush_rows, flush_bytes=start.flush_bytes, flush_secs=start.flush_secs)
-    if not _answer({"ready": True}):  # the trainer is gone already
+    if not _answer(ReadyAnswer()):  # the trainer is gone already
         worker.finish("failed", GONE)
         return 0
     threading.Thread(target=_read_lines, args=(stdin, messages), daemon=True).start()
@@ -224,9 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _answer(message: dict[str, Any]) -> bool:
+def _answer(answer: Answer) -> bool:
+    """Send the start's answer to the trainer, all of it (standard output may be unbuffered, and a raw write
+    may take only a part); False when the trainer is gone already."""
+    view = memoryview(encode(answer))
     try:
-        print(json.dumps(message), flush=True)
+        while view:
+            view = view[os.write(sys.stdout.fileno(), view) :]
         return True
     except (BrokenPipeError, OSError):
         return False

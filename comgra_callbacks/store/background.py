@@ -127,8 +127,6 @@ class BackgroundWriter:
             step = pack(step)
         return self._put(HeldRecord(step, max(int(step.nbytes), 1)), max(int(step.nbytes), 1))
 
-    submit_record = submit  # the name before the Sink protocol
-
     def op(self, name: str, *args: Any) -> bool:
         """A sidecar operation by name (``write_graph``, ``add_notes``, ...): ``RunWriter.<name>(*args)``."""
         return self._put(OpMessage(name, args), 0)

@@ -10,7 +10,8 @@ before could break silently.
 
 On the wire a message is an object with its ``type`` and fields by name; the items of a layout (which repeat
 for every tensor of a step) are lists in their dataclass's field order, checked for length when decoded.
-Nothing here imports torch: the writer process never does.
+The writer process answers its start the same way, on its standard output: :class:`ReadyAnswer` or
+:class:`ErrorAnswer` (:func:`decode_answer` reads them). Nothing here imports torch: the writer process never does.
 
 >>> msg = FlushMessage(3)
 >>> decode(encode(msg)) == msg
@@ -171,13 +172,31 @@ class CloseMessage:
     version: int = VERSION
 
 
+@dataclass(frozen=True)
+class ReadyAnswer:
+    """The writer process's answer to its :class:`StartMessage` (on its standard output): the run is open."""
+
+    version: int = VERSION
+
+
+@dataclass(frozen=True)
+class ErrorAnswer:
+    """The writer process's answer when it could not open the run: the error's text and its class name."""
+
+    error: str
+    error_type: str
+    version: int = VERSION
+
+
 Message = StartMessage | LayoutMessage | RecordMessage | PackedMessage | OpMessage | FlushMessage | CloseMessage
+Answer = ReadyAnswer | ErrorAnswer
 _TYPES: dict[str, type] = {
     "start": StartMessage, "layout": LayoutMessage, "record": RecordMessage, "packed": PackedMessage,
     "op": OpMessage, "flush": FlushMessage, "close": CloseMessage,
 }
-_NAMES = {cls: name for name, cls in _TYPES.items()}
-_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in (*_TYPES.values(), StepMeta, RawItem, PackedItem)}
+_ANSWERS: dict[str, type] = {"ready": ReadyAnswer, "error": ErrorAnswer}  # the other way: writer to trainer
+_NAMES = {cls: name for name, cls in (*_TYPES.items(), *_ANSWERS.items())}
+_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in (*_NAMES, StepMeta, RawItem, PackedItem)}
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
@@ -224,7 +243,7 @@ def _wire(value: Any) -> Any:
     return value
 
 
-def encode(message: Message) -> bytes:
+def encode(message: Message | Answer) -> bytes:
     """One message as one JSON line. It starts with a newline too: a line torn by an interrupt while it was
     written ends at the next message, and the reader skips just that one."""
     cls = type(message)
@@ -245,22 +264,44 @@ def decode(line: bytes | str) -> Message:
         FormatVersionError: the message has a version this code does not read.
         StoreError: the line is JSON but not a message (an unknown type or missing fields).
     """
-    body = json.loads(line)
-    if not isinstance(body, dict) or body.get("type") not in _TYPES:
+    return _decode(json.loads(line), _TYPES, "decode", "a message", "this writer")
+
+
+def decode_answer(line: bytes | str) -> Answer:
+    """The writer process's answer to its start, from its line: a :class:`ReadyAnswer` or an :class:`ErrorAnswer`.
+
+    Raises:
+        FormatVersionError: the answer has a version this code does not read.
+        StoreError: the line is not an answer (not JSON, another type, missing or extra fields).
+
+    >>> decode_answer(encode(ErrorAnswer("no space left", "OSError")))
+    ErrorAnswer(error='no space left', error_type='OSError', version=1)
+    """
+    try:
+        body = json.loads(line)
+    except ValueError as exc:
+        raise StoreError(f"`decode_answer`: expected an answer as one JSON line, got {line!r}.") from exc
+    return _decode(body, _ANSWERS, "decode_answer", "an answer", "this trainer")
+
+
+def _decode(body: Any, types: dict[str, type], owner: str, what: str, reader: str) -> Any:
+    """The dataclass of a parsed JSON line, one of ``types`` by its ``type``, checked for its version."""
+    if not isinstance(body, dict) or body.get("type") not in types:
         kind = body.get("type") if isinstance(body, dict) else type(body).__name__
-        raise StoreError(f"`decode`: expected a message of type {sorted(_TYPES)}, got {kind!r}.")
-    cls = _TYPES[body.pop("type")]
+        raise StoreError(f"`{owner}`: expected {what} of type {sorted(types)}, got {kind!r}.")
+    cls = types[body.pop("type")]
+    named = f"{'an' if cls.__name__[0] in 'AEIOU' else 'a'} {cls.__name__}"
     version = body.get("version")
     if version != VERSION:
         raise FormatVersionError(
-            f"`decode`: a {cls.__name__} of version {version!r}, but this writer reads version {VERSION}. "
+            f"`{owner}`: {named} of version {version!r}, but {reader} reads version {VERSION}. "
             "HINT: the training process and its writer process run different versions of comgra_callbacks; "
             "reinstall it and restart training."
         )
     try:
         return cls(**{k: _DECODE[k](v, cls) if k in _DECODE else v for k, v in body.items()})
     except TypeError as exc:
-        raise StoreError(f"`decode`: a {cls.__name__} with the fields {sorted(body)}: {exc}.") from exc
+        raise StoreError(f"`{owner}`: {named} with the fields {sorted(body)}: {exc}.") from exc
 
 
 def unpack_entries(flat: Any, layout: Any, *, copy: bool) -> list[Any]:
