@@ -14,6 +14,8 @@ in one process; a step's time is the wall time between consecutive batch starts.
   would write by hand;
 * every step with the default detail, the statistics computed in the writer process instead (the
   alternative ``parts.reduce_in_writer`` does not choose when torch uses every core);
+* every step with the default detail, torch's reductions instead of the one-pass numba kernel (what a user
+  gets without the ``fast`` extra, ``recording/fused.py``);
 * TensorBoard histograms of every parameter and gradient every step (skipped, with a message, when
   ``tensorboard`` is not installed);
 * **the floor**: one reduction pass (``sum``) over as many bytes as a recorded step captures: what reading
@@ -44,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import BatchStartTimer, dir_bytes, interleaved, summarise  # noqa: E402
 from lm_workload import LM, data  # noqa: E402
 
+from comgra_callbacks.recording import fused  # noqa: E402
+from comgra_callbacks.recording.fused import KERNEL_ENV  # noqa: E402
 from comgra_callbacks.recording.parts import REDUCE_ENV  # noqa: E402
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -62,6 +66,10 @@ COMGRA: dict[str, dict[str, Any] | None] = {
 IN_WRITER = "every step, default detail, reduced in the writer process"
 REDUCE_IN: dict[str, str] = {IN_WRITER: "writer"}
 COMGRA[IN_WRITER] = {"every_n_steps": 1}
+# the kernels used without numba (the `fast` extra): torch's reductions
+TORCH_KERNELS = "every step, default detail, torch's kernels (without numba)"
+COMGRA[TORCH_KERNELS] = {"every_n_steps": 1}
+KERNEL_IN: dict[str, str] = {TORCH_KERNELS: "torch"}
 HOOKS = "forward hooks, 4 statistics per module output"
 TENSORBOARD = "TensorBoard histograms, every parameter and gradient"
 
@@ -144,6 +152,7 @@ def fit(name: str, steps: int, root: Path) -> dict[str, Any]:
         comgra = ComgraCallback(str(root), log_scalars=False, **COMGRA[name])  # type: ignore[arg-type]
         callbacks.append(comgra)
     os.environ[REDUCE_ENV] = REDUCE_IN.get(name, "")
+    os.environ[KERNEL_ENV] = KERNEL_IN.get(name, "")
     trainer = pl.Trainer(
         max_steps=steps + 1, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=str(root),
@@ -229,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "written_bytes_per_recorded_step": {k: round(extra[k]["written"]) for k in COMGRA if "written" in extra.get(k, {})},
         "rss_mb_every_50_steps": {k: [round(x) for x in extra[k]["rss_mb"]] for k in extra},
         "skipped": skipped,
+        "one_pass_kernel": "numba" if fused.available() else "missing: torch's kernels (pip install comgra_callbacks[fast])",
         "torch": torch.__version__,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

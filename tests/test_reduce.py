@@ -211,15 +211,16 @@ def test_share_work_keeps_the_order_and_hands_back_failures() -> None:
 
 
 def test_sharing_follows_the_faster_way() -> None:
-    """Each way is tried twice, then the faster is kept, and the other is tried again now and then, so that
-    a change of the machine's load changes the choice."""
+    """Each way is tried three times (the first, which pays for compiling, not counted), then the faster is
+    kept, and the other is tried again now and then, so that a change of the machine's load changes the
+    choice."""
     choice = reduce.Sharing()
     tried = []
-    for _ in range(4):
+    for n in range(6):
         way = choice.pick()
         tried.append(way)
-        choice.observe(way, 0.010 if way else 0.030)  # two threads faster
-    assert sorted(tried) == [False, False, True, True]
+        choice.observe(way, 5.0 if n < 2 else 0.010 if way else 0.030)  # two threads faster, after a slow start
+    assert sorted(tried) == [False] * 3 + [True] * 3
     picks = []
     for _ in range(16):
         way = choice.pick()
@@ -266,3 +267,24 @@ def test_the_one_pass_kernel_leaves_what_it_cannot_read_to_torch(monkeypatch: py
     assert fused.sums_fused(x.reshape(8, 4), 1) is None
     monkeypatch.setenv(fused.KERNEL_ENV, "torch")
     assert not fused.available()
+
+
+def test_update_ratios_of_a_step_with_and_without_the_weight_recorded() -> None:
+    """The ratios of all updates are computed together: from the weight's recorded row where there is one,
+    from the kept copy of the weight where not, with the edge cases (zero weight: inf, or 0 without update)."""
+    w, w_alone = torch.randn(5, 3), torch.randn(4)
+    up, up_alone = 0.1 * torch.randn(5, 3), 0.2 * torch.randn(4)
+    zero = torch.zeros(3)
+    snaps = [
+        Snapshot(SeriesKey("w", None, 0, "value"), w, "float32", True, False, 0),
+        Snapshot(SeriesKey("w", None, 0, "update"), up, "float32", True, False, 0, reference=w),
+        Snapshot(SeriesKey("b", None, 0, "update"), up_alone, "float32", True, False, 0, reference=w_alone),
+        Snapshot(SeriesKey("z", None, 0, "update"), torch.ones(3), "float32", True, False, 0, reference=zero),
+        Snapshot(SeriesKey("y", None, 0, "update"), torch.zeros(3), "float32", True, False, 0, reference=zero),
+    ]
+    record = pack(PendingStep(1, "train", 0, 0, 0.0, "schedule", snaps)).materialize()
+    ratio = {e.key.node: float(e.stats[STAT_INDEX["update_ratio"]]) for e in record.entries if e.key.view == "update"}
+    assert ratio["w"] == pytest.approx(up.norm().item() / w.norm().item(), rel=1e-5)
+    assert ratio["b"] == pytest.approx(up_alone.norm().item() / w_alone.norm().item(), rel=1e-5)
+    assert ratio["z"] == math.inf and ratio["y"] == 0.0
+    assert math.isnan(float(record.entries[0].stats[STAT_INDEX["update_ratio"]]))

@@ -193,3 +193,18 @@ def test_both_transports_write_the_same_store(tmp_path: Path, monkeypatch: pytes
             np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
         else:
             np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=str(key))
+
+
+def test_a_long_layout_is_encoded_once_and_decodes_the_same() -> None:
+    """The layout of a step (~200 series) goes with every packed message; its JSON is cached, and the
+    message decodes to what was sent, also after the cache changed, and with unhashable arguments."""
+    from comgra_callbacks.store import messages as m
+
+    meta = m.StepMeta(3, "train", 0, 3, 1.5, "schedule")
+    layout = tuple(m.PackedItem(f"n{i}", None, 0, "value", "float32", (4, i + 1), None if i % 2 else (2, 3)) for i in range(40))
+    first = m.PackedMessage(meta, 0, 10, 40, 40, layout)
+    assert m.decode(m.encode(first)) == first
+    other = m.PackedMessage(meta, 8, 10, 48, 40, layout[:-1] + (m.PackedItem("last", "r", 2, "grad", "bfloat16", None, (1,)),))
+    assert m.decode(m.encode(other)) == other and m.decode(m.encode(first)) == first
+    op = m.OpMessage("add_notes", tuple([{"step": i, "text": "x"} for i in range(20)]))
+    assert m.decode(m.encode(op)) == op

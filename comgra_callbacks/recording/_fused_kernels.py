@@ -49,62 +49,83 @@ def bounds_rows(bits: Any, shift: int, mask: Any, lo: Any, hi: Any) -> None:
 
 
 @plain
-def over_rows(x: Any, bits: Any, shift: int, mask: Any, out: Any, lo: Any, hi: Any) -> None:
-    """x (g, items, k): out (g, 4, k) float64 sums; lo / hi (g, k) ordered bits."""
+def bounds_out(x: Any, lo: Any, hi: Any, shift: int, mask: Any, out: Any) -> None:
+    """The ordered bits of the bounds back to x's floats, into out[:, 4] (min) and out[:, 5] (max)."""
+    g, k = lo.shape
+    for b in range(g):
+        for j in range(k):
+            low = lo[b, j]
+            lo[b, j] = low ^ ((low >> shift) & mask)
+            high = hi[b, j]
+            hi[b, j] = high ^ ((high >> shift) & mask)
+    low_f = lo.view(x.dtype)
+    high_f = hi.view(x.dtype)
+    for b in range(g):
+        for j in range(k):
+            out[b, 4, j] = low_f[b, j]
+            out[b, 5, j] = high_f[b, j]
+
+
+@plain
+def over_rows(x: Any, bits: Any, shift: int, mask: Any, out: Any) -> None:
+    """x (g, items, k), ``bits`` its integer view: out (g, 6, k) float64, zeroed (what sums_torch gives)."""
     g, n, k = x.shape
-    acc = [
-        np.zeros(k, dtype=x.dtype) for _ in range(4)
-    ]  # separate arrays: LLVM then proves they don't overlap
+    acc = [np.zeros(k, dtype=x.dtype) for _ in range(4)]  # separate arrays: LLVM then proves they don't overlap
     one, none = x.dtype.type(1), x.dtype.type(0)
+    lo = np.full((g, k), mask, dtype=bits.dtype)
+    hi = np.full((g, k), ~mask, dtype=bits.dtype)
     for b in range(g):
         for i0 in range(0, n, BLOCK):
-            add_rows(x[b], i0, min(i0 + BLOCK, n), acc[0], acc[1], acc[2], acc[3], one, none)
+            i1 = min(i0 + BLOCK, n)
+            add_rows(x[b], i0, i1, acc[0], acc[1], acc[2], acc[3], one, none)
+            bounds_rows(bits[b, i0:i1], shift, mask, lo[b], hi[b])  # the block again, from the cache
             for c in range(4):
                 fold(acc[c], out[b, c])
-        bounds_rows(bits[b], shift, mask, lo[b], hi[b])
+    bounds_out(x, lo, hi, shift, mask, out)
 
 
 @jit
-def sums_cols(x: Any, out: Any) -> None:
-    """x (g, k, items) contiguous items: out (g, 4, k) float64."""
+def sums_row(row: Any) -> tuple[float, float, float, float]:
+    """Sum, sum of squares, sum of absolute values and non-zero count of one contiguous row, in float64."""
+    s = 0.0
+    q = 0.0
+    a = 0.0
+    z = 0.0
+    for i in range(row.shape[0]):
+        w = np.float64(row[i])
+        s += w
+        q += w * w
+        a += abs(w)
+        z += 1.0 if w != 0 else 0.0
+    return s, q, a, z
+
+
+@plain
+def bounds_row(bits: Any, shift: int, mask: Any) -> tuple[Any, Any]:
+    """The smallest and largest ordered bits of one contiguous row."""
+    low = mask
+    high = ~mask
+    for i in range(bits.shape[0]):
+        v = bits[i]
+        v = v ^ ((v >> shift) & mask)
+        low = min(low, v)
+        high = max(high, v)
+    return low, high
+
+
+@plain
+def over_cols(x: Any, bits: Any, shift: int, mask: Any, out: Any) -> None:
+    """x (g, k, items), ``bits`` its integer view: out (g, 6, k) float64 (what sums_torch gives); each row
+    is read for its bounds right after its sums, while it is in the cache."""
     g, k, n = x.shape
+    lo = np.full((g, k), mask, dtype=bits.dtype)
+    hi = np.full((g, k), ~mask, dtype=bits.dtype)
     for b in range(g):
         for j in range(k):
-            row = x[b, j]
-            s = 0.0
-            q = 0.0
-            a = 0.0
-            z = 0.0
-            for i in range(n):
-                w = np.float64(row[i])
-                s += w
-                q += w * w
-                a += abs(w)
-                z += 1.0 if w != 0 else 0.0
+            s, q, a, z = sums_row(x[b, j])
             out[b, 0, j] = s
             out[b, 1, j] = q
             out[b, 2, j] = a
             out[b, 3, j] = z
-
-
-@plain
-def bounds_cols(bits: Any, shift: int, mask: Any, lo: Any, hi: Any) -> None:
-    g, k, n = bits.shape
-    for b in range(g):
-        for j in range(k):
-            row = bits[b, j]
-            low = lo[b, j]
-            high = hi[b, j]
-            for i in range(n):
-                v = row[i]
-                v = v ^ ((v >> shift) & mask)
-                low = min(low, v)
-                high = max(high, v)
-            lo[b, j] = low
-            hi[b, j] = high
-
-
-def over_cols(x: Any, bits: Any, shift: int, mask: Any, out: Any, lo: Any, hi: Any) -> None:
-    """x (g, k, items): out (g, 4, k) float64 sums; lo / hi (g, k) ordered bits."""
-    sums_cols(x, out)
-    bounds_cols(bits, shift, mask, lo, hi)
+            lo[b, j], hi[b, j] = bounds_row(bits[b, j], shift, mask)
+    bounds_out(x, lo, hi, shift, mask, out)

@@ -163,17 +163,22 @@ def _to_host(flat: Any) -> tuple[Any, Any]:
 
 
 def _update_ratios(snaps: list[Snapshot], stats: Any) -> None:
-    """‖update‖ / ‖weight before‖, reusing the weight's norm from the same step when it was recorded."""
+    """‖update‖ / ‖weight before‖, reusing the weight's norm from the same step when it was recorded; all
+    updates of the step in one vectorised :func:`~comgra_callbacks.stats.update_ratio` (~50 per step of a
+    transformer: one operation each cost ~5 ms)."""
     import torch
 
     l2 = STAT_INDEX["l2"]
     value_row = {s.key.node: i for i, s in enumerate(snaps) if s.key.view == "value" and s.is_parameter}
-    for i, snap in enumerate(snaps):
-        if snap.reference is None:
-            continue
-        j = value_row.get(snap.key.node)
-        ref_l2 = stats[j, l2] if j is not None else torch.linalg.vector_norm(snap.reference.detach().float()).to(stats.device)
-        stats[i, STAT_INDEX["update_ratio"]] = update_ratio(stats[i, l2], ref_l2)
+    rows = [i for i, snap in enumerate(snaps) if snap.reference is not None]
+    if not rows:
+        return
+    weights = [value_row.get(snaps[i].key.node) for i in rows]
+    ref_l2 = stats[[j if j is not None else 0 for j in weights], l2]
+    for position, (i, j) in enumerate(zip(rows, weights)):
+        if j is None:  # the weight is not recorded this step: its norm from the kept copy
+            ref_l2[position] = torch.linalg.vector_norm(snaps[i].reference.detach().float()).to(stats.device)
+    stats[rows, STAT_INDEX["update_ratio"]] = update_ratio(stats[rows, l2], ref_l2).to(stats.dtype)
 
 
 def _chosen_samples(snap: Snapshot, index: Any, batch_size: int | None) -> Any:

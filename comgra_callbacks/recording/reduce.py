@@ -152,9 +152,10 @@ class Sharing:
     """Whether :func:`share_work` is faster than one thread for a recurring piece of work, learnt from its
     wall times: on an idle second core sharing halves the reductions of a large step, but where the other
     core is busy (a data loader, the writer process, another job) the helper is preempted, holding the GIL,
-    and sharing is slower than one thread (measured: docs/benchmarks.md). Each way is tried twice, then the
-    faster (by a moving average) is used, and the other is tried again every ``EXPLORE`` calls, so the choice
-    follows the machine's load."""
+    and sharing is slower than one thread (measured: docs/benchmarks.md). Each way is tried three times (the
+    first time is not counted: it pays for compiling and warming caches), then the faster by a moving
+    average is used, and the other is tried again every ``EXPLORE`` calls, so the choice follows the
+    machine's load."""
 
     EXPLORE = 8
     WEIGHT = 0.3  # of the newest time in the moving average
@@ -166,13 +167,15 @@ class Sharing:
 
     def pick(self) -> bool:
         self.calls += 1
-        if min(self.seen.values()) < 2:
+        if min(self.seen.values()) < 3:
             return self.seen[True] <= self.seen[False]
         best = self.mean[True] < self.mean[False]
         return (not best) if self.calls % self.EXPLORE == 0 else best
 
     def observe(self, shared: bool, seconds: float) -> None:
         self.seen[shared] += 1
+        if self.seen[shared] == 1:
+            return  # the first time: compilation, allocation, cold caches
         old = self.mean.get(shared)
         self.mean[shared] = seconds if old is None else (1 - self.WEIGHT) * old + self.WEIGHT * seconds
 

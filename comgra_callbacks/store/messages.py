@@ -250,10 +250,37 @@ def encode(message: Message | Answer) -> bytes:
     if cls not in _NAMES:
         raise StoreError(f"`encode`: expected one of {sorted(c.__name__ for c in _NAMES)}, got {cls.__name__}.")
     body: dict[str, Any] = {"type": _NAMES[cls], "version": message.version}
+    long: list[str] = []  # the layout of a step: the same every step, encoded once (_long_field)
     for name in _FIELDS[cls]:
-        if name != "version":
-            body[name] = _wire(getattr(message, name))
-    return b"\n" + json.dumps(body, separators=(",", ":"), allow_nan=True).encode() + b"\n"
+        value = getattr(message, name)
+        if isinstance(value, tuple) and len(value) >= _LONG:
+            long.append(f',"{name}":{_long_field(value)}')
+        elif name != "version":
+            body[name] = _wire(value)
+    text = json.dumps(body, separators=(",", ":"), allow_nan=True)
+    if long:
+        text = text[:-1] + "".join(long) + "}"
+    return b"\n" + text.encode() + b"\n"
+
+
+_LONG = 16  # a tuple field this long (a step's layout) is encoded once and reused
+_LONG_KEPT = 8
+_LONG_CACHE: dict[tuple[Any, ...], str] = {}
+
+
+def _long_field(value: tuple[Any, ...]) -> str:
+    """The JSON of a long tuple field, from a small cache: a recorded step sends the layout of its ~200
+    tensors with every message, and turning it into JSON cost ~4 ms a step."""
+    try:
+        text = _LONG_CACHE.get(value)
+    except TypeError:  # something unhashable in it (not a layout): encoded every time
+        return json.dumps(_wire(value), separators=(",", ":"), allow_nan=True)
+    if text is None:
+        text = json.dumps(_wire(value), separators=(",", ":"), allow_nan=True)
+        if len(_LONG_CACHE) >= _LONG_KEPT:
+            _LONG_CACHE.pop(next(iter(_LONG_CACHE)))
+        _LONG_CACHE[value] = text
+    return text
 
 
 def decode(line: bytes | str) -> Message:
