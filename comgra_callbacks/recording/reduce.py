@@ -231,10 +231,12 @@ def reduce_tensors(
     wanted = layouts or [(False, False, None)] * len(tensors)
     sync = synchronous if synchronous is not None else device.type == "cpu"
     plan = _plan(tensors, wanted)
-    views = [
-        (spec.as_float_torch(t).reshape(layout.shape), layout) if not moved else neuron_layout(t, neurons=True, axis=w[2])
-        for t, layout, moved, w in zip(tensors, plan.layouts, plan.moved, wanted)
-    ]
+    def view(i: int) -> tuple[Any, Layout]:  # made where it is read (on either thread of share_work)
+        layout = plan.layouts[i]
+        if plan.moved[i]:
+            return neuron_layout(tensors[i], neurons=True, axis=wanted[i][2])
+        return spec.as_float_torch(tensors[i]).reshape(layout.shape), layout
+
     threads = default_threads()
     # a large CPU step is shared by two threads (share_work); otherwise one thread, except for a huge group
     forced = FORCE_SHARING
@@ -248,7 +250,7 @@ def reduce_tensors(
         members, layout = plan.groups[g], plan.layouts[plan.groups[g][0]]
         huge = not shared and device.type == "cpu" and plan.sizes[g] >= THREADED_MIN_NUMEL
         with cpu_threads(threads if huge else None):  # never switched on the helper thread
-            x = torch.cat([views[i][0] for i in members]) if len(members) > 1 else views[members[0]][0]
+            x = torch.cat([view(i)[0] for i in members]) if len(members) > 1 else view(members[0])[0]
             if not sync:
                 return _device_partials(x, layout.dim)  # (g, N_PARTIALS, k)
             if members[0] in plan.deviations:  # its m2 lost precision from plain sums before: skip them
@@ -267,7 +269,7 @@ def reduce_tensors(
         flat = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
         segments, item_counts, numel = plan.tensors(device)
         if sync:
-            flat, imprecise = _exact(flat, item_counts, segments, views, plan.spans, len(tensors), given)
+            flat, imprecise = _exact(flat, item_counts, segments, view, plan.spans, len(tensors), given)
             plan.deviations |= {i for i in imprecise if len(plan.groups[plan.group_of[i]]) == 1}
         else:
             flat = flat.double()
@@ -364,7 +366,7 @@ def _device_partials(x: Any, dim: int) -> Any:
 
 
 def _exact(
-    sums: Any, items: Any, segments: Any, views: list[tuple[Any, Layout]], spans: list[int], n: int, given: dict[int, Any] | None = None,
+    sums: Any, items: Any, segments: Any, view: Callable[[int], tuple[Any, Layout]], spans: list[int], n: int, given: dict[int, Any] | None = None,
 ) -> tuple[Any, set[int]]:
     """Partial sums ``(N_PARTIALS, columns)`` from the plain sums of every column of the step, and the
     tensors whose ``m2`` lost precision; such a tensor, or one with a non-finite value
@@ -382,9 +384,9 @@ def _exact(
     imprecise = set()
     for i, v in enumerate(verdicts.tolist()):
         if v:  # a large offset: sums of deviations; NaN, inf, or beyond float32: the finite part, in float64
-            view, layout = views[i]
+            x, layout = view(i)
             kernel = spec.partials_torch if v == 1 else spec.masked_partials_torch
-            p = kernel(view, layout.dim)[0].double()  # (N_PARTIALS, k)
+            p = kernel(x, layout.dim)[0].double()  # (N_PARTIALS, k)
             flat[:, spans[i] : spans[i] + p.shape[1]] = p.to(flat.device)
             if v == 1:
                 imprecise.add(i)
@@ -449,7 +451,10 @@ def neuron_rows(matrices: list[Any], *, synchronous: bool | None = None) -> list
             k = x.shape[2]
             sums = spec.sums_torch(x, 1)[0]
             segments = torch.zeros(k, dtype=torch.int64, device=x.device)
-            p = _exact(sums, torch.full((k,), float(x.shape[1]), dtype=torch.float64, device=x.device), segments, [(x, Layout(tuple(x.shape), 1, True))], [0], 1)[0]
+            def itself(i: int, v: tuple[Any, Layout] = (x, Layout(tuple(x.shape), 1, True))) -> tuple[Any, Layout]:
+                return v
+
+            p = _exact(sums, torch.full((k,), float(x.shape[1]), dtype=torch.float64, device=x.device), segments, itself, [0], 1)[0]
         else:
             p = _device_partials(x, 1)[0]
         out.append(spec.neurons_from_partials(p, torch))
