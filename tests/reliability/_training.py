@@ -21,14 +21,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # ------------------------------------------------------------------------------ the test's side
 def start(config: dict[str, Any]) -> Any:
-    """Start a training in a new session (its own process group, as a shell starts a job)."""
+    """Start a training in a new session (its own process group, as a shell starts a job). Its standard
+    error (and its writer process's, which inherits it) goes to a file, ``stderr_tail(proc)`` reads it: an
+    unread pipe would block the trainer once 64 KiB of warnings filled it (a trainer that never ends)."""
     import subprocess
+    import tempfile
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    return subprocess.Popen(
+    log = tempfile.NamedTemporaryFile(prefix="comgra-trainer-", suffix=".stderr", dir=config.get("tmp"), delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(
         [sys.executable, "-m", "tests.reliability._training", json.dumps(config)],
-        cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=log,
     )
+    log.close()  # the child holds its own descriptor
+    proc.stderr_path = log.name  # type: ignore[attr-defined]
+    return proc
+
+
+def stderr_tail(proc: Any, chars: int = 3000) -> str:
+    """The last ``chars`` characters a trainer started by :func:`start` wrote to its standard error."""
+    try:
+        with open(proc.stderr_path, errors="replace") as f:
+            return f.read()[-chars:]
+    except (AttributeError, OSError):
+        return ""
 
 
 def progress(path: str) -> tuple[int | None, list[tuple[int, float]]]:

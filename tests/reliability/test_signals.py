@@ -62,7 +62,7 @@ def _signal(trial: dict[str, Any], sig: int, whom: str) -> None:
         os.kill(writer, sig)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_signal_matrix(tmp_path: Path) -> None:
     seed = int(os.environ.get("COMGRA_SIGNAL_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
@@ -72,12 +72,14 @@ def test_signal_matrix(tmp_path: Path) -> None:
         for trial, (name, sig, whom) in zip(trials, MATRIX):
             at_step = rng.randint(3, 40)
             ok = tr.wait_until(lambda t=trial, n=at_step: len(tr.progress(t["config"]["progress"])[1]) > n or t["proc"].poll() is not None, 150)
-            assert ok and trial["proc"].poll() is None, f"{name}: training did not reach step {at_step}: {trial['proc'].stderr.read().decode()[-3000:]}"
+            assert ok and trial["proc"].poll() is None, f"{name}: training did not reach step {at_step}: {tr.stderr_tail(trial['proc'])}"
             time.sleep(rng.uniform(0, 0.05))  # a random moment inside a step
             trial["writer"] = tr.progress(trial["config"]["progress"])[0]
             _signal(trial, sig, whom)
         for trial, (name, _, whom) in zip(trials, MATRIX):
-            assert tr.wait_until(lambda t=trial: t["proc"].poll() is not None, 60), f"{name}: the trainer did not end"
+            # the trainer ends once its writer has committed what it holds: on a loaded 2-core CI machine (ten
+            # processes of this test beside another test file) that took more than 60 s once
+            assert tr.wait_until(lambda t=trial: t["proc"].poll() is not None, 120), f"seed {seed}, {name}: the trainer did not end: {tr.stderr_tail(trial['proc'])}"
             assert tr.wait_until(lambda t=trial: not tr.alive(t["writer"]), 60), f"{name}: the writer did not end"
             _, steps = tr.progress(trial["config"]["progress"])
             run = open_run(Path(trial["config"]["root"]) / name)
