@@ -38,6 +38,18 @@ def start(config: dict[str, Any]) -> Any:
     return proc
 
 
+def dump_stacks(proc: Any, chars: int = 8000) -> str:
+    """The Python stacks of every thread of a trainer started by :func:`start` that is still running (it
+    writes them to its standard error on SIGUSR1), for the message of a test that waited for it in vain."""
+    import signal
+
+    if proc.poll() is not None:
+        return stderr_tail(proc, chars)
+    os.kill(proc.pid, signal.SIGUSR1)
+    time.sleep(2.0)
+    return stderr_tail(proc, chars)
+
+
 def stderr_tail(proc: Any, chars: int = 3000) -> str:
     """The last ``chars`` characters a trainer started by :func:`start` wrote to its standard error."""
     try:
@@ -109,6 +121,11 @@ def kill_all(proc: Any, writer: int | None) -> None:
 
 # ----------------------------------------------------------------------------- the trainer's side
 def main(config: dict[str, Any]) -> None:
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # dump_stacks(): where a trainer that does not end is
+
     import lightning.pytorch as pl
     import torch
     from torch import nn

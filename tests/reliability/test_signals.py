@@ -79,7 +79,7 @@ def test_signal_matrix(tmp_path: Path) -> None:
         for trial, (name, _, whom) in zip(trials, MATRIX):
             # the trainer ends once its writer has committed what it holds: on a loaded 2-core CI machine (ten
             # processes of this test beside another test file) that took more than 60 s once
-            assert tr.wait_until(lambda t=trial: t["proc"].poll() is not None, 120), f"seed {seed}, {name}: the trainer did not end: {tr.stderr_tail(trial['proc'])}"
+            assert tr.wait_until(lambda t=trial: t["proc"].poll() is not None, 120), f"seed {seed}, {name}: the trainer did not end; its standard error and stacks: {tr.dump_stacks(trial['proc'])}"
             assert tr.wait_until(lambda t=trial: not tr.alive(t["writer"]), 60), f"{name}: the writer did not end"
             _, steps = tr.progress(trial["config"]["progress"])
             run = open_run(Path(trial["config"]["root"]) / name)
