@@ -125,6 +125,9 @@ def main(config: dict[str, Any]) -> None:
     import signal
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # dump_stacks(): where a trainer that does not end is
+    # Ctrl+C as in a terminal's foreground job, whoever started the test: a process started in the background
+    # by a non-interactive shell (`cmd &`) inherits SIGINT ignored, and this trainer would never see it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     import lightning.pytorch as pl
     import torch
