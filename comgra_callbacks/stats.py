@@ -80,7 +80,7 @@ def _where(xp: Any, cond: Any, a: Any, b: Any) -> Any:
 def batch_from_partials(p: Any, numel: Any, xp: Any) -> Any:
     """Batch statistics ``(g, N_STATS)`` float64 from partial sums ``(g, N_PARTIALS, neurons)`` (``xp``: numpy
     or torch; ``numel``: all elements of each tensor, a number or a ``(g,)`` array)."""
-    p = p.astype(np.float64) if xp is np else p.double()
+    p = np.asarray(p, dtype=np.float64) if xp is np else p.double()  # float64 as it is, not copied
     count, total, m2, abs_sum = p[:, _P["count"]], p[:, _P["sum"]], p[:, _P["m2"]], p[:, _P["abs_sum"]]
     n = count.sum(-1)
     one, nan = xp.ones_like(n), xp.full_like(n, math.nan)
@@ -99,26 +99,73 @@ def batch_from_partials(p: Any, numel: Any, xp: Any) -> Any:
     return xp.stack(columns, -1)
 
 
-def combine_neurons(p: Any, xp: Any) -> Any:
-    """The partial sums ``(g, N_PARTIALS, neurons)`` of each tensor combined over its neurons: ``(g,
-    N_PARTIALS)``, as if the tensor were one neuron (``m2`` by Chan et al.'s exact pairwise formula). Batch
-    statistics of many tensors then derive in one call (:func:`batch_from_partials` of ``[..., None]``)."""
-    p = p.astype(np.float64) if xp is np else p.double()
-    out = p.sum(-1)
-    count, total = p[:, _P["count"]], p[:, _P["sum"]]
-    n = out[:, _P["count"]]
-    mean = out[:, _P["sum"]] / _where(xp, n > 0, n, xp.ones_like(n))
+def combine_columns(p: Any, segments: Any, xp: Any) -> Any:
+    """The partial sums ``(N_PARTIALS, columns)`` of many tensors' neurons combined per tensor: ``(n,
+    N_PARTIALS)`` float64, as if each tensor were one neuron (``m2`` by Chan et al.'s exact pairwise formula);
+    their batch statistics then derive in one call (:func:`batch_from_partials` of ``[..., None]``).
+
+    ``segments`` (:class:`Segments`) says which columns belong to which tensor; numpy reduces each tensor's
+    run of columns with ``reduceat``, torch with ``index_add_`` / ``scatter_reduce_`` (no host sync)."""
+    p = np.asarray(p, dtype=np.float64) if xp is np else p.double()  # float64 as it is, not copied
+    count, total = p[_P["count"]], p[_P["sum"]]
+    out = segments.reduce(p, "sum", xp).T.copy() if xp is np else segments.reduce(p, "sum", xp).T.contiguous()
+    n_all = out[:, _P["count"]]
+    mean = out[:, _P["sum"]] / _where(xp, n_all > 0, n_all, xp.ones_like(n_all))
     neuron_mean = total / _where(xp, count > 0, count, xp.ones_like(count))
-    spread = _where(xp, count > 0, count * (neuron_mean - mean[:, None]) ** 2, xp.zeros_like(count))
-    columns = [out[:, i] for i in range(N_PARTIALS)]
-    columns[_P["m2"]] = out[:, _P["m2"]] + spread.sum(-1)
-    columns[_P["min"]], columns[_P["max"]] = xp.amin(p[:, _P["min"]], -1), xp.amax(p[:, _P["max"]], -1)
-    return xp.stack(columns, -1)
+    with np.errstate(over="ignore", invalid="ignore"):  # the branch where() does not take may overflow
+        of = segments.column_tensor(xp, None if xp is np else p.device)
+        spread = _where(xp, count > 0, count * (neuron_mean - mean[of]) ** 2, xp.zeros_like(count))
+    out[:, _P["m2"]] += segments.reduce(spread[None], "sum", xp)[0]
+    out[:, _P["min"]] = segments.reduce(p[_P["min"]][None], "min", xp)[0]
+    out[:, _P["max"]] = segments.reduce(p[_P["max"]][None], "max", xp)[0]
+    return out
+
+
+class Segments:
+    """Which tensor each column of a step's partial sums belongs to: every tensor's columns are one run,
+    ``widths[i]`` long from column ``starts[i]`` (runs may come in any order; a width may be 0)."""
+
+    def __init__(self, starts: list[int], widths: list[int]) -> None:
+        self.n = len(starts)
+        self.columns = sum(widths)
+        tensor_of = np.zeros(self.columns, dtype=np.int64)
+        for i, (start, width) in enumerate(zip(starts, widths)):
+            tensor_of[start : start + width] = i
+        self.tensor_of = tensor_of
+        present = [i for i in sorted(range(self.n), key=starts.__getitem__) if widths[i] > 0]
+        self.present = np.array(present, dtype=np.int64)  # tensors with columns, in column order ...
+        self.first = np.array([starts[i] for i in present], dtype=np.int64)  # ... and where each run starts
+        self._on: dict[Any, Any] = {}
+
+    def column_tensor(self, xp: Any, device: Any = None) -> Any:
+        """Per column, its tensor (an index array of ``xp``; torch: on ``device``, made once)."""
+        if xp is np:
+            return self.tensor_of
+        key = ("tensor_of", str(device))
+        if key not in self._on:
+            self._on[key] = xp.as_tensor(self.tensor_of, device=device)
+        return self._on[key]
+
+    def reduce(self, values: Any, how: str, xp: Any) -> Any:
+        """``values`` ``(rows, columns)`` reduced over each tensor's columns: ``(rows, n)``; a tensor without
+        columns gets the identity (0 for sums, +inf for ``min``, -inf for ``max``)."""
+        identity = {"sum": 0.0, "min": math.inf, "max": -math.inf}[how]
+        if xp is np:
+            out = np.full((values.shape[0], self.n), identity, dtype=np.float64)
+            if len(self.present):
+                ufunc = {"sum": np.add, "min": np.minimum, "max": np.maximum}[how]
+                out[:, self.present] = ufunc.reduceat(values, self.first, axis=1)
+            return out
+        index = self.column_tensor(xp, values.device)
+        out = xp.full((values.shape[0], self.n), identity, dtype=xp.float64, device=values.device)
+        if how == "sum":
+            return out.index_add_(1, index, values)
+        return out.scatter_reduce_(1, index.expand(values.shape[0], -1), values, {"min": "amin", "max": "amax"}[how])
 
 
 def neurons_from_partials(p: Any, xp: Any) -> Any:
     """Per-neuron statistics ``(..., N_NEURON_STATS, neurons)`` float32 from partial sums ``(..., N_PARTIALS, neurons)``."""
-    p = p.astype(np.float64) if xp is np else p.double()
+    p = np.asarray(p, dtype=np.float64) if xp is np else p.double()  # float64 as it is, not copied
     count, total, m2 = p[..., _P["count"], :], p[..., _P["sum"], :], p[..., _P["m2"], :]
     one = xp.ones_like(count)
     safe = _where(xp, count > 0, count, one)
@@ -267,12 +314,15 @@ def partials_torch(x: Any, dim: int) -> Any:
     return torch.stack([torch.full_like(total, float(items)), total, m2, abs_sum, low, high, items - nonzero, none, none], 1)
 
 
-SUM_NAMES = ("sum", "squares", "abs_sum", "nonzero", "min", "max")  # what sums_torch reads, per neuron
+# what sums_torch and the one-pass kernel read, per neuron: the sum and the squares are about ``shift``, a value
+# of the neuron's (the one-pass kernel: its first item; sums_torch: 0), so that a mean far from 0 costs them
+# no precision (partials_from_sums)
+SUM_NAMES = ("sum", "squares", "abs_sum", "nonzero", "min", "max", "shift")
 
 
 def sums_torch(x: Any, dim: int) -> Any:
-    """Plain sums ``(g, len(SUM_NAMES), neurons)`` of a float 3-D tensor over its axis ``dim`` (the items),
-    in the fewest passes measured on this project's CPU; :func:`partials_from_sums` turns them into partial
+    """Plain sums ``(g, len(SUM_NAMES), neurons)`` of a float 3-D tensor over its axis ``dim`` (the items;
+    ``shift`` 0), in the fewest passes measured on this project's CPU; :func:`partials_from_sums` turns them into partial
     sums. Passes: the sum; the squares (one ``vector_norm`` where ``dim`` is the contiguous axis, else
     ``mul`` into a scratch buffer and a sum); ``abs`` into the scratch and a sum; ``sign`` of that in place
     and a sum (the non-zero count); ``amin``; ``amax``. ``aminmax``, ``var``, ``vector_norm`` over a
@@ -292,34 +342,38 @@ def sums_torch(x: Any, dim: int) -> Any:
         low, high = torch.full_like(total, math.inf), torch.full_like(total, -math.inf)
     else:
         low, high = x.amin(dim), x.amax(dim)
-    return torch.stack([total, squares, abs_sum, nonzero, low, high], 1)
+    return torch.stack([total, squares, abs_sum, nonzero, low, high, torch.zeros_like(total)], 1)
 
 
 CANCELLATION_SHARE = 0.1  # m2 from the sum of squares is kept where it is at least this share of that sum
 
 
-def partials_from_sums(sums: Any, items: Any) -> tuple[Any, Any]:
+def partials_from_sums(sums: Any, items: Any, xp: Any = None) -> tuple[Any, Any]:
     """Partial sums ``(N_PARTIALS, columns)`` float64 from :func:`sums_torch`'s ``(len(SUM_NAMES), columns)``
     (``items``: each column's item count), and a code per column: 0 exact, 1 ``m2`` lost precision, 2 a
-    non-finite value (or a sum beyond float32).
+    non-finite value (or a sum beyond float32). ``xp``: numpy or torch (the default), as ``sums`` is.
 
-    ``m2`` is the sum of squares less ``sum**2 / items``. That difference loses precision where a neuron's
-    mean is large against its spread: below ``CANCELLATION_SHARE`` of the sum of squares the relative error
-    could pass ~10x float32 rounding, and the caller takes :func:`partials_torch` (sums of deviations) for the
-    tensor instead; for code 2, :func:`masked_partials_torch`. NaN and inf make the sum or the squares
-    non-finite, so they are found without counting them."""
-    import torch
-
-    sums = sums.double()
-    total, squares, abs_sum, nonzero, low, high = (sums[i] for i in range(len(SUM_NAMES)))
-    items = items.double()
+    With ``S`` and ``Q`` the sum and the sum of squares about the column's ``shift`` ``c``, the sum is
+    ``S + items * c`` and ``m2`` is ``Q - S**2 / items``. That difference loses precision where the mean is
+    far from ``c`` against the spread (``c`` = 0 and a large offset; the one-pass kernel shifts by the first
+    item, so rarely): below ``CANCELLATION_SHARE`` of ``Q`` the relative error could pass ~10x float32
+    rounding, and the caller takes :func:`partials_torch` (sums of deviations) for the tensor instead; for
+    code 2, :func:`masked_partials_torch`. NaN and inf make the sums non-finite, so they are found without
+    counting them."""
+    if xp is None:
+        import torch as xp
+    sums = np.asarray(sums, dtype=np.float64) if xp is np else sums.double()
+    items = np.asarray(items, dtype=np.float64) if xp is np else items.double()
+    shifted, squares, abs_sum, nonzero, low, high, shift = (sums[i] for i in range(len(SUM_NAMES)))
     several = items > 1
-    m2 = torch.where(several, squares - total * total / items.clamp(min=1.0), torch.zeros_like(total))
-    finite = torch.isfinite(total) & torch.isfinite(squares)
+    zeros = xp.zeros_like(shifted)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: a non-finite column, code 2 below
+        m2 = _where(xp, several, squares - shifted * shifted / _where(xp, several, items, xp.ones_like(items)), zeros)
+        total = shifted + items * shift
+    finite = xp.isfinite(total) & xp.isfinite(squares)
     trusted = (m2 >= CANCELLATION_SHARE * squares) | ~several
-    code = torch.where(finite, torch.where(trusted, 0, 1), 2)
-    none = torch.zeros_like(total)
-    partials = torch.stack([items, total, m2.clamp(min=0.0), abs_sum, low, high, items - nonzero, none, none])
+    code = xp.where(finite, xp.where(trusted, 0, 1), 2)
+    partials = xp.stack([items, total, _where(xp, m2 > 0, m2, zeros), abs_sum, low, high, items - nonzero, zeros, zeros])
     return partials, code
 
 

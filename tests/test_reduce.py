@@ -235,9 +235,10 @@ def test_sharing_follows_the_faster_way() -> None:
 
 @pytest.mark.parametrize("dim", [1, 2], ids=["items-strided", "items-contiguous"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_one_pass_kernel_gives_torchs_sums(dim: int, dtype: torch.dtype) -> None:
-    """recording/fused.py (numba, part of the dev install) against stats.sums_torch: more items than one
-    float32 block (fused.BLOCK), zeros and -0.0, infinities, several groups, no items."""
+def test_the_one_pass_kernel_gives_torchs_partial_sums(dim: int, dtype: torch.dtype) -> None:
+    """recording/fused.py (numba, part of the dev install) against stats.sums_torch, both turned into partial
+    sums: more items than one float32 block (fused.BLOCK), zeros and -0.0, infinities, several groups, no
+    items. The kernel's sums are about each neuron's first item (its ``shift`` row), torch's about 0."""
     from comgra_callbacks import stats as spec
     from comgra_callbacks.recording import fused
 
@@ -250,12 +251,33 @@ def test_the_one_pass_kernel_gives_torchs_sums(dim: int, dtype: torch.dtype) -> 
     x[2, 12, 3] = float("-inf")
     x = x if dim == 1 else x.transpose(1, 2).contiguous()
     got, want = fused.sums_fused(x, dim), spec.sums_torch(x, dim).double()
-    assert got is not None and got.dtype == torch.float64 and got.shape == want.shape
-    finite = torch.isfinite(want)
-    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-3)
-    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert got is not None and got.dtype == torch.float64 and got.shape == want.shape == (3, len(spec.SUM_NAMES), 9)
+    first = x[:, 0, :] if dim == 1 else x[:, :, 0]
+    torch.testing.assert_close(got[:, spec.SUM_NAMES.index("shift")], first.double())
+    items = torch.full((9,), 150.0, dtype=torch.float64)
+    for b in range(3):
+        (p_got, code_got), (p_want, code_want) = spec.partials_from_sums(got[b], items), spec.partials_from_sums(want[b], items)
+        assert torch.equal(code_got, code_want)  # 2 where a neuron has an infinity, else 0
+        exact = code_want == 0
+        torch.testing.assert_close(p_got[:, exact], p_want[:, exact], rtol=1e-5, atol=1e-3)
     empty = torch.zeros((1, 0, 4) if dim == 1 else (1, 4, 0), dtype=dtype)
     torch.testing.assert_close(fused.sums_fused(empty, dim), spec.sums_torch(empty, dim).double())
+
+
+def test_the_one_pass_kernel_keeps_the_variance_of_a_large_offset() -> None:
+    """Its sums are about each neuron's first item, so a mean that dwarfs the spread (where torch's plain sums
+    send the tensor to the deviation kernel) keeps float32 precision in one pass."""
+    from comgra_callbacks import stats as spec
+    from comgra_callbacks.recording import fused
+
+    x = (1e4 + torch.linspace(-1e-2, 1e-2, 4096, dtype=torch.float32)).reshape(1, 1024, 4)
+    items = torch.full((4,), 1024.0, dtype=torch.float64)
+    assert spec.partials_from_sums(spec.sums_torch(x, 1)[0], items)[1].tolist() == [1, 1, 1, 1]
+    partials, code = spec.partials_from_sums(fused.sums_fused(x, 1)[0], items)
+    assert code.tolist() == [0, 0, 0, 0]
+    std = torch.sqrt(partials[spec.PARTIAL_NAMES.index("m2")] / 1023)
+    torch.testing.assert_close(std, x[0].double().std(0), rtol=1e-3, atol=0.0)
+    assert (partials[spec.PARTIAL_NAMES.index("sum")] / 1024).tolist() == pytest.approx(x[0].double().mean(0).tolist(), rel=1e-7)
 
 
 def test_the_one_pass_kernel_leaves_what_it_cannot_read_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,15 +19,16 @@ plain = numba.njit(nogil=True, cache=True, boundscheck=False)
 
 
 @jit
-def add_rows(x: Any, i0: int, i1: int, s: Any, q: Any, a: Any, z: Any, one: Any, none: Any) -> None:
+def add_rows(x: Any, i0: int, i1: int, c: Any, s: Any, q: Any, a: Any, z: Any, one: Any, none: Any) -> None:
     for i in range(i0, i1):
         row = x[i]
         for j in range(row.shape[0]):
-            w = row[j]
+            v = row[j]
+            w = v - c[j]  # about the neuron's first item: no cancellation where the mean dwarfs the spread
             s[j] += w
             q[j] += w * w
-            a[j] += abs(w)
-            z[j] += one if w != none else none  # in x's dtype: mixed types would not vectorise
+            a[j] += abs(v)
+            z[j] += one if v != none else none  # in x's dtype: mixed types would not vectorise
 
 
 @jit
@@ -68,35 +69,43 @@ def bounds_out(x: Any, lo: Any, hi: Any, shift: int, mask: Any, out: Any) -> Non
 
 @plain
 def over_rows(x: Any, bits: Any, shift: int, mask: Any, out: Any) -> None:
-    """x (g, items, k), ``bits`` its integer view: out (g, 6, k) float64, zeroed (what sums_torch gives)."""
+    """x (g, items, k), ``bits`` its integer view: out (g, 7, k) float64, zeroed (what sums_torch gives, the
+    sums and squares about each neuron's first item, which goes into out[:, 6])."""
     g, n, k = x.shape
     acc = [np.zeros(k, dtype=x.dtype) for _ in range(4)]  # separate arrays: LLVM then proves they don't overlap
     one, none = x.dtype.type(1), x.dtype.type(0)
     lo = np.full((g, k), mask, dtype=bits.dtype)
     hi = np.full((g, k), ~mask, dtype=bits.dtype)
+    c = np.zeros(k, dtype=x.dtype)
     for b in range(g):
+        if n > 0:
+            c[:] = x[b, 0]
         for i0 in range(0, n, BLOCK):
             i1 = min(i0 + BLOCK, n)
-            add_rows(x[b], i0, i1, acc[0], acc[1], acc[2], acc[3], one, none)
+            add_rows(x[b], i0, i1, c, acc[0], acc[1], acc[2], acc[3], one, none)
             bounds_rows(bits[b, i0:i1], shift, mask, lo[b], hi[b])  # the block again, from the cache
-            for c in range(4):
-                fold(acc[c], out[b, c])
+            for m in range(4):
+                fold(acc[m], out[b, m])
+        for j in range(k):
+            out[b, 6, j] = c[j]
     bounds_out(x, lo, hi, shift, mask, out)
 
 
 @jit
-def sums_row(row: Any) -> tuple[float, float, float, float]:
-    """Sum, sum of squares, sum of absolute values and non-zero count of one contiguous row, in float64."""
+def sums_row(row: Any, c: float) -> tuple[float, float, float, float]:
+    """Sum and sum of squares about ``c``, sum of absolute values and non-zero count of one contiguous row,
+    in float64."""
     s = 0.0
     q = 0.0
     a = 0.0
     z = 0.0
     for i in range(row.shape[0]):
-        w = np.float64(row[i])
+        v = np.float64(row[i])
+        w = v - c
         s += w
         q += w * w
-        a += abs(w)
-        z += 1.0 if w != 0 else 0.0
+        a += abs(v)
+        z += 1.0 if v != 0 else 0.0
     return s, q, a, z
 
 
@@ -115,17 +124,20 @@ def bounds_row(bits: Any, shift: int, mask: Any) -> tuple[Any, Any]:
 
 @plain
 def over_cols(x: Any, bits: Any, shift: int, mask: Any, out: Any) -> None:
-    """x (g, k, items), ``bits`` its integer view: out (g, 6, k) float64 (what sums_torch gives); each row
-    is read for its bounds right after its sums, while it is in the cache."""
+    """x (g, k, items), ``bits`` its integer view: out (g, 7, k) float64 (what sums_torch gives, about each
+    neuron's first item, in out[:, 6]); each row is read for its bounds right after its sums, while it is in
+    the cache."""
     g, k, n = x.shape
     lo = np.full((g, k), mask, dtype=bits.dtype)
     hi = np.full((g, k), ~mask, dtype=bits.dtype)
     for b in range(g):
         for j in range(k):
-            s, q, a, z = sums_row(x[b, j])
+            c = np.float64(x[b, j, 0]) if n > 0 else 0.0
+            s, q, a, z = sums_row(x[b, j], c)
             out[b, 0, j] = s
             out[b, 1, j] = q
             out[b, 2, j] = a
             out[b, 3, j] = z
+            out[b, 6, j] = c
             lo[b, j], hi[b, j] = bounds_row(bits[b, j], shift, mask)
     bounds_out(x, lo, hi, shift, mask, out)

@@ -30,6 +30,8 @@ import time
 import warnings
 from typing import Any
 
+from comgra_callbacks.stats import SUM_NAMES
+
 KERNEL_ENV = "COMGRA_KERNEL"  # "torch": never use the fused kernel (for measurements and tests)
 BLOCK = 64  # rows added in float32 before they are folded into the float64 totals
 COMPILE_NOTE_SECS = 2.0  # a first call this long (a compilation) is reported once
@@ -83,7 +85,7 @@ def sums_fused(x: Any, dim: int) -> Any:
     g = a.shape[0]
     k = a.shape[2] if dim == 1 else a.shape[1]
     ints, shift, mask = (np.int32, 31, np.int32(0x7FFFFFFF)) if a.dtype == np.float32 else (np.int64, 63, np.int64(0x7FFFFFFFFFFFFFFF))
-    out = np.zeros((g, 6, k), dtype=np.float64)
+    out = np.zeros((g, len(SUM_NAMES), k), dtype=np.float64)
     name = "rows" if dim == 1 else "cols"
     first = (name, a.dtype.str) not in _STATE.setdefault("called", set())
     started = time.perf_counter()

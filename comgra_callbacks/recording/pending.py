@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from comgra_callbacks.recording import reduce
 from comgra_callbacks.recording.sampling import kept_samples
 from comgra_callbacks.stats import update_ratio
@@ -107,20 +109,23 @@ def _pack(pending: PendingStep) -> PackedStep:
     stats, neurons = _statistics(snaps)
     _update_ratios(snaps, stats)
     index = pending.sample_index
-    pieces: list[Any] = [stats.reshape(-1)]
+    # on the CPU the buffer is put together by numpy: ~1 us a piece where torch's reshape and cat take ~10
+    host = stats.device.type == "cpu"
+    flat_piece = (lambda t: t.numpy().reshape(-1)) if host else (lambda t: t.reshape(-1))
+    pieces: list[Any] = [flat_piece(stats)]
     layout = []
     for i, snap in enumerate(snaps):
         neuron_shape = sample_shape = None
         if i in neurons:
             block = neurons[i]
             neuron_shape = (block.shape[0], block.shape[1])
-            pieces.append(block.reshape(-1))
+            pieces.append(flat_piece(block))
         if snap.samples:
             chosen = _chosen_samples(snap, index, pending.batch_size)
             sample_shape = tuple(chosen.shape)
-            pieces.append(chosen.reshape(-1).to(device=stats.device, dtype=torch.float32))
+            pieces.append(flat_piece(chosen.to(device=stats.device, dtype=torch.float32)))
         layout.append((snap.key, snap.dtype, neuron_shape, sample_shape))
-    flat = torch.cat([p.to(stats.device) for p in pieces])
+    flat = torch.from_numpy(np.concatenate(pieces)) if host else torch.cat(pieces)
     host, event = _to_host(flat)
     record = HostRecord(pending.step, pending.step_type, pending.epoch, pending.batch_idx, pending.time, pending.reason or "schedule")
     packed = PackedStep(record, host, layout, event, nbytes=int(flat.numel()) * 4)

@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from comgra_callbacks import stats as spec
 from comgra_callbacks.recording import fused
 from comgra_callbacks.stats import N_NEURON_STATS, N_STATS, STAT_INDEX, STAT_NAMES
@@ -211,6 +213,19 @@ def neuron_layout(t: Any, *, neurons: bool, is_parameter: bool = False, axis: in
     return matrix.reshape(1, *shape), Layout((1, *shape), 1, True)
 
 
+def _items_in_memory_order(x: Any, *, neurons_last: bool) -> Any:
+    """``x``, or a view of it with its item axes in the order of its memory where that view is contiguous (the
+    neurons, with ``neurons_last``, stay the last axis): statistics do not depend on the order of the items,
+    and a transposed tensor (attention's ``(batch, sequence, d)`` made from ``(sequence, batch, d)``, and its
+    gradient) is then read where it lies instead of copied by ``reshape``."""
+    if x.dim() < 2 or x.is_contiguous():
+        return x
+    axes = range(x.dim() - 1) if neurons_last else range(x.dim())
+    order = sorted(axes, key=lambda a: -x.stride(a))
+    y = x.permute(*order, x.dim() - 1) if neurons_last else x.permute(*order)
+    return y if y.is_contiguous() else x
+
+
 def reduce_tensors(
     tensors: list[Any], layouts: list[tuple[bool, bool, int | None]] | None = None, *, synchronous: bool | None = None,
 ) -> tuple[Any, list[Any]]:
@@ -235,7 +250,10 @@ def reduce_tensors(
         layout = plan.layouts[i]
         if plan.moved[i]:
             return neuron_layout(tensors[i], neurons=True, axis=wanted[i][2])
-        return spec.as_float_torch(tensors[i]).reshape(layout.shape), layout
+        x = spec.as_float_torch(tensors[i])
+        if not wanted[i][1]:  # an activation or its gradient: its items in any order
+            x = _items_in_memory_order(x, neurons_last=layout.neurons)
+        return x.reshape(layout.shape), layout
 
     threads = default_threads()
     # a large CPU step is shared by two threads (share_work); otherwise one thread, except for a huge group
@@ -265,17 +283,32 @@ def reduce_tensors(
         reduced = share_work(reduce_group, indices, cost=plan.sizes.__getitem__) if shared else [reduce_group(g) for g in indices]
         if shareable:
             plan.sharing.observe(shared, time.perf_counter() - started)
-        pieces = [r.to(device).transpose(0, 1).reshape(r.shape[1], -1) for r in reduced]
-        flat = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
-        segments, item_counts, numel = plan.tensors(device)
-        if sync:
-            flat, imprecise = _exact(flat, item_counts, segments, view, plan.spans, len(tensors), given)
-            plan.deviations |= {i for i in imprecise if len(plan.groups[plan.group_of[i]]) == 1}
-        else:
-            flat = flat.double()
-        combined = _combine_all(flat, segments, len(tensors), device)  # (n, N_PARTIALS)
+        if sync:  # the sums are on the host now: the rest is a few numpy operations over the step's columns
+            rows, blocks = _host_epilogue(reduced, plan, view, given)
+            return torch.from_numpy(rows).to(device), [None if b is None else torch.from_numpy(b).to(device) for b in blocks]
+        pieces = [r.transpose(0, 1).reshape(r.shape[1], -1) for r in reduced]
+        flat = (torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]).double()
+        combined = spec.combine_columns(flat, plan.segments, torch)  # (n, N_PARTIALS)
+        numel = torch.tensor(plan.numel, dtype=torch.float64, device=device)
         rows = spec.batch_from_partials(combined[:, :, None], numel, torch).float()  # one derivation for the step
-        return rows, _neuron_blocks(flat, plan, device)
+        return rows, _neuron_blocks(flat, plan, torch)
+
+
+def _host_epilogue(reduced: list[Any], plan: _Plan, view: Callable[[int], tuple[Any, Layout]], given: dict[int, Any]) -> tuple[Any, list[Any]]:
+    """Batch statistics ``(n, N_STATS)`` float32 and the per-neuron blocks (numpy) from the plain sums of every
+    group (``(g, len(SUM_NAMES), k)`` each): ~30 numpy operations over the step's columns. The same
+    derivation in torch costs ~10 us of dispatch per operation and a transposed ``index_add_`` per
+    combination; on the transformer step (53 000 columns) numpy takes ~3 ms where torch took ~15
+    (docs/benchmarks.md)."""
+    import numpy as np
+
+    arrays = [r.numpy() if r.device.type == "cpu" else r.cpu().numpy() for r in reduced]
+    sums = np.concatenate([a.transpose(1, 0, 2).reshape(a.shape[1], -1) for a in arrays], axis=1)  # (SUM_NAMES, columns)
+    flat, imprecise = _exact(sums, plan, view, given)
+    plan.deviations |= {i for i in imprecise if len(plan.groups[plan.group_of[i]]) == 1}
+    combined = spec.combine_columns(flat, plan.segments, np)  # (n, N_PARTIALS)
+    rows = spec.batch_from_partials(combined[:, :, None], np.asarray(plan.numel), np).astype(np.float32)
+    return rows, _neuron_blocks(flat, plan, np)
 
 
 @dataclass
@@ -292,25 +325,10 @@ class _Plan:
     neuron_tensors: list[int]  # the tensors with per-neuron statistics ...
     widths: list[int]  # ... and their neurons
     group_of: list[int]  # each tensor's group
-    on: dict[Any, tuple[Any, ...]] = field(default_factory=dict)  # device -> its index tensors
+    segments: spec.Segments  # each tensor's columns
+    items: Any  # per column, the items it sums (numpy float64)
     deviations: set[int] = field(default_factory=set)  # tensors alone in their group whose m2 needs deviations
     sharing: Sharing = field(default_factory=lambda: Sharing())  # whether share_work pays for this step
-
-    def tensors(self, device: Any) -> tuple[Any, Any, Any]:
-        """On ``device`` (made once): per column its tensor and its items; per tensor its elements."""
-        if device not in self.on:
-            import torch
-
-            widths = [_width(layout) for layout in self.layouts]
-            segments = [0] * sum(widths)
-            for i, (span, k) in enumerate(zip(self.spans, widths)):
-                segments[span : span + k] = [i] * k
-            items = [float(self.layouts[i].shape[self.layouts[i].dim]) for i in segments]
-            self.on[device] = (
-                torch.tensor(segments, dtype=torch.int64, device=device), torch.tensor(items, dtype=torch.float64, device=device),
-                torch.tensor(self.numel, dtype=torch.float64, device=device),
-            )
-        return self.on[device]
 
 
 _PLANS: dict[tuple[Any, ...], _Plan] = {}  # the last few plans, by the shapes and layouts of the step
@@ -340,9 +358,12 @@ def _plan(tensors: list[Any], wanted: list[tuple[bool, bool, int | None]]) -> _P
     for g, members in enumerate(groups):
         for i in members:
             group_of[i] = g
+    widths = [_width(layout) for layout in layouts]
+    segments = spec.Segments(spans, widths)
+    items = np.array([float(layout.shape[layout.dim]) for layout in layouts], dtype=np.float64)[segments.tensor_of]
     plan = _Plan(
         layouts, moved, groups, [sum(views[i][0].numel() for i in m) for m in groups], spans, [float(t.numel()) for t in tensors],
-        sum(v.numel() for v, _ in views), neuron_tensors, [_width(layouts[i]) for i in neuron_tensors], group_of,
+        sum(v.numel() for v, _ in views), neuron_tensors, [widths[i] for i in neuron_tensors], group_of, segments, items,
     )
     if len(_PLANS) >= _PLANS_KEPT:
         _PLANS.pop(next(iter(_PLANS)))
@@ -365,62 +386,40 @@ def _device_partials(x: Any, dim: int) -> Any:
     return torch.where(torch.isfinite(sums)[:, None, None], p.double(), spec.masked_partials_torch(x, dim))
 
 
-def _exact(
-    sums: Any, items: Any, segments: Any, view: Callable[[int], tuple[Any, Layout]], spans: list[int], n: int, given: dict[int, Any] | None = None,
-) -> tuple[Any, set[int]]:
-    """Partial sums ``(N_PARTIALS, columns)`` from the plain sums of every column of the step, and the
+def _exact(sums: Any, plan: _Plan, view: Callable[[int], tuple[Any, Layout]], given: dict[int, Any]) -> tuple[Any, set[int]]:
+    """Partial sums ``(N_PARTIALS, columns)`` (numpy) from the plain sums of every column of the step, and the
     tensors whose ``m2`` lost precision; such a tensor, or one with a non-finite value
-    (:func:`~comgra_callbacks.stats.partials_from_sums`; one host synchronisation for the step tells which), is
-    reduced again by the kernel that describes it. ``given``: tensors already reduced from deviations
-    (``partials_torch``, ``(N_PARTIALS, k)``; their columns in ``sums`` are placeholders), used as they are
-    unless they show a non-finite value."""
-    import torch
+    (:func:`~comgra_callbacks.stats.partials_from_sums`), is reduced again by the torch kernel that describes
+    it. ``given``: tensors already reduced from deviations (``partials_torch``, ``(N_PARTIALS, k)``; their
+    columns in ``sums`` are placeholders), used as they are unless they show a non-finite value."""
+    import numpy as np
 
-    flat, code = spec.partials_from_sums(sums, items)
-    verdicts = torch.zeros(n, dtype=code.dtype, device=code.device).scatter_reduce_(0, segments, code, "amax")
-    for i, p in (given or {}).items():
-        flat[:, spans[i] : spans[i] + p.shape[1]] = p.to(flat.device)
-        verdicts[i] = torch.where(torch.isfinite(p[1].sum() + p[2].sum()), 0, 2).to(verdicts.device)
+    flat, code = spec.partials_from_sums(sums, plan.items, np)
+    verdicts = plan.segments.reduce(code[None].astype(np.float64), "max", np)[0]  # per tensor (-inf: no columns)
+    spans = plan.spans
+    for i, p in given.items():
+        p = p.cpu().numpy()
+        flat[:, spans[i] : spans[i] + p.shape[1]] = p
+        verdicts[i] = 0 if np.isfinite(p[1].sum() + p[2].sum()) else 2
     imprecise = set()
-    for i, v in enumerate(verdicts.tolist()):
-        if v:  # a large offset: sums of deviations; NaN, inf, or beyond float32: the finite part, in float64
-            x, layout = view(i)
-            kernel = spec.partials_torch if v == 1 else spec.masked_partials_torch
-            p = kernel(x, layout.dim)[0].double()  # (N_PARTIALS, k)
-            flat[:, spans[i] : spans[i] + p.shape[1]] = p.to(flat.device)
-            if v == 1:
-                imprecise.add(i)
+    for i in np.flatnonzero(verdicts > 0).tolist():
+        # a large offset: sums of deviations; NaN, inf, or beyond float32: the finite part, in float64
+        x, layout = view(i)
+        kernel = spec.partials_torch if verdicts[i] == 1 else spec.masked_partials_torch
+        p = kernel(x, layout.dim)[0].double().cpu().numpy()  # (N_PARTIALS, k)
+        flat[:, spans[i] : spans[i] + p.shape[1]] = p
+        if verdicts[i] == 1:
+            imprecise.add(i)
     return flat, imprecise
 
 
-def _combine_all(flat: Any, seg: Any, n: int, device: Any) -> Any:
-    """Every tensor's partial sums combined over its neurons, ``(n, N_PARTIALS)`` float64: what
-    :func:`~comgra_callbacks.stats.combine_neurons` gives per tensor, for the whole step in ~15 operations
-    (segment sums by tensor) instead of ~20 per group."""
-    import torch
-
-    P = spec._P
-    out = torch.zeros((n, flat.shape[0]), dtype=torch.float64, device=device).index_add_(0, seg, flat.T)
-    count, total = flat[P["count"]], flat[P["sum"]]
-    n_all = out[:, P["count"]]
-    mean = out[:, P["sum"]] / torch.where(n_all > 0, n_all, torch.ones_like(n_all))
-    neuron_mean = total / torch.where(count > 0, count, torch.ones_like(count))
-    spread = torch.where(count > 0, count * (neuron_mean - mean[seg]) ** 2, torch.zeros_like(count))  # Chan et al.
-    out[:, P["m2"]] += torch.zeros_like(n_all).index_add_(0, seg, spread)
-    out[:, P["min"]] = torch.full_like(n_all, math.inf).scatter_reduce_(0, seg, flat[P["min"]], "amin")
-    out[:, P["max"]] = torch.full_like(n_all, -math.inf).scatter_reduce_(0, seg, flat[P["max"]], "amax")
-    return out
-
-
-def _neuron_blocks(flat: Any, plan: _Plan, device: Any) -> list[Any]:
-    """Per-neuron statistics of every tensor that keeps them, derived in one call for the step."""
-    import torch
-
+def _neuron_blocks(flat: Any, plan: _Plan, xp: Any) -> list[Any]:
+    """Per-neuron statistics of every tensor that keeps them, derived in one call for the step (views of it)."""
     blocks: list[Any] = [None] * len(plan.layouts)
     if not plan.widths:
         return blocks
     # every column is derived (no gather: the columns without per-neuron statistics are few, ~1 per tensor)
-    derived = spec.neurons_from_partials(flat, torch)  # (N_NEURON_STATS, columns)
+    derived = spec.neurons_from_partials(flat, xp)  # (N_NEURON_STATS, columns)
     for i, k in zip(plan.neuron_tensors, plan.widths):
         blocks[i] = derived[:, plan.spans[i] : plan.spans[i] + k]
     return blocks
@@ -442,23 +441,7 @@ def stats_torch(t: Any) -> Any:
 
 def neuron_rows(matrices: list[Any], *, synchronous: bool | None = None) -> list[Any]:
     """Per-neuron statistics of 2-D ``(items, neurons)`` views: one ``(N_NEURON_STATS, neurons)`` float32 each."""
-    import torch
-
-    out: list[Any] = []
-    for m in matrices:
-        x = spec.as_float_torch(m).reshape(1, *m.shape)
-        if synchronous if synchronous is not None else m.device.type == "cpu":
-            k = x.shape[2]
-            sums = spec.sums_torch(x, 1)[0]
-            segments = torch.zeros(k, dtype=torch.int64, device=x.device)
-            def itself(i: int, v: tuple[Any, Layout] = (x, Layout(tuple(x.shape), 1, True))) -> tuple[Any, Layout]:
-                return v
-
-            p = _exact(sums, torch.full((k,), float(x.shape[1]), dtype=torch.float64, device=x.device), segments, itself, [0], 1)[0]
-        else:
-            p = _device_partials(x, 1)[0]
-        out.append(spec.neurons_from_partials(p, torch))
-    return out
+    return [reduce_tensors([m], [(True, False, None)], synchronous=synchronous)[1][0] for m in matrices]
 
 
 # ------------------------------------------------------------------------------------- views
