@@ -315,8 +315,8 @@ def partials_torch(x: Any, dim: int) -> Any:
 
 
 # what sums_torch and the one-pass kernel read, per neuron: the sum and the squares are about ``shift``, a value
-# of the neuron's (the one-pass kernel: its first item; sums_torch: 0), so that a mean far from 0 costs them
-# no precision (partials_from_sums)
+# near the neuron's mean (the one-pass kernel: the mean of its first 64 items; sums_torch: 0), so that a mean far
+# from 0 costs them no precision (partials_from_sums)
 SUM_NAMES = ("sum", "squares", "abs_sum", "nonzero", "min", "max", "shift")
 
 
@@ -355,8 +355,8 @@ def partials_from_sums(sums: Any, items: Any, xp: Any = None) -> tuple[Any, Any]
 
     With ``S`` and ``Q`` the sum and the sum of squares about the column's ``shift`` ``c``, the sum is
     ``S + items * c`` and ``m2`` is ``Q - S**2 / items``. That difference loses precision where the mean is
-    far from ``c`` against the spread (``c`` = 0 and a large offset; the one-pass kernel shifts by the first
-    item, so rarely): below ``CANCELLATION_SHARE`` of ``Q`` the relative error could pass ~10x float32
+    far from ``c`` against the spread (``c`` = 0 and a large offset; the one-pass kernel shifts by the mean of
+    the first 64 items, so rarely): below ``CANCELLATION_SHARE`` of ``Q`` the relative error could pass ~10x float32
     rounding, and the caller takes :func:`partials_torch` (sums of deviations) for the tensor instead; for
     code 2, :func:`masked_partials_torch`. NaN and inf make the sums non-finite, so they are found without
     counting them."""

@@ -238,7 +238,8 @@ def test_sharing_follows_the_faster_way() -> None:
 def test_the_one_pass_kernel_gives_torchs_partial_sums(dim: int, dtype: torch.dtype) -> None:
     """recording/fused.py (numba, part of the dev install) against stats.sums_torch, both turned into partial
     sums: more items than one float32 block (fused.BLOCK), zeros and -0.0, infinities, several groups, no
-    items. The kernel's sums are about each neuron's first item (its ``shift`` row), torch's about 0."""
+    items. The kernel's sums are about the mean of each neuron's first fused.BLOCK items (its ``shift`` row),
+    torch's about 0."""
     from comgra_callbacks import stats as spec
     from comgra_callbacks.recording import fused
 
@@ -252,8 +253,9 @@ def test_the_one_pass_kernel_gives_torchs_partial_sums(dim: int, dtype: torch.dt
     x = x if dim == 1 else x.transpose(1, 2).contiguous()
     got, want = fused.sums_fused(x, dim), spec.sums_torch(x, dim).double()
     assert got is not None and got.dtype == torch.float64 and got.shape == want.shape == (3, len(spec.SUM_NAMES), 9)
-    first = x[:, 0, :] if dim == 1 else x[:, :, 0]
-    torch.testing.assert_close(got[:, spec.SUM_NAMES.index("shift")], first.double())
+    first = (x[:, : fused.BLOCK, :].double().mean(1) if dim == 1 else x[:, :, : fused.BLOCK].double().mean(2))
+    finite = torch.isfinite(first)
+    torch.testing.assert_close(got[:, spec.SUM_NAMES.index("shift")][finite], first[finite], rtol=1e-6, atol=1e-6)
     items = torch.full((9,), 150.0, dtype=torch.float64)
     for b in range(3):
         (p_got, code_got), (p_want, code_want) = spec.partials_from_sums(got[b], items), spec.partials_from_sums(want[b], items)
@@ -265,7 +267,7 @@ def test_the_one_pass_kernel_gives_torchs_partial_sums(dim: int, dtype: torch.dt
 
 
 def test_the_one_pass_kernel_keeps_the_variance_of_a_large_offset() -> None:
-    """Its sums are about each neuron's first item, so a mean that dwarfs the spread (where torch's plain sums
+    """Its sums are about a first estimate of each neuron's mean, so a mean that dwarfs the spread (where torch's plain sums
     send the tensor to the deviation kernel) keeps float32 precision in one pass."""
     from comgra_callbacks import stats as spec
     from comgra_callbacks.recording import fused
@@ -278,6 +280,31 @@ def test_the_one_pass_kernel_keeps_the_variance_of_a_large_offset() -> None:
     std = torch.sqrt(partials[spec.PARTIAL_NAMES.index("m2")] / 1023)
     torch.testing.assert_close(std, x[0].double().std(0), rtol=1e-3, atol=0.0)
     assert (partials[spec.PARTIAL_NAMES.index("sum")] / 1024).tolist() == pytest.approx(x[0].double().mean(0).tolist(), rel=1e-7)
+
+
+def test_a_step_mixing_derived_groups_and_plain_sums_gives_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-pass kernel derives its groups' columns itself; a group reduced otherwise in the same step (a
+    tensor remembered for the deviation kernel, here one with a NaN too) is derived on the host, and both
+    are combined into the same rows and blocks as torch's kernels give."""
+    from comgra_callbacks.recording import fused
+
+    assert fused.available()
+    g = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(300, 7, generator=g) * 3 + 1, torch.randn(40, 7, generator=g), torch.randn(5, 9, generator=g) + 100.0]
+    tensors[1][3, 2] = float("nan")
+    layouts = [(True, False, None), (True, False, None), (False, False, None)]
+    monkeypatch.setattr(reduce, "GROUP_MAX_NUMEL", 1)  # each tensor alone in its group
+    monkeypatch.setattr(reduce, "FUSED_MIN_NUMEL", 1 << 62)
+    want_rows, want_blocks = reduce.reduce_tensors(tensors, layouts)  # torch's kernels
+    monkeypatch.setattr(reduce, "FUSED_MIN_NUMEL", 0)
+    reduce._plan(tensors, layouts).deviations.add(1)  # as if its m2 had needed the deviations once
+    rows, blocks = reduce.reduce_tensors(tensors, layouts)
+    np.testing.assert_allclose(rows.numpy(), want_rows.numpy(), rtol=1e-5, atol=1e-6, equal_nan=True)
+    for got, want in zip(blocks, want_blocks):
+        assert (got is None) == (want is None)
+        if got is not None:
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert rows[1, STAT_INDEX["nan_count"]].item() == 1.0
 
 
 def test_the_one_pass_kernel_leaves_what_it_cannot_read_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:

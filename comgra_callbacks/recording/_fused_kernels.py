@@ -24,7 +24,7 @@ def add_rows(x: Any, i0: int, i1: int, c: Any, s: Any, q: Any, a: Any, z: Any, o
         row = x[i]
         for j in range(row.shape[0]):
             v = row[j]
-            w = v - c[j]  # about the neuron's first item: no cancellation where the mean dwarfs the spread
+            w = v - c[j]  # about a first estimate of the mean: no cancellation where the mean dwarfs the spread
             s[j] += w
             q[j] += w * w
             a[j] += abs(v)
@@ -67,19 +67,32 @@ def bounds_out(x: Any, lo: Any, hi: Any, shift: int, mask: Any, out: Any) -> Non
             out[b, 5, j] = high_f[b, j]
 
 
+@jit
+def shift_rows(x: Any, first: int, c: Any) -> None:
+    """c: the mean of each neuron's first ``first`` items (0 without items), what its sums are taken about."""
+    c[:] = 0
+    for i in range(first):
+        row = x[i]
+        for j in range(row.shape[0]):
+            c[j] += row[j]
+    if first > 0:
+        for j in range(c.shape[0]):
+            c[j] /= first
+
+
 @plain
 def over_rows(x: Any, bits: Any, shift: int, mask: Any, out: Any) -> None:
     """x (g, items, k), ``bits`` its integer view: out (g, 7, k) float64, zeroed (what sums_torch gives, the
-    sums and squares about each neuron's first item, which goes into out[:, 6])."""
+    sums and squares about the mean of each neuron's first BLOCK items, which goes into out[:, 6])."""
     g, n, k = x.shape
     acc = [np.zeros(k, dtype=x.dtype) for _ in range(4)]  # separate arrays: LLVM then proves they don't overlap
     one, none = x.dtype.type(1), x.dtype.type(0)
     lo = np.full((g, k), mask, dtype=bits.dtype)
     hi = np.full((g, k), ~mask, dtype=bits.dtype)
     c = np.zeros(k, dtype=x.dtype)
+    first = min(n, BLOCK)
     for b in range(g):
-        if n > 0:
-            c[:] = x[b, 0]
+        shift_rows(x[b], first, c)
         for i0 in range(0, n, BLOCK):
             i1 = min(i0 + BLOCK, n)
             add_rows(x[b], i0, i1, c, acc[0], acc[1], acc[2], acc[3], one, none)
@@ -89,6 +102,9 @@ def over_rows(x: Any, bits: Any, shift: int, mask: Any, out: Any) -> None:
         for j in range(k):
             out[b, 6, j] = c[j]
     bounds_out(x, lo, hi, shift, mask, out)
+    if n == 0:  # no items: the bounds of nothing
+        out[:, 4, :] = np.inf
+        out[:, 5, :] = -np.inf
 
 
 @jit
@@ -110,6 +126,16 @@ def sums_row(row: Any, c: float) -> tuple[float, float, float, float]:
 
 
 @plain
+def shift_of(row: Any) -> float:
+    """The mean of a row's first BLOCK items (0 without items), what its sums are taken about."""
+    first = min(row.shape[0], BLOCK)
+    c = 0.0
+    for i in range(first):
+        c += np.float64(row[i])
+    return c / first if first > 0 else 0.0
+
+
+@plain
 def bounds_row(bits: Any, shift: int, mask: Any) -> tuple[Any, Any]:
     """The smallest and largest ordered bits of one contiguous row."""
     low = mask
@@ -124,15 +150,15 @@ def bounds_row(bits: Any, shift: int, mask: Any) -> tuple[Any, Any]:
 
 @plain
 def over_cols(x: Any, bits: Any, shift: int, mask: Any, out: Any) -> None:
-    """x (g, k, items), ``bits`` its integer view: out (g, 7, k) float64 (what sums_torch gives, about each
-    neuron's first item, in out[:, 6]); each row is read for its bounds right after its sums, while it is in
+    """x (g, k, items), ``bits`` its integer view: out (g, 7, k) float64 (what sums_torch gives, about the mean
+    of each neuron's first BLOCK items, in out[:, 6]); each row is read for its bounds right after its sums, while it is in
     the cache."""
     g, k, n = x.shape
     lo = np.full((g, k), mask, dtype=bits.dtype)
     hi = np.full((g, k), ~mask, dtype=bits.dtype)
     for b in range(g):
         for j in range(k):
-            c = np.float64(x[b, j, 0]) if n > 0 else 0.0
+            c = shift_of(x[b, j])
             s, q, a, z = sums_row(x[b, j], c)
             out[b, 0, j] = s
             out[b, 1, j] = q
@@ -141,3 +167,64 @@ def over_cols(x: Any, bits: Any, shift: int, mask: Any, out: Any) -> None:
             out[b, 6, j] = c
             lo[b, j], hi[b, j] = bounds_row(bits[b, j], shift, mask)
     bounds_out(x, lo, hi, shift, mask, out)
+    if n == 0:  # no items: the bounds of nothing
+        out[:, 4, :] = np.inf
+        out[:, 5, :] = -np.inf
+
+
+@plain
+def derive(sums: Any, items: float, share: float, c0: int, partials: Any, code: Any, neurons: Any) -> None:
+    """What ``stats.partials_from_sums`` and ``stats.neurons_from_partials`` give, for one group's sums
+    ``(g, 7, k)`` (each column with ``items`` items), written into the step's columns ``c0`` on (``b * k + j``):
+    ``partials`` (9, columns) float64, ``code`` (columns,) (0 exact, 1 ``m2`` lost precision, 2 non-finite)
+    and ``neurons`` (4, columns) float32. The same formulas in the same order; tests/test_stats.py holds
+    both to one reference."""
+    g, _, k = sums.shape
+    n = items
+    several = n > 1
+    for b in range(g):
+        for j in range(k):
+            c = c0 + b * k + j
+            shifted = sums[b, 0, j]
+            squares = sums[b, 1, j]
+            m2 = squares - shifted * shifted / n if several else 0.0
+            total = shifted + n * sums[b, 6, j]
+            if not (np.isfinite(total) and np.isfinite(squares)):
+                code[c] = 2
+            elif several and not (m2 >= share * squares):
+                code[c] = 1
+            else:
+                code[c] = 0
+            m2 = m2 if m2 > 0 else 0.0
+            partials[0, c] = n
+            partials[1, c] = total
+            partials[2, c] = m2
+            partials[3, c] = sums[b, 2, j]
+            partials[4, c] = sums[b, 4, j]
+            partials[5, c] = sums[b, 5, j]
+            partials[6, c] = n - sums[b, 3, j]
+            partials[7, c] = 0.0
+            partials[8, c] = 0.0
+            if n > 0:
+                mean = total / n
+                neurons[0, c] = mean
+                neurons[1, c] = np.sqrt(m2 / (n - 1 if n > 1 else 1.0))
+                neurons[2, c] = sums[b, 2, j] / n
+                neurons[3, c] = np.sqrt(m2 + n * mean * mean)
+            else:
+                for m in range(4):
+                    neurons[m, c] = np.nan
+
+
+@plain
+def rows_derived(x: Any, bits: Any, shift: int, mask: Any, out: Any, share: float, c0: int, partials: Any, code: Any, neurons: Any) -> None:
+    """over_rows, then derive (one call: numba's dispatch costs ~20 us a call)."""
+    over_rows(x, bits, shift, mask, out)
+    derive(out, float(x.shape[1]), share, c0, partials, code, neurons)
+
+
+@plain
+def cols_derived(x: Any, bits: Any, shift: int, mask: Any, out: Any, share: float, c0: int, partials: Any, code: Any, neurons: Any) -> None:
+    """over_cols, then derive."""
+    over_cols(x, bits, shift, mask, out)
+    derive(out, float(x.shape[2]), share, c0, partials, code, neurons)

@@ -46,9 +46,11 @@ def available() -> bool:
         return False
     if "kernels" in _STATE:
         return _STATE["kernels"] is not None
-    import importlib.util
+    if "found" not in _STATE:  # looked up once: find_spec walks sys.path (tens of us, on every large step)
+        import importlib.util
 
-    return importlib.util.find_spec("numba") is not None
+        _STATE["found"] = importlib.util.find_spec("numba") is not None
+    return bool(_STATE["found"])
 
 
 def _kernels() -> dict[str, Any] | None:
@@ -66,40 +68,67 @@ def _build() -> dict[str, Any]:
     # imports numba; each kernel is compiled (or loaded from numba's cache) on its first call
     from comgra_callbacks.recording import _fused_kernels as k
 
-    return {"rows": k.over_rows, "cols": k.over_cols}
+    return {"rows": k.over_rows, "cols": k.over_cols, "rows+derive": k.rows_derived, "cols+derive": k.cols_derived}
 
 
 def sums_fused(x: Any, dim: int) -> Any:
     """:func:`~comgra_callbacks.stats.sums_torch` of a float32 / float64 C-contiguous CPU tensor ``x`` (3-D,
-    reduced over ``dim``, 1 or 2), as float64; None where the kernel does not apply (numba missing, another
-    dtype or device, a strided view): the caller then uses torch's."""
+    reduced over ``dim``, 1 or 2), as float64 (the sums about the mean of each neuron's first ``BLOCK``
+    items: its ``shift``); None where the kernel does not apply (numba missing, another dtype or device, a
+    strided view): the caller then uses torch's."""
+    import torch
+
+    run = _prepare(x, dim)
+    if run is None:
+        return None
+    kernel, args, out = run
+    _call(kernel, dim, args, args[0].dtype)
+    return torch.from_numpy(out)
+
+
+def derived_fused(x: Any, dim: int, c0: int, partials: Any, code: Any, neurons: Any) -> bool:
+    """The sums of :func:`sums_fused` turned at once, in the same call, into the partial sums, codes and
+    per-neuron statistics of ``x``'s columns, written into the step's arrays from column ``c0`` (see
+    ``_fused_kernels.derive``): the derivation then costs the training thread nothing. False where the kernel
+    does not apply (nothing written)."""
+    from comgra_callbacks.stats import CANCELLATION_SHARE
+
+    run = _prepare(x, dim)
+    if run is None:
+        return False
+    kernel, args, out = run
+    _call(f"{kernel}+derive", dim, (*args, CANCELLATION_SHARE, c0, partials, code, neurons), args[0].dtype)
+    return True
+
+
+def _prepare(x: Any, dim: int) -> tuple[str, tuple[Any, ...], Any] | None:
+    """The kernel's name, its first arguments and its output, or None where it does not apply."""
     import numpy as np
     import torch
 
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.dim() != 3:
         return None
-    kernels = _kernels()
-    if kernels is None:
+    if _kernels() is None:
         return None
     a = x.numpy()
-    g = a.shape[0]
     k = a.shape[2] if dim == 1 else a.shape[1]
     ints, shift, mask = (np.int32, 31, np.int32(0x7FFFFFFF)) if a.dtype == np.float32 else (np.int64, 63, np.int64(0x7FFFFFFFFFFFFFFF))
-    out = np.zeros((g, len(SUM_NAMES), k), dtype=np.float64)
-    name = "rows" if dim == 1 else "cols"
-    first = (name, a.dtype.str) not in _STATE.setdefault("called", set())
+    out = np.zeros((a.shape[0], len(SUM_NAMES), k), dtype=np.float64)
+    return ("rows" if dim == 1 else "cols"), (a, a.view(ints), shift, mask, out), out
+
+
+def _call(name: str, dim: int, args: tuple[Any, ...], dtype: Any) -> None:
+    kernels = _STATE["kernels"]
+    first = (name, dtype.str) not in _STATE.setdefault("called", set())
     started = time.perf_counter()
-    kernels[name](a, a.view(ints), shift, mask, out)
+    kernels[name](*args)
     if first:  # numba compiles a kernel on its first call: ~2-8 s once, then it loads from numba's cache
-        _STATE["called"].add((name, a.dtype.str))
+        _STATE["called"].add((name, dtype.str))
         took = time.perf_counter() - started
         if took > COMPILE_NOTE_SECS:
             warnings.warn(
-                f"comgra: compiled the one-pass statistics kernel (numba, {name}, {a.dtype}) in {took:.1f} s; "
+                f"comgra: compiled the one-pass statistics kernel (numba, {name}, {dtype}) in {took:.1f} s; "
                 "later runs load it from numba's cache.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-    if a.shape[dim] == 0:  # no items: the bounds of nothing
-        out[:, 4], out[:, 5] = np.inf, -np.inf
-    return torch.from_numpy(out)

@@ -262,6 +262,7 @@ def reduce_tensors(
     shared = shareable and (forced if forced is not None else plan.sharing.pick())
 
     given: dict[int, Any] = {}  # tensors reduced from deviations at once (plan.deviations)
+    host: tuple[Any, ...] = _host_arrays(plan.segments.columns) if sync else ()
     use_fused = sync and device.type == "cpu" and plan.numel_total >= FUSED_MIN_NUMEL and fused.available()
 
     def reduce_group(g: int) -> Any:
@@ -274,8 +275,9 @@ def reduce_tensors(
             if members[0] in plan.deviations:  # its m2 lost precision from plain sums before: skip them
                 given[members[0]] = spec.partials_torch(x, layout.dim)[0].double()
                 return torch.zeros((1, len(spec.SUM_NAMES), _width(layout)), dtype=torch.float64, device=x.device)
-            sums = fused.sums_fused(x, layout.dim) if use_fused else None  # one pass (numba), or None: torch's
-            return (sums if sums is not None else spec.sums_torch(x, layout.dim)).double()  # (g, len(SUM_NAMES), k)
+            if use_fused and fused.derived_fused(x, layout.dim, plan.spans[members[0]], *host):
+                return None  # one pass (numba), derived into the step's columns in the same call
+            return spec.sums_torch(x, layout.dim).double()  # (g, len(SUM_NAMES), k)
 
     with cpu_threads(1 if device.type == "cpu" else None):
         indices = list(range(len(plan.groups)))
@@ -284,7 +286,7 @@ def reduce_tensors(
         if shareable:
             plan.sharing.observe(shared, time.perf_counter() - started)
         if sync:  # the sums are on the host now: the rest is a few numpy operations over the step's columns
-            rows, blocks = _host_epilogue(reduced, plan, view, given)
+            rows, blocks = _host_epilogue(reduced, plan, view, given, host)
             return torch.from_numpy(rows).to(device), [None if b is None else torch.from_numpy(b).to(device) for b in blocks]
         pieces = [r.transpose(0, 1).reshape(r.shape[1], -1) for r in reduced]
         flat = (torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]).double()
@@ -294,21 +296,47 @@ def reduce_tensors(
         return rows, _neuron_blocks(flat, plan, torch)
 
 
-def _host_epilogue(reduced: list[Any], plan: _Plan, view: Callable[[int], tuple[Any, Layout]], given: dict[int, Any]) -> tuple[Any, list[Any]]:
-    """Batch statistics ``(n, N_STATS)`` float32 and the per-neuron blocks (numpy) from the plain sums of every
-    group (``(g, len(SUM_NAMES), k)`` each): ~30 numpy operations over the step's columns. The same
-    derivation in torch costs ~10 us of dispatch per operation and a transposed ``index_add_`` per
-    combination; on the transformer step (53 000 columns) numpy takes ~3 ms where torch took ~15
-    (docs/benchmarks.md)."""
-    import numpy as np
+def _host_arrays(columns: int) -> tuple[Any, Any, Any]:
+    """The step's partial sums ``(N_PARTIALS, columns)``, codes and per-neuron statistics ``(N_NEURON_STATS,
+    columns)`` on the host, filled in by the groups' kernels (:func:`~.fused.derived_fused`) or by
+    :func:`_host_epilogue`."""
+    return (np.empty((spec.N_PARTIALS, columns)), np.zeros(columns, dtype=np.int64), np.empty((N_NEURON_STATS, columns), dtype=np.float32))
 
-    arrays = [r.numpy() if r.device.type == "cpu" else r.cpu().numpy() for r in reduced]
-    sums = np.concatenate([a.transpose(1, 0, 2).reshape(a.shape[1], -1) for a in arrays], axis=1)  # (SUM_NAMES, columns)
-    flat, imprecise = _exact(sums, plan, view, given)
-    plan.deviations |= {i for i in imprecise if len(plan.groups[plan.group_of[i]]) == 1}
-    combined = spec.combine_columns(flat, plan.segments, np)  # (n, N_PARTIALS)
+
+def _host_epilogue(
+    reduced: list[Any], plan: _Plan, view: Callable[[int], tuple[Any, Layout]], given: dict[int, Any], host: tuple[Any, ...],
+) -> tuple[Any, list[Any]]:
+    """Batch statistics ``(n, N_STATS)`` float32 and the per-neuron blocks (numpy views) of the step.
+
+    ``reduced``: per group, None where its kernel derived its columns already (the one-pass kernel), else its
+    plain sums ``(g, len(SUM_NAMES), k)``, derived here in numpy (one call over every column when no group
+    was derived: ~1 us of dispatch per operation where torch's took ~10, and ``reduceat`` per tensor instead
+    of a transposed ``index_add_``; measured in docs/benchmarks.md). Then the tensors whose code says so are
+    reduced again by the kernel that describes them (:func:`_fix_inexact`), and the step's columns are
+    combined per tensor."""
+    partials, code, neurons = host
+    plain = [g for g, r in enumerate(reduced) if r is not None]
+    redo: list[tuple[int, int]] = []  # column ranges whose per-neuron statistics are still to be derived
+    if len(plain) == len(reduced):
+        arrays = [r.numpy() if r.device.type == "cpu" else r.cpu().numpy() for r in reduced]
+        sums = np.concatenate([a.transpose(1, 0, 2).reshape(a.shape[1], -1) for a in arrays], axis=1)  # (SUM_NAMES, columns)
+        partials[:], code[:] = spec.partials_from_sums(sums, plan.items, np)
+        redo.append((0, plan.segments.columns))
+    for g in plain if len(plain) < len(reduced) else ():
+        a = reduced[g].cpu().numpy()
+        start = plan.spans[plan.groups[g][0]]
+        stop = start + a.shape[0] * a.shape[2]
+        partials[:, start:stop], code[start:stop] = spec.partials_from_sums(a.transpose(1, 0, 2).reshape(a.shape[1], -1), plan.items[start:stop], np)
+        redo.append((start, stop))
+    redo += _fix_inexact(partials, code, plan, view, given)
+    for start, stop in redo:
+        neurons[:, start:stop] = spec.neurons_from_partials(partials[:, start:stop], np)
+    combined = spec.combine_columns(partials, plan.segments, np)  # (n, N_PARTIALS)
     rows = spec.batch_from_partials(combined[:, :, None], np.asarray(plan.numel), np).astype(np.float32)
-    return rows, _neuron_blocks(flat, plan, np)
+    blocks: list[Any] = [None] * len(plan.layouts)
+    for i, k in zip(plan.neuron_tensors, plan.widths):
+        blocks[i] = neurons[:, plan.spans[i] : plan.spans[i] + k]
+    return rows, blocks
 
 
 @dataclass
@@ -386,31 +414,30 @@ def _device_partials(x: Any, dim: int) -> Any:
     return torch.where(torch.isfinite(sums)[:, None, None], p.double(), spec.masked_partials_torch(x, dim))
 
 
-def _exact(sums: Any, plan: _Plan, view: Callable[[int], tuple[Any, Layout]], given: dict[int, Any]) -> tuple[Any, set[int]]:
-    """Partial sums ``(N_PARTIALS, columns)`` (numpy) from the plain sums of every column of the step, and the
-    tensors whose ``m2`` lost precision; such a tensor, or one with a non-finite value
-    (:func:`~comgra_callbacks.stats.partials_from_sums`), is reduced again by the torch kernel that describes
-    it. ``given``: tensors already reduced from deviations (``partials_torch``, ``(N_PARTIALS, k)``; their
-    columns in ``sums`` are placeholders), used as they are unless they show a non-finite value."""
-    import numpy as np
-
-    flat, code = spec.partials_from_sums(sums, plan.items, np)
+def _fix_inexact(partials: Any, code: Any, plan: _Plan, view: Callable[[int], tuple[Any, Layout]], given: dict[int, Any]) -> list[tuple[int, int]]:
+    """The partial sums of the tensors whose plain sums do not describe them exactly, replaced (in place), and
+    the column ranges replaced. By ``code`` (:func:`~comgra_callbacks.stats.partials_from_sums`): a tensor
+    whose ``m2`` lost precision is reduced from deviations (and, alone in its group, from them directly on
+    later steps: ``plan.deviations``), one with a non-finite value over its finite elements in float64.
+    ``given``: tensors already reduced from deviations (``partials_torch``, ``(N_PARTIALS, k)``), used as they
+    are unless they show a non-finite value."""
     verdicts = plan.segments.reduce(code[None].astype(np.float64), "max", np)[0]  # per tensor (-inf: no columns)
-    spans = plan.spans
+    spans, replaced = plan.spans, []
     for i, p in given.items():
         p = p.cpu().numpy()
-        flat[:, spans[i] : spans[i] + p.shape[1]] = p
+        partials[:, spans[i] : spans[i] + p.shape[1]] = p
         verdicts[i] = 0 if np.isfinite(p[1].sum() + p[2].sum()) else 2
-    imprecise = set()
+        replaced.append((spans[i], spans[i] + p.shape[1]))
     for i in np.flatnonzero(verdicts > 0).tolist():
         # a large offset: sums of deviations; NaN, inf, or beyond float32: the finite part, in float64
         x, layout = view(i)
         kernel = spec.partials_torch if verdicts[i] == 1 else spec.masked_partials_torch
         p = kernel(x, layout.dim)[0].double().cpu().numpy()  # (N_PARTIALS, k)
-        flat[:, spans[i] : spans[i] + p.shape[1]] = p
-        if verdicts[i] == 1:
-            imprecise.add(i)
-    return flat, imprecise
+        partials[:, spans[i] : spans[i] + p.shape[1]] = p
+        replaced.append((spans[i], spans[i] + p.shape[1]))
+        if verdicts[i] == 1 and len(plan.groups[plan.group_of[i]]) == 1:
+            plan.deviations.add(i)
+    return replaced
 
 
 def _neuron_blocks(flat: Any, plan: _Plan, xp: Any) -> list[Any]:
