@@ -9,9 +9,10 @@ writer process commits per block on that workload) to a fresh :class:`RunWriter`
 Reported per variant (median over the commits after ``--warmup``): wall time of one commit, the process's
 CPU time during it (``time.process_time``: every thread, so zarr's codec threads count, and that CPU is
 what torch's threads lose while the writer works), both also per record, and the bytes on disk per record.
-Variants: ``default`` (the layout a run gets), ``flat-zstd3`` / ``flat-raw`` (the per-neuron flat array with
-zstd level 3 / uncompressed instead of the default), ``zarr-1-thread`` (zarr's codec thread pool limited to one
-thread). Run it from two checkouts one after the other (``PYTHONPATH=...``) to compare writers on the same data.
+Variants: ``default`` (the layout a run gets), ``flat-zstd`` / ``flat-lz4`` / ``flat-raw`` (both flat arrays
+compressed with zstd as before / blosc lz4 / not at all: ``StoreLayout.flat_codec``), ``zarr-1-thread``
+(zarr's codec thread pool limited to one thread); a variant the checkout's ``StoreLayout`` cannot express is
+left out. Run it from two checkouts one after the other (``PYTHONPATH=...``) to compare writers on the same data.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def _layout_fields() -> set[str]:
 def variants() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """name -> (StoreLayout overrides, zarr.config overrides); a variant the checkout cannot express is left out."""
     out: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {"default": ({}, {})}
-    if "neurons_zstd_level" in _layout_fields():
-        out["flat-zstd3"] = ({"neurons_zstd_level": 3, "samples_zstd_level": 3}, {})
-        out["flat-raw"] = ({"neurons_zstd_level": 0, "samples_zstd_level": 0}, {})
+    if "flat_codec" in _layout_fields():
+        out["flat-zstd"] = ({"flat_codec": "zstd"}, {})
+        out["flat-lz4"] = ({"flat_codec": "lz4"}, {})
+        out["flat-raw"] = ({"flat_codec": "none"}, {})
     out["zarr-1-thread"] = ({}, {"threading.max_workers": 1})
     return out
 
