@@ -11,8 +11,13 @@ CPU time during it (``time.process_time``: every thread, so zarr's codec threads
 what torch's threads lose while the writer works), both also per record, and the bytes on disk per record.
 Variants: ``default`` (the layout a run gets), ``flat-zstd`` / ``flat-lz4`` / ``flat-raw`` (both flat arrays
 compressed with zstd as before / blosc lz4 / not at all: ``StoreLayout.flat_codec``), ``zarr-1-thread``
-(zarr's codec thread pool limited to one thread); a variant the checkout's ``StoreLayout`` cannot express is
-left out. Run it from two checkouts one after the other (``PYTHONPATH=...``) to compare writers on the same data.
+(zarr's codec thread pool limited to one thread), ``series-64`` (64 series per chunk instead of 16: fewer,
+larger chunks per commit, but a reader of one node decodes 4x more); a variant the checkout's ``StoreLayout`` cannot express is
+left out. ``--baseline /path/to/other/checkout`` adds the variant ``baseline``: that checkout's
+``store/writer.py`` (loaded beside this one; the rest of the package is this checkout's), interleaved with the
+others in every round, which is fairer on a shared machine than two runs one after the other.
+
+    python benchmarks/writer_bench.py --baseline /work/main --rounds 5 --only baseline default flat-zstd
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ def variants() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
         out["flat-lz4"] = ({"flat_codec": "lz4"}, {})
         out["flat-raw"] = ({"flat_codec": "none"}, {})
     out["zarr-1-thread"] = ({}, {"threading.max_workers": 1})
+    out["series-64"] = ({"stats_series": 64}, {})
     return out
 
 
@@ -78,10 +84,23 @@ def _disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def measure(record: HostRecord, layout: StoreLayout, config: dict[str, Any], commits: int, per_commit: int, warmup: int) -> dict[str, float]:
+def baseline_writer(checkout: Path) -> Any:
+    """The ``RunWriter`` class of another checkout's ``comgra_callbacks/store/writer.py``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("comgra_baseline_writer", checkout / "comgra_callbacks" / "store" / "writer.py")
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline {checkout}: no comgra_callbacks/store/writer.py there")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.RunWriter, module.StoreLayout
+
+
+def measure(record: HostRecord, writer_class: Any, layout: Any, config: dict[str, Any], commits: int, per_commit: int, warmup: int) -> dict[str, float]:
     """Append ``commits`` blocks of ``per_commit`` copies of ``record`` (consecutive steps) to a fresh run."""
     with tempfile.TemporaryDirectory(prefix="comgra-writer-bench-") as tmp, zarr_config(config):
-        writer = RunWriter(open_root(tmp).run("r"), layout=layout)
+        writer = writer_class(open_root(tmp).run("r"), layout=layout)
         wall: list[float] = []
         cpu: list[float] = []
         for c in range(commits):
@@ -111,6 +130,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the variants (median of rounds)")
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout whose writer to compare with")
     args = parser.parse_args()
     if args.commits <= args.warmup:
         parser.error(f"--commits ({args.commits}) must be larger than --warmup ({args.warmup})")
@@ -121,11 +141,18 @@ def main() -> None:
     neurons = sum(e.neurons.size for e in record.entries if e.neurons is not None)
     samples = sum(e.samples.size for e in record.entries if e.samples is not None)
     print(f"one record: {len(record.entries)} entries, {neurons} per-neuron and {samples} sample float32 values")
-    chosen = {k: v for k, v in variants().items() if args.only is None or k in args.only}
+    writers: dict[str, tuple[Any, Any]] = {name: (RunWriter, StoreLayout) for name in variants()}
+    every = dict(variants())
+    if args.baseline is not None:
+        writers["baseline"] = baseline_writer(args.baseline)
+        every = {"baseline": ({}, {}), **every}
+    chosen = {k: v for k, v in every.items() if args.only is None or k in args.only}
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
     for _ in range(args.rounds):
         for name, (overrides, config) in chosen.items():
-            rounds[name].append(measure(record, StoreLayout(**overrides), config, args.commits, args.per_commit, args.warmup))
+            writer_class, layout_class = writers[name]
+            layout = layout_class(**overrides)
+            rounds[name].append(measure(record, writer_class, layout, config, args.commits, args.per_commit, args.warmup))
     results = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in rounds.items()}
     print(f"{'variant':<16} {'wall ms/commit':>15} {'cpu ms/commit':>14} {'wall ms/rec':>12} {'cpu ms/rec':>11} {'KiB/rec':>8}")
     for name, r in results.items():

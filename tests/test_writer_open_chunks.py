@@ -115,6 +115,47 @@ def test_crash_between_rows_and_manifest_then_resume(tmp_path: Path) -> None:
     check_run(tmp_path / "r", list(range(11)))
 
 
+def sparse(step: int, rare: bool) -> HostRecord:
+    """Series 0..3 with statistics only; ``rare`` (the fifth series, a chunk of series of its own in ``SMALL``)
+    adds samples and per-neuron values."""
+    out = record(step, n_nodes=4, width=3)
+    out.entries = [HostEntry(e.key, e.stats) for e in out.entries if e.key.node != "late"]
+    if rare:
+        stats = np.full(N, -step, dtype=np.float32)
+        stats[fmt.STAT_INDEX["numel"]] = 6
+        out.entries.append(HostEntry(SeriesKey("rare", None, 0, "value"), stats, np.full((4, 3), step, np.float32), np.full((2, 3), step, np.float32)))
+    return out
+
+
+def test_untouched_series_chunks_keep_their_values_and_a_resume_drops_stale_ones(tmp_path: Path) -> None:
+    """A commit writes only the series chunks its rows fill; after a crash that wrote pointers of ``rare``
+    past the manifest, the resumed writer's rows (without ``rare``) must not inherit them."""
+    location = open_root(tmp_path).run("r")
+    writer = RunWriter(location, layout=SMALL)
+    writer.append([sparse(0, True), sparse(1, False)])
+    writer.append([sparse(2, False), sparse(3, False), sparse(4, False)])  # rare's chunk not written: keeps step 0
+    writer.append([sparse(5, True), sparse(6, True)], commit=False)  # a crash before the manifest
+    del writer
+    resumed = RunWriter(location, resume=True, layout=SMALL)
+    resumed.append([sparse(5, False), sparse(6, False)])
+    live = open_run(tmp_path / "r")
+    assert live.stats("rare")["mean"].to_dict() == {0: 0.0}
+    with pytest.raises(KeyError, match="not recorded"):
+        live.samples("rare", 5)
+    resumed.append([sparse(7, True)])
+    resumed.close("finished")
+    run = open_run(tmp_path / "r")
+    assert run.steps["step"].tolist() == list(range(8))
+    assert run.stats("rare")["mean"].to_dict() == {0: 0.0, 7: -7.0}
+    assert run.stats("node3")["mean"].tolist() == [s * 10 + 3 for s in range(8)]
+    for step in (0, 7):
+        np.testing.assert_array_equal(run.samples("rare", step), np.full((2, 3), step, np.float32))
+        np.testing.assert_allclose(run.neurons("rare", step)["mean"].to_numpy(), np.full(3, step, np.float32))
+    for step in (1, 5, 6):
+        with pytest.raises(KeyError, match="not recorded"):
+            run.samples("rare", step)
+
+
 @pytest.mark.parametrize("split", [1, 2, 5])
 def test_resume_mid_chunk_keeps_every_row(tmp_path: Path, split: int) -> None:
     """A run closed (or killed) inside a chunk: the resumed writer's first commit rewrites that chunk whole

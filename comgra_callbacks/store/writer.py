@@ -302,9 +302,9 @@ class RunWriter:
             fmt.SAMPLES_PTR: self._write_open(fmt.SAMPLES_PTR, sptr_block, r0),
         }
         if neuron_parts:
-            tails[fmt.NEURONS] = self._write_open(fmt.NEURONS, np.concatenate(neuron_parts), m.neurons_len)
+            tails[fmt.NEURONS] = self._write_open(fmt.NEURONS, neuron_parts, m.neurons_len)
         if sample_parts:
-            tails[fmt.SAMPLES] = self._write_open(fmt.SAMPLES, np.concatenate(sample_parts), m.samples_len)
+            tails[fmt.SAMPLES] = self._write_open(fmt.SAMPLES, sample_parts, m.samples_len)
         # only once every array holds the block: a failed write leaves the tails and the counts as they were,
         # and writing the block again rewrites the same whole chunks
         self._tails.update(tails)
@@ -321,22 +321,37 @@ class RunWriter:
             tail = np.asarray(array[first:start]) if start > first else np.empty((0, *array.shape[1:]), dtype=array.dtype)
         return tail
 
-    def _write_open(self, name: str, block: np.ndarray, start: int) -> np.ndarray:
+    def _write_open(self, name: str, block: np.ndarray | list[np.ndarray], start: int) -> np.ndarray:
         """Write ``block`` at ``start`` along the first axis of a growing array, as whole chunks: from the start
         of the open chunk (the tail kept in memory) to the end of the last chunk the block reaches, padded
-        with the fill value. zarr then reads no chunk back. Returns the new tail (not yet installed)."""
+        with the fill value. zarr then reads no chunk back. A flat array's block may come as its parts (one
+        copy fewer than concatenating them). Of a statistics or pointer array, only the chunks of series that
+        the block fills are written: the others hold what they held. Returns the new tail (not yet installed)."""
         array = self._array(name)
-        chunk = int(array.chunks[0])
-        stop = start + len(block)
+        chunk, fresh = int(array.chunks[0]), name not in self._tails
+        parts = block if isinstance(block, list) else [block]
+        trailing, dtype = parts[0].shape[1:], parts[0].dtype
+        stop = start + sum(len(p) for p in parts)
         first, end = start // chunk * chunk, -(-stop // chunk) * chunk
         tail = self._tail(array, name, start)
-        data = np.full((end - first, *block.shape[1:]), array.fill_value, dtype=block.dtype)
-        data[(slice(0, len(tail)), *(slice(0, n) for n in tail.shape[1:]))] = tail  # a new series widens the block
-        data[start - first : stop - first] = block
+        data = np.empty((end - first, *trailing), dtype=dtype)
+        data[stop - first :] = array.fill_value
+        if tail.shape[1:] != trailing:  # a new series widens the block
+            data[: len(tail)] = array.fill_value
+        data[(slice(0, len(tail)), *(slice(0, n) for n in tail.shape[1:]))] = tail
+        at = start - first
+        for part in parts:
+            data[at : at + len(part)] = part
+            at += len(part)
         capacity = _capacity(end, int(array.shape[0]), chunk)
-        if tuple(array.shape) != (capacity, *block.shape[1:]):
-            array.resize((capacity, *block.shape[1:]))
-        array[first:end] = data
+        if tuple(array.shape) != (capacity, *trailing):
+            array.resize((capacity, *trailing))
+        if data.ndim < 3:
+            array[first:end] = data
+        else:  # after a resume, the open chunks may hold rows past the manifest: write them all once
+            spans = [(0, trailing[0])] if fresh else _filled_spans(parts[0], array.fill_value, int(array.chunks[1]))
+            for lo, hi in spans:
+                array[first:end, lo:hi] = data[:, lo:hi]
         cut = stop // chunk * chunk
         return data[cut - first : stop - first].copy()
 
@@ -415,6 +430,24 @@ def _capacity(need: int, have: int, chunk: int) -> int:
     if need <= have:
         return have
     return -(-max(need, have + have // 2) // chunk) * chunk
+
+
+def _filled_spans(block: np.ndarray, fill: Any, group: int) -> list[tuple[int, int]]:
+    """The ranges of series (columns of a ``(rows, series, k)`` block, in whole chunks of ``group`` series)
+    where the block holds anything but ``fill``: the chunks a commit changes. A record holds few series
+    with samples, so most chunks of ``samples_ptr`` stay as they are."""
+    width = block.shape[1]
+    empty = np.isnan(block) if np.isnan(fill) else block == fill
+    used = np.zeros(-(-width // group) * group, dtype=bool)
+    used[:width] = ~empty.all(axis=(0, 2))
+    spans: list[tuple[int, int]] = []
+    for g in np.flatnonzero(used.reshape(-1, group).any(axis=1)):
+        lo, hi = int(g) * group, min((int(g) + 1) * group, width)
+        if spans and spans[-1][1] == lo:
+            spans[-1] = (spans[-1][0], hi)
+        else:
+            spans.append((lo, hi))
+    return spans
 
 
 def _neuron_blocks(neurons: np.ndarray, n_names: int) -> np.ndarray:
