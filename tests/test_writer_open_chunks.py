@@ -105,7 +105,7 @@ def test_crash_between_rows_and_manifest_then_resume(tmp_path: Path) -> None:
     assert raw(tmp_path / "r", fmt.STATS).shape[0] > 6
     check_run(tmp_path / "r", list(range(6)))
     resumed = RunWriter(location, resume=True, layout=SMALL)
-    assert resumed.group[fmt.STATS].shape[0] == 6  # truncated to the manifest
+    assert resumed._array(fmt.STATS).shape[0] == 6  # truncated to the manifest
     resumed.append([record(s) for s in range(6, 8)])  # into the open chunk (rows 4..7), read back from the store
     check_run(tmp_path / "r", list(range(8)))
     stale = np.asarray(raw(tmp_path / "r", fmt.STATS)[8:12])
