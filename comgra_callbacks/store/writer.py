@@ -1,9 +1,16 @@
 """Write a run: a synchronous :class:`RunWriter` that owns the Zarr group, and the records it takes.
 
-The writer appends blocks of records; it never rewrites a committed row. Each :meth:`RunWriter.append`
-resizes the arrays, writes the new rows, and only then rewrites ``manifest.json``, which is what a reader
-trusts. A crash between the two leaves rows past the manifest that nobody reads and that a resumed writer
-drops. The background thread in front of it lives in :mod:`comgra_callbacks.store.background`.
+The writer appends blocks of records; it never changes a committed value. Each :meth:`RunWriter.append`
+writes the new rows, and only then rewrites ``manifest.json``, which is what a reader trusts. A crash between
+the two leaves rows past the manifest that nobody reads and that a resumed writer drops.
+
+Why a commit is cheap: the writer keeps the rows of each array's open (last, partly filled) chunk in memory
+and writes every touched chunk whole, from the open chunk's first row to the end of the last chunk (padded
+with the fill value), so zarr never reads a chunk back, decodes it and merges the new rows into it. And the
+growing arrays are allocated in whole chunks, half as much again as they hold when they must grow, so a
+commit rarely rewrites a ``zarr.json``. While a run is open its arrays may therefore be longer than the
+manifest's counts (as after a crash); readers read only up to those counts, and :meth:`RunWriter.close` cuts
+the arrays back to them. The background thread in front of it lives in :mod:`comgra_callbacks.store.background`.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -65,6 +72,28 @@ class StoreLayout:
     scalars_chunk: int = 8192
     zstd_level: int = 3
     samples_zstd_level: int = 1  # the flat samples array: per-sample factors of attribution= (docs/benchmarks.md#attribution)
+    # the two flat arrays' compressor: "lz4" (blosc), "zstd" (neurons at ``zstd_level``, samples at
+    # ``samples_zstd_level``) or "none". Their values are random-looking floats: lz4 takes ~4 ms less of the
+    # writer's CPU per LM record than zstd for ~19 % more bytes (docs/benchmarks.md, "The writer's cost per
+    # committed record"), and the writer's CPU is taken from training
+    flat_codec: Literal["lz4", "zstd", "none"] = "lz4"
+
+    def __post_init__(self) -> None:
+        if self.flat_codec not in _FLAT_CODECS:
+            raise ValueError(f"`StoreLayout(flat_codec=...)`: expected one of {list(_FLAT_CODECS)}, got {self.flat_codec!r}.")
+
+    def flat_compressors(self, name: str) -> Any:
+        """The compressor of the flat array ``name`` (``neurons`` or ``samples``); None stores it raw."""
+        from zarr.codecs import BloscCodec, ZstdCodec
+
+        if self.flat_codec == "none":
+            return None
+        if self.flat_codec == "lz4":
+            return BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=4)
+        return ZstdCodec(level=self.samples_zstd_level if name == fmt.SAMPLES else self.zstd_level)
+
+
+_FLAT_CODECS = ("lz4", "zstd", "none")
 
 
 def _now() -> float:
@@ -97,6 +126,7 @@ class RunWriter:
 
         self.location = location
         self.layout = layout or StoreLayout()
+        self._arrays: dict[str, Any] = {}
         existing = location.read_json(fmt.MANIFEST_FILE)
         if existing is not None and not resume:
             raise StoreError(
@@ -122,6 +152,8 @@ class RunWriter:
             raise
         except Exception as exc:
             raise StoreError(f"cannot open the run at {location.uri!r} for writing: {type(exc).__name__}: {exc}") from exc
+        # the committed rows (values) of each growing array's open chunk: see the module docstring
+        self._tails: dict[str, np.ndarray] = {}
         self._series_index = {key: i for i, key in enumerate(self.manifest.series)}
         self._shape_index = {tuple(shape): i for i, shape in enumerate(self.manifest.shapes)}
         self.meta.update(meta or {})
@@ -148,9 +180,9 @@ class RunWriter:
         n_stats = len(fmt.STAT_NAMES)
 
         def create(name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill: Any) -> None:
-            # samples are the bulk of a step with attribution=: zstd level 1 takes half the CPU of level 3 on
-            # them for ~4 % more bytes (measured in docs/benchmarks.md#attribution)
-            codec = ZstdCodec(level=lay.samples_zstd_level) if name == fmt.SAMPLES else zstd
+            # the flat arrays are the bulk of a step, random-looking floats: a cheaper codec there (measured in
+            # docs/benchmarks.md#attribution and "The writer's cost per committed record")
+            codec = lay.flat_compressors(name) if name in (fmt.SAMPLES, fmt.NEURONS) else zstd
             self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=codec)
 
         create(fmt.RECORDS, (0, len(fmt.RECORD_COLUMNS)), (lay.record_chunk, len(fmt.RECORD_COLUMNS)), "int64", -1)
@@ -163,7 +195,12 @@ class RunWriter:
         create(fmt.SCALARS, (0, 3), (lay.scalars_chunk, 3), "float64", np.nan)
 
     def _array(self, name: str) -> Any:
-        return self.group[name]
+        """The array's handle, opened once: this writer is its only writer, and ``resize`` updates the handle
+        in place (reopening it read its ``zarr.json`` again at every write)."""
+        array = self._arrays.get(name)
+        if array is None:
+            array = self._arrays[name] = self.group[name]
+        return array
 
     def _truncate_to_manifest(self) -> None:
         """Drop rows written after the last committed manifest (a crash mid-flush)."""
@@ -256,21 +293,82 @@ class RunWriter:
                     sptr_block[row, sid] = (s_off, self._shape_id(tuple(entry.samples.shape)))
                     sample_parts.append(flat)
                     s_off += flat.size
-        r0, r1 = m.rows, m.rows + n
-        self._write_rows(fmt.RECORDS, rec_block, r0, r1)
-        self._write_rows(fmt.RECORD_TIME, time_block, r0, r1)
-        self._write_rows(fmt.STATS, stats_block, r0, r1)
-        self._write_rows(fmt.NEURONS_PTR, nptr_block, r0, r1)
-        self._write_rows(fmt.SAMPLES_PTR, sptr_block, r0, r1)
+        r0 = m.rows
+        tails = {
+            fmt.RECORDS: self._write_open(fmt.RECORDS, rec_block, r0),
+            fmt.RECORD_TIME: self._write_open(fmt.RECORD_TIME, time_block, r0),
+            fmt.STATS: self._write_open(fmt.STATS, stats_block, r0),
+            fmt.NEURONS_PTR: self._write_open(fmt.NEURONS_PTR, nptr_block, r0),
+            fmt.SAMPLES_PTR: self._write_open(fmt.SAMPLES_PTR, sptr_block, r0),
+        }
         if neuron_parts:
-            self._write_rows(fmt.NEURONS, np.concatenate(neuron_parts), m.neurons_len, n_off)
+            tails[fmt.NEURONS] = self._write_open(fmt.NEURONS, neuron_parts, m.neurons_len)
         if sample_parts:
-            self._write_rows(fmt.SAMPLES, np.concatenate(sample_parts), m.samples_len, s_off)
-        m.rows, m.neurons_len, m.samples_len = r1, n_off, s_off
+            tails[fmt.SAMPLES] = self._write_open(fmt.SAMPLES, sample_parts, m.samples_len)
+        # only once every array holds the block: a failed write leaves the tails and the counts as they were,
+        # and writing the block again rewrites the same whole chunks
+        self._tails.update(tails)
+        m.rows, m.neurons_len, m.samples_len = r0 + n, n_off, s_off
         if commit:
             self.commit()
 
+    def _tail(self, array: Any, name: str, start: int) -> np.ndarray:
+        """The values of the open chunk of ``name`` before ``start`` (committed ones): from memory, or read
+        once from the store after a resume (rows past the manifest are not read: they are dropped)."""
+        tail = self._tails.get(name)
+        if tail is None:
+            first = start // int(array.chunks[0]) * int(array.chunks[0])
+            tail = np.asarray(array[first:start]) if start > first else np.empty((0, *array.shape[1:]), dtype=array.dtype)
+        return tail
+
+    def _write_open(self, name: str, block: np.ndarray | list[np.ndarray], start: int) -> np.ndarray:
+        """Write ``block`` at ``start`` along the first axis of a growing array, as whole chunks: from the start
+        of the open chunk (the tail kept in memory) to the end of the last chunk the block reaches, padded
+        with the fill value. zarr then reads no chunk back. A flat array's block may come as its parts (one
+        copy fewer than concatenating them). Of a statistics or pointer array, only the chunks of series that
+        the block fills are written: the others hold what they held. Returns the new tail (not yet installed)."""
+        array = self._array(name)
+        chunk, fresh = int(array.chunks[0]), name not in self._tails
+        parts = block if isinstance(block, list) else [block]
+        trailing, dtype = parts[0].shape[1:], parts[0].dtype
+        stop = start + sum(len(p) for p in parts)
+        first, end = start // chunk * chunk, -(-stop // chunk) * chunk
+        tail = self._tail(array, name, start)
+        data = np.empty((end - first, *trailing), dtype=dtype)
+        data[stop - first :] = array.fill_value
+        if tail.shape[1:] != trailing:  # a new series widens the block
+            data[: len(tail)] = array.fill_value
+        data[(slice(0, len(tail)), *(slice(0, n) for n in tail.shape[1:]))] = tail
+        at = start - first
+        for part in parts:
+            data[at : at + len(part)] = part
+            at += len(part)
+        capacity = _capacity(end, int(array.shape[0]), chunk)
+        if tuple(array.shape) != (capacity, *trailing):
+            array.resize((capacity, *trailing))
+        if data.ndim < 3:
+            array[first:end] = data
+        else:  # after a resume, the open chunks may hold rows past the manifest: write them all once
+            spans = [(0, trailing[0])] if fresh else _filled_spans(parts[0], array.fill_value, int(array.chunks[1]))
+            for lo, hi in spans:
+                array[first:end, lo:hi] = data[:, lo:hi]
+        cut = stop // chunk * chunk
+        return data[cut - first : stop - first].copy()
+
+    def _trim(self) -> None:
+        """Cut the growing arrays back to the manifest's counts (what they hold), as a finished run had them
+        before arrays were allocated in whole chunks; only capacity past the committed values goes."""
+        m = self.manifest
+        for name, length in ((fmt.RECORDS, m.rows), (fmt.RECORD_TIME, m.rows), (fmt.STATS, m.rows),
+                             (fmt.NEURONS_PTR, m.rows), (fmt.SAMPLES_PTR, m.rows),
+                             (fmt.NEURONS, m.neurons_len), (fmt.SAMPLES, m.samples_len)):
+            array = self._array(name)
+            if int(array.shape[0]) > length:
+                array.resize((length, *array.shape[1:]))
+        self._tails.clear()  # a later append reads the open chunks back (the cut may have emptied them)
+
     def _write_rows(self, name: str, block: np.ndarray, start: int, stop: int) -> None:
+        """Resize to ``stop`` rows and write ``block`` there: the scalars, appended rarely and in small blocks."""
         array = self._array(name)
         shape = (stop, *block.shape[1:])
         if tuple(array.shape) != shape:
@@ -314,12 +412,42 @@ class RunWriter:
         self.location.write_json(fmt.META_FILE, self.meta)
 
     def close(self, status: fmt.RunStatus, error: str | None = None) -> None:
-        """Commit and mark the run finished or failed."""
+        """Commit and mark the run finished or failed; a finished run's arrays are then cut back to what they
+        hold (a failed one keeps its capacity, which readers ignore: the store may be what failed)."""
         self.commit()
         fields: dict[str, Any] = {"status": status, "finished": _now()}
         if error:
             fields["error"] = error
         self.update_meta(**fields)
+        if status == "finished":
+            self._trim()
+
+
+def _capacity(need: int, have: int, chunk: int) -> int:
+    """The length to allocate for ``need`` values: ``have`` while it is enough, else whole chunks and at least
+    half as much again, so that an array growing by a block per commit is resized (a ``zarr.json`` rewrite)
+    a logarithmic number of times, not at every commit."""
+    if need <= have:
+        return have
+    return -(-max(need, have + have // 2) // chunk) * chunk
+
+
+def _filled_spans(block: np.ndarray, fill: Any, group: int) -> list[tuple[int, int]]:
+    """The ranges of series (columns of a ``(rows, series, k)`` block, in whole chunks of ``group`` series)
+    where the block holds anything but ``fill``: the chunks a commit changes. A record holds few series
+    with samples, so most chunks of ``samples_ptr`` stay as they are."""
+    width = block.shape[1]
+    empty = np.isnan(block) if np.isnan(fill) else block == fill
+    used = np.zeros(-(-width // group) * group, dtype=bool)
+    used[:width] = ~empty.all(axis=(0, 2))
+    spans: list[tuple[int, int]] = []
+    for g in np.flatnonzero(used.reshape(-1, group).any(axis=1)):
+        lo, hi = int(g) * group, min((int(g) + 1) * group, width)
+        if spans and spans[-1][1] == lo:
+            spans[-1] = (spans[-1][0], hi)
+        else:
+            spans.append((lo, hi))
+    return spans
 
 
 def _neuron_blocks(neurons: np.ndarray, n_names: int) -> np.ndarray:
