@@ -39,6 +39,7 @@ from comgra_callbacks.recording.capture import (
 )
 from comgra_callbacks.recording.detail import Detail, DetailChooser
 from comgra_callbacks.recording.detail import culprits as find_culprits
+from comgra_callbacks.recording.memory import keep_freed
 from comgra_callbacks.recording.modules import is_container, module_tree
 from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot, estimate_bytes
 from comgra_callbacks.recording.policy import RecordingPolicy
@@ -687,6 +688,8 @@ class Recorder:
                         step.add(Snapshot(SeriesKey(name, None, 0, "update"), delta, _dtype_name(p), True, reference=before))
             self._build_graph(step)
             self._check_versions(step)
+            host = sum(s.tensor.numel() * s.tensor.element_size() for s in step.pending.snapshots if s.tensor.device.type == "cpu")
+            keep_freed(host)  # what this step frees is reused by the next one, not mapped again (recording/memory.py)
             pending = step.pending
             if self.policy is not None and not step.decided:
                 fired = self.policy.batch_reasons(outputs, batch if batch is not None else step.batch)

@@ -237,4 +237,10 @@ def _answer(answer: Answer) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The run is closed: leave without the interpreter's shutdown, which would wait for the buffered standard
+    # input that the line reader (a daemon thread) may still hold, and then abort with "Fatal Python error:
+    # could not acquire lock for <stdin> at interpreter shutdown" (seen when the trainer closed the pipe late).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
