@@ -75,7 +75,8 @@ def sums_fused(x: Any, dim: int) -> Any:
     """:func:`~comgra_callbacks.stats.sums_torch` of a float32 / float64 C-contiguous CPU tensor ``x`` (3-D,
     reduced over ``dim``, 1 or 2), as float64 (the sums about the mean of each neuron's first ``BLOCK``
     items: its ``shift``); None where the kernel does not apply (numba missing, another dtype or device, a
-    strided view): the caller then uses torch's."""
+    strided view): the caller then uses torch's. The recorder calls :func:`derived_fused`, which runs the
+    same sums and derives from them in one call; this is the sums alone, what tests hold against torch's."""
     import torch
 
     run = _prepare(x, dim)

@@ -110,8 +110,8 @@ def _pack(pending: PendingStep) -> PackedStep:
     _update_ratios(snaps, stats)
     index = pending.sample_index
     # on the CPU the buffer is put together by numpy: ~1 us a piece where torch's reshape and cat take ~10
-    host = stats.device.type == "cpu"
-    flat_piece = (lambda t: t.numpy().reshape(-1)) if host else (lambda t: t.reshape(-1))
+    on_cpu = stats.device.type == "cpu"
+    flat_piece = (lambda t: t.numpy().reshape(-1)) if on_cpu else (lambda t: t.reshape(-1))
     pieces: list[Any] = [flat_piece(stats)]
     layout = []
     for i, snap in enumerate(snaps):
@@ -125,7 +125,7 @@ def _pack(pending: PendingStep) -> PackedStep:
             sample_shape = tuple(chosen.shape)
             pieces.append(flat_piece(chosen.to(device=stats.device, dtype=torch.float32)))
         layout.append((snap.key, snap.dtype, neuron_shape, sample_shape))
-    flat = torch.from_numpy(np.concatenate(pieces)) if host else torch.cat(pieces)
+    flat = torch.from_numpy(np.concatenate(pieces)) if on_cpu else torch.cat(pieces)
     host, event = _to_host(flat)
     record = HostRecord(pending.step, pending.step_type, pending.epoch, pending.batch_idx, pending.time, pending.reason or "schedule")
     packed = PackedStep(record, host, layout, event, nbytes=int(flat.numel()) * 4)

@@ -317,17 +317,17 @@ def _host_epilogue(
     partials, code, neurons = host
     plain = [g for g, r in enumerate(reduced) if r is not None]
     redo: list[tuple[int, int]] = []  # column ranges whose per-neuron statistics are still to be derived
-    if len(plain) == len(reduced):
-        arrays = [r.numpy() if r.device.type == "cpu" else r.cpu().numpy() for r in reduced]
-        sums = np.concatenate([a.transpose(1, 0, 2).reshape(a.shape[1], -1) for a in arrays], axis=1)  # (SUM_NAMES, columns)
-        partials[:], code[:] = spec.partials_from_sums(sums, plan.items, np)
+    by_column = [reduced[g].cpu().numpy().transpose(1, 0, 2) for g in plain]  # (SUM_NAMES, g, k) each
+    if len(plain) == len(reduced):  # torch's kernels everywhere: one derivation over every column
+        sums = np.concatenate([a.reshape(a.shape[0], -1) for a in by_column], axis=1)
         redo.append((0, plan.segments.columns))
-    for g in plain if len(plain) < len(reduced) else ():
-        a = reduced[g].cpu().numpy()
-        start = plan.spans[plan.groups[g][0]]
-        stop = start + a.shape[0] * a.shape[2]
-        partials[:, start:stop], code[start:stop] = spec.partials_from_sums(a.transpose(1, 0, 2).reshape(a.shape[1], -1), plan.items[start:stop], np)
-        redo.append((start, stop))
+        partials[:], code[:] = spec.partials_from_sums(sums, plan.items, np)
+    else:  # a few groups beside the kernel's: each over its own columns
+        for g, a in zip(plain, by_column):
+            start = plan.spans[plan.groups[g][0]]
+            stop = start + a.shape[1] * a.shape[2]
+            redo.append((start, stop))
+            partials[:, start:stop], code[start:stop] = spec.partials_from_sums(a.reshape(a.shape[0], -1), plan.items[start:stop], np)
     redo += _fix_inexact(partials, code, plan, view, given)
     for start, stop in redo:
         neurons[:, start:stop] = spec.neurons_from_partials(partials[:, start:stop], np)
