@@ -18,7 +18,9 @@ How the kernels read (a 3-D view ``(g, items, k)`` over axis 1, or ``(g, k, item
   ``BLOCK`` items);
 * over axis 2, a neuron's items are contiguous: reduced in float64 with re-association allowed (SIMD);
 * min and max compare the floats' bits as integers (an order-preserving map), which vectorises where float
-  comparisons with NaN semantics do not. A NaN makes the sum non-finite, and the caller then takes the
+  comparisons with NaN semantics do not, in the same loop as the sums (each element is read once), and in
+  the bits' own width (numba widens integer operators to int64, which AVX2 cannot min and max in vectors:
+  the kernel's ufunc calls keep int32). A NaN makes the sum non-finite, and the caller then takes the
   masked kernel, so the min and max of a tensor with a NaN are never used.
 """
 
@@ -113,7 +115,7 @@ def _prepare(x: Any, dim: int) -> tuple[str, tuple[Any, ...], Any] | None:
         return None
     a = x.numpy()
     k = a.shape[2] if dim == 1 else a.shape[1]
-    ints, shift, mask = (np.int32, 31, np.int32(0x7FFFFFFF)) if a.dtype == np.float32 else (np.int64, 63, np.int64(0x7FFFFFFFFFFFFFFF))
+    ints, shift, mask = (np.int32, np.int32(31), np.int32(0x7FFFFFFF)) if a.dtype == np.float32 else (np.int64, np.int64(63), np.int64(0x7FFFFFFFFFFFFFFF))
     out = np.zeros((a.shape[0], len(SUM_NAMES), k), dtype=np.float64)
     return ("rows" if dim == 1 else "cols"), (a, a.view(ints), shift, mask, out), out
 
