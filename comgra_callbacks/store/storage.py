@@ -88,6 +88,10 @@ class RunLocation(ABC):
         """Write a file atomically."""
 
     @abstractmethod
+    def delete_bytes(self, key: str) -> None:
+        """Delete the file if it exists."""
+
+    @abstractmethod
     def zarr_store(self, *, read_only: bool) -> Any:
         """A zarr v3 store rooted at the run."""
 
@@ -148,6 +152,7 @@ class LocalRunLocation(RunLocation):
     def __init__(self, path: Path, name: str) -> None:
         self.path = path
         self.name = name
+        self._dirs: set[Path] = set()  # directories this location made or found: a chunk's write skips mkdir
 
     @property
     def uri(self) -> str:
@@ -158,15 +163,29 @@ class LocalRunLocation(RunLocation):
 
     def write_bytes(self, key: str, data: bytes) -> None:
         target = self.path / key
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent not in self._dirs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(target.parent)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
         try:
-            with open(tmp, "wb") as handle:
+            handle = open(tmp, "wb")
+        except FileNotFoundError:  # its directory was removed since: made again
+            target.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(tmp, "wb")
+        try:
+            with handle:
                 handle.write(data)
             os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def delete_bytes(self, key: str) -> None:
+        """Delete the file if it exists (the writer's empty chunks: store/chunks.py)."""
+        try:
+            os.unlink(self.path / key)
+        except FileNotFoundError:
+            pass
 
     def zarr_store(self, *, read_only: bool) -> Any:
         if read_only:
@@ -350,6 +369,12 @@ class FsspecRunLocation(RunLocation):
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self.root.fs.pipe_file(f"{self.path}/{key}", data)
+
+    def delete_bytes(self, key: str) -> None:
+        try:
+            self.root.fs.rm_file(f"{self.path}/{key}")
+        except FileNotFoundError:
+            pass
 
     def zarr_store(self, *, read_only: bool) -> Any:
         from zarr.storage import FsspecStore

@@ -10,7 +10,9 @@ with the fill value), so zarr never reads a chunk back, decodes it and merges th
 growing arrays are allocated in whole chunks, half as much again as they hold when they must grow, so a
 commit rarely rewrites a ``zarr.json``. While a run is open its arrays may therefore be longer than the
 manifest's counts (as after a crash); readers read only up to those counts, and :meth:`RunWriter.close` cuts
-the arrays back to them. The background thread in front of it lives in :mod:`comgra_callbacks.store.background`.
+the arrays back to them. On local disk those whole chunks are encoded and written by :mod:`.chunks` rather
+than by zarr's asynchronous write path (the same files, for about half the CPU of a commit). The background
+thread in front of it lives in :mod:`comgra_callbacks.store.background`.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from typing import Any, Literal
 import numpy as np
 
 from comgra_callbacks.errors import CorruptStoreError, StoreError
+from comgra_callbacks.store import chunks
 from comgra_callbacks.store import format as fmt
 from comgra_callbacks.store.format import Manifest, SeriesKey
-from comgra_callbacks.store.storage import RunLocation
+from comgra_callbacks.store.storage import LocalRunLocation, RunLocation
 
 
 @dataclass
@@ -77,6 +80,10 @@ class StoreLayout:
     # writer's CPU per LM record than zstd for ~19 % more bytes (docs/benchmarks.md, "The writer's cost per
     # committed record"), and the writer's CPU is taken from training
     flat_codec: Literal["lz4", "zstd", "none"] = "lz4"
+    # a local run's chunks encoded and written by the writer itself (store/chunks.py), not by zarr's event
+    # loop: about half the writer's CPU per commit of one or two LM records (72 -> 35 ms), a third of it for
+    # eleven (153 -> 106 ms; docs/benchmarks.md); False: through zarr (the same files, byte for byte)
+    direct_chunks: bool = True
 
     def __post_init__(self) -> None:
         if self.flat_codec not in _FLAT_CODECS:
@@ -154,6 +161,7 @@ class RunWriter:
             raise StoreError(f"cannot open the run at {location.uri!r} for writing: {type(exc).__name__}: {exc}") from exc
         # the committed rows (values) of each growing array's open chunk: see the module docstring
         self._tails: dict[str, np.ndarray] = {}
+        self._encoders: dict[str, Any] = {}  # per array: its chunk encoder, or None (zarr writes it)
         self._series_index = {key: i for i, key in enumerate(self.manifest.series)}
         self._shape_index = {tuple(shape): i for i, shape in enumerate(self.manifest.shapes)}
         self.meta.update(meta or {})
@@ -346,14 +354,30 @@ class RunWriter:
         capacity = _capacity(end, int(array.shape[0]), chunk)
         if tuple(array.shape) != (capacity, *trailing):
             array.resize((capacity, *trailing))
-        if data.ndim < 3:
+        # after a resume, the open chunks may hold rows past the manifest: all written once
+        spans = None if data.ndim < 3 or fresh else _filled_spans(parts[0], array.fill_value, int(array.chunks[1]))
+        encode = self._encoder(name, array)
+        if encode is not None:  # local disk: the chunks' bytes straight to their files (store/chunks.py)
+            for key, piece in chunks.whole_chunks(array, data, first, spans):
+                if piece is None:
+                    self.location.delete_bytes(key)
+                else:
+                    self.location.write_bytes(key, encode(piece))
+        elif spans is None:
             array[first:end] = data
-        else:  # after a resume, the open chunks may hold rows past the manifest: write them all once
-            spans = [(0, trailing[0])] if fresh else _filled_spans(parts[0], array.fill_value, int(array.chunks[1]))
+        else:
             for lo, hi in spans:
                 array[first:end, lo:hi] = data[:, lo:hi]
         cut = stop // chunk * chunk
         return data[cut - first : stop - first].copy()
+
+    def _encoder(self, name: str, array: Any) -> Any:
+        """How ``name``'s chunks are encoded here (:func:`.chunks.encoder`), or None: zarr writes them (a
+        remote store, where zarr's concurrent writes pay; codecs this package did not choose)."""
+        if name not in self._encoders:
+            local = isinstance(self.location, LocalRunLocation)
+            self._encoders[name] = chunks.encoder(array) if local and self.layout.direct_chunks else None
+        return self._encoders[name]
 
     def _trim(self) -> None:
         """Cut the growing arrays back to the manifest's counts (what they hold), as a finished run had them
