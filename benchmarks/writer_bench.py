@@ -12,7 +12,8 @@ what torch's threads lose while the writer works), both also per record, and the
 Variants: ``default`` (the layout a run gets), ``flat-zstd`` / ``flat-lz4`` / ``flat-raw`` (both flat arrays
 compressed with zstd as before / blosc lz4 / not at all: ``StoreLayout.flat_codec``), ``zarr-1-thread``
 (zarr's codec thread pool limited to one thread), ``series-64`` (64 series per chunk instead of 16: fewer,
-larger chunks per commit, but a reader of one node decodes 4x more); a variant the checkout's ``StoreLayout`` cannot express is
+larger chunks per commit, but a reader of one node decodes 4x more), ``zarr-writes`` (the chunks written through
+zarr's ``array[...] = block`` instead of by ``store/chunks.py``: the same files); a variant the checkout's ``StoreLayout`` cannot express is
 left out. ``--baseline /path/to/other/checkout`` adds the variant ``baseline``: that checkout's
 ``store/writer.py`` (loaded beside this one; the rest of the package is this checkout's), interleaved with the
 others in every round, which is fairer on a shared machine than two runs one after the other.
@@ -64,6 +65,8 @@ def variants() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
         out["flat-zstd"] = ({"flat_codec": "zstd"}, {})
         out["flat-lz4"] = ({"flat_codec": "lz4"}, {})
         out["flat-raw"] = ({"flat_codec": "none"}, {})
+    if "direct_chunks" in _layout_fields():
+        out["zarr-writes"] = ({"direct_chunks": False}, {})
     out["zarr-1-thread"] = ({}, {"threading.max_workers": 1})
     out["series-64"] = ({"stats_series": 64}, {})
     return out
