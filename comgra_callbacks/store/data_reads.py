@@ -193,9 +193,7 @@ class DataReads:
             row = _last_present(block, cols)
             if row is not None:
                 rows[node] = row
-        frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(fmt.STAT_NAMES)).astype("float32")
-        frame.index.name = "node"
-        return frame
+        return _stats_frame(rows, "node")
 
     # ----------------------------------------------------- added for the dashboard (issue 4)
     # Reads that the dashboard needs on every selector change, each bounded to a chunk or a slab.
@@ -228,9 +226,7 @@ class DataReads:
                 row = _last_present(block, cols, lo)
                 if row is not None:
                     rows[view] = row
-        frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(fmt.STAT_NAMES)).astype("float32")
-        frame.index.name = "view"
-        return frame
+        return _stats_frame(rows, "view")
 
     def node_stats(
         self,
@@ -336,6 +332,13 @@ class DataReads:
                         out[present, i] = slab[present, col]
                 yield np.arange(start, stop)[keep], out
             start = stop
+
+
+def _stats_frame(rows: dict[str, np.ndarray], index: str) -> pd.DataFrame:
+    """One row of batch statistics (float32) per key, the index named ``index``."""
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(fmt.STAT_NAMES)).astype("float32")
+    frame.index.name = index
+    return frame
 
 
 def _last_present(block: np.ndarray, cols: list[int], first: int = 0) -> np.ndarray | None:
