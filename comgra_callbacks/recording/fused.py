@@ -63,7 +63,20 @@ def _kernels() -> dict[str, Any] | None:
                 _STATE["kernels"] = _build()
             except ImportError:
                 _STATE["kernels"] = None
+            else:
+                import numpy as np
+                import torch
+
+                _BITS[torch.float32] = (np.int32, np.int32(31), np.int32(0x7FFFFFFF))
+                _BITS[torch.float64] = (np.int64, np.int64(63), np.int64(0x7FFFFFFFFFFFFFFF))
         return _STATE["kernels"]
+
+
+# per torch dtype the kernels read: the integer view of its bits, and the shift and mask of ``order``; filled
+# when the kernels are built, so that a step's ~100 groups find them in one lookup (a group's Python is on the
+# training thread, under the GIL: ~25 us of checks and lookups a call was ~2.5 ms of a transformer's step)
+_BITS: dict[Any, tuple[Any, Any, Any]] = {}
+_CALLED: set[tuple[str, Any]] = set()  # (kernel, dtype) called once already: compiled or loaded
 
 
 def _build() -> dict[str, Any]:
@@ -106,32 +119,37 @@ def derived_fused(x: Any, dim: int, c0: int, partials: Any, code: Any, neurons: 
 
 def _prepare(x: Any, dim: int) -> tuple[str, tuple[Any, ...], Any] | None:
     """The kernel's name, its first arguments and its output, or None where it does not apply."""
-    import numpy as np
-    import torch
+    bits = _BITS.get(x.dtype)
+    if bits is None:  # the kernels not built yet, or another dtype
+        import torch
 
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.dim() != 3:
+        if x.dtype not in (torch.float32, torch.float64) or _kernels() is None:
+            return None
+        bits = _BITS[x.dtype]
+    if not x.is_cpu or x.dim() != 3 or not x.is_contiguous():
         return None
-    if _kernels() is None:
-        return None
+    import numpy as np
+
     a = x.numpy()
-    k = a.shape[2] if dim == 1 else a.shape[1]
-    ints, shift, mask = (np.int32, np.int32(31), np.int32(0x7FFFFFFF)) if a.dtype == np.float32 else (np.int64, np.int64(63), np.int64(0x7FFFFFFFFFFFFFFF))
-    out = np.zeros((a.shape[0], len(SUM_NAMES), k), dtype=np.float64)
+    ints, shift, mask = bits
+    out = np.zeros((a.shape[0], len(SUM_NAMES), a.shape[2] if dim == 1 else a.shape[1]), dtype=np.float64)
     return ("rows" if dim == 1 else "cols"), (a, a.view(ints), shift, mask, out), out
 
 
 def _call(name: str, dim: int, args: tuple[Any, ...], dtype: Any) -> None:
     kernels = _STATE["kernels"]
-    first = (name, dtype.str) not in _STATE.setdefault("called", set())
+    if (name, dtype) in _CALLED:
+        kernels[name](*args)
+        return
     started = time.perf_counter()
     kernels[name](*args)
-    if first:  # numba compiles a kernel on its first call: ~2-8 s once, then it loads from numba's cache
-        _STATE["called"].add((name, dtype.str))
-        took = time.perf_counter() - started
-        if took > COMPILE_NOTE_SECS:
-            warnings.warn(
-                f"comgra: compiled the one-pass statistics kernel (numba, {name}, {dtype}) in {took:.1f} s; "
-                "later runs load it from numba's cache.",
-                RuntimeWarning,
-                stacklevel=5,
-            )
+    # numba compiles a kernel on its first call: ~2-8 s once, then it loads from numba's cache
+    _CALLED.add((name, dtype))
+    took = time.perf_counter() - started
+    if took > COMPILE_NOTE_SECS:
+        warnings.warn(
+            f"comgra: compiled the one-pass statistics kernel (numba, {name}, {dtype}) in {took:.1f} s; "
+            "later runs load it from numba's cache.",
+            RuntimeWarning,
+            stacklevel=5,
+        )

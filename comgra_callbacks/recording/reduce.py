@@ -246,38 +246,48 @@ def reduce_tensors(
     wanted = layouts or [(False, False, None)] * len(tensors)
     sync = synchronous if synchronous is not None else device.type == "cpu"
     plan = _plan(tensors, wanted)
+    floats = (torch.float32, torch.float64)
+
     def view(i: int) -> tuple[Any, Layout]:  # made where it is read (on either thread of share_work)
         layout = plan.layouts[i]
         if plan.moved[i]:
             return neuron_layout(tensors[i], neurons=True, axis=wanted[i][2])
-        x = spec.as_float_torch(tensors[i])
-        if not wanted[i][1]:  # an activation or its gradient: its items in any order
+        x = tensors[i].detach()
+        if x.dtype not in floats:  # read as it is
+            x = spec.as_float_torch(x)
+        if not wanted[i][1] and not x.is_contiguous():  # an activation or its gradient: its items in any order
             x = _items_in_memory_order(x, neurons_last=layout.neurons)
         return x.reshape(layout.shape), layout
 
     threads = default_threads()
+    on_cpu = device.type == "cpu"
     # a large CPU step is shared by two threads (share_work); otherwise one thread, except for a huge group
     forced = FORCE_SHARING
-    shareable = device.type == "cpu" and (forced if forced is not None else threads > 1 and plan.numel_total >= SHARED_MIN_NUMEL)
+    shareable = on_cpu and (forced if forced is not None else threads > 1 and plan.numel_total >= SHARED_MIN_NUMEL)
     shared = shareable and (forced if forced is not None else plan.sharing.pick())
 
     given: dict[int, Any] = {}  # tensors reduced from deviations at once (plan.deviations)
     host: tuple[Any, ...] = _host_arrays(plan.segments.columns) if sync else ()
-    use_fused = sync and device.type == "cpu" and plan.numel_total >= FUSED_MIN_NUMEL and fused.available()
+    use_fused = sync and on_cpu and plan.numel_total >= FUSED_MIN_NUMEL and fused.available()
 
     def reduce_group(g: int) -> Any:
-        members, layout = plan.groups[g], plan.layouts[plan.groups[g][0]]
-        huge = not shared and device.type == "cpu" and plan.sizes[g] >= THREADED_MIN_NUMEL
-        with cpu_threads(threads if huge else None):  # never switched on the helper thread
-            x = torch.cat([view(i)[0] for i in members]) if len(members) > 1 else view(members[0])[0]
-            if not sync:
-                return _device_partials(x, layout.dim)  # (g, N_PARTIALS, k)
-            if members[0] in plan.deviations:  # its m2 lost precision from plain sums before: skip them
-                given[members[0]] = spec.partials_torch(x, layout.dim)[0].double()
-                return torch.zeros((1, len(spec.SUM_NAMES), _width(layout)), dtype=torch.float64, device=x.device)
-            if use_fused and fused.derived_fused(x, layout.dim, plan.spans[members[0]], *host):
-                return None  # one pass (numba), derived into the step's columns in the same call
-            return spec.sums_torch(x, layout.dim).double()  # (g, len(SUM_NAMES), k)
+        if not shared and on_cpu and plan.sizes[g] >= THREADED_MIN_NUMEL:
+            with cpu_threads(threads):  # never switched on the helper thread
+                return group_sums(g)
+        return group_sums(g)  # no context manager on the way: a step's ~100 groups each pay for what is here
+
+    def group_sums(g: int) -> Any:
+        members = plan.groups[g]
+        layout = plan.layouts[members[0]]
+        x = torch.cat([view(i)[0] for i in members]) if len(members) > 1 else view(members[0])[0]
+        if not sync:
+            return _device_partials(x, layout.dim)  # (g, N_PARTIALS, k)
+        if members[0] in plan.deviations:  # its m2 lost precision from plain sums before: skip them
+            given[members[0]] = spec.partials_torch(x, layout.dim)[0].double()
+            return torch.zeros((1, len(spec.SUM_NAMES), _width(layout)), dtype=torch.float64, device=x.device)
+        if use_fused and fused.derived_fused(x, layout.dim, plan.spans[members[0]], *host):
+            return None  # one pass (numba), derived into the step's columns in the same call
+        return spec.sums_torch(x, layout.dim).double()  # (g, len(SUM_NAMES), k)
 
     with cpu_threads(1 if device.type == "cpu" else None):
         indices = list(range(len(plan.groups)))
@@ -287,6 +297,8 @@ def reduce_tensors(
             plan.sharing.observe(shared, time.perf_counter() - started)
         if sync:  # the sums are on the host now: the rest is a few numpy operations over the step's columns
             rows, blocks = _host_epilogue(reduced, plan, view, given, host)
+            if on_cpu:
+                return torch.from_numpy(rows), [None if b is None else torch.from_numpy(b) for b in blocks]
             return torch.from_numpy(rows).to(device), [None if b is None else torch.from_numpy(b).to(device) for b in blocks]
         pieces = [r.transpose(0, 1).reshape(r.shape[1], -1) for r in reduced]
         flat = (torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]).double()
