@@ -184,6 +184,48 @@ def test_steps_reduced_on_a_device_travel_as_results(tmp_path: Path) -> None:
     assert run.samples("ids", 1).tolist() == [0, 1]
 
 
+@pytest.mark.parametrize("kernel", ["numba", "torch"], ids=["one-pass-kernel", "numpy"])
+def test_the_writer_process_reduces_a_record_as_the_training_side_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
+    """The writer process reduces a raw record's arrays at once (``reduce_numpy.reduce_arrays``), with the
+    one-pass kernel (``COMGRA_KERNEL=numba``: from the first record) or numpy's; what it stores is what the
+    training side computes from the same tensors (``pack``), a NaN and an offset that dwarfs the spread
+    included."""
+    from comgra_callbacks.recording import fused
+    from comgra_callbacks.recording.pending import pack
+
+    if kernel == "numba":
+        assert fused.available(), "numba is part of the dev install (the `fast` extra)"
+    monkeypatch.setenv(fused.KERNEL_ENV, kernel)
+    g = torch.Generator().manual_seed(7)
+    act = torch.randn(64, 32, generator=g)
+    act[5, 3] = float("nan")
+    tensors = {"act": act, "far": 1e4 + 1e-2 * torch.randn(200, 8, generator=g), "w": torch.randn(16, 32, generator=g), "flat": torch.randn(300, generator=g)}
+
+    def step(number: int) -> PendingStep:
+        snaps = [Snapshot(SeriesKey(name, None, 0, "value"), t.clone(), "float32", name == "w", name != "flat", 0) for name, t in tensors.items()]
+        return PendingStep(number, "train", 0, number, 1.0, "schedule", snaps, batch_size=64)
+
+    writer = ProcessWriter(root=str(tmp_path), run="r")
+    writer.submit(step(0))  # raw: reduced in the writer process
+    assert writer.submit(pack(step(1)))  # reduced here
+    writer.close("finished")
+    run = open_run(tmp_path / "r")
+    for name in ("act", "w", "flat"):  # "far": float32 deviations about a float32 mean differ by ~0.2 % (below)
+        raw, packed = run.stats(name).loc[0], run.stats(name).loc[1]
+        np.testing.assert_allclose(raw.to_numpy(dtype=float), packed.to_numpy(dtype=float), rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=name)
+        if name != "flat":
+            np.testing.assert_allclose(run.neurons(name, 0), run.neurons(name, 1), rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=name)
+    far = tensors["far"].double()
+    # numpy's deviations are about a float32-rounded mean (~1e-3 off at 1e4): ~0.2 % on this spread; the kernel's
+    # sums about each neuron's shift are exact to float32 here
+    rel = 1e-5 if kernel == "numba" else 3e-3
+    assert run.stats("far").loc[0, "std"] == pytest.approx(far.std().item(), rel=rel)
+    assert run.stats("far").loc[0, "mean"] == pytest.approx(far.mean().item(), rel=1e-7)
+    np.testing.assert_allclose(run.neurons("far", 0)["std"].to_numpy(), far.std(0).numpy(), rtol=rel)  # per neuron
+    assert run.stats("act").loc[0, "nan_count"] == 1
+    assert run.stats("act").loc[0, "mean"] == pytest.approx(act[~act.isnan()].mean().item(), rel=1e-5)
+
+
 def test_flush_bytes_counts_what_a_pending_record_holds() -> None:
     """``flush_bytes`` bounds the memory of records waiting to be appended: their results and samples, not the
     raw tensors they arrived as (those were already given back to the ring)."""

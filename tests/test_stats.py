@@ -84,6 +84,20 @@ def numpy_path(tensors: list[torch.Tensor], is_parameter: bool) -> list[tuple[np
     return [reduce_numpy.reduce_array(a, neurons=True, is_parameter=is_parameter) for a in arrays]
 
 
+def numpy_record_path(kernel: bool):  # noqa: ANN201
+    """The writer process's way: a record's arrays at once (``reduce_numpy.reduce_arrays``), with or without
+    the one-pass kernel."""
+
+    def run(tensors: list[torch.Tensor], is_parameter: bool) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        if kernel:
+            assert fused.available(), "numba is part of the dev install (the `fast` extra)"
+        arrays = [t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy() for t in tensors]
+        rows, blocks = reduce_numpy.reduce_arrays(arrays, [(True, is_parameter, None)] * len(arrays), kernel=kernel)
+        return list(zip(rows, blocks))
+
+    return run
+
+
 def torch_path(synchronous: bool, alone: bool, shared: bool | None = None, repeats: int = 1, kernel: str = "torch"):  # noqa: ANN201
     """``shared``: the groups reduced by two threads (``reduce.share_work``) or one; ``repeats``: the same
     step reduced that many times, the last result checked (the plan and what it learnt are reused);
@@ -108,6 +122,8 @@ def torch_path(synchronous: bool, alone: bool, shared: bool | None = None, repea
 
 PATHS = {
     "numpy": numpy_path,
+    "numpy-record": numpy_record_path(False),
+    "numpy-record-fused": numpy_record_path(True),
     "torch-cpu-grouped": torch_path(True, False),
     "torch-cpu-alone": torch_path(True, True),
     "torch-accelerator-grouped": torch_path(False, False),

@@ -35,7 +35,7 @@ from typing import Any
 
 from comgra_callbacks.stats import SUM_NAMES
 
-KERNEL_ENV = "COMGRA_KERNEL"  # "torch": never use the fused kernel (for measurements and tests)
+KERNEL_ENV = "COMGRA_KERNEL"  # "torch": never use the fused kernel; "numba": the writer process too from its first record (tests)
 BLOCK = 64  # rows added in float32 before they are folded into the float64 totals
 COMPILE_NOTE_SECS = 2.0  # a first call this long (a compilation) is reported once
 
@@ -66,16 +66,18 @@ def _kernels() -> dict[str, Any] | None:
                 _STATE["kernels"] = None
             else:
                 import numpy as np
-                import torch
 
-                _BITS[torch.float32] = (np.int32, np.int32(31), np.int32(0x7FFFFFFF))
-                _BITS[torch.float64] = (np.int64, np.int64(63), np.int64(0x7FFFFFFFFFFFFFFF))
+                _NUMPY_BITS[np.dtype(np.float32)] = (np.int32, np.int32(31), np.int32(0x7FFFFFFF))
+                _NUMPY_BITS[np.dtype(np.float64)] = (np.int64, np.int64(63), np.int64(0x7FFFFFFFFFFFFFFF))
         return _STATE["kernels"]
 
 
-# per torch dtype the kernels read: the integer view of its bits, and the shift and mask of ``order``; filled
-# when the kernels are built, so that a step's ~100 groups find them in one lookup (a group's Python is on the
-# training thread, under the GIL: ~25 us of checks and lookups a call was ~2.5 ms of a transformer's step)
+# per dtype the kernels read (numpy's, and torch's in _BITS): the integer view of its bits, and the shift and
+# mask of ``order``; filled when the kernels are built, so that a step's ~100 groups find them in one lookup
+# (a group's Python is on the training thread, under the GIL: ~25 us of checks and lookups a call was ~2.5 ms
+# of a transformer's step). Nothing here imports torch: the writer process reads numpy arrays with the same
+# kernels (:func:`derived_numpy`).
+_NUMPY_BITS: dict[Any, tuple[Any, Any, Any]] = {}
 _BITS: dict[Any, tuple[Any, Any, Any]] = {}
 _CALLED: set[tuple[str, Any]] = set()  # (kernel, dtype) called once already: compiled or loaded
 
@@ -108,12 +110,25 @@ def derived_fused(x: Any, dim: int, c0: int, partials: Any, code: Any, neurons: 
     per-neuron statistics of ``x``'s columns, written into the step's arrays from column ``c0`` (see
     ``_fused_kernels.derive``): the derivation then costs the training thread nothing. False where the kernel
     does not apply (nothing written)."""
-    from comgra_callbacks.stats import CANCELLATION_SHARE
-
     run = _prepare(x, dim)
     if run is None:
         return False
-    kernel, args, out = run
+    return _derive(run, dim, c0, partials, code, neurons)
+
+
+def derived_numpy(a: Any, dim: int, c0: int, partials: Any, code: Any, neurons: Any) -> bool:
+    """:func:`derived_fused` of a numpy array (3-D, C-contiguous, float32 or float64): the writer process's
+    way in, which never imports torch. False where the kernel does not apply (nothing written)."""
+    run = _prepare_numpy(a, dim)
+    if run is None:
+        return False
+    return _derive(run, dim, c0, partials, code, neurons)
+
+
+def _derive(run: tuple[str, tuple[Any, ...], Any], dim: int, c0: int, partials: Any, code: Any, neurons: Any) -> bool:
+    from comgra_callbacks.stats import CANCELLATION_SHARE
+
+    kernel, args, _ = run
     _call(f"{kernel}+derive", dim, (*args, CANCELLATION_SHARE, c0, partials, code, neurons), args[0].dtype)
     return True
 
@@ -122,16 +137,31 @@ def _prepare(x: Any, dim: int) -> tuple[str, tuple[Any, ...], Any] | None:
     """The kernel's name, its first arguments and its output, or None where it does not apply."""
     bits = _BITS.get(x.dtype)
     if bits is None:  # the kernels not built yet, or another dtype
+        import numpy as np
         import torch
 
         if x.dtype not in (torch.float32, torch.float64) or _kernels() is None:
             return None
-        bits = _BITS[x.dtype]
+        bits = _BITS[x.dtype] = _NUMPY_BITS[np.dtype(np.float32 if x.dtype == torch.float32 else np.float64)]
     if not x.is_cpu or x.dim() != 3 or not x.is_contiguous():
         return None
+    return _arguments(x.numpy(), dim, bits)
+
+
+def _prepare_numpy(a: Any, dim: int) -> tuple[str, tuple[Any, ...], Any] | None:
+    bits = _NUMPY_BITS.get(a.dtype)
+    if bits is None:
+        if _kernels() is None or a.dtype not in _NUMPY_BITS:
+            return None
+        bits = _NUMPY_BITS[a.dtype]
+    if a.ndim != 3 or not a.flags.c_contiguous:
+        return None
+    return _arguments(a, dim, bits)
+
+
+def _arguments(a: Any, dim: int, bits: tuple[Any, Any, Any]) -> tuple[str, tuple[Any, ...], Any]:
     import numpy as np
 
-    a = x.numpy()
     ints, shift, mask = bits
     out = np.zeros((a.shape[0], len(SUM_NAMES), a.shape[2] if dim == 1 else a.shape[1]), dtype=np.float64)
     return ("rows" if dim == 1 else "cols"), (a, a.view(ints), shift, mask, out), out

@@ -10,14 +10,74 @@ same partial sums; tests hold them to the torch path's numbers).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from comgra_callbacks import stats as spec
 from comgra_callbacks.stats import N_STATS, STAT_INDEX, STAT_NAMES
 
-__all__ = ["N_STATS", "STAT_INDEX", "STAT_NAMES", "neuron_matrix_numpy", "reduce_array", "stats_numpy"]
+__all__ = ["N_STATS", "STAT_INDEX", "STAT_NAMES", "neuron_matrix_numpy", "reduce_array", "reduce_arrays", "stats_numpy"]
 
 stats_numpy = spec.stats_numpy
+KERNEL_AFTER_NUMEL = 1 << 24  # the writer loads the one-pass kernel (numba) once it has reduced this many elements
+_SEEN = {"numel": 0}  # elements reduced by reduce_arrays in this process (see KERNEL_AFTER_NUMEL)
+
+
+def reduce_arrays(arrays: list[np.ndarray], wanted: list[tuple[bool, bool, int | None]], *, kernel: bool | None = None) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """:func:`reduce_array` of a whole record at once: batch statistics ``(len(arrays), N_STATS)`` float32 and
+    per array its per-neuron statistics or None (``wanted``: per array ``(neurons, is a parameter, neuron
+    axis)``), the numbers :func:`~.reduce.reduce_tensors` gives on the training side.
+
+    Each array is read once for its partial sums, by the one-pass kernel of :mod:`.fused` where numba is
+    there (``kernel``; default: once this process has reduced ``KERNEL_AFTER_NUMEL`` elements, so that a
+    short run never pays for importing numba; from the first record with ``COMGRA_KERNEL=numba``) and by :func:`~comgra_callbacks.stats.partials_numpy`
+    otherwise, or where the kernel's sums do not describe a neuron exactly (a non-finite value, a mean that
+    dwarfs the spread). The batch and per-neuron statistics of every array then derive in one call each: the
+    ~40 numpy operations of a derivation cost ~100 us per array when taken one array at a time."""
+    from comgra_callbacks.recording import fused
+
+    if kernel is None:
+        _SEEN["numel"] += sum(int(a.size) for a in arrays)
+        early = os.environ.get(fused.KERNEL_ENV, "").lower() == "numba"
+        kernel = (early or _SEEN["numel"] >= KERNEL_AFTER_NUMEL) and fused.available()
+    matrices = [_matrix(np.asarray(a), *w) for a, w in zip(arrays, wanted)]
+    widths = [m.shape[1] for m in matrices]
+    spans = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64).tolist()
+    columns = spans[-1]
+    partials = np.empty((spec.N_PARTIALS, columns))
+    code = np.zeros(columns, dtype=np.int64)
+    neurons = np.empty((spec.N_NEURON_STATS, columns), dtype=np.float32)
+    for i, m in enumerate(matrices):
+        start, stop = spans[i], spans[i + 1]
+        if kernel and _kernel_sums(m, start, partials, code, neurons) and not code[start:stop].any():
+            continue
+        p = spec.partials_numpy(m)  # exact where the kernel's sums were not (or no kernel)
+        partials[:, start:stop] = p
+        neurons[:, start:stop] = spec.neurons_from_partials(p, np)
+    segments = spec.Segments(spans[:-1], widths)
+    numel = np.array([float(np.asarray(a).size) for a in arrays])
+    rows = spec.batch_from_partials(spec.combine_columns(partials, segments, np)[:, :, None], numel, np).astype(np.float32)
+    blocks = [neurons[:, spans[i] : spans[i + 1]] if w[0] and np.asarray(a).ndim > 0 else None for i, (a, w) in enumerate(zip(arrays, wanted))]
+    return rows, blocks
+
+
+def _matrix(a: np.ndarray, neurons: bool, is_parameter: bool, axis: int | None) -> np.ndarray:
+    """``a`` as ``(items, neurons)`` (one neuron of all its elements without per-neuron statistics)."""
+    matrix = neuron_matrix_numpy(a, is_parameter=is_parameter, axis=axis) if neurons else None
+    return a.reshape(-1, 1) if matrix is None else matrix
+
+
+def _kernel_sums(m: np.ndarray, start: int, partials: np.ndarray, code: np.ndarray, neurons: np.ndarray) -> bool:
+    """The one-pass kernel's partial sums, codes and per-neuron statistics of the matrix ``m`` (items,
+    neurons), written from column ``start``; False where it cannot read ``m``: another dtype."""
+    from comgra_callbacks.recording import fused
+
+    if m.dtype not in (np.float32, np.float64):
+        return False
+    if m.shape[1] == 1 or m.T.flags.c_contiguous:  # each neuron's items contiguous (parameters, one neuron)
+        return fused.derived_numpy(np.ascontiguousarray(m.T)[None], 2, start, partials, code, neurons)
+    return fused.derived_numpy(np.ascontiguousarray(m)[None], 1, start, partials, code, neurons)
 
 
 def reduce_array(a: np.ndarray, *, neurons: bool, is_parameter: bool = False, axis: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:

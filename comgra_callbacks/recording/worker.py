@@ -4,7 +4,8 @@ It owns the run's store and runs its :class:`~comgra_callbacks.store.sink.Worker
 thread writer's, fed by :class:`RingTransport`: from its standard input it reads one message per line
 (:func:`~comgra_callbacks.store.messages.decode`; the first, a ``StartMessage``, says where the run is), and
 the tensors of a recorded step are in the shared ring (:mod:`.ring`), whose descriptor it inherits. It
-computes the statistics of raw tensors with numpy (it never imports torch) and advances the ring's
+computes the statistics of a record's raw arrays at once (:func:`~.reduce_numpy.reduce_arrays`: numpy, and
+in a long run the one-pass numba kernel of :mod:`.fused`; it never imports torch) and advances the ring's
 *consumed* counter. It answers the start with one line on standard output, a
 :class:`~comgra_callbacks.store.messages.ReadyAnswer` or an :class:`~comgra_callbacks.store.messages.ErrorAnswer`.
 
@@ -71,11 +72,12 @@ def reduce_record(ring: Ring, msg: RecordMessage, items: tuple[RawItem, ...]) ->
     record = _record(msg.meta)
     index = None if msg.sample_index is None else np.asarray(msg.sample_index, dtype=np.int64)
     arrays = [ring.array(msg.base + it.offset, np.dtype(it.ring_dtype), it.shape) for it in items]
-    reduced = [
-        rn.reduce_array(a, neurons=it.neurons, is_parameter=it.is_parameter, axis=it.neuron_axis)
-        if has_statistics(it.view) else (counts_row(a), None)
-        for it, a in zip(items, arrays)
-    ]
+    described = [i for i, it in enumerate(items) if has_statistics(it.view)]  # the others: their counts only
+    reduced: list[tuple[Any, Any]] = [(None, None) if has_statistics(it.view) else (counts_row(a), None) for it, a in zip(items, arrays)]
+    if described:  # the whole record at once (one derivation; the one-pass kernel in a long run)
+        stats, blocks = rn.reduce_arrays([arrays[i] for i in described], [(items[i].neurons, items[i].is_parameter, items[i].neuron_axis) for i in described])
+        for position, i in enumerate(described):
+            reduced[i] = (stats[position], blocks[position])
     rows = [row for row, _ in reduced]
     for it, row in zip(items, rows):  # update-to-weight ratio, from the weight's own row
         if it.reference is not None and it.reference >= 0:  # -1: the weight is in another part (see join_ratios)
