@@ -208,8 +208,12 @@ def test_the_writer_process_reduces_a_record_as_the_training_side_does(tmp_path:
     writer = ProcessWriter(root=str(tmp_path), run="r")
     writer.submit(step(0))  # raw: reduced in the writer process
     assert writer.submit(pack(step(1)))  # reduced here
+    assert writer.submit(pack(step(2)))  # the same series: named by the id of the layout step 1 sent
     writer.close("finished")
     run = open_run(tmp_path / "r")
+    assert run.steps["step"].tolist() == [0, 1, 2]
+    for name in tensors:
+        np.testing.assert_array_equal(run.stats(name).loc[2].to_numpy(dtype=float), run.stats(name).loc[1].to_numpy(dtype=float))
     for name in ("act", "w", "flat"):  # "far": float32 deviations about a float32 mean differ by ~0.2 % (below)
         raw, packed = run.stats(name).loc[0], run.stats(name).loc[1]
         np.testing.assert_allclose(raw.to_numpy(dtype=float), packed.to_numpy(dtype=float), rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=name)

@@ -19,6 +19,7 @@ from comgra_callbacks.store.messages import (
     LayoutMessage,
     OpMessage,
     PackedItem,
+    PackedLayoutMessage,
     PackedMessage,
     RawItem,
     ReadyAnswer,
@@ -44,6 +45,8 @@ MESSAGES = [
     PackedMessage(META, 0, 44, 192, 176, (PackedItem("loss", None, 0, "value", "float32", None, None),
                                           PackedItem("net.0", "x", 1, "grad", "float16", (4, 5), (2, 5)))),
     PackedMessage(META, 64, 11, 128, 44, (), part=1, more=False),
+    PackedLayoutMessage(5, (PackedItem("loss", None, 0, "value", "float32", None, None), PackedItem("net.0", "x", 1, "grad", "float16", (4, 5), (2, 5)))),
+    PackedMessage(META, 0, 44, 192, 176, 5),  # its series named by the layout before
     OpMessage("add_scalars", ([[3, "train/loss", 0.25], [4, "train/loss", float("inf")]],)),
     OpMessage("start_segment", (0,)),
     OpMessage("commit"),

@@ -53,6 +53,7 @@ from comgra_callbacks.store.messages import (
     Message,
     OpMessage,
     PackedItem,
+    PackedLayoutMessage,
     PackedMessage,
     RawItem,
     RecordMessage,
@@ -108,7 +109,7 @@ class ProcessWriter:
         self._closed = False
         self._failure: StoreError | None = None  # found on this side: the writer stopped answering
         self._flush_id = 0
-        self._layout_ids: dict[tuple[RawItem, ...], int] = {}
+        self._layout_ids: dict[tuple[Any, ...], int] = {}  # raw and packed layouts, one counter
         self._next_layout = 0
         self._in_ring: deque[tuple[int, float]] = deque()  # (produced counter after a message, when it was sent)
         self._records_written = 0
@@ -407,12 +408,25 @@ class ProcessWriter:
 
     def _layout(self, items: tuple[RawItem, ...]) -> int:
         """The id of a layout the writer process knows (the same tensors every step: described once)."""
-        key = items
+        return self._layout_id(items, lambda number: LayoutMessage(number, items))
+
+    def _packed_layout(self, layout: list[tuple[Any, str, Any, Any]]) -> int:
+        """The id of a packed record's series the writer process knows (described once, like raw layouts)."""
+        entries: tuple[tuple[Any, str, tuple[int, ...] | None, tuple[int, ...] | None], ...] = tuple(
+            (k, dtype, None if ns is None else tuple(ns), None if ss is None else tuple(ss)) for k, dtype, ns, ss in layout
+        )
+
+        def message(number: int) -> PackedLayoutMessage:
+            return PackedLayoutMessage(number, tuple(PackedItem(k.node, k.role, k.iteration, k.view, dtype, ns, ss) for k, dtype, ns, ss in entries))
+
+        return self._layout_id(("packed", entries), message)
+
+    def _layout_id(self, key: tuple[Any, ...], message: Callable[[int], Message]) -> int:
         known = self._layout_ids.get(key)
         if known is not None and known > self._next_layout - _LAYOUTS_KEPT:
             return known
         self._next_layout += 1
-        self._send(LayoutMessage(self._next_layout, items))
+        self._send(message(self._next_layout))
         self._layout_ids[key] = self._next_layout
         if len(self._layout_ids) > 2 * _LAYOUTS_KEPT:
             self._layout_ids = {k: v for k, v in self._layout_ids.items() if v > self._next_layout - _LAYOUTS_KEPT}
@@ -424,10 +438,7 @@ class ProcessWriter:
         flat = packed.host.numpy() if not isinstance(packed.host, np.ndarray) else packed.host
         base = self._room(flat.nbytes)
         self.ring.array(base, np.float32, flat.shape)[:] = flat
-        layout = tuple(
-            PackedItem(k.node, k.role, k.iteration, k.view, dtype, None if ns is None else tuple(ns), None if ss is None else tuple(ss))
-            for k, dtype, ns, ss in packed.layout
-        )
+        layout = self._packed_layout(packed.layout)
         self._send(PackedMessage(meta, base, int(flat.size), self.ring.produced, int(flat.nbytes), layout, **part))
         self._sent()
 

@@ -41,6 +41,8 @@ from comgra_callbacks.store.messages import (
     Answer,
     ErrorAnswer,
     LayoutMessage,
+    PackedItem,
+    PackedLayoutMessage,
     PackedMessage,
     RawItem,
     ReadyAnswer,
@@ -91,10 +93,11 @@ def reduce_record(ring: Ring, msg: RecordMessage, items: tuple[RawItem, ...]) ->
     return record
 
 
-def unpack_record(ring: Ring, msg: PackedMessage) -> HostRecord:
-    """A packed message: statistics already computed on the training side; copy the pieces out of the ring."""
+def unpack_record(ring: Ring, msg: PackedMessage, items: tuple[PackedItem, ...]) -> HostRecord:
+    """A packed message (its series: ``items``): statistics already computed on the training side; copy the
+    pieces out of the ring."""
     record = _record(msg.meta)
-    layout = [(_key(it), it.dtype, it.neuron_shape, it.sample_shape) for it in msg.layout]
+    layout = [(_key(it), it.dtype, it.neuron_shape, it.sample_shape) for it in items]
     record.entries.extend(unpack_entries(ring.array(msg.offset, np.float32, (msg.length,)), layout, copy=True))
     return record
 
@@ -114,7 +117,7 @@ class RingTransport:
 
     def __init__(self, ring: Ring, messages: queue.Queue[Any]) -> None:
         self.ring, self.messages = ring, messages
-        self.layouts: dict[int, tuple[RawItem, ...]] = {}
+        self.layouts: dict[int, tuple[Any, ...]] = {}  # raw layouts (RawItem) and packed ones (PackedItem), by id
         self.partial: HostRecord | None = None  # a record whose parts are still arriving
         self.partial_ratios: set[SeriesKey] = set()
         self.next_part = 0  # the part expected next (-1: skip until a new record starts)
@@ -129,7 +132,7 @@ class RingTransport:
     def take(self, msg: Any) -> HostRecord | None:
         """A layout (kept), or a record or one part of it (``part`` 0, 1, ...; ``more`` on all but the last):
         the whole record once its last part arrived."""
-        if isinstance(msg, LayoutMessage):
+        if isinstance(msg, (LayoutMessage, PackedLayoutMessage)):
             self.layouts[msg.id] = msg.items
             for old in [k for k in self.layouts if k <= msg.id - _LAYOUTS_KEPT]:
                 del self.layouts[old]
@@ -138,17 +141,18 @@ class RingTransport:
             raise ValueError(f"unknown message {type(msg).__name__}")
         if msg.part == 0:  # a new record: parts of an earlier one that never ended (an interrupt) are dropped
             self.partial, self.partial_ratios, self.next_part = None, set(), 0
-        items = self.layouts.get(msg.layout) if isinstance(msg, RecordMessage) else None
-        if msg.part != self.next_part or (isinstance(msg, RecordMessage) and items is None):
+        described = not isinstance(msg.layout, int)  # a packed record's series with it (not named by an id)
+        items = None if described else self.layouts.get(msg.layout)  # type: ignore[arg-type]
+        if msg.part != self.next_part or (items is None and not described):
             # a part or its layout is missing (a message torn by an interrupt): the record is incomplete
             self.partial, self.partial_ratios, self.next_part = None, set(), -1
             return None
         self.next_part = msg.part + 1
-        if items is not None:
+        if isinstance(msg, RecordMessage):
             record = reduce_record(self.ring, msg, items)  # type: ignore[arg-type]
-            self.partial_ratios.update(_key(it) for it in items if it.reference == -1)
+            self.partial_ratios.update(_key(it) for it in items if it.reference == -1)  # type: ignore[union-attr]
         else:
-            record = unpack_record(self.ring, msg)  # type: ignore[arg-type]
+            record = unpack_record(self.ring, msg, msg.layout if items is None else items)  # type: ignore[arg-type]
         if self.partial is not None:
             self.partial.entries.extend(record.entries)
             record = self.partial
