@@ -243,3 +243,27 @@ def test_flush_bytes_counts_what_a_pending_record_holds() -> None:
         HostEntry(SeriesKey("b", None, 0, "value"), stats, np.zeros((4, 10), np.float32), np.zeros((2, 5), np.float32), "float32"),
     ])
     assert held_bytes(record) == 2 * stats.nbytes + 4 * 40 + 4 * 10
+
+
+def test_the_writer_process_yields_the_cores_torch_uses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``COMGRA_WRITER_NICE``: how much nicer than the trainer the writer process runs where torch's threads use every core (the
+    statistics are then computed on the training side); where the writer has a core of its own it keeps the
+    trainer's priority. A value that is not a niceness is a clear error, before any process starts."""
+    from comgra_callbacks.recording.process_writer import NICE_ENV
+
+    monkeypatch.setenv(NICE_ENV, "7")
+    monkeypatch.setenv("COMGRA_REDUCE", "training")  # as where torch uses every core
+    writer = ProcessWriter(root=str(tmp_path), run="busy")
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, writer.proc.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
+    finally:
+        writer.close("finished")
+    monkeypatch.setenv("COMGRA_REDUCE", "writer")
+    writer = ProcessWriter(root=str(tmp_path), run="free")
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, writer.proc.pid) == os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        writer.close("finished")
+    monkeypatch.setenv(NICE_ENV, "high")
+    with pytest.raises(StoreError, match=r"COMGRA_WRITER_NICE='high'.*an integer from 0 to 19"):
+        ProcessWriter(root=str(tmp_path), run="bad")

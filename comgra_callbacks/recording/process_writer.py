@@ -65,6 +65,8 @@ from comgra_callbacks.store.messages import (
 from comgra_callbacks.store.sink import ErrorPolicy, WaitTimedOut, slow_warning, wait_bounded
 
 CLOSE_SECS_AFTER_ERROR = 30.0  # closing after an exception waits at most this long; the writer finishes alone
+NICE_ENV = "COMGRA_WRITER_NICE"  # the writer process's niceness where torch's threads use every core (see _yield_cores)
+WRITER_NICE = 0
 _LAYOUTS_KEPT = 64  # the writer process keeps the last 64 layouts (worker.py)
 _FINISHING_ALONE: list[subprocess.Popen[bytes]] = []  # writers left to finish after close: reaped later
 
@@ -101,6 +103,7 @@ class ProcessWriter:
         start_timeout: float = 120.0,
     ) -> None:
         self.name = run
+        self._nice = writer_nice()
         self.on_error = on_error
         self.policy = ErrorPolicy(run, on_error)
         self.flush_secs = flush_secs
@@ -131,6 +134,7 @@ class ProcessWriter:
         except BaseException:
             self.ring.close()
             raise
+        self._yield_cores()
         assert self.proc.stdin is not None
         self._stdin = self.proc.stdin.fileno()
         os.set_blocking(self._stdin, False)  # every write is bounded (_send)
@@ -143,6 +147,19 @@ class ProcessWriter:
             self._kill()
             self.ring.close()
             raise
+
+    def _yield_cores(self) -> None:
+        """Where torch's threads use every core, the writer process runs at a lower priority: it then takes a
+        core when training leaves one (its Python between operations, data loading), not in the middle of a
+        parallel operation, whose other threads would wait for the one it preempted. Back-pressure bounds how
+        far it falls behind (the ring, ``flush_secs``)."""
+        nice = self._nice
+        if nice <= 0 or reduce_in_writer() or not hasattr(os, "setpriority"):
+            return
+        try:  # relative to the trainer's own niceness
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+        except OSError:  # not allowed here: it runs at the trainer's priority
+            pass
 
     # ----------------------------------------------------------------------------- plumbing
     def _send(self, message: Message) -> None:
@@ -520,6 +537,17 @@ class ProcessWriter:
                 location.write_json(fmt.META_FILE, meta)
         except Exception as exc:  # the store is gone too; a reader sees "running" with an old heartbeat
             warnings.warn(f"comgra: could not mark run {self.name!r} as failed: {exc}", RuntimeWarning, stacklevel=3)
+
+
+def writer_nice() -> int:
+    """How much nicer than the trainer the writer process runs where torch's threads use every core:
+    ``COMGRA_WRITER_NICE``, else :data:`WRITER_NICE`."""
+    text = os.environ.get(NICE_ENV, "").strip()
+    if not text:
+        return WRITER_NICE
+    if not text.isdigit() or int(text) > 19:
+        raise StoreError(f"`{NICE_ENV}={text!r}`: expected a niceness, an integer from 0 to 19 (0: the trainer's priority).")
+    return int(text)
 
 
 def travels_raw(step: PendingStep) -> bool:
