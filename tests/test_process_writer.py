@@ -258,6 +258,12 @@ def test_the_writer_process_yields_the_cores_torch_uses(tmp_path: Path, monkeypa
         assert os.getpriority(os.PRIO_PROCESS, writer.proc.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
     finally:
         writer.close("finished")
+    monkeypatch.setenv(NICE_ENV, "idle")  # Linux's SCHED_IDLE: only on a core nothing else wants
+    writer = ProcessWriter(root=str(tmp_path), run="idle")
+    try:
+        assert os.sched_getscheduler(writer.proc.pid) == os.SCHED_IDLE
+    finally:
+        writer.close("finished")
     monkeypatch.setenv("COMGRA_REDUCE", "writer")
     writer = ProcessWriter(root=str(tmp_path), run="free")
     try:
@@ -265,5 +271,5 @@ def test_the_writer_process_yields_the_cores_torch_uses(tmp_path: Path, monkeypa
     finally:
         writer.close("finished")
     monkeypatch.setenv(NICE_ENV, "high")
-    with pytest.raises(StoreError, match=r"COMGRA_WRITER_NICE='high'.*an integer from 0 to 19"):
+    with pytest.raises(StoreError, match=r"COMGRA_WRITER_NICE='high'.*an integer from 0 to 19.*or .idle."):
         ProcessWriter(root=str(tmp_path), run="bad")

@@ -66,7 +66,7 @@ from comgra_callbacks.store.sink import ErrorPolicy, WaitTimedOut, slow_warning,
 
 CLOSE_SECS_AFTER_ERROR = 30.0  # closing after an exception waits at most this long; the writer finishes alone
 NICE_ENV = "COMGRA_WRITER_NICE"  # the writer process's niceness where torch's threads use every core (see _yield_cores)
-WRITER_NICE = 0
+WRITER_NICE: int | str = 0
 _LAYOUTS_KEPT = 64  # the writer process keeps the last 64 layouts (worker.py)
 _FINISHING_ALONE: list[subprocess.Popen[bytes]] = []  # writers left to finish after close: reaped later
 
@@ -154,10 +154,14 @@ class ProcessWriter:
         parallel operation, whose other threads would wait for the one it preempted. Back-pressure bounds how
         far it falls behind (the ring, ``flush_secs``)."""
         nice = self._nice
-        if nice <= 0 or reduce_in_writer() or not hasattr(os, "setpriority"):
+        if nice in (0, "0") or reduce_in_writer():
             return
-        try:  # relative to the trainer's own niceness
-            os.setpriority(os.PRIO_PROCESS, self.proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+        try:
+            if nice == "idle":
+                if hasattr(os, "SCHED_IDLE"):
+                    os.sched_setscheduler(self.proc.pid, os.SCHED_IDLE, os.sched_param(0))
+            elif hasattr(os, "setpriority"):  # relative to the trainer's own niceness
+                os.setpriority(os.PRIO_PROCESS, self.proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + int(nice)))
         except OSError:  # not allowed here: it runs at the trainer's priority
             pass
 
@@ -539,14 +543,17 @@ class ProcessWriter:
             warnings.warn(f"comgra: could not mark run {self.name!r} as failed: {exc}", RuntimeWarning, stacklevel=3)
 
 
-def writer_nice() -> int:
-    """How much nicer than the trainer the writer process runs where torch's threads use every core:
-    ``COMGRA_WRITER_NICE``, else :data:`WRITER_NICE`."""
-    text = os.environ.get(NICE_ENV, "").strip()
+def writer_nice() -> int | str:
+    """How much nicer than the trainer the writer process runs where torch's threads use every core
+    (``"idle"``: Linux's ``SCHED_IDLE``, only on a core nothing else wants): ``COMGRA_WRITER_NICE``, else
+    :data:`WRITER_NICE`."""
+    text = os.environ.get(NICE_ENV, "").strip().lower()
     if not text:
         return WRITER_NICE
+    if text == "idle":
+        return text
     if not text.isdigit() or int(text) > 19:
-        raise StoreError(f"`{NICE_ENV}={text!r}`: expected a niceness, an integer from 0 to 19 (0: the trainer's priority).")
+        raise StoreError(f"`{NICE_ENV}={text!r}`: expected a niceness, an integer from 0 to 19 (0: the trainer's priority), or 'idle'.")
     return int(text)
 
 
