@@ -31,9 +31,9 @@ def reduce_arrays(arrays: list[np.ndarray], wanted: list[tuple[bool, bool, int |
 
     Each array is read once for its partial sums, by the one-pass kernel of :mod:`.fused` where numba is
     there (``kernel``; default: once this process has reduced ``KERNEL_AFTER_NUMEL`` elements, so that a
-    short run never pays for importing numba; from the first record with ``COMGRA_KERNEL=numba``) and by :func:`~comgra_callbacks.stats.partials_numpy`
-    otherwise, or where the kernel's sums do not describe a neuron exactly (a non-finite value, a mean that
-    dwarfs the spread). The batch and per-neuron statistics of every array then derive in one call each: the
+    short run never pays the ~1.7 s of CPU that loading numba and the kernels takes; from the first record
+    with ``COMGRA_KERNEL=numba``), and by :func:`~comgra_callbacks.stats.partials_numpy` otherwise or where
+    the kernel's sums do not describe a neuron exactly (a non-finite value, a mean that dwarfs the spread). The batch and per-neuron statistics of every array then derive in one call each: the
     ~40 numpy operations of a derivation cost ~100 us per array when taken one array at a time."""
     from comgra_callbacks.recording import fused
 
