@@ -1,0 +1,133 @@
+"""The writer's shortcuts over its per-record and per-chunk work, each held to the slow way it replaces: the
+emptiness test that stops at a chunk's first or last value, blosc kept on the calling thread, and a record's
+pointers set for all its series at once (with the entries that need the general path mixed in)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numcodecs
+import numcodecs.blosc
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec
+
+from comgra_callbacks import open_run
+from comgra_callbacks.store import chunks
+from comgra_callbacks.store.format import STAT_INDEX, STAT_NAMES, SeriesKey
+from comgra_callbacks.store.storage import open_root
+from comgra_callbacks.store.writer import HostEntry, HostRecord, RunWriter, StoreLayout
+from tests.test_writer_chunks import chunk_files
+
+SMALL = StoreLayout(record_chunk=8, stats_rows=4, stats_series=2, flat_chunk=16, scalars_chunk=4)
+
+
+@pytest.mark.parametrize("fill", [np.nan, -1])
+def test_a_chunk_with_values_only_inside_is_not_empty(fill: float) -> None:
+    dtype = np.float32 if isinstance(fill, float) else np.int64
+    block = np.full((4, 3, 2), fill, dtype=dtype)
+    assert chunks._is_fill(block, fill)
+    block[2, 1, 0] = 5  # neither the first nor the last value: only the full test sees it
+    assert not chunks._is_fill(block, fill)
+    assert not chunks._is_fill(block[:, 1:], fill)  # a view that is not contiguous
+    assert chunks._is_fill(block[:, 2:], fill)
+    block[2, 1, 0] = fill
+    block[0, 0, 0] = 5
+    assert not chunks._is_fill(block, fill)
+    block[0, 0, 0], block[-1, -1, -1] = fill, 5
+    assert not chunks._is_fill(block, fill)
+
+
+def test_a_chunk_with_one_value_in_its_middle_is_written() -> None:
+    group = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
+    array = group.create_array("a", shape=(8,), chunks=(4,), dtype="float32", fill_value=np.nan, compressors=None)
+    data = np.full(8, np.nan, dtype=np.float32)
+    data[5] = 1.0
+    out = dict(chunks.whole_chunks(array, data, 0))
+    assert out["a/c/0"] is None
+    piece = out["a/c/1"]
+    assert piece is not None and piece[1] == 1.0
+
+
+@pytest.mark.parametrize("setting", [None, True, False])
+def test_blosc_on_the_calling_thread_gives_the_same_bytes_and_puts_the_switch_back(tmp_path: Path, setting: bool | None) -> None:
+    group = zarr.open_group(str(tmp_path / "g"), mode="w", zarr_format=3)
+    codec = BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=4)
+    array = group.create_array("flat", shape=(262_144,), chunks=(262_144,), dtype="float32", fill_value=np.nan, compressors=codec)
+    encode = chunks.encoder(array)
+    assert encode is not None
+    values = np.random.default_rng(0).standard_normal(262_144).astype(np.float32)
+    before = numcodecs.blosc.use_threads
+    numcodecs.blosc.use_threads = setting
+    try:
+        mine = encode(values)
+        assert numcodecs.blosc.use_threads is setting
+        threaded = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=0, typesize=4).encode(values)  # blosc's threads, from the main thread
+    finally:
+        numcodecs.blosc.use_threads = before
+    assert threading.current_thread() is threading.main_thread()
+    assert mine == bytes(threaded)
+    array[:] = values  # zarr's own write (its codec runs on a worker thread)
+    assert (tmp_path / "g" / "flat" / "c" / "0").read_bytes() == mine
+
+
+def entry(name: str, value: float, neurons: np.ndarray | None, samples: np.ndarray | None) -> HostEntry:
+    stats = np.full(len(STAT_NAMES), value, dtype=np.float32)
+    stats[STAT_INDEX["numel"]] = 6
+    return HostEntry(SeriesKey(name, None, 0, "value"), stats, neurons, samples)
+
+
+def mixed(step: int) -> HostRecord:
+    """Series in an order that differs from the one the run first saw, with every kind of per-neuron array:
+    float32 (the fast path), float64, a transposed view, a 3-D array, fewer rows than names; some series
+    without neurons or samples."""
+    width = 3
+    base = np.arange(4 * width, dtype=np.float32).reshape(4, width) + step
+    entries = [
+        entry("fast", step + 0.1, base.copy(), np.full((2, width), step, np.float32)),
+        entry("wide", step + 0.2, base.astype(np.float64), None),
+        entry("view", step + 0.3, np.ascontiguousarray(base.T).T, np.full((1, 5), step + 1, np.float64)),
+        entry("deep", step + 0.4, base.reshape(2, 2, width), None),
+        entry("short", step + 0.5, base[:3].copy(), np.full((3,), step + 2, np.float32)),
+        entry("bare", step + 0.6, None, None),
+    ]
+    if step % 2:
+        entries.reverse()
+    return HostRecord(step, "train", 0, step, 1_700_000_000.0 + step, "schedule", entries)
+
+
+def test_a_record_of_every_kind_of_entry_reads_back_as_written(tmp_path: Path) -> None:
+    writer = RunWriter(open_root(tmp_path).run("r"), layout=SMALL)
+    writer.append([mixed(0), mixed(1), mixed(2)])
+    writer.append([mixed(3)])
+    writer.close("finished")
+    run = open_run(tmp_path / "r")
+    for step in range(4):
+        base = np.arange(12, dtype=np.float32).reshape(4, 3) + step
+        for name, offset in (("fast", 0.1), ("wide", 0.2), ("view", 0.3), ("deep", 0.4), ("short", 0.5), ("bare", 0.6)):
+            assert run.stats(name)["mean"][step] == pytest.approx(step + offset)
+        for name in ("fast", "wide", "view", "deep"):
+            np.testing.assert_array_equal(run.neurons(name, step).to_numpy().T, base, err_msg=name)
+        short = run.neurons("short", step).to_numpy().T
+        np.testing.assert_array_equal(short[:3], base[:3])
+        assert np.isnan(short[3]).all()  # the missing row reads as NaN
+        np.testing.assert_array_equal(run.samples("fast", step), np.full((2, 3), step, np.float32))
+        np.testing.assert_array_equal(run.samples("view", step), np.full((1, 5), step + 1, np.float32))
+        np.testing.assert_array_equal(run.samples("short", step), np.full((3,), step + 2, np.float32))
+        for name in ("wide", "deep", "bare"):
+            with pytest.raises(KeyError, match="has no samples"):
+                run.samples(name, step)
+        with pytest.raises(KeyError, match="no per-neuron statistics"):
+            run.neurons("bare", step)
+
+
+def test_every_kind_of_entry_gives_the_same_files_as_zarr(tmp_path: Path) -> None:
+    for direct in (False, True):
+        layout = StoreLayout(**{**SMALL.__dict__, "direct_chunks": direct})
+        writer = RunWriter(open_root(tmp_path / str(direct)).run("r"), layout=layout)
+        writer.append([mixed(0), mixed(1), mixed(2)])
+        writer.append([mixed(3), mixed(4)])
+        writer.close("finished")
+    assert chunk_files(tmp_path / "True" / "r") == chunk_files(tmp_path / "False" / "r")
