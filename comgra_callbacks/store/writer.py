@@ -235,13 +235,13 @@ class RunWriter:
                 array.resize(shape)
 
     # ----------------------------------------------------------------------------------- records
-    def _series_ids(self, entries: Sequence[HostEntry]) -> np.ndarray:
-        """The series ids of a record's entries, as an index array; new series get the next ids, in order."""
+    def _series_ids(self, entries: Sequence[HostEntry]) -> list[int]:
+        """The series ids of a record's entries; new series get the next ids, in order."""
         index = self._series_index
         ids = [index.get(entry.key, -1) for entry in entries]
         if -1 in ids:
             ids = [self._series_id(entry) for entry in entries]
-        return np.array(ids, dtype=np.intp)
+        return ids
 
     def _series_id(self, entry: HostEntry) -> int:
         idx = self._series_index.get(entry.key)
@@ -303,10 +303,11 @@ class RunWriter:
                 stats_block[row, record_ids] = [entry.stats for entry in entries]
             # the per-neuron statistics and samples: one list of (series, array) each, then every pointer of
             # the row in one assignment (a record holds ~200 series: per-entry numpy calls add up)
-            with_neurons = [(sid, _neuron_blocks(e.neurons, n_names)) for sid, e in zip(record_ids, entries) if e.neurons is not None]
+            with_neurons = [(sid, e.neurons) for sid, e in zip(record_ids, entries) if e.neurons is not None]
             if with_neurons:
-                n_off = _point(nptr_block[row], with_neurons, n_off, [e.neurons.shape[-1] for e in entries if e.neurons is not None])
-                neuron_parts.extend(flat for _, flat in with_neurons)
+                flats = list(zip([sid for sid, _ in with_neurons], _neuron_flats([a for _, a in with_neurons], n_names)))
+                n_off = _point(nptr_block[row], flats, n_off, [a.shape[-1] for _, a in with_neurons])
+                neuron_parts.extend(flat for _, flat in flats)
             with_samples = [(sid, e.samples) for sid, e in zip(record_ids, entries) if e.samples is not None]
             if with_samples:
                 flats = [(sid, np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)) for sid, samples in with_samples]
@@ -349,7 +350,7 @@ class RunWriter:
         array = self._array(name)
         chunk, fresh = int(array.chunks[0]), name not in self._tails
         parts = block if isinstance(block, list) else [block]
-        trailing, dtype = parts[0].shape[1:], parts[0].dtype
+        trailing, dtype = parts[0].shape[1:], np.dtype(array.dtype)
         stop = start + sum(len(p) for p in parts)
         first, end = start // chunk * chunk, -(-stop // chunk) * chunk
         tail = self._tail(array, name, start)
@@ -358,7 +359,8 @@ class RunWriter:
         if tail.shape[1:] != trailing:  # a new series widens the block
             data[: len(tail)] = array.fill_value
         data[(slice(0, len(tail)), *(slice(0, n) for n in tail.shape[1:]))] = tail
-        np.concatenate(parts, axis=0, out=data[start - first : stop - first])  # one call for ~2,000 parts
+        # one call for ~2,000 parts; cast as np.asarray(part, dtype) would (a record's float64 neurons)
+        np.concatenate(parts, axis=0, out=data[start - first : stop - first], casting="unsafe")
         capacity = _capacity(end, int(array.shape[0]), chunk)
         if tuple(array.shape) != (capacity, *trailing):
             array.resize((capacity, *trailing))
@@ -493,12 +495,20 @@ def _point(pointers: np.ndarray, parts: list[tuple[int, np.ndarray]], offset: in
     return int(ends[-1])
 
 
+def _neuron_flats(arrays: list[np.ndarray], n_names: int) -> list[np.ndarray]:
+    """The per-neuron statistics of a record's entries as the run stores them (:func:`_neuron_blocks`). Where
+    every array holds exactly ``n_names`` rows of its width (what current producers hand over), each is only
+    flattened, a view where it can be: the dtype is cast when the parts are copied into the block
+    (``_write_open``), as ``_neuron_blocks`` casts it."""
+    if all(a.size == n_names * a.shape[-1] for a in arrays):
+        return [a.reshape(-1) for a in arrays]
+    return [_neuron_blocks(a, n_names) for a in arrays]
+
+
 def _neuron_blocks(neurons: np.ndarray, n_names: int) -> np.ndarray:
     """An entry's per-neuron statistics as the run stores them: ``n_names`` blocks of ``width`` values. A run
     resumed from a store written before per-neuron ``l2`` keeps its three blocks; fewer rows than names (a
     producer that knows only the older names) are padded with NaN."""
-    if neurons.ndim == 2 and neurons.shape[0] == n_names and neurons.dtype == np.float32 and neurons.flags.c_contiguous:
-        return neurons.reshape(-1)  # what every current producer hands over: a view, as below
     block = np.asarray(neurons, dtype=np.float32).reshape(-1, neurons.shape[-1])[:n_names]
     if block.shape[0] < n_names:
         block = np.concatenate([block, np.full((n_names - block.shape[0], block.shape[1]), np.nan, dtype=np.float32)])
