@@ -144,3 +144,17 @@ def test_every_kind_of_entry_gives_the_same_files_as_zarr(tmp_path: Path, make: 
         writer.append([make(3), make(4)])
         writer.close("finished")
     assert chunk_files(tmp_path / "True" / "r") == chunk_files(tmp_path / "False" / "r")
+
+
+def test_a_failed_file_write_leaves_the_old_file_and_no_temporary_one(tmp_path: Path) -> None:
+    location = open_root(tmp_path).run("r")
+    location.write_bytes("a/c/0", b"old")
+    with pytest.raises(TypeError):
+        location.write_bytes("a/c/0", "not bytes")  # type: ignore[arg-type]
+    assert (tmp_path / "r" / "a" / "c" / "0").read_bytes() == b"old"
+    assert sorted(p.name for p in (tmp_path / "r").rglob("*")) == ["0", "a", "c"]
+    other = open_root(tmp_path).run("r")  # another location of the same run (a resumed writer)
+    for loc, data in ((location, b"one"), (other, b"two"), (location, b"three")):
+        loc.write_bytes("a/c/1", data)
+        assert (tmp_path / "r" / "a" / "c" / "1").read_bytes() == data
+    assert not list((tmp_path / "r").rglob("*.partial"))
