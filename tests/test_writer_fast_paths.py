@@ -158,3 +158,26 @@ def test_a_failed_file_write_leaves_the_old_file_and_no_temporary_one(tmp_path: 
         loc.write_bytes("a/c/1", data)
         assert (tmp_path / "r" / "a" / "c" / "1").read_bytes() == data
     assert not list((tmp_path / "r").rglob("*.partial"))
+
+
+def test_series_are_found_by_every_field_of_their_key(tmp_path: Path) -> None:
+    """The writer looks series up by their key's fields as a tuple: a field added to SeriesKey must be added
+    there too, and keys that differ in any one field are different series."""
+    import dataclasses
+
+    from comgra_callbacks.store import writer as writer_module
+
+    assert [f.name for f in dataclasses.fields(SeriesKey)] == ["node", "role", "iteration", "view"]
+    key = SeriesKey("n", "r", 1, "value")
+    assert writer_module._key_fields(key) == dataclasses.astuple(key)
+    keys = [key, SeriesKey("m", "r", 1, "value"), SeriesKey("n", "s", 1, "value"), SeriesKey("o", None, 1, "value"), SeriesKey("n", "r", 2, "value"), SeriesKey("n", "r", 1, "grad")]
+    writer = RunWriter(open_root(tmp_path).run("r"), layout=SMALL)
+    for step in range(3):  # new key objects at every record, as the writer process decodes them
+        entries = [HostEntry(SeriesKey(k.node, k.role, k.iteration, k.view), np.full(len(STAT_NAMES), step * 10 + i, np.float32)) for i, k in enumerate(keys)]
+        writer.append([HostRecord(step, "train", 0, step, 0.0, "schedule", entries[::-1] if step == 1 else entries)])
+    assert writer.manifest.series == keys
+    writer.close("finished")
+    run = open_run(tmp_path / "r")
+    for i, k in enumerate(keys):
+        got = run.stats(k.node, role=k.role, iteration=k.iteration, view=k.view)["mean"].tolist()
+        assert got == [i, 10 + i, 20 + i], k

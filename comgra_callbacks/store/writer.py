@@ -162,7 +162,10 @@ class RunWriter:
         # the committed rows (values) of each growing array's open chunk: see the module docstring
         self._tails: dict[str, np.ndarray] = {}
         self._encoders: dict[str, Any] = {}  # per array: its chunk encoder, or None (zarr writes it)
-        self._series_index = {key: i for i, key in enumerate(self.manifest.series)}
+        # series ids by the key's fields as a plain tuple: hashing and comparing a tuple runs in C, a frozen
+        # dataclass's __hash__ and __eq__ in Python (~3 us a lookup, ~200 a record; the writer process
+        # decodes new key objects for every record, so identity never short-cuts the comparison)
+        self._series_index = {_key_fields(key): i for i, key in enumerate(self.manifest.series)}
         self._shape_index = {tuple(shape): i for i, shape in enumerate(self.manifest.shapes)}
         self.meta.update(meta or {})
         self.meta.update(
@@ -238,18 +241,19 @@ class RunWriter:
     def _series_ids(self, entries: Sequence[HostEntry]) -> list[int]:
         """The series ids of a record's entries; new series get the next ids, in order."""
         index = self._series_index
-        ids = [index.get(entry.key, -1) for entry in entries]
+        ids = [index.get((k.node, k.role, k.iteration, k.view), -1) for k in [entry.key for entry in entries]]  # _key_fields, inlined
         if -1 in ids:
             ids = [self._series_id(entry) for entry in entries]
         return ids
 
     def _series_id(self, entry: HostEntry) -> int:
-        idx = self._series_index.get(entry.key)
+        fields = _key_fields(entry.key)
+        idx = self._series_index.get(fields)
         if idx is None:
             idx = len(self.manifest.series)
             self.manifest.series.append(entry.key)
             self.manifest.dtypes.append(entry.dtype)
-            self._series_index[entry.key] = idx
+            self._series_index[fields] = idx
         return idx
 
     def _shape_id(self, shape: tuple[int, ...]) -> int:
@@ -482,6 +486,11 @@ def _filled_spans(block: np.ndarray, fill: Any, group: int) -> list[tuple[int, i
         else:
             spans.append((lo, hi))
     return spans
+
+
+def _key_fields(key: SeriesKey) -> tuple[str, str | None, int, str]:
+    """A series key's fields, in the order of :class:`SeriesKey` (tests/test_writer_fast_paths.py holds them to it)."""
+    return (key.node, key.role, key.iteration, key.view)
 
 
 def _point(pointers: np.ndarray, parts: list[tuple[int, np.ndarray]], offset: int, second: list[int]) -> int:
