@@ -4,7 +4,8 @@ Records one step of the transformer workload (``lm_workload.py``, default detail
 Lightning ``Trainer`` (through ``pack_bench.captured_step``), turns it into the :class:`HostRecord` the writer
 process appends, and then appends it ``--commits`` times in blocks of ``--per-commit`` records (11 is what the
 writer process commits per block on that workload) to a fresh :class:`RunWriter` on local disk, each
-``append`` followed by its commit (rows, then the manifest), exactly as the writer's ``Worker`` does.
+``append`` followed by its commit (rows, then the manifest), exactly as the writer's ``Worker`` does; each
+record has its own entry and key objects, as the writer process decodes them.
 
 Reported per variant (median over the commits after ``--warmup``): wall time of one commit, the process's
 CPU time during it (``time.process_time``: every thread, so zarr's codec threads count, and that CPU is
@@ -143,6 +144,13 @@ def child(raw: str) -> None:
     print(json.dumps(result))
 
 
+def decoded(record: HostRecord, step: int) -> HostRecord:
+    """``record`` at ``step`` with its own entry and key objects, as the writer process decodes every record
+    (shared keys would let the writer's lookups short-cut on identity)."""
+    entries = [dataclasses.replace(e, key=dataclasses.replace(e.key)) for e in record.entries]
+    return dataclasses.replace(record, step=step, entries=entries)
+
+
 def measure(record: HostRecord, writer_class: Any, layout: Any, config: dict[str, Any], commits: int, per_commit: int, warmup: int) -> dict[str, float]:
     """Append ``commits`` blocks of ``per_commit`` copies of ``record`` (consecutive steps) to a fresh run."""
     with tempfile.TemporaryDirectory(prefix="comgra-writer-bench-") as tmp, zarr_config(config):
@@ -150,7 +158,7 @@ def measure(record: HostRecord, writer_class: Any, layout: Any, config: dict[str
         wall: list[float] = []
         cpu: list[float] = []
         for c in range(commits):
-            block = [dataclasses.replace(record, step=c * per_commit + i) for i in range(per_commit)]
+            block = [decoded(record, c * per_commit + i) for i in range(per_commit)]
             w0, c0 = time.perf_counter(), time.process_time()
             writer.append(block)  # rows, then the manifest
             wall.append(time.perf_counter() - w0)
