@@ -181,3 +181,22 @@ def test_series_are_found_by_every_field_of_their_key(tmp_path: Path) -> None:
     for i, k in enumerate(keys):
         got = run.stats(k.node, role=k.role, iteration=k.iteration, view=k.view)["mean"].tolist()
         assert got == [i, 10 + i, 20 + i], k
+
+
+
+def test_blosc_off_the_main_thread_gives_the_same_bytes(tmp_path: Path) -> None:
+    """A thread writer encodes on its own thread (where blosc uses no threads anyway, and the switch is left
+    alone): the same bytes as blosc's own encode, and the switch as it was."""
+    group = zarr.open_group(str(tmp_path / "g"), mode="w", zarr_format=3)
+    codec = BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=4)
+    array = group.create_array("flat", shape=(1024,), chunks=(1024,), dtype="float32", fill_value=np.nan, compressors=codec)
+    encode = chunks.encoder(array)
+    assert encode is not None
+    before = numcodecs.blosc.use_threads
+    values = np.arange(1024, dtype=np.float32)
+    out: list[bytes] = []
+    thread = threading.Thread(target=lambda: out.append(encode(values)))
+    thread.start()
+    thread.join()
+    assert numcodecs.blosc.use_threads is before
+    assert out == [bytes(numcodecs.Blosc(cname="lz4", clevel=5, shuffle=0, typesize=4).encode(values))]
