@@ -200,3 +200,31 @@ def test_blosc_off_the_main_thread_gives_the_same_bytes(tmp_path: Path) -> None:
     thread.join()
     assert numcodecs.blosc.use_threads is before
     assert out == [bytes(numcodecs.Blosc(cname="lz4", clevel=5, shuffle=0, typesize=4).encode(values))]
+
+
+def test_a_crash_between_chunk_writes_then_a_resume_reads_what_was_committed(tmp_path: Path) -> None:
+    """The process dies part-way through a commit's chunk files (here: the samples array cannot be written,
+    after the statistics, pointers and per-neuron chunks of the block were): a reader sees the committed
+    rows only, and a resumed writer drops the rest and carries on."""
+    import shutil
+
+    from tests.test_writer_open_chunks import check_run, record
+
+    location = open_root(tmp_path).run("r")
+    writer = RunWriter(location, layout=SMALL)
+    writer.append([record(s) for s in range(6)])
+    samples, aside = tmp_path / "r" / "samples", tmp_path / "aside"
+    shutil.copytree(samples, aside)
+    shutil.rmtree(samples)
+    samples.write_text("not a directory")
+    with pytest.raises(OSError):
+        writer.append([record(s) for s in range(100, 105)])
+    del writer  # the process dies here: rows of steps 100..104 are in some chunk files, not in the manifest
+    samples.unlink()
+    aside.rename(samples)
+    check_run(tmp_path / "r", list(range(6)))
+    resumed = RunWriter(location, resume=True, layout=SMALL)
+    resumed.append([record(s) for s in range(6, 11)])
+    check_run(tmp_path / "r", list(range(11)))
+    resumed.close("finished")
+    check_run(tmp_path / "r", list(range(11)))
