@@ -4,7 +4,8 @@ Records one step of the transformer workload (``lm_workload.py``, default detail
 Lightning ``Trainer`` (through ``pack_bench.captured_step``), turns it into the :class:`HostRecord` the writer
 process appends, and then appends it ``--commits`` times in blocks of ``--per-commit`` records (11 is what the
 writer process commits per block on that workload) to a fresh :class:`RunWriter` on local disk, each
-``append`` followed by its commit (rows, then the manifest), exactly as the writer's ``Worker`` does.
+``append`` followed by its commit (rows, then the manifest), exactly as the writer's ``Worker`` does; each
+record has its own entry and key objects, as the writer process decodes them.
 
 Reported per variant (median over the commits after ``--warmup``): wall time of one commit, the process's
 CPU time during it (``time.process_time``: every thread, so zarr's codec threads count, and that CPU is
@@ -12,11 +13,14 @@ what torch's threads lose while the writer works), both also per record, and the
 Variants: ``default`` (the layout a run gets), ``flat-zstd`` / ``flat-lz4`` / ``flat-raw`` (both flat arrays
 compressed with zstd as before / blosc lz4 / not at all: ``StoreLayout.flat_codec``), ``zarr-1-thread``
 (zarr's codec thread pool limited to one thread), ``series-64`` (64 series per chunk instead of 16: fewer,
-larger chunks per commit, but a reader of one node decodes 4x more), ``zarr-writes`` (the chunks written through
+larger chunks per commit, but a reader of one node decodes 4x more), ``flat-4mib`` (flat arrays in chunks of
+4 MiB instead of 1 MiB: ~6 files a commit instead of ~22, but a reader of one entry's samples decodes 4 MiB), ``zarr-writes`` (the chunks written through
 zarr's ``array[...] = block`` instead of by ``store/chunks.py``: the same files); a variant the checkout's ``StoreLayout`` cannot express is
-left out. ``--baseline /path/to/other/checkout`` adds the variant ``baseline``: that checkout's
-``store/writer.py`` (loaded beside this one; the rest of the package is this checkout's), interleaved with the
-others in every round, which is fairer on a shared machine than two runs one after the other.
+left out. ``--baseline /path/to/other/checkout`` adds the variant ``baseline``: that checkout's package
+(its whole ``store/``: writer, chunk encoding, file writes), interleaved with the others in every round, which
+is fairer on a shared machine than two runs one after the other. Every measurement runs in a fresh child
+process (``--child``, with ``PYTHONPATH`` at the checkout measured) on the same record, saved once as ``.npz``
+plus JSON, so that each side runs its own code from top to bottom and none inherits the other's warm state.
 
     python benchmarks/writer_bench.py --baseline /work/main --rounds 5 --only baseline default flat-zstd
 """
@@ -29,6 +33,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +42,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -69,6 +76,7 @@ def variants() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
         out["zarr-writes"] = ({"direct_chunks": False}, {})
     out["zarr-1-thread"] = ({}, {"threading.max_workers": 1})
     out["series-64"] = ({"stats_series": 64}, {})
+    out["flat-4mib"] = ({"flat_chunk": 1_048_576}, {})
     return out
 
 
@@ -87,17 +95,60 @@ def _disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def baseline_writer(checkout: Path) -> Any:
-    """The ``RunWriter`` class of another checkout's ``comgra_callbacks/store/writer.py``."""
-    import importlib.util
+def save_record(record: HostRecord, folder: Path) -> Path:
+    """Write ``record`` as ``record.json`` (its fields and series keys) and ``record.npz`` (its arrays)."""
+    arrays: dict[str, Any] = {}
+    entries = []
+    for i, entry in enumerate(record.entries):
+        arrays[f"stats{i}"] = entry.stats
+        for part in ("neurons", "samples"):
+            if getattr(entry, part) is not None:
+                arrays[f"{part}{i}"] = getattr(entry, part)
+        entries.append({"key": dataclasses.asdict(entry.key), "dtype": entry.dtype})
+    fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(record) if f.name != "entries"}
+    np.savez(folder / "record.npz", **arrays)
+    (folder / "record.json").write_text(json.dumps({"fields": fields, "entries": entries}))
+    return folder
 
-    spec = importlib.util.spec_from_file_location("comgra_baseline_writer", checkout / "comgra_callbacks" / "store" / "writer.py")
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"--baseline {checkout}: no comgra_callbacks/store/writer.py there")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module.RunWriter, module.StoreLayout
+
+def load_record(folder: Path) -> HostRecord:
+    """The record :func:`save_record` wrote, with this checkout's classes."""
+    from comgra_callbacks.store.format import SeriesKey
+    from comgra_callbacks.store.writer import HostEntry
+
+    described = json.loads((folder / "record.json").read_text())
+    with np.load(folder / "record.npz") as arrays:
+        entries = [
+            HostEntry(SeriesKey(**e["key"]), arrays[f"stats{i}"], arrays.get(f"neurons{i}"), arrays.get(f"samples{i}"), e["dtype"])
+            for i, e in enumerate(described["entries"])
+        ]
+    return HostRecord(**described["fields"], entries=entries)
+
+
+def run_child(checkout: Path, folder: Path, overrides: dict[str, Any], config: dict[str, Any], args: argparse.Namespace) -> dict[str, float]:
+    """One measurement in a fresh process whose ``comgra_callbacks`` is ``checkout``'s."""
+    spec = {"record": str(folder), "overrides": overrides, "config": config, "commits": args.commits,
+            "per_commit": args.per_commit, "warmup": args.warmup}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the measurement in {checkout} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child(raw: str) -> None:
+    """``--child SPEC``: measure once with this process's package and print the figures as one JSON line."""
+    spec = json.loads(raw)
+    layout = StoreLayout(**spec["overrides"])
+    result = measure(load_record(Path(spec["record"])), RunWriter, layout, spec["config"], spec["commits"], spec["per_commit"], spec["warmup"])
+    print(json.dumps(result))
+
+
+def decoded(record: HostRecord, step: int) -> HostRecord:
+    """``record`` at ``step`` with its own entry and key objects, as the writer process decodes every record
+    (shared keys would let the writer's lookups short-cut on identity)."""
+    entries = [dataclasses.replace(e, key=dataclasses.replace(e.key)) for e in record.entries]
+    return dataclasses.replace(record, step=step, entries=entries)
 
 
 def measure(record: HostRecord, writer_class: Any, layout: Any, config: dict[str, Any], commits: int, per_commit: int, warmup: int) -> dict[str, float]:
@@ -107,7 +158,7 @@ def measure(record: HostRecord, writer_class: Any, layout: Any, config: dict[str
         wall: list[float] = []
         cpu: list[float] = []
         for c in range(commits):
-            block = [dataclasses.replace(record, step=c * per_commit + i) for i in range(per_commit)]
+            block = [decoded(record, c * per_commit + i) for i in range(per_commit)]
             w0, c0 = time.perf_counter(), time.process_time()
             writer.append(block)  # rows, then the manifest
             wall.append(time.perf_counter() - w0)
@@ -134,9 +185,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout whose writer to compare with")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child is not None:
+        child(args.child)
+        return
     if args.commits <= args.warmup:
         parser.error(f"--commits ({args.commits}) must be larger than --warmup ({args.warmup})")
+    if args.baseline is not None and not (args.baseline / "comgra_callbacks" / "store" / "writer.py").is_file():
+        parser.error(f"--baseline {args.baseline}: expected a checkout with comgra_callbacks/store/writer.py")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
@@ -144,18 +201,17 @@ def main() -> None:
     neurons = sum(e.neurons.size for e in record.entries if e.neurons is not None)
     samples = sum(e.samples.size for e in record.entries if e.samples is not None)
     print(f"one record: {len(record.entries)} entries, {neurons} per-neuron and {samples} sample float32 values")
-    writers: dict[str, tuple[Any, Any]] = {name: (RunWriter, StoreLayout) for name in variants()}
-    every = dict(variants())
+    here = Path(__file__).resolve().parent.parent
+    every = {name: (here, overrides, config) for name, (overrides, config) in variants().items()}
     if args.baseline is not None:
-        writers["baseline"] = baseline_writer(args.baseline)
-        every = {"baseline": ({}, {}), **every}
+        every = {"baseline": (args.baseline.resolve(), {}, {}), **every}
     chosen = {k: v for k, v in every.items() if args.only is None or k in args.only}
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
-    for _ in range(args.rounds):
-        for name, (overrides, config) in chosen.items():
-            writer_class, layout_class = writers[name]
-            layout = layout_class(**overrides)
-            rounds[name].append(measure(record, writer_class, layout, config, args.commits, args.per_commit, args.warmup))
+    with tempfile.TemporaryDirectory(prefix="comgra-writer-bench-record-") as folder:
+        save_record(record, Path(folder))
+        for _ in range(args.rounds):
+            for name, (checkout, overrides, config) in chosen.items():
+                rounds[name].append(run_child(checkout, Path(folder), overrides, config, args))
     results = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in rounds.items()}
     print(f"{'variant':<16} {'wall ms/commit':>15} {'cpu ms/commit':>14} {'wall ms/rec':>12} {'cpu ms/rec':>11} {'KiB/rec':>8}")
     for name, r in results.items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -50,13 +51,40 @@ def encoder(array: Any) -> Callable[[np.ndarray], bytes] | None:
             cname=str(config["cname"]), clevel=int(config["clevel"]), shuffle=_SHUFFLES[config["shuffle"]],
             blocksize=int(config.get("blocksize", 0)), typesize=config.get("typesize"),
         )
-        return lambda chunk: bytes(blosc.encode(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)))
+        return lambda chunk: _blosc_alone(blosc, np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
     return None
 
 
+def _blosc_alone(blosc: Any, raw: np.ndarray) -> bytes:
+    """``blosc.encode(raw)`` on the calling thread only. Called from a process's main thread (the writer
+    process), numcodecs lets blosc split a chunk across its own threads: 0.40-0.55 ms of CPU for a 1 MiB
+    chunk of float32 instead of 0.18 (measured here; the threads' hand-offs cost more than the lz4 they
+    share), and that CPU is taken from training. The bytes are the same either way: blosc compresses each
+    block alone. ``use_threads`` is numcodecs' public switch; it is set only where blosc would use its
+    threads (on a thread writer, off the main thread, it would not) and put back at once."""
+    import numcodecs.blosc
+
+    before = numcodecs.blosc.use_threads
+    if before is False or (before is None and threading.current_thread() is not threading.main_thread()):
+        return bytes(blosc.encode(raw))
+    numcodecs.blosc.use_threads = False
+    try:
+        return bytes(blosc.encode(raw))
+    finally:
+        numcodecs.blosc.use_threads = before
+
+
 def _is_fill(block: np.ndarray, fill: Any) -> bool:
+    """Whether every value of ``block`` is ``fill`` (NaN matching NaN). A chunk the writer writes almost
+    always holds values from its first one (the open chunk's committed rows, or new rows), so its first and
+    last values settle it without the full scan that numpy's ``all`` would make."""
+    ends = (block[(0,) * block.ndim], block[(-1,) * block.ndim]) if block.size else ()
     if isinstance(fill, float | np.floating) and np.isnan(fill):
+        if not all(np.isnan(value) for value in ends):
+            return False
         return bool(np.isnan(block).all())
+    if not all(value == fill for value in ends):
+        return False
     return bool((block == fill).all())
 
 

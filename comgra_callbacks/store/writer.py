@@ -162,7 +162,10 @@ class RunWriter:
         # the committed rows (values) of each growing array's open chunk: see the module docstring
         self._tails: dict[str, np.ndarray] = {}
         self._encoders: dict[str, Any] = {}  # per array: its chunk encoder, or None (zarr writes it)
-        self._series_index = {key: i for i, key in enumerate(self.manifest.series)}
+        # series ids by the key's fields as a plain tuple: hashing and comparing a tuple runs in C, a frozen
+        # dataclass's __hash__ and __eq__ in Python (~3 us a lookup, ~200 a record; the writer process
+        # decodes new key objects for every record, so identity never short-cuts the comparison)
+        self._series_index = {_key_fields(key): i for i, key in enumerate(self.manifest.series)}
         self._shape_index = {tuple(shape): i for i, shape in enumerate(self.manifest.shapes)}
         self.meta.update(meta or {})
         self.meta.update(
@@ -235,13 +238,22 @@ class RunWriter:
                 array.resize(shape)
 
     # ----------------------------------------------------------------------------------- records
+    def _series_ids(self, entries: Sequence[HostEntry]) -> list[int]:
+        """The series ids of a record's entries; new series get the next ids, in order."""
+        index = self._series_index
+        ids = [index.get((k.node, k.role, k.iteration, k.view), -1) for k in [entry.key for entry in entries]]  # _key_fields, inlined
+        if -1 in ids:
+            ids = [self._series_id(entry) for entry in entries]
+        return ids
+
     def _series_id(self, entry: HostEntry) -> int:
-        idx = self._series_index.get(entry.key)
+        fields = _key_fields(entry.key)
+        idx = self._series_index.get(fields)
         if idx is None:
             idx = len(self.manifest.series)
             self.manifest.series.append(entry.key)
             self.manifest.dtypes.append(entry.dtype)
-            self._series_index[entry.key] = idx
+            self._series_index[fields] = idx
         return idx
 
     def _shape_id(self, shape: tuple[int, ...]) -> int:
@@ -269,7 +281,7 @@ class RunWriter:
         m = self.manifest
         segment = max(len(m.segments) - 1, 0)
         # Assign ids first, so the block is allocated at its final width.
-        ids = [[self._series_id(entry) for entry in record.entries] for record in records]
+        ids = [self._series_ids(record.entries) for record in records]
         n, n_series, n_stats = len(records), len(m.series), len(fmt.STAT_NAMES)
         rec_block = np.empty((n, len(fmt.RECORD_COLUMNS)), dtype=np.int64)
         time_block = np.empty((n,), dtype=np.float64)
@@ -279,6 +291,7 @@ class RunWriter:
         neuron_parts: list[np.ndarray] = []
         sample_parts: list[np.ndarray] = []
         n_off, s_off = m.neurons_len, m.samples_len
+        n_names = len(m.neuron_stat_names)
         for row, (record, record_ids) in enumerate(zip(records, ids)):
             rec_block[row] = (
                 record.step,
@@ -289,18 +302,21 @@ class RunWriter:
                 segment,
             )
             time_block[row] = record.time
-            for entry, sid in zip(record.entries, record_ids):
-                stats_block[row, sid] = entry.stats
-                if entry.neurons is not None:
-                    flat = _neuron_blocks(entry.neurons, len(m.neuron_stat_names))
-                    nptr_block[row, sid] = (n_off, entry.neurons.shape[-1])
-                    neuron_parts.append(flat)
-                    n_off += flat.size
-                if entry.samples is not None:
-                    flat = np.ascontiguousarray(entry.samples, dtype=np.float32).reshape(-1)
-                    sptr_block[row, sid] = (s_off, self._shape_id(tuple(entry.samples.shape)))
-                    sample_parts.append(flat)
-                    s_off += flat.size
+            entries = record.entries
+            if entries:
+                stats_block[row, record_ids] = [entry.stats for entry in entries]
+            # the per-neuron statistics and samples: one list of (series, array) each, then every pointer of
+            # the row in one assignment (a record holds ~200 series: per-entry numpy calls add up)
+            with_neurons = [(sid, e.neurons) for sid, e in zip(record_ids, entries) if e.neurons is not None]
+            if with_neurons:
+                flats = list(zip([sid for sid, _ in with_neurons], _neuron_flats([a for _, a in with_neurons], n_names)))
+                n_off = _point(nptr_block[row], flats, n_off, [a.shape[-1] for _, a in with_neurons])
+                neuron_parts.extend(flat for _, flat in flats)
+            with_samples = [(sid, e.samples) for sid, e in zip(record_ids, entries) if e.samples is not None]
+            if with_samples:
+                flats = [(sid, np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)) for sid, samples in with_samples]
+                s_off = _point(sptr_block[row], flats, s_off, [self._shape_id(tuple(samples.shape)) for _, samples in with_samples])
+                sample_parts.extend(flat for _, flat in flats)
         r0 = m.rows
         tails = {
             fmt.RECORDS: self._write_open(fmt.RECORDS, rec_block, r0),
@@ -338,7 +354,7 @@ class RunWriter:
         array = self._array(name)
         chunk, fresh = int(array.chunks[0]), name not in self._tails
         parts = block if isinstance(block, list) else [block]
-        trailing, dtype = parts[0].shape[1:], parts[0].dtype
+        trailing, dtype = parts[0].shape[1:], np.dtype(array.dtype)
         stop = start + sum(len(p) for p in parts)
         first, end = start // chunk * chunk, -(-stop // chunk) * chunk
         tail = self._tail(array, name, start)
@@ -347,10 +363,8 @@ class RunWriter:
         if tail.shape[1:] != trailing:  # a new series widens the block
             data[: len(tail)] = array.fill_value
         data[(slice(0, len(tail)), *(slice(0, n) for n in tail.shape[1:]))] = tail
-        at = start - first
-        for part in parts:
-            data[at : at + len(part)] = part
-            at += len(part)
+        # one call for ~2,000 parts; cast as np.asarray(part, dtype) would (a record's float64 neurons)
+        np.concatenate(parts, axis=0, out=data[start - first : stop - first], casting="unsafe")
         capacity = _capacity(end, int(array.shape[0]), chunk)
         if tuple(array.shape) != (capacity, *trailing):
             array.resize((capacity, *trailing))
@@ -472,6 +486,32 @@ def _filled_spans(block: np.ndarray, fill: Any, group: int) -> list[tuple[int, i
         else:
             spans.append((lo, hi))
     return spans
+
+
+def _key_fields(key: SeriesKey) -> tuple[str, str | None, int, str]:
+    """A series key's fields, in the order of :class:`SeriesKey` (tests/test_writer_fast_paths.py holds them to it)."""
+    return (key.node, key.role, key.iteration, key.view)
+
+
+def _point(pointers: np.ndarray, parts: list[tuple[int, np.ndarray]], offset: int, second: list[int]) -> int:
+    """Set one row's pointers ``(offset, second)`` of the series in ``parts`` (``(series, flat values)``, laid
+    out one after the other from ``offset`` in the flat array); returns the offset after the last."""
+    sizes = np.fromiter((flat.size for _, flat in parts), dtype=np.int64, count=len(parts))
+    ends = np.cumsum(sizes) + offset
+    series = np.fromiter((sid for sid, _ in parts), dtype=np.intp, count=len(parts))
+    pointers[series, 0] = ends - sizes
+    pointers[series, 1] = second
+    return int(ends[-1])
+
+
+def _neuron_flats(arrays: list[np.ndarray], n_names: int) -> list[np.ndarray]:
+    """The per-neuron statistics of a record's entries as the run stores them (:func:`_neuron_blocks`). Where
+    every array holds exactly ``n_names`` rows of its width (what current producers hand over), each is only
+    flattened, a view where it can be: the dtype is cast when the parts are copied into the block
+    (``_write_open``), as ``_neuron_blocks`` casts it."""
+    if all(a.size == n_names * a.shape[-1] for a in arrays):
+        return [a.reshape(-1) for a in arrays]
+    return [_neuron_blocks(a, n_names) for a in arrays]
 
 
 def _neuron_blocks(neurons: np.ndarray, n_names: int) -> np.ndarray:
