@@ -12,8 +12,8 @@ CPU time during it (``time.process_time``: every thread, so zarr's codec threads
 what torch's threads lose while the writer works), both also per record, and the bytes on disk per record.
 Variants: ``default`` (the layout a run gets), ``flat-zstd`` / ``flat-lz4`` / ``flat-raw`` (both flat arrays
 compressed with zstd as before / blosc lz4 / not at all: ``StoreLayout.flat_codec``), ``zarr-1-thread``
-(zarr's codec thread pool limited to one thread), ``series-64`` (64 series per chunk instead of 16: fewer,
-larger chunks per commit, but a reader of one node decodes 4x more), ``flat-4mib`` (flat arrays in chunks of
+(zarr's codec thread pool limited to one thread), ``series-16`` (16 series per chunk, the default
+before 2 Dec 2026, instead of 64: smaller chunks, ~32 more files a commit), ``flat-4mib`` (flat arrays in chunks of
 4 MiB instead of 1 MiB: ~6 files a commit instead of ~22, but a reader of one entry's samples decodes 4 MiB), ``zarr-writes`` (the chunks written through
 zarr's ``array[...] = block`` instead of by ``store/chunks.py``: the same files); a variant the checkout's ``StoreLayout`` cannot express is
 left out. ``--baseline /path/to/other/checkout`` adds the variant ``baseline``: that checkout's package
@@ -75,7 +75,7 @@ def variants() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     if "direct_chunks" in _layout_fields():
         out["zarr-writes"] = ({"direct_chunks": False}, {})
     out["zarr-1-thread"] = ({}, {"threading.max_workers": 1})
-    out["series-64"] = ({"stats_series": 64}, {})
+    out["series-16"] = ({"stats_series": 16}, {})  # the default before 2 Dec 2026
     out["flat-4mib"] = ({"flat_chunk": 1_048_576}, {})
     return out
 
