@@ -337,3 +337,38 @@ def test_update_ratios_of_a_step_with_and_without_the_weight_recorded() -> None:
     assert ratio["b"] == pytest.approx(up_alone.norm().item() / w_alone.norm().item(), rel=1e-5)
     assert ratio["z"] == math.inf and ratio["y"] == 0.0
     assert math.isnan(float(record.entries[0].stats[STAT_INDEX["update_ratio"]]))
+
+
+def test_the_writer_process_loads_the_kernel_on_a_thread_and_then_uses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``reduce_numpy.reduce_arrays`` (the writer process): past ``KERNEL_AFTER_NUMEL`` elements a thread loads
+    numba and the kernels while records go on through numpy; then the kernel reads them. The numbers are the
+    same either way."""
+    from comgra_callbacks.recording import fused, reduce_numpy
+
+    assert fused.available()
+    monkeypatch.delenv(fused.KERNEL_ENV, raising=False)
+    monkeypatch.setattr(reduce_numpy, "KERNEL_AFTER_NUMEL", 1000)
+    monkeypatch.setattr(reduce_numpy, "_SEEN", {"numel": 0})
+    monkeypatch.setattr(reduce_numpy, "_LOADER", [])
+    monkeypatch.delitem(fused._STATE, "ready", raising=False)
+    g = np.random.default_rng(2)
+    arrays = [g.standard_normal((40, 30)).astype(np.float32), g.standard_normal((30, 20)).astype(np.float32), g.standard_normal(50).astype(np.float32)]
+    wanted = [(True, False, None), (True, True, None), (False, False, None)]
+    want_rows, want_blocks = reduce_numpy.reduce_arrays(arrays, wanted, kernel=False)
+    assert not reduce_numpy._kernel_ready(10) and not reduce_numpy._LOADER  # below the threshold: nothing loads
+    rows, blocks = reduce_numpy.reduce_arrays(arrays, wanted)  # 2,450 elements: past it, the loading starts
+    assert len(reduce_numpy._LOADER) == 1
+    reduce_numpy._LOADER[0].join(timeout=120)
+    assert fused.ready() and reduce_numpy._kernel_ready(0)
+    calls: list[str] = []
+    call = fused._call
+    monkeypatch.setattr(fused, "_call", lambda name, *rest: (calls.append(name), call(name, *rest))[1])
+    kernel_rows, kernel_blocks = reduce_numpy.reduce_arrays(arrays, wanted)
+    assert sorted(set(calls)) == ["cols+derive", "rows+derive"]  # read by the kernel now
+    for got in (rows, kernel_rows):
+        np.testing.assert_allclose(got, want_rows, rtol=1e-5, atol=1e-6)
+    for got_blocks in (blocks, kernel_blocks):
+        for got, want in zip(got_blocks, want_blocks):
+            assert (got is None) == (want is None)
+            if got is not None:
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -82,6 +82,27 @@ _BITS: dict[Any, tuple[Any, Any, Any]] = {}
 _CALLED: set[tuple[str, Any]] = set()  # (kernel, dtype) called once already: compiled or loaded
 
 
+def preload() -> None:
+    """Build the kernels and load their float32 versions (numba's cache, or a compilation), as a first call
+    would: for a thread that does this while another goes on without them (the writer process,
+    :func:`~.reduce_numpy.reduce_arrays`). :func:`ready` is True afterwards."""
+    import numpy as np
+
+    from comgra_callbacks.stats import N_NEURON_STATS, N_PARTIALS
+
+    if _kernels() is not None:
+        one = np.ones((1, 2, 2), dtype=np.float32)
+        partials, code, neurons = np.empty((N_PARTIALS, 2)), np.zeros(2, dtype=np.int64), np.empty((N_NEURON_STATS, 2), dtype=np.float32)
+        for dim in (1, 2):
+            derived_numpy(one, dim, 0, partials, code, neurons)
+    _STATE["ready"] = True
+
+
+def ready() -> bool:
+    """Whether :func:`preload` has finished (the kernels can be called without a wait)."""
+    return bool(_STATE.get("ready"))
+
+
 def _build() -> dict[str, Any]:
     # imports numba; each kernel is compiled (or loaded from numba's cache) on its first call
     from comgra_callbacks.recording import _fused_kernels as k

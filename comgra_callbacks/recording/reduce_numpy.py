@@ -11,6 +11,7 @@ same partial sums; tests hold them to the torch path's numbers).
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -20,8 +21,9 @@ from comgra_callbacks.stats import N_STATS, STAT_INDEX, STAT_NAMES
 __all__ = ["N_STATS", "STAT_INDEX", "STAT_NAMES", "neuron_matrix_numpy", "reduce_array", "reduce_arrays", "stats_numpy"]
 
 stats_numpy = spec.stats_numpy
-KERNEL_AFTER_NUMEL = 1 << 24  # the writer loads the one-pass kernel (numba) once it has reduced this many elements
+KERNEL_AFTER_NUMEL = 1 << 21  # the writer starts loading the one-pass kernel (numba) once it has reduced this many elements
 _SEEN = {"numel": 0}  # elements reduced by reduce_arrays in this process (see KERNEL_AFTER_NUMEL)
+_LOADER: list[threading.Thread] = []  # the thread loading the kernels (fused.preload), once started
 
 
 def reduce_arrays(arrays: list[np.ndarray], wanted: list[tuple[bool, bool, int | None]], *, kernel: bool | None = None) -> tuple[np.ndarray, list[np.ndarray | None]]:
@@ -30,17 +32,13 @@ def reduce_arrays(arrays: list[np.ndarray], wanted: list[tuple[bool, bool, int |
     axis)``), the numbers :func:`~.reduce.reduce_tensors` gives on the training side.
 
     Each array is read once for its partial sums, by the one-pass kernel of :mod:`.fused` where numba is
-    there (``kernel``; default: once this process has reduced ``KERNEL_AFTER_NUMEL`` elements, so that a
-    short run never pays the ~1.7 s of CPU that loading numba and the kernels takes; from the first record
-    with ``COMGRA_KERNEL=numba``), and by :func:`~comgra_callbacks.stats.partials_numpy` otherwise or where
-    the kernel's sums do not describe a neuron exactly (a non-finite value, a mean that dwarfs the spread). The batch and per-neuron statistics of every array then derive in one call each: the
-    ~40 numpy operations of a derivation cost ~100 us per array when taken one array at a time."""
-    from comgra_callbacks.recording import fused
-
+    there (``kernel``; default: :func:`_kernel_ready`, so that a short run never pays the ~1.7 s of CPU
+    that loading numba and the kernels takes), and by :func:`~comgra_callbacks.stats.partials_numpy`
+    otherwise or where the kernel's sums do not describe a neuron exactly (a non-finite value, a mean that
+    dwarfs the spread). The batch and per-neuron statistics of every array then derive in one call each:
+    the ~40 numpy operations of a derivation cost ~100 us per array when taken one array at a time."""
     if kernel is None:
-        _SEEN["numel"] += sum(int(a.size) for a in arrays)
-        early = os.environ.get(fused.KERNEL_ENV, "").lower() == "numba"
-        kernel = (early or _SEEN["numel"] >= KERNEL_AFTER_NUMEL) and fused.available()
+        kernel = _kernel_ready(sum(int(a.size) for a in arrays))
     matrices = [_matrix(np.asarray(a), *w) for a, w in zip(arrays, wanted)]
     widths = [m.shape[1] for m in matrices]
     spans = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64).tolist()
@@ -60,6 +58,27 @@ def reduce_arrays(arrays: list[np.ndarray], wanted: list[tuple[bool, bool, int |
     rows = spec.batch_from_partials(spec.combine_columns(partials, segments, np)[:, :, None], numel, np).astype(np.float32)
     blocks = [neurons[:, spans[i] : spans[i + 1]] if w[0] and np.asarray(a).ndim > 0 else None for i, (a, w) in enumerate(zip(arrays, wanted))]
     return rows, blocks
+
+
+def _kernel_ready(numel: int) -> bool:
+    """Whether this record is read by the one-pass kernel: once this process has reduced
+    ``KERNEL_AFTER_NUMEL`` elements, a thread loads numba and the kernels (~1.7 s of CPU) while records go on
+    through numpy, so that the ring does not fill behind the load; from then on, the kernel.
+    ``COMGRA_KERNEL=numba``: loaded at the first record, which waits for it (tests)."""
+    from comgra_callbacks.recording import fused
+
+    if fused.ready():
+        return fused.available()
+    if not fused.available():
+        return False
+    if os.environ.get(fused.KERNEL_ENV, "").lower() == "numba":
+        fused.preload()
+        return True
+    _SEEN["numel"] += numel
+    if _SEEN["numel"] >= KERNEL_AFTER_NUMEL and not _LOADER:
+        _LOADER.append(threading.Thread(target=fused.preload, name="comgra-kernels", daemon=True))
+        _LOADER[0].start()
+    return False
 
 
 def _matrix(a: np.ndarray, neurons: bool, is_parameter: bool, axis: int | None) -> np.ndarray:
