@@ -154,7 +154,7 @@ class ProcessWriter:
         parallel operation, whose other threads would wait for the one it preempted. Back-pressure bounds how
         far it falls behind (the ring, ``flush_secs``)."""
         nice = self._nice
-        if nice in (0, "0") or reduce_in_writer():
+        if nice == 0 or reduce_in_writer():
             return
         try:
             if nice == "idle":

@@ -101,14 +101,10 @@ def _kernel_sums(m: np.ndarray, start: int, partials: np.ndarray, code: np.ndarr
 
 def reduce_array(a: np.ndarray, *, neurons: bool, is_parameter: bool = False, axis: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Batch statistics ``(N_STATS,)`` float32 of ``a`` and, when ``neurons``, its per-neuron statistics
-    ``(N_NEURON_STATS, neurons)`` (None for a scalar), from one pass of partial sums."""
-    a = np.asarray(a)
-    matrix = neuron_matrix_numpy(a, is_parameter=is_parameter, axis=axis) if neurons else None
-    if matrix is None:
-        flat = a.reshape(-1, 1)  # one neuron of all the elements
-        return spec.batch_from_partials(spec.partials_numpy(flat)[None], a.size, np)[0].astype(np.float32), None
-    p = spec.partials_numpy(matrix)
-    return spec.batch_from_partials(p[None], a.size, np)[0].astype(np.float32), spec.neurons_from_partials(p, np)
+    ``(N_NEURON_STATS, neurons)`` (None for a scalar), from one pass of partial sums: :func:`reduce_arrays`
+    of one array, with numpy."""
+    rows, blocks = reduce_arrays([np.asarray(a)], [(neurons, is_parameter, axis)], kernel=False)
+    return rows[0], blocks[0]
 
 
 def neuron_matrix_numpy(a: np.ndarray, *, is_parameter: bool, axis: int | None = None) -> np.ndarray | None:
