@@ -273,3 +273,78 @@ def test_the_writer_process_yields_the_cores_torch_uses(tmp_path: Path, monkeypa
     monkeypatch.setenv(NICE_ENV, "high")
     with pytest.raises(StoreError, match=r"COMGRA_WRITER_NICE='high'.*an integer from 0 to 19.*or .idle."):
         ProcessWriter(root=str(tmp_path), run="bad")
+
+
+def test_steps_with_the_same_tensors_reuse_their_plan_and_store_what_they_hold(tmp_path: Path) -> None:
+    """The raw plan (dtype blocks, offsets, layout) is worked out once per set of tensors (``_raw_parts``):
+    later steps with the same series, dtypes and shapes reuse it, yet each stores its own numbers; another
+    shape, or a half-precision tensor that travels widened, gets a plan of its own."""
+    writer = ProcessWriter(root=str(tmp_path), run="r")
+    half = torch.linspace(-2, 2, 12).to(torch.bfloat16).reshape(3, 4)
+
+    def step(number: int, size: int) -> PendingStep:
+        pending = step_with(number, size=size)
+        pending.snapshots.append(Snapshot(SeriesKey("half", None, 0, "value"), half * (number + 1), "bfloat16", False, True, 0))
+        return pending
+
+    expected = {}
+    for number, size in enumerate([16, 16, 16, 8, 16]):
+        pending = step(number, size)
+        expected[number] = [s.tensor.clone() for s in pending.snapshots]
+        assert writer.submit(pending)
+    assert len(writer._plans) == 2  # sizes 16 and 8
+    writer.close("finished")
+    run = open_run(tmp_path / "r")
+    assert run.steps["step"].tolist() == [0, 1, 2, 3, 4]
+    for number, tensors in expected.items():
+        act, ids, weight, _, widened = tensors
+        assert run.stats("act").loc[number, "mean"] == pytest.approx(act.mean().item(), rel=1e-5)
+        assert run.stats("act").loc[number, "numel"] == act.numel()
+        np.testing.assert_array_equal(run.samples("act", number), act[:2].numpy())
+        assert run.samples("ids", number).tolist() == [0, 1]
+        np.testing.assert_array_equal(run.samples("w", number), weight.numpy())
+        assert run.stats("w", view="update").loc[number, "update_ratio"] == pytest.approx(0.1, rel=1e-5)
+        assert run.stats("half").loc[number, "max"] == pytest.approx(widened.float().max().item())
+        np.testing.assert_allclose(run.neurons("half", number)["mean"].to_numpy(), widened.float().mean(0).numpy(), rtol=1e-6)
+
+
+def test_a_reused_plan_sends_its_layout_again_once_the_writer_forgot_it(tmp_path: Path) -> None:
+    """The writer process keeps the last 64 layouts: a plan whose layout is older than that describes it again."""
+    writer = ProcessWriter(root=str(tmp_path), run="r")
+    assert writer.submit(step_with(0, size=4))
+    for number in range(1, 70):  # 69 other layouts (one size each) push the first one out
+        assert writer.submit(step_with(number, size=4 + number))
+    assert writer.submit(step_with(70, size=4))  # the first plan again
+    writer.close("finished")
+    run = open_run(tmp_path / "r")
+    assert len(run.steps) == 71
+    act = step_with(70, size=4).snapshots[0].tensor
+    assert run.stats("act").loc[70, "mean"] == pytest.approx(act.mean().item(), rel=1e-5)
+    assert run.stats("act").loc[70, "numel"] == act.numel()
+
+
+def test_an_empty_ring_starts_again_at_its_beginning() -> None:
+    """Once the writer took everything, the next block goes back to the start of the ring (once enough was
+    used), so that the bytes in use stay in the cache; never while a block is still waiting, and never so
+    that too little room is left."""
+    from comgra_callbacks.recording.ring import CONSUMED, REWIND_BYTES, Ring
+
+    ring = Ring.create(4 * REWIND_BYTES)
+    try:
+        block = 1 << 20
+        offsets = []
+        for _ in range(REWIND_BYTES // block):  # the writer takes each block at once
+            offset, end = ring.place(block)  # type: ignore[misc]
+            offsets.append(offset)
+            ring.header[CONSUMED] = end
+        assert offsets == [i * block for i in range(len(offsets))]  # less than REWIND_BYTES used: straight on
+        offset, end = ring.place(block)  # type: ignore[misc]
+        assert offset == 0  # empty, REWIND_BYTES used: back to the start
+        second = ring.place(block)  # the first still waits: straight on
+        assert second is not None and second[0] == block
+        ring.header[CONSUMED] = second[1]
+        assert ring.free() == ring.capacity
+        big = ring.place(REWIND_BYTES)  # a block a quarter of what was used: no rewind for it
+        assert big is not None and big[0] == 2 * block
+    finally:
+        ring.close()

@@ -36,13 +36,14 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 from comgra_callbacks.errors import FormatVersionError, StoreError
 from comgra_callbacks.recording.parts import NUMPY_DTYPES, Part, plan_raw, reduce_in_writer, split_packed
-from comgra_callbacks.recording.pending import FULL, PackedStep, PendingStep, pack
+from comgra_callbacks.recording.pending import FULL, PackedStep, PendingStep, Snapshot, pack
 from comgra_callbacks.recording.ring import CLOSED, CONSUMED, ERROR, FLUSHED, PROGRESS, RECORDS, Ring
 from comgra_callbacks.store.messages import (
     Answer,
@@ -68,6 +69,7 @@ CLOSE_SECS_AFTER_ERROR = 30.0  # closing after an exception waits at most this l
 NICE_ENV = "COMGRA_WRITER_NICE"  # the writer process's niceness where torch's threads use every core (see _yield_cores)
 WRITER_NICE: int | str = 0
 _LAYOUTS_KEPT = 64  # the writer process keeps the last 64 layouts (worker.py)
+_PLANS_KEPT = 16  # raw plans kept by signature (_raw_parts): step types, a few shapes
 _FINISHING_ALONE: list[subprocess.Popen[bytes]] = []  # writers left to finish after close: reaped later
 
 
@@ -114,6 +116,7 @@ class ProcessWriter:
         self._flush_id = 0
         self._layout_ids: dict[tuple[Any, ...], int] = {}  # raw and packed layouts, one counter
         self._next_layout = 0
+        self._plans: dict[tuple[Any, ...], list[_RawPart]] = {}  # raw plans by step signature (_raw_parts)
         self._in_ring: deque[tuple[int, float]] = deque()  # (produced counter after a message, when it was sent)
         self._records_written = 0
         try:
@@ -313,7 +316,7 @@ class ProcessWriter:
                 self._send_all(meta, None, (Part(packed=p) for p in split_packed(step, self.ring.capacity, warn, self.name)))
             else:
                 meta = StepMeta(step.step, step.step_type, step.epoch, step.batch_idx, step.time, step.reason or "schedule")
-                self._send_all(meta, step, self._resolve(step, plan_raw(step, self.ring.capacity, warn, self.name)))
+                self._send_all(meta, step, self._raw_parts(step))
                 step.snapshots = []
         except StoreError as exc:
             if self.error is None:
@@ -321,6 +324,22 @@ class ProcessWriter:
             self._check_error()
             return False
         return True
+
+    def _raw_parts(self, step: PendingStep) -> Iterator[Part | _RawPart]:
+        """A step's parts: the plan of the last steps with the same tensors (layouts, dtype blocks, offsets:
+        what ~40 tensors cost ~1 ms of Python to work out), or a new plan. Parts reduced here are not kept."""
+        signature = _signature(step.snapshots)
+        plan = self._plans.get(signature)
+        if plan is not None:
+            return iter(plan)
+        parts = plan_raw(step, self.ring.capacity, self.policy.warn_once, self.name)
+        if any(part.reduce is not None for part in parts):
+            return self._resolve(step, parts)
+        plan = [self._describe_raw(step, part.raw or []) for part in parts]
+        if len(self._plans) >= _PLANS_KEPT:
+            self._plans.clear()
+        self._plans[signature] = plan
+        return iter(plan)
 
     def _resolve(self, pending: PendingStep, parts: list[Part]) -> Iterator[Part]:
         """Parts as they are sent: snapshots reduced here become results (one ``pack`` per group, when due)."""
@@ -333,18 +352,21 @@ class ProcessWriter:
             for piece in split_packed(pack(sub), self.ring.capacity, self.policy.warn_once, self.name):
                 yield Part(packed=piece)
 
-    def _send_all(self, meta: StepMeta, pending: PendingStep | None, parts: Iterator[Part]) -> None:
+    def _send_all(self, meta: StepMeta, pending: PendingStep | None, parts: Iterator[Part | _RawPart]) -> None:
         """Send the parts of one record; every message but the last says ``more``."""
         current = next(parts, None)
         index = 0
         while current is not None:
             following = next(parts, None)
             part = {"part": index, "more": following is not None}
-            if current.packed is not None:
+            if isinstance(current, _RawPart):
+                assert pending is not None
+                self._send_raw(pending, current, meta, part)
+            elif current.packed is not None:
                 self._send_packed(current.packed, meta, part)
             else:
                 assert pending is not None and current.raw is not None
-                self._send_raw(pending, current.raw, meta, part)
+                self._send_raw(pending, self._describe_raw(pending, current.raw), meta, part)
             current, index = following, index + 1
 
     def _room(self, nbytes: int) -> int:
@@ -378,50 +400,62 @@ class ProcessWriter:
     def _sent(self) -> None:
         self._in_ring.append((self.ring.produced, time.monotonic()))
 
-    def _send_raw(self, pending: PendingStep, indices: list[int], meta: StepMeta, part: dict[str, Any]) -> None:
-        """Copy tensors into the ring (one ``torch.cat`` per dtype, straight into the ring) and describe them."""
-        import torch
-
+    def _describe_raw(self, pending: PendingStep, indices: list[int]) -> _RawPart:
+        """Where the tensors ``indices`` of a step go in the ring (one block per dtype) and how the writer
+        process reads them (the layout)."""
         snaps = [pending.snapshots[i] for i in indices]
-        tensors = [_ring_tensor(s.tensor) for s in snaps]
+        ring_dtypes = [_ring_dtype(s.tensor) for s in snaps]
         by_dtype: dict[Any, list[int]] = {}
-        for i, t in enumerate(tensors):
-            by_dtype.setdefault(t.dtype, []).append(i)
+        for position, dtype in enumerate(ring_dtypes):
+            by_dtype.setdefault(dtype, []).append(position)
         blocks = []
         total = 0
+        offsets = [0] * len(snaps)  # relative to the part's base
         for dtype, members in by_dtype.items():
-            size = sum(tensors[i].numel() for i in members) * tensors[members[0]].element_size()
+            itemsize = dtype.itemsize
+            size = sum(snaps[j].tensor.numel() for j in members) * itemsize
             blocks.append((dtype, members, total, size))
+            position = total
+            for j in members:
+                offsets[j] = position
+                position += snaps[j].tensor.numel() * itemsize
             total += ((size + 63) // 64) * 64
-        base = self._room(max(total, 64))
-        offsets = [0] * len(tensors)  # relative to base
-        for dtype, members, start, size in blocks:
-            if size:
-                out = self.ring.region(base + start, size).view(dtype)
-                torch.cat([tensors[i].reshape(-1) for i in members], out=out)
-            position = start
-            for i in members:
-                offsets[i] = position
-                position += tensors[i].numel() * tensors[i].element_size()
-        here = {s.key.node: i for i, s in enumerate(snaps) if s.key.view == "value" and s.is_parameter}
+        here = {s.key.node: j for j, s in enumerate(snaps) if s.key.view == "value" and s.is_parameter}
         elsewhere = {s.key.node for s in pending.snapshots if s.key.view == "value" and s.is_parameter}
         items = []
-        for i, (snap, t) in enumerate(zip(snaps, tensors)):
+        for j, (snap, dtype) in enumerate(zip(snaps, ring_dtypes)):
             k = snap.key
             ref = None
             if snap.reference is not None:
                 ref = here.get(k.node, -1 if k.node in elsewhere else None)  # -1: in another part of the step
             samples = FULL if snap.samples == FULL else int(snap.samples)
-            dtype = str(t.dtype).replace("torch.", "")
             axis = None if snap.neuron_axis is None else int(snap.neuron_axis)
             items.append(RawItem(
-                k.node, k.role, k.iteration, k.view, snap.dtype, dtype, tuple(t.shape), offsets[i], snap.is_parameter,
-                bool(snap.neurons), samples, ref, axis,
+                k.node, k.role, k.iteration, k.view, snap.dtype, str(dtype).replace("torch.", ""), tuple(snap.tensor.shape), offsets[j],
+                snap.is_parameter, bool(snap.neurons), samples, ref, axis,
             ))
-        layout = self._layout(tuple(items))
+        converted = frozenset(j for j, (snap, dtype) in enumerate(zip(snaps, ring_dtypes)) if snap.tensor.dtype != dtype)
+        return _RawPart(list(indices), blocks, total, tuple(items), converted)
+
+    def _send_raw(self, pending: PendingStep, raw: _RawPart, meta: StepMeta, part: dict[str, Any]) -> None:
+        """Copy a part's tensors into the ring (one ``torch.cat`` per dtype, straight into the ring) and send
+        the message that names its layout."""
+        import torch
+
+        snaps, indices, converted = pending.snapshots, raw.indices, raw.converted
+        base = self._room(max(raw.total, 64))
+        for dtype, members, start, size in raw.blocks:
+            if size:
+                out = self.ring.region(base + start, size).view(dtype)
+                flat = [snaps[indices[j]].tensor.detach().reshape(-1) for j in members]
+                if converted:
+                    flat = [t.to(dtype) if j in converted else t for j, t in zip(members, flat)]
+                torch.cat(flat, out=out)
+        if not raw.layout or raw.layout <= self._next_layout - _LAYOUTS_KEPT:  # new, or forgotten by the writer process
+            raw.layout = self._layout(raw.items)
         index = pending.sample_index
         self._send(RecordMessage(
-            meta, layout, base, self.ring.produced, total, pending.batch_size,
+            meta, raw.layout, base, self.ring.produced, raw.total, pending.batch_size,
             None if index is None else tuple(int(v) for v in index.reshape(-1).tolist()),
             **part,  # which part of the step, and whether more follow
         ))
@@ -564,10 +598,28 @@ def travels_raw(step: PendingStep) -> bool:
     return reduce_in_writer() and all(s.tensor.device.type == "cpu" for s in step.snapshots)
 
 
-def _ring_tensor(tensor: Any) -> Any:
+def _ring_dtype(tensor: Any) -> Any:
+    """The dtype a tensor travels in: its own, or float32 where numpy lacks it (bfloat16, float16, ...)."""
     import torch
 
-    t = tensor.detach()
-    if str(t.dtype).replace("torch.", "") not in NUMPY_DTYPES:
-        t = t.to(torch.float32)
-    return t
+    return tensor.dtype if str(tensor.dtype).replace("torch.", "") in NUMPY_DTYPES else torch.float32
+
+
+def _signature(snaps: list[Snapshot]) -> tuple[Any, ...]:
+    """What a step's raw plan depends on: for each snapshot its series, dtypes, shape and what is kept."""
+    return tuple((s.key, s.dtype, s.tensor.dtype, s.tensor.shape, s.is_parameter, s.neurons, s.samples, s.reference is None, s.neuron_axis) for s in snaps)
+
+
+@dataclass
+class _RawPart:
+    """One part of a step copied whole into the ring: the step's tensors ``indices``, in one block per ring
+    dtype ``(dtype, positions in indices, start, bytes)``, ``total`` bytes from the part's base; ``items``:
+    its layout (``layout``: the id the writer process knows it by, 0 before it was sent); ``converted``:
+    the positions whose tensor is widened to float32 on the way."""
+
+    indices: list[int]
+    blocks: list[tuple[Any, list[int], int, int]]
+    total: int
+    items: tuple[RawItem, ...]
+    converted: frozenset[int]
+    layout: int = 0
