@@ -233,30 +233,35 @@ def test_sharing_follows_the_faster_way() -> None:
     assert [choice.pick() for _ in range(7)].count(False) >= 6
 
 
+@pytest.mark.parametrize("n_items", [150, 1000], ids=["short", "long-rows"])
 @pytest.mark.parametrize("dim", [1, 2], ids=["items-strided", "items-contiguous"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_one_pass_kernel_gives_torchs_partial_sums(dim: int, dtype: torch.dtype) -> None:
+def test_the_one_pass_kernel_gives_torchs_partial_sums(dim: int, dtype: torch.dtype, n_items: int) -> None:
     """recording/fused.py (numba, part of the dev install) against stats.sums_torch, both turned into partial
     sums: more items than one float32 block (fused.BLOCK), zeros and -0.0, infinities, several groups, no
-    items. The kernel's sums are about the mean of each neuron's first fused.BLOCK items (its ``shift`` row),
-    torch's about 0."""
+    items; and rows long enough to be read in lanes (``_fused_kernels.sums_row_wide``, with a rest that
+    fills no lane, holding a bound). The kernel's sums are about the mean of each neuron's first
+    fused.BLOCK items (its ``shift`` row), torch's about 0."""
     from comgra_callbacks import stats as spec
-    from comgra_callbacks.recording import fused
+    from comgra_callbacks.recording import _fused_kernels, fused
 
     assert fused.available()
+    assert (n_items >= _fused_kernels.WIDE_ROW and n_items % _fused_kernels.LANES) or n_items < _fused_kernels.WIDE_ROW
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 150, 9, generator=g, dtype=dtype) * 5 + 2
+    x = torch.randn(3, n_items, 9, generator=g, dtype=dtype) * 5 + 2
     x[0, 7, 2] = 0.0
     x[1, :, 4] = -0.0
     x[2, 11, 1] = float("inf")
     x[2, 12, 3] = float("-inf")
+    x[0, n_items - 2, 5] = 1e3  # the largest of its neuron, in the rest of a long row
+    x[1, n_items - 1, 6] = -1e3
     x = x if dim == 1 else x.transpose(1, 2).contiguous()
     got, want = fused.sums_fused(x, dim), spec.sums_torch(x, dim).double()
     assert got is not None and got.dtype == torch.float64 and got.shape == want.shape == (3, len(spec.SUM_NAMES), 9)
     first = (x[:, : fused.BLOCK, :].double().mean(1) if dim == 1 else x[:, :, : fused.BLOCK].double().mean(2))
     finite = torch.isfinite(first)
     torch.testing.assert_close(got[:, spec.SUM_NAMES.index("shift")][finite], first[finite], rtol=1e-6, atol=1e-6)
-    items = torch.full((9,), 150.0, dtype=torch.float64)
+    items = torch.full((9,), float(n_items), dtype=torch.float64)
     for b in range(3):
         (p_got, code_got), (p_want, code_want) = spec.partials_from_sums(got[b], items), spec.partials_from_sums(want[b], items)
         assert torch.equal(code_got, code_want)  # 2 where a neuron has an infinity, else 0
@@ -280,6 +285,10 @@ def test_the_one_pass_kernel_keeps_the_variance_of_a_large_offset() -> None:
     std = torch.sqrt(partials[spec.PARTIAL_NAMES.index("m2")] / 1023)
     torch.testing.assert_close(std, x[0].double().std(0), rtol=1e-3, atol=0.0)
     assert (partials[spec.PARTIAL_NAMES.index("sum")] / 1024).tolist() == pytest.approx(x[0].double().mean(0).tolist(), rel=1e-7)
+    # the same neurons with their items contiguous: long rows, read in lanes about the same shift
+    partials, code = spec.partials_from_sums(fused.sums_fused(x.transpose(1, 2).contiguous(), 2)[0], items)
+    assert code.tolist() == [0, 0, 0, 0]
+    torch.testing.assert_close(torch.sqrt(partials[spec.PARTIAL_NAMES.index("m2")] / 1023), x[0].double().std(0), rtol=1e-3, atol=0.0)
 
 
 def test_a_step_mixing_derived_groups_and_plain_sums_gives_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
