@@ -233,7 +233,7 @@ def test_sharing_follows_the_faster_way() -> None:
     assert [choice.pick() for _ in range(7)].count(False) >= 6
 
 
-@pytest.mark.parametrize("n_items", [150, 1000], ids=["short", "long-rows"])
+@pytest.mark.parametrize("n_items", [150, 2100], ids=["short", "long-rows"])
 @pytest.mark.parametrize("dim", [1, 2], ids=["items-strided", "items-contiguous"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_one_pass_kernel_gives_torchs_partial_sums(dim: int, dtype: torch.dtype, n_items: int) -> None:
@@ -285,10 +285,12 @@ def test_the_one_pass_kernel_keeps_the_variance_of_a_large_offset() -> None:
     std = torch.sqrt(partials[spec.PARTIAL_NAMES.index("m2")] / 1023)
     torch.testing.assert_close(std, x[0].double().std(0), rtol=1e-3, atol=0.0)
     assert (partials[spec.PARTIAL_NAMES.index("sum")] / 1024).tolist() == pytest.approx(x[0].double().mean(0).tolist(), rel=1e-7)
-    # the same neurons with their items contiguous: long rows, read in lanes about the same shift
-    partials, code = spec.partials_from_sums(fused.sums_fused(x.transpose(1, 2).contiguous(), 2)[0], items)
+    # neurons with their items contiguous in long rows, read in lanes about the same shift
+    rows = (1e4 + torch.linspace(-1e-2, 1e-2, 4 * 4100, dtype=torch.float32)).reshape(1, 4, 4100)
+    partials, code = spec.partials_from_sums(fused.sums_fused(rows, 2)[0], torch.full((4,), 4100.0, dtype=torch.float64))
     assert code.tolist() == [0, 0, 0, 0]
-    torch.testing.assert_close(torch.sqrt(partials[spec.PARTIAL_NAMES.index("m2")] / 1023), x[0].double().std(0), rtol=1e-3, atol=0.0)
+    torch.testing.assert_close(torch.sqrt(partials[spec.PARTIAL_NAMES.index("m2")] / 4099), rows[0].double().std(1), rtol=1e-3, atol=0.0)
+    assert (partials[spec.PARTIAL_NAMES.index("sum")] / 4100).tolist() == pytest.approx(rows[0].double().mean(1).tolist(), rel=1e-7)
 
 
 def test_a_step_mixing_derived_groups_and_plain_sums_gives_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
