@@ -68,11 +68,15 @@ def lightning_run(config: dict[str, Any] | None, n_steps: int, root: Path) -> di
         def __init__(self) -> None:
             self.starts: list[float] = []
             self.rss: list[float] = []
+            self.writer: Any = None
 
         def on_train_batch_start(self, *args: Any) -> None:
             self.starts.append(time.perf_counter())
             if len(self.starts) % 50 == 0:
                 self.rss.append(rss_mb())
+            recorder = getattr(comgra, "_recorder", None)
+            if recorder is not None:
+                self.writer = recorder.writer  # kept: the callback lets go of it when the run closes
 
     timer = Timer()
     callbacks: list[Any] = [timer]
@@ -97,6 +101,7 @@ def lightning_run(config: dict[str, Any] | None, n_steps: int, root: Path) -> di
         result["records"] = records
         result["bytes"] = dir_bytes(root / comgra.run_name)
         result["bytes_per_record"] = result["bytes"] / max(records, 1)
+        result["waited_s"] = float(getattr(timer.writer, "wait_seconds", 0.0))
     return result
 
 
@@ -168,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     samples: dict[str, list[float]] = {name: [] for name in CONFIGS}
     samples.update({"loop_plain": [], "loop_recorder_stats": []})
     extra: dict[str, dict[str, Any]] = {}
+    waited: dict[str, list[float]] = {}  # seconds training waited for the writer, per round
     with tempfile.TemporaryDirectory(prefix="comgra-bench-") as tmp:
         for round_ in range(args.rounds):
             for name, config in CONFIGS.items():
@@ -175,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result = lightning_run(config, args.steps, Path(tmp) / f"{name}-{round_}")
                 samples[name] += result["step_s"]
                 extra[name] = {k: v for k, v in result.items() if k != "step_s"}
+                if "waited_s" in result:
+                    waited.setdefault(name, []).append(round(result["waited_s"], 3))
             for name, record in (("loop_plain", False), ("loop_recorder_stats", True)):
                 print(f"round {round_ + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
                 samples[name] += torch_loop_run(record, args.steps, Path(tmp))["step_s"]
@@ -188,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_to_no_callback": {k: round(median[k] / base, 3) for k in CONFIGS},
         "loop_ratio": round(median["loop_recorder_stats"] / median["loop_plain"], 3),
         "bytes_per_record": {k: round(extra[k]["bytes_per_record"]) for k in CONFIGS if k in extra and "bytes_per_record" in extra[k]},
+        "writer_wait_s_per_round": waited,
         "rss_mb_every_50_steps": {k: [round(x) for x in extra[k]["rss_mb"]] for k in extra},
         "python": sys.version.split()[0],
         "torch": torch.__version__,

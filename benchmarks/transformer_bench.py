@@ -21,6 +21,10 @@ in one process; a step's time is the wall time between consecutive batch starts.
 * **the floor**: one reduction pass (``sum``) over as many bytes as a recorded step captures: what reading
   a step's data once costs on this machine.
 
+Also reported: the every-10th row *paired* (``every_10th_paired_ratio``, :func:`paired_amortised`): each
+run of ten steps that starts with a recorded one against the median of its own nine unrecorded steps, which
+the drift of a shared machine between fits moves far less than the comparison of means across fits.
+
 Also reported: bytes captured (the recorded tensors) and bytes written (on disk) per recorded step.
 """
 
@@ -71,6 +75,7 @@ TORCH_KERNELS = "every step, default detail, torch's kernels (without numba)"
 COMGRA[TORCH_KERNELS] = {"every_n_steps": 1}
 KERNEL_IN: dict[str, str] = {TORCH_KERNELS: "torch"}
 HOOKS = "forward hooks, 4 statistics per module output"
+EVERY_10TH = "every 10th step (mean)"
 TENSORBOARD = "TensorBoard histograms, every parameter and gradient"
 
 
@@ -168,6 +173,23 @@ def fit(name: str, steps: int, root: Path) -> dict[str, Any]:
     return result
 
 
+def paired_amortised(fits: list[list[float]], every: int = 10) -> float | None:
+    """The amortised cost of recording every ``every``-th step, paired: each run of ``every`` steps that starts
+    with a recorded one, against the median of its own unrecorded steps (what the drift of a shared machine
+    between fits, and within one, moves far less than a comparison with other fits); the mean over all such
+    runs of their time over ``every`` such medians. None without a whole run."""
+    ratios = []
+    for steps in fits:
+        windows: dict[int, list[tuple[int, float]]] = {}
+        for k, seconds in enumerate(steps):  # step WARMUP + k; the recorded ones are multiples of ``every``
+            windows.setdefault((WARMUP + k) // every, []).append(((WARMUP + k) % every, seconds))
+        for window in windows.values():
+            if len(window) == every:
+                base = statistics.median(seconds for phase, seconds in window if phase != 0)
+                ratios.append(sum(seconds for _, seconds in window) / (every * base))
+    return statistics.mean(ratios) if ratios else None
+
+
 def floor_seconds(nbytes: int, repeats: int = 20) -> float:
     """One ``sum`` over ``nbytes`` of float32 (torch's default threads), median of ``repeats``: the cost of
     reading a recorded step's data once. The buffer is written first so that its pages are real."""
@@ -203,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         names = [n for n in names if n == "no callback" or n in wanted or any(w in n for w in wanted if w not in names)]
     extra: dict[str, dict[str, Any]] = {}
     cpu: dict[str, list[float]] = {}
+    fits: dict[str, list[list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="comgra-lm-bench-") as tmp:
         for name in ("no callback", "every step, default detail"):  # imports, allocator and thread pools warm
             fit(name, 3, Path(tmp) / f"warm-{name.replace(' ', '-').replace(',', '')}")
@@ -211,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result = fit(name, args.steps + WARMUP, Path(tmp) / f"{len(extra)}-{round_}-{names.index(name)}")
             extra[name] = {k: v for k, v in result.items() if k not in ("step_s", "cpu_s")}
             cpu.setdefault(name, []).extend(result["cpu_s"])
+            fits.setdefault(name, []).append(list(result["step_s"]))
             return list(result["step_s"])
 
         samples = interleaved(names, args.rounds, run)
@@ -231,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "step_ms": {k: round(v * 1e3, 2) for k, v in figure.items()},
         "ratio_to_no_callback": {k: round(figure[k] / base[k], 3) for k in names},
         "cpu_ms_per_step": {k: round((statistics.mean(v) if "(mean)" in k else statistics.median(v)) * 1e3, 1) for k, v in cpu.items() if v},
+        "every_10th_paired_ratio": None if EVERY_10TH not in fits else round(paired_amortised(fits[EVERY_10TH]) or float("nan"), 3),
         "floor_ms": round(floor * 1e3, 3),
         "floor_ratio": round((plain + floor) / plain, 3),
         "overhead_in_floors": {k: round((figure[k] - base[k]) / floor, 1) for k in names if floor > 0},

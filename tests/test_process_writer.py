@@ -348,3 +348,23 @@ def test_an_empty_ring_starts_again_at_its_beginning() -> None:
         assert big is not None and big[0] == 2 * block
     finally:
         ring.close()
+
+
+def test_a_writer_expecting_large_raw_steps_reads_the_first_with_the_one_pass_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``expected_numel`` past ``KERNEL_AT_START_NUMEL``: the writer process loads the kernel before it
+    answers, so that the first raw steps do not wait behind its loading. Seen in the numbers: a mean that
+    dwarfs the spread keeps float32 precision in the kernel's sums (numpy's deviations about a float32 mean
+    are ~0.2 % off here), from the very first step."""
+    from comgra_callbacks.recording import fused
+    from comgra_callbacks.recording.reduce_numpy import KERNEL_AT_START_NUMEL
+
+    assert fused.available(), "numba is part of the dev install (the `fast` extra)"
+    monkeypatch.delenv(fused.KERNEL_ENV, raising=False)  # the writer's own choice: after 2 M elements, or at the start
+    far = 1e4 + 1e-2 * torch.randn(200, 8, generator=torch.Generator().manual_seed(7))
+    writer = ProcessWriter(root=str(tmp_path), run="r", expected_numel=KERNEL_AT_START_NUMEL)
+    snaps = [Snapshot(SeriesKey("far", None, 0, "value"), far.clone(), "float32", False, True, 0)]
+    assert writer.submit(PendingStep(0, "train", 0, 0, 1.0, "schedule", snaps, batch_size=200))
+    writer.close("finished")
+    run = open_run(tmp_path / "r")
+    assert run.stats("far").loc[0, "std"] == pytest.approx(far.double().std().item(), rel=1e-5)
+    np.testing.assert_allclose(run.neurons("far", 0)["std"].to_numpy(), far.double().std(0).numpy(), rtol=1e-5)

@@ -286,6 +286,7 @@ class RecordingOptions:
                 max_queue_bytes=self.max_queue_mb << 20,
                 flush_secs=self.flush_secs,
                 on_error=self.on_write_error,  # type: ignore[arg-type]
+                expected_numel=3 * sum(int(p.numel()) for p in model.parameters()),  # values, gradients, updates
             )
         else:
             location = open_root(self.root, self.storage_options).run(run_name)

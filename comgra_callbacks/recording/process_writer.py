@@ -44,6 +44,7 @@ import numpy as np
 from comgra_callbacks.errors import FormatVersionError, StoreError
 from comgra_callbacks.recording.parts import NUMPY_DTYPES, Part, plan_raw, reduce_in_writer, split_packed
 from comgra_callbacks.recording.pending import FULL, PackedStep, PendingStep, Snapshot, pack
+from comgra_callbacks.recording.reduce_numpy import KERNEL_AT_START_NUMEL
 from comgra_callbacks.recording.ring import CLOSED, CONSUMED, ERROR, FLUSHED, PROGRESS, RECORDS, Ring
 from comgra_callbacks.store.messages import (
     Answer,
@@ -84,6 +85,10 @@ class ProcessWriter:
             ``flush_secs`` also bounds how long a record may wait in the ring.
         on_error: ``"warn"`` or ``"raise"`` when writing fails or the writer process stops answering.
         start_timeout: seconds to wait for the writer process to open the run.
+        expected_numel: about how many elements a recorded step will carry (e.g. three times the model's
+            parameters): from ``reduce_numpy.KERNEL_AT_START_NUMEL`` on, where the writer process reduces raw
+            steps, it loads its one-pass kernel before it answers (~1 s more at the start) instead of while
+            the first steps arrive, when it falls behind and training waits for room in the ring.
 
     Raises:
         StoreError: the writer process could not start or could not open the run (the message says why).
@@ -103,6 +108,7 @@ class ProcessWriter:
         flush_secs: float = 2.0,
         on_error: Literal["warn", "raise"] = "warn",
         start_timeout: float = 120.0,
+        expected_numel: int = 0,
     ) -> None:
         self.name = run
         self._nice = writer_nice()
@@ -142,7 +148,8 @@ class ProcessWriter:
         self._stdin = self.proc.stdin.fileno()
         os.set_blocking(self._stdin, False)  # every write is bounded (_send)
         try:
-            self._send(StartMessage(root, run, storage_options, resume, meta or {}, flush_rows, flush_bytes, flush_secs))
+            load_kernel = expected_numel >= KERNEL_AT_START_NUMEL and reduce_in_writer()  # within 8 records anyway
+            self._send(StartMessage(root, run, storage_options, resume, meta or {}, flush_rows, flush_bytes, flush_secs, load_kernel))
             answer = self._read_answer(start_timeout)
             if isinstance(answer, ErrorAnswer):
                 raise StoreError(answer.error)

@@ -18,10 +18,11 @@ import numpy as np
 from comgra_callbacks import stats as spec
 from comgra_callbacks.stats import N_STATS, STAT_INDEX, STAT_NAMES
 
-__all__ = ["N_STATS", "STAT_INDEX", "STAT_NAMES", "neuron_matrix_numpy", "reduce_array", "reduce_arrays", "stats_numpy"]
+__all__ = ["N_STATS", "STAT_INDEX", "STAT_NAMES", "load_kernels", "neuron_matrix_numpy", "reduce_array", "reduce_arrays", "stats_numpy"]
 
 stats_numpy = spec.stats_numpy
 KERNEL_AFTER_NUMEL = 1 << 21  # the writer starts loading the one-pass kernel (numba) once it has reduced this many elements
+KERNEL_AT_START_NUMEL = KERNEL_AFTER_NUMEL // 8  # raw records this large (expected): loaded at the writer's start
 _SEEN = {"numel": 0}  # elements reduced by reduce_arrays in this process (see KERNEL_AFTER_NUMEL)
 _LOADER: list[threading.Thread] = []  # the thread loading the kernels (fused.preload), once started
 
@@ -75,10 +76,27 @@ def _kernel_ready(numel: int) -> bool:
         fused.preload()
         return True
     _SEEN["numel"] += numel
-    if _SEEN["numel"] >= KERNEL_AFTER_NUMEL and not _LOADER:
-        _LOADER.append(threading.Thread(target=fused.preload, name="comgra-kernels", daemon=True))
-        _LOADER[0].start()
+    if _SEEN["numel"] >= KERNEL_AFTER_NUMEL:
+        load_kernels()
     return False
+
+
+def load_kernels(*, wait: bool = False) -> None:
+    """Load numba and the one-pass kernel (once; nothing where numba is missing or switched off): on a thread,
+    once this process reduced ``KERNEL_AFTER_NUMEL`` elements; or now (``wait``), before the writer process
+    says it is ready, where the trainer said that large raw records will come (``StartMessage.load_kernel``).
+    Loading on a thread while such records arrive was measured as a slow start: the loader holds the GIL for
+    most of its ~0.7-1 s, the writer took ~30 MLP records a second instead of ~300 meanwhile, and training
+    waited ~0.5 s for room in the ring."""
+    from comgra_callbacks.recording import fused
+
+    if _LOADER or fused.ready() or not fused.available():
+        return
+    if wait:
+        fused.preload()
+        return
+    _LOADER.append(threading.Thread(target=fused.preload, name="comgra-kernels", daemon=True))
+    _LOADER[0].start()
 
 
 def _matrix(a: np.ndarray, neurons: bool, is_parameter: bool, axis: int | None) -> np.ndarray:

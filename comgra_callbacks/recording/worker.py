@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         _answer(ErrorAnswer(f"{exc}", type(exc).__name__))
         return 1
+    if start.load_kernel:  # large raw records will come: the one-pass kernel reads them from the first one
+        rn.load_kernels(wait=True)
     messages: queue.Queue[Any] = queue.Queue()
     worker = Worker(writer, RingTransport(ring, messages), flush_rows=start.flush_rows, flush_bytes=start.flush_bytes, flush_secs=start.flush_secs)
     if not _answer(ReadyAnswer()):  # the trainer is gone already

@@ -97,6 +97,7 @@ class StartMessage:
     flush_rows: int
     flush_bytes: int
     flush_secs: float
+    load_kernel: bool = False  # large raw records will come: load the one-pass kernel before answering
     version: int = VERSION
 
 
