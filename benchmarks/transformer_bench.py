@@ -137,6 +137,8 @@ def captured_bytes(run: Any) -> int:
     dtype's size (what the recorder had to read)."""
     from comgra_callbacks.store import format as fmt
 
+    if not len(run.steps):  # nothing recorded
+        return 0
     block = run._read(fmt.STATS, (len(run.steps) - 1, slice(None), slice(None)))  # (series, stats)
     numel = block[:, fmt.STAT_INDEX["numel"]]
     dtypes = list(run.manifest.dtypes) + ["float32"] * (len(numel) - len(run.manifest.dtypes))
