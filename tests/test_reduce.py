@@ -383,3 +383,31 @@ def test_the_writer_process_loads_the_kernel_on_a_thread_and_then_uses_it(monkey
             assert (got is None) == (want is None)
             if got is not None:
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_kernel_that_cannot_be_loaded_leaves_the_writer_on_numpy(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The writer process loads the kernel before it answers where large raw steps will come
+    (``load_kernels(wait=True)``): a failure there (a broken numba, a compilation error) must not stop it
+    from writing. It says why once, never tries again, and the records are reduced with numpy."""
+    from comgra_callbacks.recording import fused, reduce_numpy
+
+    monkeypatch.delenv(fused.KERNEL_ENV, raising=False)
+    monkeypatch.setattr(reduce_numpy, "_LOADER", [])
+    monkeypatch.setattr(reduce_numpy, "_FAILED", [])
+    monkeypatch.delitem(fused._STATE, "ready", raising=False)
+    monkeypatch.setattr(fused, "available", lambda: True)
+    tries: list[int] = []
+
+    def broken() -> None:
+        tries.append(1)
+        raise RuntimeError("LLVM ERROR: no target")
+
+    monkeypatch.setattr(fused, "preload", broken)
+    reduce_numpy.load_kernels(wait=True)
+    reduce_numpy.load_kernels(wait=True)
+    reduce_numpy.load_kernels()  # the later rule (2 M elements reduced) does not try again either
+    assert tries == [1] and not reduce_numpy._LOADER
+    assert "the one-pass kernel could not be loaded (RuntimeError: LLVM ERROR: no target)" in capsys.readouterr().err
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    rows, _ = reduce_numpy.reduce_arrays([a], [(True, False, None)])
+    assert rows[0][reduce_numpy.STAT_INDEX["mean"]] == pytest.approx(5.5)

@@ -11,6 +11,7 @@ same partial sums; tests hold them to the torch path's numbers).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import numpy as np
@@ -25,6 +26,7 @@ KERNEL_AFTER_NUMEL = 1 << 21  # the writer starts loading the one-pass kernel (n
 KERNEL_AT_START_NUMEL = KERNEL_AFTER_NUMEL // 8  # raw records this large (expected): loaded at the writer's start
 _SEEN = {"numel": 0}  # elements reduced by reduce_arrays in this process (see KERNEL_AFTER_NUMEL)
 _LOADER: list[threading.Thread] = []  # the thread loading the kernels (fused.preload), once started
+_FAILED: list[str] = []  # why loading them failed, once it did (never tried again)
 
 
 def reduce_arrays(arrays: list[np.ndarray], wanted: list[tuple[bool, bool, int | None]], *, kernel: bool | None = None) -> tuple[np.ndarray, list[np.ndarray | None]]:
@@ -90,13 +92,25 @@ def load_kernels(*, wait: bool = False) -> None:
     waited ~0.5 s for room in the ring."""
     from comgra_callbacks.recording import fused
 
-    if _LOADER or fused.ready() or not fused.available():
+    if _LOADER or _FAILED or fused.ready() or not fused.available():
         return
     if wait:
-        fused.preload()
+        _load()
         return
-    _LOADER.append(threading.Thread(target=fused.preload, name="comgra-kernels", daemon=True))
+    _LOADER.append(threading.Thread(target=_load, name="comgra-kernels", daemon=True))
     _LOADER[0].start()
+
+
+def _load() -> None:
+    """:func:`~.fused.preload`; where it fails (numba broken, a compilation error), the statistics stay
+    numpy's, it says so once on standard error (the trainer's terminal), and nothing tries again."""
+    from comgra_callbacks.recording import fused
+
+    try:
+        fused.preload()
+    except Exception as exc:
+        _FAILED.append(f"{type(exc).__name__}: {exc}")
+        print(f"comgra writer: the one-pass kernel could not be loaded ({_FAILED[0]}); statistics are computed with numpy.", file=sys.stderr)
 
 
 def _matrix(a: np.ndarray, neurons: bool, is_parameter: bool, axis: int | None) -> np.ndarray:
