@@ -29,8 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from comgra_callbacks.recording.pending import PackedStep, PendingStep, Snapshot
+from comgra_callbacks.recording.pending import FULL, PackedStep, PendingStep, Snapshot
 from comgra_callbacks.recording.reduce import N_STATS
+from comgra_callbacks.store.messages import RawItem
 
 REDUCE_GROUP_BYTES = 64 << 20  # reduced together (pack stacks tensors of one size: bounded extra memory)
 ALIGN = 64
@@ -128,6 +129,71 @@ def plan_raw(pending: PendingStep, capacity: int, warn: Warn, run: str) -> list[
     if group:
         parts.append(Part(reduce=group))
     return parts
+
+
+def ring_dtype(tensor: Any) -> Any:
+    """The dtype a tensor travels in: its own, or float32 where numpy lacks it (bfloat16, float16, ...)."""
+    import torch
+
+    return tensor.dtype if str(tensor.dtype).replace("torch.", "") in NUMPY_DTYPES else torch.float32
+
+
+def raw_signature(snaps: list[Snapshot]) -> tuple[Any, ...]:
+    """What a step's raw plan depends on: for each snapshot its series, dtypes, shape and what is kept."""
+    return tuple((s.key, s.dtype, s.tensor.dtype, s.tensor.shape, s.is_parameter, s.neurons, s.samples, s.reference is None, s.neuron_axis) for s in snaps)
+
+
+@dataclass
+class RawPart:
+    """One part of a step copied whole into the ring: the step's tensors ``indices``, in one block per ring
+    dtype ``(dtype, positions in indices, start, bytes)``, ``total`` bytes from the part's base; ``items``:
+    its layout (``layout``: the id the writer process knows it by, 0 before it was sent); ``converted``:
+    the positions whose tensor is widened to float32 on the way."""
+
+    indices: list[int]
+    blocks: list[tuple[Any, list[int], int, int]]
+    total: int
+    items: tuple[RawItem, ...]
+    converted: frozenset[int]
+    layout: int = 0
+
+
+def describe_raw(pending: PendingStep, indices: list[int]) -> RawPart:
+    """Where the tensors ``indices`` of a step go in the ring (one block per dtype) and how the writer
+    process reads them (the layout)."""
+    snaps = [pending.snapshots[i] for i in indices]
+    ring_dtypes = [ring_dtype(s.tensor) for s in snaps]
+    by_dtype: dict[Any, list[int]] = {}
+    for position, dtype in enumerate(ring_dtypes):
+        by_dtype.setdefault(dtype, []).append(position)
+    blocks = []
+    total = 0
+    offsets = [0] * len(snaps)  # relative to the part's base
+    for dtype, members in by_dtype.items():
+        itemsize = dtype.itemsize
+        size = sum(snaps[j].tensor.numel() for j in members) * itemsize
+        blocks.append((dtype, members, total, size))
+        position = total
+        for j in members:
+            offsets[j] = position
+            position += snaps[j].tensor.numel() * itemsize
+        total += _aligned(size)
+    here = {s.key.node: j for j, s in enumerate(snaps) if s.key.view == "value" and s.is_parameter}
+    elsewhere = {s.key.node for s in pending.snapshots if s.key.view == "value" and s.is_parameter}
+    items = []
+    for j, (snap, dtype) in enumerate(zip(snaps, ring_dtypes)):
+        k = snap.key
+        ref = None
+        if snap.reference is not None:
+            ref = here.get(k.node, -1 if k.node in elsewhere else None)  # -1: in another part of the step
+        samples = FULL if snap.samples == FULL else int(snap.samples)
+        axis = None if snap.neuron_axis is None else int(snap.neuron_axis)
+        items.append(RawItem(
+            k.node, k.role, k.iteration, k.view, snap.dtype, str(dtype).replace("torch.", ""), tuple(snap.tensor.shape), offsets[j],
+            snap.is_parameter, bool(snap.neurons), samples, ref, axis,
+        ))
+    converted = frozenset(j for j, (snap, dtype) in enumerate(zip(snaps, ring_dtypes)) if snap.tensor.dtype != dtype)
+    return RawPart(list(indices), blocks, total, tuple(items), converted)
 
 
 def split_packed(packed: PackedStep, capacity: int, warn: Warn, run: str) -> list[PackedStep]:

@@ -36,14 +36,21 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 from comgra_callbacks.errors import FormatVersionError, StoreError
-from comgra_callbacks.recording.parts import NUMPY_DTYPES, Part, plan_raw, reduce_in_writer, split_packed
-from comgra_callbacks.recording.pending import FULL, PackedStep, PendingStep, Snapshot, pack
+from comgra_callbacks.recording.parts import (
+    Part,
+    RawPart,
+    describe_raw,
+    plan_raw,
+    raw_signature,
+    reduce_in_writer,
+    split_packed,
+)
+from comgra_callbacks.recording.pending import PackedStep, PendingStep, pack
 from comgra_callbacks.recording.reduce_numpy import KERNEL_AT_START_NUMEL
 from comgra_callbacks.recording.ring import CLOSED, CONSUMED, ERROR, FLUSHED, PROGRESS, RECORDS, Ring
 from comgra_callbacks.store.messages import (
@@ -122,7 +129,7 @@ class ProcessWriter:
         self._flush_id = 0
         self._layout_ids: dict[tuple[Any, ...], int] = {}  # raw and packed layouts, one counter
         self._next_layout = 0
-        self._plans: dict[tuple[Any, ...], list[_RawPart]] = {}  # raw plans by step signature (_raw_parts)
+        self._plans: dict[tuple[Any, ...], list[RawPart]] = {}  # raw plans by step signature (_raw_parts)
         self._in_ring: deque[tuple[int, float]] = deque()  # (produced counter after a message, when it was sent)
         self._records_written = 0
         try:
@@ -332,17 +339,17 @@ class ProcessWriter:
             return False
         return True
 
-    def _raw_parts(self, step: PendingStep) -> Iterator[Part | _RawPart]:
+    def _raw_parts(self, step: PendingStep) -> Iterator[Part | RawPart]:
         """A step's parts: the plan of the last steps with the same tensors (layouts, dtype blocks, offsets:
         what ~40 tensors cost ~1 ms of Python to work out), or a new plan. Parts reduced here are not kept."""
-        signature = _signature(step.snapshots)
+        signature = raw_signature(step.snapshots)
         plan = self._plans.get(signature)
         if plan is not None:
             return iter(plan)
         parts = plan_raw(step, self.ring.capacity, self.policy.warn_once, self.name)
         if any(part.reduce is not None for part in parts):
             return self._resolve(step, parts)
-        plan = [self._describe_raw(step, part.raw or []) for part in parts]
+        plan = [describe_raw(step, part.raw or []) for part in parts]
         if len(self._plans) >= _PLANS_KEPT:
             self._plans.clear()
         self._plans[signature] = plan
@@ -359,21 +366,21 @@ class ProcessWriter:
             for piece in split_packed(pack(sub), self.ring.capacity, self.policy.warn_once, self.name):
                 yield Part(packed=piece)
 
-    def _send_all(self, meta: StepMeta, pending: PendingStep | None, parts: Iterator[Part | _RawPart]) -> None:
+    def _send_all(self, meta: StepMeta, pending: PendingStep | None, parts: Iterator[Part | RawPart]) -> None:
         """Send the parts of one record; every message but the last says ``more``."""
         current = next(parts, None)
         index = 0
         while current is not None:
             following = next(parts, None)
             part = {"part": index, "more": following is not None}
-            if isinstance(current, _RawPart):
+            if isinstance(current, RawPart):
                 assert pending is not None
                 self._send_raw(pending, current, meta, part)
             elif current.packed is not None:
                 self._send_packed(current.packed, meta, part)
             else:
                 assert pending is not None and current.raw is not None
-                self._send_raw(pending, self._describe_raw(pending, current.raw), meta, part)
+                self._send_raw(pending, describe_raw(pending, current.raw), meta, part)
             current, index = following, index + 1
 
     def _room(self, nbytes: int) -> int:
@@ -407,44 +414,7 @@ class ProcessWriter:
     def _sent(self) -> None:
         self._in_ring.append((self.ring.produced, time.monotonic()))
 
-    def _describe_raw(self, pending: PendingStep, indices: list[int]) -> _RawPart:
-        """Where the tensors ``indices`` of a step go in the ring (one block per dtype) and how the writer
-        process reads them (the layout)."""
-        snaps = [pending.snapshots[i] for i in indices]
-        ring_dtypes = [_ring_dtype(s.tensor) for s in snaps]
-        by_dtype: dict[Any, list[int]] = {}
-        for position, dtype in enumerate(ring_dtypes):
-            by_dtype.setdefault(dtype, []).append(position)
-        blocks = []
-        total = 0
-        offsets = [0] * len(snaps)  # relative to the part's base
-        for dtype, members in by_dtype.items():
-            itemsize = dtype.itemsize
-            size = sum(snaps[j].tensor.numel() for j in members) * itemsize
-            blocks.append((dtype, members, total, size))
-            position = total
-            for j in members:
-                offsets[j] = position
-                position += snaps[j].tensor.numel() * itemsize
-            total += ((size + 63) // 64) * 64
-        here = {s.key.node: j for j, s in enumerate(snaps) if s.key.view == "value" and s.is_parameter}
-        elsewhere = {s.key.node for s in pending.snapshots if s.key.view == "value" and s.is_parameter}
-        items = []
-        for j, (snap, dtype) in enumerate(zip(snaps, ring_dtypes)):
-            k = snap.key
-            ref = None
-            if snap.reference is not None:
-                ref = here.get(k.node, -1 if k.node in elsewhere else None)  # -1: in another part of the step
-            samples = FULL if snap.samples == FULL else int(snap.samples)
-            axis = None if snap.neuron_axis is None else int(snap.neuron_axis)
-            items.append(RawItem(
-                k.node, k.role, k.iteration, k.view, snap.dtype, str(dtype).replace("torch.", ""), tuple(snap.tensor.shape), offsets[j],
-                snap.is_parameter, bool(snap.neurons), samples, ref, axis,
-            ))
-        converted = frozenset(j for j, (snap, dtype) in enumerate(zip(snaps, ring_dtypes)) if snap.tensor.dtype != dtype)
-        return _RawPart(list(indices), blocks, total, tuple(items), converted)
-
-    def _send_raw(self, pending: PendingStep, raw: _RawPart, meta: StepMeta, part: dict[str, Any]) -> None:
+    def _send_raw(self, pending: PendingStep, raw: RawPart, meta: StepMeta, part: dict[str, Any]) -> None:
         """Copy a part's tensors into the ring (one ``torch.cat`` per dtype, straight into the ring) and send
         the message that names its layout."""
         import torch
@@ -603,30 +573,3 @@ def travels_raw(step: PendingStep) -> bool:
     accelerator's are reduced where they live), and only when the writer has a core torch does not use
     (:func:`~.parts.reduce_in_writer`, measured in docs/benchmarks.md)."""
     return reduce_in_writer() and all(s.tensor.device.type == "cpu" for s in step.snapshots)
-
-
-def _ring_dtype(tensor: Any) -> Any:
-    """The dtype a tensor travels in: its own, or float32 where numpy lacks it (bfloat16, float16, ...)."""
-    import torch
-
-    return tensor.dtype if str(tensor.dtype).replace("torch.", "") in NUMPY_DTYPES else torch.float32
-
-
-def _signature(snaps: list[Snapshot]) -> tuple[Any, ...]:
-    """What a step's raw plan depends on: for each snapshot its series, dtypes, shape and what is kept."""
-    return tuple((s.key, s.dtype, s.tensor.dtype, s.tensor.shape, s.is_parameter, s.neurons, s.samples, s.reference is None, s.neuron_axis) for s in snaps)
-
-
-@dataclass
-class _RawPart:
-    """One part of a step copied whole into the ring: the step's tensors ``indices``, in one block per ring
-    dtype ``(dtype, positions in indices, start, bytes)``, ``total`` bytes from the part's base; ``items``:
-    its layout (``layout``: the id the writer process knows it by, 0 before it was sent); ``converted``:
-    the positions whose tensor is widened to float32 on the way."""
-
-    indices: list[int]
-    blocks: list[tuple[Any, list[int], int, int]]
-    total: int
-    items: tuple[RawItem, ...]
-    converted: frozenset[int]
-    layout: int = 0
