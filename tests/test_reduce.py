@@ -318,6 +318,41 @@ def test_a_step_mixing_derived_groups_and_plain_sums_gives_the_same_numbers(monk
     assert rows[1, STAT_INDEX["nan_count"]].item() == 1.0
 
 
+@pytest.mark.parametrize("copy_max", [reduce.PREPARED_COPY_MAX, 0], ids=["stacks-prepared", "stacks-where-read"])
+def test_kernel_calls_prepared_for_two_threads_give_the_same_numbers(monkeypatch: pytest.MonkeyPatch, copy_max: int) -> None:
+    """Where two threads share a step, the kernels' calls are prepared first and then run by both; groups
+    whose view is a copy (a convolution's channels), whose tensors need the deviations or whose stacks pass
+    ``PREPARED_COPY_MAX`` are still reduced where they are taken. All give torch's numbers."""
+    from comgra_callbacks.recording import fused
+
+    assert fused.available()
+    g = torch.Generator().manual_seed(9)
+    tensors = [
+        torch.randn(64, 32, generator=g) * 2 - 1,  # alone
+        torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g) + 4,  # stacked
+        torch.randn(2, 6, 3, 3, generator=g),  # channels on axis 1: a copy
+        torch.randn(40, 7, generator=g) + 1e4,  # remembered for the deviations
+        torch.randn(16, generator=g), torch.randn(8, 16, generator=g),  # a bias and a weight
+    ]
+    layouts = [(True, False, None)] * 3 + [(True, False, 1), (True, False, None), (True, True, None), (True, True, None)]
+    monkeypatch.setattr(reduce, "GROUP_MAX_NUMEL", 1000)
+    monkeypatch.setattr(reduce, "FUSED_MIN_NUMEL", 1 << 62)
+    want_rows, want_blocks = reduce.reduce_tensors(tensors, layouts)  # torch's kernels, one thread
+    monkeypatch.setattr(reduce, "FUSED_MIN_NUMEL", 0)
+    monkeypatch.setattr(reduce, "FORCE_SHARING", True)
+    monkeypatch.setattr(reduce, "PREPARED_COPY_MAX", copy_max)
+    plan = reduce._plan(tensors, layouts)
+    plan.deviations.add(4)
+    prepared = reduce._prepared_calls(plan, lambda i: (tensors[i].reshape(plan.layouts[i].shape), plan.layouts[i]), reduce._host_arrays(plan.segments.columns))
+    stacked = [g_ for g_, members in enumerate(plan.groups) if len(members) > 1]
+    assert stacked and all((g_ in prepared) == (copy_max > 0) for g_ in stacked)
+    assert plan.group_of[0] in prepared and plan.group_of[3] not in prepared and plan.group_of[4] not in prepared
+    rows, blocks = reduce.reduce_tensors(tensors, layouts)
+    np.testing.assert_allclose(rows.numpy(), want_rows.numpy(), rtol=1e-5, atol=1e-5, equal_nan=True)
+    for got, want in zip(blocks, want_blocks):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 def test_the_one_pass_kernel_leaves_what_it_cannot_read_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     from comgra_callbacks.recording import fused
 

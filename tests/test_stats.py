@@ -134,6 +134,8 @@ PATHS = {
     "fused-cpu-grouped": torch_path(True, False, kernel="fused"),
     "fused-cpu-alone": torch_path(True, True, kernel="fused"),
     "fused-cpu-two-threads": torch_path(True, True, shared=True, kernel="fused"),
+    # the kernels' calls prepared first (stacks of small tensors among them), then run by both threads
+    "fused-cpu-two-threads-grouped": torch_path(True, False, shared=True, kernel="fused"),
 }
 
 

@@ -29,10 +29,12 @@ How the kernels read (a 3-D view ``(g, items, k)`` over axis 1, or ``(g, k, item
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from comgra_callbacks.stats import SUM_NAMES
@@ -137,6 +139,23 @@ def derived_fused(x: Any, dim: int, c0: int, partials: Any, code: Any, neurons: 
     if run is None:
         return False
     return _derive(run, dim, c0, partials, code, neurons)
+
+
+def derive_call(x: Any, dim: int, c0: int, partials: Any, code: Any, neurons: Any) -> Callable[[], None] | None:
+    """:func:`derived_fused` prepared but not run: a function of no arguments that calls the kernel alone, for
+    work prepared on one thread and run by two (``reduce.reduce_tensors``: the kernels release the GIL, the
+    preparation does not). None where the kernel does not apply."""
+    from comgra_callbacks.stats import CANCELLATION_SHARE
+
+    run = _prepare(x, dim)
+    if run is None:
+        return None
+    kernel, args, _ = run
+    name, dtype = f"{kernel}+derive", args[0].dtype
+    full = (*args, CANCELLATION_SHARE, c0, partials, code, neurons)
+    if (name, dtype) not in _CALLED:  # its first call: compiled or loaded, and said so if that is slow
+        return functools.partial(_call, name, dim, full, dtype)
+    return functools.partial(_STATE["kernels"][name], *full)
 
 
 def derived_numpy(a: Any, dim: int, c0: int, partials: Any, code: Any, neurons: Any) -> bool:

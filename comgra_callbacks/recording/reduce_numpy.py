@@ -126,7 +126,7 @@ def _kernel_sums(m: np.ndarray, start: int, partials: np.ndarray, code: np.ndarr
 
     if m.dtype not in (np.float32, np.float64):
         return False
-    if m.shape[1] == 1 or m.T.flags.c_contiguous:  # each neuron's items contiguous (parameters, one neuron)
+    if m.shape[1] == 1 or (m.shape[0] > 1 and m.T.flags.c_contiguous):  # each neuron's items contiguous (parameters, one neuron; a bias's single items are read across)
         return fused.derived_numpy(np.ascontiguousarray(m.T)[None], 2, start, partials, code, neurons)
     return fused.derived_numpy(np.ascontiguousarray(m)[None], 1, start, partials, code, neurons)
 
