@@ -136,6 +136,9 @@ def test_the_writer_process_reports_a_message_of_another_version(tmp_path: Path)
         writer.flush(timeout=60)
     with pytest.warns(RuntimeWarning, match="may be incomplete"):
         writer.close("finished")
+    # an error the process reported is not one of a process that stopped answering: close() told it to close
+    # and waited while it marked the run (it used to leave it to finish alone, and the run could read "running")
+    assert writer.proc.poll() is not None
     run = open_run(tmp_path / "r")
     assert run.status == "failed" and "version 99" in run.meta["error"]
 

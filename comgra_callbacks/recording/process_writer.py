@@ -483,7 +483,7 @@ class ProcessWriter:
         try:
             self._send(message)
         except StoreError as exc:
-            self._failure = self._failure or exc
+            self._note_failure(exc)
             self._check_error()
             return False
         return True
@@ -500,8 +500,16 @@ class ProcessWriter:
         except StoreError as exc:
             if isinstance(exc, WaitTimedOut) and self._failure is None:
                 raise StoreError(f"flushing run {self.name!r} timed out after {timeout} s.") from exc
-            self._failure = self._failure or self.error or exc
+            self._note_failure(exc)
         self._check_error()
+
+    def _note_failure(self, exc: StoreError) -> None:
+        """An error met while talking to the writer process. One it reported itself (in the ring's header) is not
+        kept here: the process still reads its input and, told to close, marks the run ``failed`` itself
+        (:meth:`close` waits for that); only an error of this side's (a broken pipe, a writer that stopped
+        answering) makes :meth:`close` leave the process to finish alone."""
+        if self._failure is None and not (self.ring.header is not None and self.ring.header[ERROR]):
+            self._failure = exc
 
     def close(self, status: Literal["running", "finished", "failed"], error: str | None = None, timeout: float | None = 600.0) -> None:
         """Write what is queued, mark the run, stop the writer process. Safe to call twice.
