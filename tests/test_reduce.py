@@ -343,7 +343,10 @@ def test_kernel_calls_prepared_for_two_threads_give_the_same_numbers(monkeypatch
     monkeypatch.setattr(reduce, "PREPARED_COPY_MAX", copy_max)
     plan = reduce._plan(tensors, layouts)
     plan.deviations.add(4)
-    prepared = reduce._prepared_calls(plan, lambda i: (tensors[i].reshape(plan.layouts[i].shape), plan.layouts[i]), reduce._host_arrays(plan.segments.columns))
+    def stacked(g_: int) -> torch.Tensor:
+        return torch.cat([tensors[i].reshape(plan.layouts[i].shape) for i in plan.groups[g_]])
+
+    prepared = reduce._prepared_calls(plan, stacked, reduce._host_arrays(plan.segments.columns))
     stacked = [g_ for g_, members in enumerate(plan.groups) if len(members) > 1]
     assert stacked and all((g_ in prepared) == (copy_max > 0) for g_ in stacked)
     assert plan.group_of[0] in prepared and plan.group_of[3] not in prepared and plan.group_of[4] not in prepared

@@ -145,14 +145,10 @@ def derive_call(x: Any, dim: int, c0: int, partials: Any, code: Any, neurons: An
     """:func:`derived_fused` prepared but not run: a function of no arguments that calls the kernel alone, for
     work prepared on one thread and run by two (``reduce.reduce_tensors``: the kernels release the GIL, the
     preparation does not). None where the kernel does not apply."""
-    from comgra_callbacks.stats import CANCELLATION_SHARE
-
     run = _prepare(x, dim)
     if run is None:
         return None
-    kernel, args, _ = run
-    name, dtype = f"{kernel}+derive", args[0].dtype
-    full = (*args, CANCELLATION_SHARE, c0, partials, code, neurons)
+    name, full, dtype = _derive_arguments(run, c0, partials, code, neurons)
     if (name, dtype) not in _CALLED:  # its first call: compiled or loaded, and said so if that is slow
         return functools.partial(_call, name, dim, full, dtype)
     return functools.partial(_STATE["kernels"][name], *full)
@@ -168,11 +164,17 @@ def derived_numpy(a: Any, dim: int, c0: int, partials: Any, code: Any, neurons: 
 
 
 def _derive(run: tuple[str, tuple[Any, ...], Any], dim: int, c0: int, partials: Any, code: Any, neurons: Any) -> bool:
+    name, full, dtype = _derive_arguments(run, c0, partials, code, neurons)
+    _call(name, dim, full, dtype)
+    return True
+
+
+def _derive_arguments(run: tuple[str, tuple[Any, ...], Any], c0: int, partials: Any, code: Any, neurons: Any) -> tuple[str, tuple[Any, ...], Any]:
+    """The derive kernel's name, all its arguments and the dtype it reads, for a run of :func:`_prepare`."""
     from comgra_callbacks.stats import CANCELLATION_SHARE
 
     kernel, args, _ = run
-    _call(f"{kernel}+derive", dim, (*args, CANCELLATION_SHARE, c0, partials, code, neurons), args[0].dtype)
-    return True
+    return f"{kernel}+derive", (*args, CANCELLATION_SHARE, c0, partials, code, neurons), args[0].dtype
 
 
 def _prepare(x: Any, dim: int) -> tuple[str, tuple[Any, ...], Any] | None:

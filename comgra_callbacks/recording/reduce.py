@@ -277,7 +277,11 @@ def reduce_tensors(
 
     # the kernels' calls prepared here first (views, stacks, arrays: Python, under the GIL), so that the two
     # threads of share_work then run kernels that release the GIL, instead of taking turns at the Python
-    ready: dict[int, Callable[[], None]] = _prepared_calls(plan, view, host) if use_fused and shared else {}
+    def stacked(g: int) -> Any:  # a group's tensors as one 3-D tensor (a view for a group of one)
+        members = plan.groups[g]
+        return torch.cat([view(i)[0] for i in members]) if len(members) > 1 else view(members[0])[0]
+
+    ready: dict[int, Callable[[], None]] = _prepared_calls(plan, stacked, host) if use_fused and shared else {}
 
     def reduce_group(g: int) -> Any:
         call = ready.get(g)
@@ -292,7 +296,7 @@ def reduce_tensors(
     def group_sums(g: int) -> Any:
         members = plan.groups[g]
         layout = plan.layouts[members[0]]
-        x = torch.cat([view(i)[0] for i in members]) if len(members) > 1 else view(members[0])[0]
+        x = stacked(g)
         if not sync:
             return _device_partials(x, layout.dim)  # (g, N_PARTIALS, k)
         if members[0] in plan.deviations:  # its m2 lost precision from plain sums before: skip them
@@ -324,27 +328,22 @@ def reduce_tensors(
 PREPARED_COPY_MAX = 64 << 20  # bytes of stacked small tensors prepared at once (the rest are stacked where read)
 
 
-def _prepared_calls(plan: _Plan, view: Callable[[int], tuple[Any, Layout]], host: tuple[Any, ...]) -> dict[int, Callable[[], None]]:
+def _prepared_calls(plan: _Plan, stacked: Callable[[int], Any], host: tuple[Any, ...]) -> dict[int, Callable[[], None]]:
     """The one-pass kernel's call of each group that reads its tensors where they are (a view, or a stack of
-    small ones, at most ``PREPARED_COPY_MAX`` bytes of those in all), prepared on this thread: ~10 us of
-    Python a group. Groups whose view is a copy (neurons moved to the last axis, another dtype) or that need
-    the deviations are left to ``group_sums``, so that a step's copies never all exist at once."""
-    import torch
-
+    small ones, at most ``PREPARED_COPY_MAX`` bytes of those in all; ``stacked``: a group's tensors as one),
+    prepared on this thread: ~10-20 us of Python a group. Groups whose view is a copy (neurons moved to the
+    last axis) or that need the deviations are left to ``group_sums``, so that a step's copies of large
+    tensors never all exist at once."""
     calls: dict[int, Callable[[], None]] = {}
     copied = 0
     for g, members in enumerate(plan.groups):
         if members[0] in plan.deviations or any(plan.moved[i] for i in members):
             continue
         if len(members) > 1:
-            size = plan.sizes[g] * 4
-            if copied + size > PREPARED_COPY_MAX:
+            if copied + plan.sizes[g] * 4 > PREPARED_COPY_MAX:
                 continue
-            copied += size
-            x = torch.cat([view(i)[0] for i in members])
-        else:
-            x = view(members[0])[0]
-        call = fused.derive_call(x, plan.layouts[members[0]].dim, plan.spans[members[0]], *host)
+            copied += plan.sizes[g] * 4
+        call = fused.derive_call(stacked(g), plan.layouts[members[0]].dim, plan.spans[members[0]], *host)
         if call is not None:
             calls[g] = call
     return calls
