@@ -97,7 +97,7 @@ class PendingStep:
 def pack(pending: PendingStep) -> PackedStep:
     """Compute every statistic of the step where its tensors live and start one copy to the host."""
     snaps = pending.snapshots
-    on_cpu = all(s.tensor.device.type == "cpu" for s in snaps)
+    on_cpu = all(s.tensor.is_cpu for s in snaps)
     with reduce.cpu_threads(1 if on_cpu else None):  # short operations: one thread (see reduce.cpu_threads)
         return _pack(pending)
 

@@ -580,4 +580,4 @@ def travels_raw(step: PendingStep) -> bool:
     """Whether a step's raw tensors go to the writer process, which reduces them: only CPU tensors (an
     accelerator's are reduced where they live), and only when the writer has a core torch does not use
     (:func:`~.parts.reduce_in_writer`, measured in docs/benchmarks.md)."""
-    return reduce_in_writer() and all(s.tensor.device.type == "cpu" for s in step.snapshots)
+    return reduce_in_writer() and all(s.tensor.is_cpu for s in step.snapshots)

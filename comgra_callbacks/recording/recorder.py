@@ -530,7 +530,7 @@ class Recorder(StepBookkeeping):
         """One torch thread for the recorder's copies and differences of a CPU model's parameters (short
         operations whose parallel barriers stall on a busy machine: see ``reduce.cpu_threads``); None
         (unchanged) on an accelerator."""
-        return 1 if self._params and self._params[0][1].device.type == "cpu" else None
+        return 1 if self._params and self._params[0][1].is_cpu else None
 
     def _capture_parameters(self, step: _Step, params: list[tuple[str, Any]], *, keep_before: bool) -> None:
         for name, p in params:
@@ -584,7 +584,7 @@ class Recorder(StepBookkeeping):
                         step.add(Snapshot(SeriesKey(name, None, 0, "update"), delta, _dtype_name(p), True, reference=before))
             self._build_graph(step)
             self._check_versions(step)
-            host = sum(s.tensor.numel() * s.tensor.element_size() for s in step.pending.snapshots if s.tensor.device.type == "cpu")
+            host = sum(s.tensor.nbytes for s in step.pending.snapshots if s.tensor.is_cpu)  # not .device.type: ~1 us a tensor
             keep_freed(host)  # what this step frees is reused by the next one, not mapped again (recording/memory.py)
             pending = step.pending
             if self.policy is not None and not step.decided:
