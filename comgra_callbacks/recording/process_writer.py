@@ -421,13 +421,14 @@ class ProcessWriter:
 
         snaps, indices, converted = pending.snapshots, raw.indices, raw.converted
         base = self._room(max(raw.total, 64))
-        for dtype, members, start, size in raw.blocks:
-            if size:
-                out = self.ring.region(base + start, size).view(dtype)
-                flat = [snaps[indices[j]].tensor.detach().reshape(-1) for j in members]
-                if converted:
-                    flat = [t.to(dtype) if j in converted else t for j, t in zip(members, flat)]
-                torch.cat(flat, out=out)
+        with torch.no_grad():  # views without autograd's bookkeeping: cheaper than detach() per tensor
+            for dtype, members, start, size in raw.blocks:
+                if size:
+                    out = self.ring.region(base + start, size).view(dtype)
+                    flat = [snaps[indices[j]].tensor.reshape(-1) for j in members]
+                    if converted:
+                        flat = [t.to(dtype) if j in converted else t for j, t in zip(members, flat)]
+                    torch.cat(flat, out=out)
         if not raw.layout or raw.layout <= self._next_layout - _LAYOUTS_KEPT:  # new, or forgotten by the writer process
             raw.layout = self._layout(raw.items)
         index = pending.sample_index
