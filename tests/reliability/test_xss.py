@@ -23,6 +23,13 @@ from tests.reliability.conftest import train_tiny
 pytestmark = pytest.mark.timeout(240)
 
 
+# BokehJS's DOM helpers (``empty``, ``prepend``) reading the element of a view that a tab switch removed while
+# it was still rendering (the dashboard's tabs are ``dynamic``): a race of the library on a slow machine, seen
+# twice in local runs under extra load. It is no script from a run (the dialog handler catches those) and it
+# breaks nothing the test checks next; any other error on the page fails the test.
+BOKEH_RENDER_RACES = ("Cannot read properties of null (reading 'firstChild')",)
+
+
 def attack(n: int) -> str:
     return f"<img src=x onerror=alert({n})>"
 
@@ -145,4 +152,5 @@ def test_no_script_from_a_run_runs_in_the_browser(hostile_root):
         finally:
             browser.close()
     assert not dialogs, f"script from a run ran in the browser: alert() from {_fired(dialogs)}"
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    unexpected = [e for e in errors if e not in BOKEH_RENDER_RACES]
+    assert not unexpected, f"JavaScript errors on the page: {unexpected}"
