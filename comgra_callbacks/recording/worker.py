@@ -63,7 +63,9 @@ from comgra_callbacks.store.writer import HostEntry, HostRecord, RunWriter
 
 _LAYOUTS_KEPT = 64  # the trainer keeps the ids of its last 64 layouts (process_writer.py)
 POLL_SECS = 0.002  # while messages come, the line reader looks for the next one this often ...
-BLOCK_AFTER_SECS = 0.25  # ... and waits in the kernel again once none came for this long
+# ... and waits in the kernel again once none came for this long: where records come further apart, a wake-up is a
+# small part of a step, and the writer process does not wake every 2 ms on cores that torch's threads use
+BLOCK_AFTER_SECS = 0.02
 
 
 def _record(meta: StepMeta) -> HostRecord:
