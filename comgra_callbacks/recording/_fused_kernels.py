@@ -113,31 +113,41 @@ def over_rows(x: Any, bits: Any, shift: int, mask: Any, out: Any) -> None:
 
 
 @jit
+def block_sums(blk: Any, bb: Any, c: Any, shift: Any, mask: Any, low: Any, high: Any) -> tuple[Any, Any, Any, Any, Any, Any]:
+    """The sums of one block of a row (at most ``BLOCK`` items) in its dtype, and the bounds so far updated.
+
+    A loop over a block of its own (a slice, from 0 to its length) is what LLVM vectorises: the same loop
+    over ``range(i0, min(i0 + BLOCK, n))`` of the whole row stayed scalar (measured: 1.3-1.9 ns an item on
+    rows of 128-1 000 items, 0.4-0.6 ns so; the same sums to the bit on rows of 128 and 512)."""
+    one, none = blk.dtype.type(1), blk.dtype.type(0)
+    bs, bq, ba, bz = none, none, none, none
+    for i in range(blk.shape[0]):
+        v = blk[i]
+        w = v - c
+        bs += w
+        bq += w * w
+        ba += abs(v)
+        bz += one if v != none else none  # in x's dtype: mixed types would not vectorise
+        u = order(bb[i], shift, mask)
+        low = min(low, u)
+        high = max(high, u)
+    return bs, bq, ba, bz, low, high
+
+
+@jit
 def sums_row(row: Any, bits: Any, c: Any, shift: Any, mask: Any) -> tuple[float, float, float, float, Any, Any]:
     """Sum and sum of squares about ``c`` (in the row's dtype), sum of absolute values and non-zero count of
     one contiguous row, and its smallest and largest ordered bits (``bits``: the row's integer view), in one
-    loop. Each ``BLOCK`` items are summed in the row's dtype (SIMD lanes twice as wide as float64's for
-    float32) and folded into float64 totals, as :func:`add_rows` does."""
-    one, none = row.dtype.type(1), row.dtype.type(0)
+    pass. Each ``BLOCK`` items are summed in the row's dtype (:func:`block_sums`: SIMD lanes twice as wide as
+    float64's for float32) and folded into float64 totals, as :func:`add_rows` does."""
     s = 0.0
     q = 0.0
     a = 0.0
     z = 0.0
     low = mask
     high = np.bitwise_not(mask)
-    n = row.shape[0]
-    for i0 in range(0, n, BLOCK):
-        bs, bq, ba, bz = none, none, none, none
-        for i in range(i0, min(i0 + BLOCK, n)):
-            v = row[i]
-            w = v - c
-            bs += w
-            bq += w * w
-            ba += abs(v)
-            bz += one if v != none else none
-            u = order(bits[i], shift, mask)
-            low = u if u < low else low  # a select: faster here than min() and max() (measured)
-            high = u if u > high else high
+    for i0 in range(0, row.shape[0], BLOCK):
+        bs, bq, ba, bz, low, high = block_sums(row[i0 : i0 + BLOCK], bits[i0 : i0 + BLOCK], c, shift, mask, low, high)
         s += np.float64(bs)
         q += np.float64(bq)
         a += np.float64(ba)

@@ -17,9 +17,10 @@ How the kernels read (a 3-D view ``(g, items, k)`` over axis 1, or ``(g, k, item
   accumulators, folded into float64 totals every ``BLOCK`` rows (so float32 rounding builds up over at most
   ``BLOCK`` items);
 * over axis 2, a neuron's items are contiguous: each ``BLOCK`` of them is summed in x's dtype with
-  re-association allowed (SIMD) and folded into float64 totals, about the mean of its first ``BLOCK``; a long
-  row (``_fused_kernels.WIDE_ROW`` items or more) is read as 128 lanes, as over axis 1, and the lanes' sums
-  added up (a reduction along one row did not vectorise: 3-4x faster so);
+  re-association allowed (SIMD: the block's loop runs over a slice of its own, ``block_sums``, which LLVM
+  vectorises where a loop over ``range(i0, i1)`` of the row stayed scalar) and folded into float64 totals,
+  about the mean of its first ``BLOCK``; a long row (``_fused_kernels.WIDE_ROW`` items or more) is read as
+  128 lanes, as over axis 1, and the lanes' sums added up;
 * min and max compare the floats' bits as integers (an order-preserving map), which vectorises where float
   comparisons with NaN semantics do not, in the same loop as the sums (each element is read once), and in
   the bits' own width (numba widens integer operators to int64, which AVX2 cannot min and max in vectors:
