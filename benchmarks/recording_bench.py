@@ -5,6 +5,9 @@ On the fixed workload of ``workload.py`` (4-layer MLP 64→256→256→256→10,
 
 * Lightning: median step time without the callback; with it on steps it does not record; recording every
   step with statistics only; with statistics + per-neuron statistics + all 64 samples;
+* the statistics-only row again as one fit recorded in alternate blocks of 10 steps: its recorded steps
+  against its plain steps (``paired_ratio_every_step_stats``), a ratio the machine's drift between fits does
+  not move;
 * bytes written per recorded step, the time training waited for the writer, and memory (RSS) growth;
 * a plain PyTorch loop with the framework-free recorder, to compare like for like with the original
   comgra package (measured by ``comgra_env.py`` in its own virtual environment).
@@ -78,12 +81,25 @@ def lightning_run(config: dict[str, Any] | None, n_steps: int, root: Path) -> di
             if recorder is not None:
                 self.writer = recorder.writer  # kept: the callback lets go of it when the run closes
 
+    class Around(pl.Callback):
+        """Time stamps of the hooks the comgra callback implements, taken before it (``first``) and after it:
+        their differences are the time the callback's own hooks take in a step."""
+
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def _mark(self, *args: Any) -> None:
+            self.marks.append(time.perf_counter())
+
+        on_train_batch_start = on_before_backward = on_before_optimizer_step = on_train_batch_end = _mark
+
     timer = Timer()
     callbacks: list[Any] = [timer]
     comgra = None
+    first, last = Around(), Around()
     if config is not None:
         comgra = ComgraCallback(str(root), log_scalars=False, **config)
-        callbacks.append(comgra)
+        callbacks += [first, comgra, last]
     batches = workload.make_batches(n_steps + 1)
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer = pl.Trainer(
@@ -93,6 +109,9 @@ def lightning_run(config: dict[str, Any] | None, n_steps: int, root: Path) -> di
     trainer.fit(Module(), loader)
     periods = [b - a for a, b in zip(timer.starts, timer.starts[1:])][workload.WARMUP :]
     result: dict[str, Any] = {"step_s": periods, "rss_mb": timer.rss}
+    if comgra is not None and len(first.marks) == len(last.marks) == 4 * len(timer.starts):
+        inside = [b - a for a, b in zip(first.marks, last.marks)]
+        result["hooks_s"] = [sum(inside[4 * i : 4 * i + 4]) for i in range(len(timer.starts))][workload.WARMUP : workload.WARMUP + len(periods)]
     if comgra is not None:
         from comgra_callbacks import open_run
 
@@ -145,8 +164,24 @@ def _always(outputs: Any, batch: Any) -> bool:
     return True
 
 
-def configs() -> dict[str, dict[str, Any] | None]:
-    from comgra_callbacks import LossSpike, Never, Predicate
+PAIRED = "every_step_stats_paired"  # the statistics-only row, as recorded and plain blocks of one fit
+PAIR_BLOCK = 10
+
+
+def paired_split(periods: list[float]) -> tuple[list[float], list[float]]:
+    """A paired fit's step times (step ``WARMUP`` on) as (recorded, not recorded), without the first step of
+    each block (where the other kind ends)."""
+    recorded: list[float] = []
+    plain: list[float] = []
+    for i, period in enumerate(periods):
+        step = i + workload.WARMUP
+        if step % PAIR_BLOCK:
+            (recorded if (step // PAIR_BLOCK) % 2 == 0 else plain).append(period)
+    return recorded, plain
+
+
+def configs(n_steps: int = workload.N_STEPS) -> dict[str, dict[str, Any] | None]:
+    from comgra_callbacks import LossSpike, Never, Predicate, Steps
 
     return {
         "no_callback": None,
@@ -157,6 +192,10 @@ def configs() -> dict[str, dict[str, Any] | None]:
         "armed_discarded": {"schedule": Never(), "triggers": [LossSpike(threshold=1e9)], "neurons": True},
         # armed every step and always kept (a batch predicate), with the default detail
         "armed_kept": {"schedule": Never(), "triggers": [Predicate(_always, name="always")], "neurons": True},
+        # recorded in blocks of PAIR_BLOCK steps, not recorded in the blocks between: recorded against plain
+        # steps of the same fit (this machine's speed drifts by +-30 % between fits, far more than the target)
+        # (Steps checks its ranges one by one: as many as the fit has blocks, no more)
+        PAIRED: {"schedule": Steps([range(b, b + PAIR_BLOCK) for b in range(0, n_steps + 1, 2 * PAIR_BLOCK)]), "neurons": False, "n_samples": 0},
     }
 
 
@@ -169,23 +208,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recording.json"))
     args = parser.parse_args(argv)
     workload.configure_torch()
-    CONFIGS = configs()
+    CONFIGS = configs(args.steps)
     samples: dict[str, list[float]] = {name: [] for name in CONFIGS}
     samples.update({"loop_plain": [], "loop_recorder_stats": []})
     extra: dict[str, dict[str, Any]] = {}
     waited: dict[str, list[float]] = {}  # seconds training waited for the writer, per round
+    pair_hook_s: list[float] = []  # the paired fits' time in the callback's hooks, per step
     with tempfile.TemporaryDirectory(prefix="comgra-bench-") as tmp:
         for round_ in range(args.rounds):
             for name, config in CONFIGS.items():
                 print(f"round {round_ + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
                 result = lightning_run(config, args.steps, Path(tmp) / f"{name}-{round_}")
                 samples[name] += result["step_s"]
+                if name == PAIRED and "hooks_s" in result:
+                    pair_hook_s += result["hooks_s"]
                 extra[name] = {k: v for k, v in result.items() if k != "step_s"}
                 if "waited_s" in result:
                     waited.setdefault(name, []).append(round(result["waited_s"], 3))
             for name, record in (("loop_plain", False), ("loop_recorder_stats", True)):
                 print(f"round {round_ + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
                 samples[name] += torch_loop_run(record, args.steps, Path(tmp))["step_s"]
+    per_round = args.steps - workload.WARMUP
+    pair_rounds = [paired_split(samples[PAIRED][i : i + per_round]) for i in range(0, len(samples[PAIRED]), per_round)]
+    hook_rounds = [paired_split(pair_hook_s[i : i + per_round]) for i in range(0, len(pair_hook_s), per_round)]
+    pair_hooks = ([x for r, _ in hook_rounds for x in r], [x for _, p in hook_rounds for x in p])
+    del samples[PAIRED]
+    CONFIGS.pop(PAIRED)
     median = {name: statistics.median(values) for name, values in samples.items()}
     base = median["no_callback"]
     summary: dict[str, Any] = {
@@ -195,6 +243,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "median_step_ms": {k: round(v * 1e3, 3) for k, v in median.items()},
         "ratio_to_no_callback": {k: round(median[k] / base, 3) for k in CONFIGS},
         "loop_ratio": round(median["loop_recorder_stats"] / median["loop_plain"], 3),
+        # statistics only, recorded steps against the plain steps of the same fit (the callback attached, not
+        # recording: within 1 % of no callback), per round and over all rounds
+        "paired_ratio_every_step_stats": {
+            "rounds": [round(statistics.median(r) / statistics.median(p), 3) for r, p in pair_rounds],
+            "all": round(statistics.median([x for r, _ in pair_rounds for x in r]) / statistics.median([x for _, p in pair_rounds for x in p]), 3),
+            "recorded_ms": round(statistics.median([x for r, _ in pair_rounds for x in r]) * 1e3, 3),
+            "plain_ms": round(statistics.median([x for _, p in pair_rounds for x in p]) * 1e3, 3),
+            # what the callback's hooks take on those plain steps (the not-recording overhead the ratio leaves out)
+            "hooks_on_plain_ms": round(statistics.median(pair_hooks[1]) * 1e3, 3) if pair_hooks[1] else None,
+            "hooks_on_recorded_ms": round(statistics.median(pair_hooks[0]) * 1e3, 3) if pair_hooks[0] else None,
+        },
         "bytes_per_record": {k: round(extra[k]["bytes_per_record"]) for k in CONFIGS if k in extra and "bytes_per_record" in extra[k]},
         "writer_wait_s_per_round": waited,
         "rss_mb_every_50_steps": {k: [round(x) for x in extra[k]["rss_mb"]] for k in extra},
