@@ -50,6 +50,30 @@ def test_steps_and_ranges() -> None:
     assert steps_of(Steps([5, 7, [10, 14], [100, 150, 20], range(190, 200, 4)])) == [5, 7, 10, 11, 12, 13, 100, 120, 140, 190, 194, 198]
 
 
+def test_steps_with_many_overlapping_ranges_match_a_plain_membership_test() -> None:
+    """Steps looks only at the ranges that can hold a step (by their starts and how far they reach): the same
+    steps as asking every range, for overlapping, nested, stepped, empty and descending ranges in any order."""
+    import random
+
+    rng = random.Random(5)
+    for _ in range(20):
+        items: list[Any] = []
+        for _ in range(rng.randint(1, 40)):
+            start = rng.randint(0, 300)
+            stop = start + rng.choice([0, 1, 3, 20, 150])
+            kind = rng.random()
+            if kind < 0.2:
+                items.append(rng.randint(0, 400))
+            elif kind < 0.6:
+                items.append([start, stop] if kind < 0.4 else [start, stop, rng.randint(1, 7)])
+            else:
+                items.append(range(stop, start, -rng.randint(1, 5)) if kind < 0.7 else range(start, stop, rng.randint(1, 5)))
+        ranges = [i if isinstance(i, range) else range(*i) for i in items if not isinstance(i, int)]
+        singles = {i for i in items if isinstance(i, int)}
+        want = [s for s in range(500) if s in singles or any(s in r for r in ranges)]
+        assert steps_of(Steps(items), 500) == want, items
+
+
 def test_decaying_dense_then_sparse() -> None:
     assert steps_of(Decaying(every=(1, 10, 100), until=(10, 100)), 450) == list(range(10)) + list(range(10, 100, 10)) + [100, 200, 300, 400]
     default = steps_of(Decaying(), 3000)

@@ -16,6 +16,7 @@ AnyOf(Every(10), Steps([3, 7]))
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import threading
 from collections.abc import Iterable, Sequence
@@ -125,9 +126,22 @@ class Steps(Schedule):
                 self._spec.append(list(item))
             else:
                 raise ConfigTypeError(f"`Steps(steps=...)`: expected an int step or a [start, stop(, every)] range, got {item!r}.")
+        # asked on every training step: the ranges by their start, and how far the ranges up to each reach, so
+        # that a step looks at the few ranges that can hold it, not at all of them (a generated list of 5 000
+        # ranges took 0.54 ms a step so)
+        self._ranges = sorted((r if r.step > 0 else r[::-1] for r in self._ranges), key=lambda r: r.start)  # ascending: the same steps
+        self._starts = [r.start for r in self._ranges]
+        self._reach = list(itertools.accumulate((r.stop for r in self._ranges), max))
 
     def wants(self, step: int, last: int | None = None) -> bool:
-        return step in self._singles or any(step in r for r in self._ranges)
+        if step in self._singles:
+            return True
+        i = bisect.bisect_right(self._starts, step) - 1  # the last range starting at or before the step
+        while i >= 0 and self._reach[i] > step:  # ranges before it that reach past the step
+            if step in self._ranges[i]:
+                return True
+            i -= 1
+        return False
 
     def __repr__(self) -> str:
         return f"Steps({self._spec!r})"
