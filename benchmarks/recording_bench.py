@@ -194,7 +194,6 @@ def configs(n_steps: int = workload.N_STEPS) -> dict[str, dict[str, Any] | None]
         "armed_kept": {"schedule": Never(), "triggers": [Predicate(_always, name="always")], "neurons": True},
         # recorded in blocks of PAIR_BLOCK steps, not recorded in the blocks between: recorded against plain
         # steps of the same fit (this machine's speed drifts by +-30 % between fits, far more than the target)
-        # (Steps checks its ranges one by one: as many as the fit has blocks, no more)
         PAIRED: {"schedule": Steps([range(b, b + PAIR_BLOCK) for b in range(0, n_steps + 1, 2 * PAIR_BLOCK)]), "neurons": False, "n_samples": 0},
     }
 
