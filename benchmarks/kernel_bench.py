@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -27,10 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def baseline_kernels(checkout: Path) -> dict[str, Any]:
     """Another checkout's kernels, by the names ``fused._build`` gives them."""
-    path = checkout / "comgra_callbacks" / "recording" / "_fused_kernels.py"
+    source = checkout / "comgra_callbacks" / "recording" / "_fused_kernels.py"
+    if not source.is_file():
+        raise SystemExit(f"--baseline {checkout}: no comgra_callbacks/recording/_fused_kernels.py there")
+    # loaded from a copy: numba caches a kernel next to its source, under the module's name, and a cache
+    # written there under another name breaks that checkout's own import of its kernels afterwards
+    path = Path(tempfile.mkdtemp(prefix="comgra-baseline-kernels-")) / "comgra_baseline_kernels.py"
+    shutil.copyfile(source, path)
     spec = importlib.util.spec_from_file_location("comgra_baseline_kernels", path)
     if spec is None or spec.loader is None:
-        raise SystemExit(f"--baseline {checkout}: no {path.relative_to(checkout)} there")
+        raise SystemExit(f"--baseline {checkout}: {source} cannot be loaded")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # numba's cache looks the module up by name
     spec.loader.exec_module(module)
