@@ -50,7 +50,7 @@ def dir_bytes(path: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------ Lightning
-def lightning_run(config: dict[str, Any] | None, n_steps: int, root: Path) -> dict[str, Any]:
+def lightning_run(config: dict[str, Any] | None, n_steps: int, root: Path, *, time_hooks: bool = False) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     from comgra_callbacks import ComgraCallback
@@ -99,7 +99,7 @@ def lightning_run(config: dict[str, Any] | None, n_steps: int, root: Path) -> di
     first, last = Around(), Around()
     if config is not None:
         comgra = ComgraCallback(str(root), log_scalars=False, **config)
-        callbacks += [first, comgra, last]
+        callbacks += [first, comgra, last] if time_hooks else [comgra]
     batches = workload.make_batches(n_steps + 1)
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer = pl.Trainer(
@@ -109,7 +109,7 @@ def lightning_run(config: dict[str, Any] | None, n_steps: int, root: Path) -> di
     trainer.fit(Module(), loader)
     periods = [b - a for a, b in zip(timer.starts, timer.starts[1:])][workload.WARMUP :]
     result: dict[str, Any] = {"step_s": periods, "rss_mb": timer.rss}
-    if comgra is not None and len(first.marks) == len(last.marks) == 4 * len(timer.starts):
+    if time_hooks and len(first.marks) == len(last.marks) == 4 * len(timer.starts):
         inside = [b - a for a, b in zip(first.marks, last.marks)]
         result["hooks_s"] = [sum(inside[4 * i : 4 * i + 4]) for i in range(len(timer.starts))][workload.WARMUP : workload.WARMUP + len(periods)]
     if comgra is not None:
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for round_ in range(args.rounds):
             for name, config in CONFIGS.items():
                 print(f"round {round_ + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-                result = lightning_run(config, args.steps, Path(tmp) / f"{name}-{round_}")
+                result = lightning_run(config, args.steps, Path(tmp) / f"{name}-{round_}", time_hooks=name == PAIRED)
                 samples[name] += result["step_s"]
                 if name == PAIRED and "hooks_s" in result:
                     pair_hook_s += result["hooks_s"]
@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 samples[name] += torch_loop_run(record, args.steps, Path(tmp))["step_s"]
     per_round = args.steps - workload.WARMUP
     pair_rounds = [paired_split(samples[PAIRED][i : i + per_round]) for i in range(0, len(samples[PAIRED]), per_round)]
+    pair_all = [x for r, _ in pair_rounds for x in r], [x for _, p in pair_rounds for x in p]  # (recorded, plain)
     hook_rounds = [paired_split(pair_hook_s[i : i + per_round]) for i in range(0, len(pair_hook_s), per_round)]
-    pair_hooks = ([x for r, _ in hook_rounds for x in r], [x for _, p in hook_rounds for x in p])
+    pair_hooks = [x for r, _ in hook_rounds for x in r], [x for _, p in hook_rounds for x in p]
     del samples[PAIRED]
     CONFIGS.pop(PAIRED)
     median = {name: statistics.median(values) for name, values in samples.items()}
@@ -246,9 +247,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # recording: within 1 % of no callback), per round and over all rounds
         "paired_ratio_every_step_stats": {
             "rounds": [round(statistics.median(r) / statistics.median(p), 3) for r, p in pair_rounds],
-            "all": round(statistics.median([x for r, _ in pair_rounds for x in r]) / statistics.median([x for _, p in pair_rounds for x in p]), 3),
-            "recorded_ms": round(statistics.median([x for r, _ in pair_rounds for x in r]) * 1e3, 3),
-            "plain_ms": round(statistics.median([x for _, p in pair_rounds for x in p]) * 1e3, 3),
+            "all": round(statistics.median(pair_all[0]) / statistics.median(pair_all[1]), 3),
+            "recorded_ms": round(statistics.median(pair_all[0]) * 1e3, 3),
+            "plain_ms": round(statistics.median(pair_all[1]) * 1e3, 3),
             # what the callback's hooks take on those plain steps (the not-recording overhead the ratio leaves out)
             "hooks_on_plain_ms": round(statistics.median(pair_hooks[1]) * 1e3, 3) if pair_hooks[1] else None,
             "hooks_on_recorded_ms": round(statistics.median(pair_hooks[0]) * 1e3, 3) if pair_hooks[0] else None,
