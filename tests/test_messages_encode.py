@@ -26,7 +26,7 @@ MESSAGES = [
     RecordMessage(META[3], 3, 128, 256, 128, 8, (), 0, True),
     RecordMessage(META[4], 2, 0, 64, 64, 1, tuple(range(15)), 1, False),
     RecordMessage(META[5], 2, 0, 64, 64, 1, tuple(range(16)), 0, False),  # long: the general path
-    RecordMessage(META[0], 2, 0, 64, 64, 1, tuple(range(64)), 0, False, version=1),
+    RecordMessage(META[0], 2, 0, 64, 64, 1, tuple(range(64)), 0, False, version=messages.VERSION),
 ]
 
 

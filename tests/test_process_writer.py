@@ -7,6 +7,7 @@ import glob
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -368,3 +369,69 @@ def test_a_writer_expecting_large_raw_steps_reads_the_first_with_the_one_pass_ke
     run = open_run(tmp_path / "r")
     assert run.stats("far").loc[0, "std"] == pytest.approx(far.double().std().item(), rel=1e-5)
     np.testing.assert_allclose(run.neurons("far", 0)["std"].to_numpy(), far.double().std(0).numpy(), rtol=1e-5)
+
+
+def deferred_step(step: int, dtype: torch.dtype, shape: tuple[int, int]) -> tuple[PendingStep, torch.Tensor, torch.Tensor]:
+    """A step whose update travels as the weight after the step (``Snapshot.deferred``), as the recorder sends
+    it: the weight before is the step's value of the weight (half precision widened), the weight after is
+    the parameter itself."""
+    g = torch.Generator().manual_seed(step)
+    before = torch.randn(*shape, generator=g).to(dtype).float()  # the recorder's copy (``_snapshot``)
+    after = (before + 0.01 * torch.randn(*shape, generator=g)).to(dtype)  # the parameter, not a copy
+    snaps = [
+        Snapshot(SeriesKey("w", None, 0, "value"), before, str(dtype).replace("torch.", ""), True, True, 0),
+        Snapshot(SeriesKey("w", None, 0, "update"), after, str(dtype).replace("torch.", ""), True, True, FULL, reference=before, deferred=True),
+    ]
+    if shape[0] > 50:  # with a third tensor as large, the step is sent in three parts: one tensor each
+        snaps.append(Snapshot(SeriesKey("act", None, 0, "value"), torch.randn(*shape, generator=g), "float32", False, True, 0))
+    return PendingStep(step, "train", 0, step, 1.0, "schedule", snaps), after, after.float() - before
+
+
+@pytest.mark.parametrize("apart", [False, True], ids=["in-one-part", "weight-in-another-part"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_an_update_sent_as_the_weight_after_the_step_is_stored_as_the_difference(tmp_path: Path, dtype: torch.dtype, apart: bool) -> None:
+    """The writer process subtracts the weight before from the weight after in its buffer; where the two travel
+    in different parts the difference is taken on the way. Either way the parameter is read only while the step
+    is submitted: changing it afterwards changes nothing stored."""
+    from comgra_callbacks.recording.parts import describe_raw, plan_raw
+
+    shape = (100, 4) if apart else (6, 5)
+    pending, after, expected = deferred_step(3, dtype, shape)
+    item_value, item_update = describe_raw(pending, [0, 1]).items
+    assert item_update.subtract == 0 and item_value.subtract is None
+    before = pending.snapshots[0].tensor
+    if apart:
+        assert describe_raw(pending, [1]).resolve == {0}
+        assert [p.raw for p in plan_raw(pending, 4096, lambda *a: None, "r")] == [[0], [1], [2]]
+    writer = ProcessWriter(root=str(tmp_path), run="r", max_queue_bytes=4096 if apart else 1 << 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if apart else "error")  # apart: the "sent in parts" warning
+        assert writer.submit(pending)
+    after.add_(100.0)  # the next optimizer step
+    writer.close("finished")
+    run = open_run(tmp_path / "r")
+    update = run.stats("w", view="update").loc[3]
+    x = expected.double()
+    assert update["mean"] == pytest.approx(x.mean().item(), rel=1e-5, abs=1e-7)
+    assert update["l2"] == pytest.approx(x.norm().item(), rel=1e-5)
+    assert update["min"] == pytest.approx(x.min().item(), rel=1e-5) and update["max"] == pytest.approx(x.max().item(), rel=1e-5)
+    assert update["update_ratio"] == pytest.approx(x.norm().item() / before.double().norm().item(), rel=1e-5)
+    np.testing.assert_allclose(run.samples("w", 3, view="update"), expected.numpy(), rtol=1e-6, atol=1e-7)
+    assert run.stats("w").loc[3, "mean"] == pytest.approx(before.double().mean().item(), rel=1e-5, abs=1e-7)
+
+
+def test_a_deferred_update_is_the_difference_wherever_the_step_is_reduced() -> None:
+    """``pack`` (the thread writer, an accelerator, a writer without a core of its own) takes the difference
+    first; what it computes is what a step with the difference already taken gives."""
+    from comgra_callbacks.recording.pending import pack
+
+    deferred, _, expected = deferred_step(1, torch.float32, (6, 5))
+    plain, _, _ = deferred_step(1, torch.float32, (6, 5))
+    plain.snapshots[1] = Snapshot(SeriesKey("w", None, 0, "update"), expected, "float32", True, True, FULL, reference=plain.snapshots[0].tensor)
+    update = deferred.snapshots[1]
+    got, want = pack(deferred).materialize(), pack(plain).materialize()
+    assert not update.deferred and torch.equal(update.tensor, expected)
+    for a, b in zip(got.entries, want.entries):
+        assert a.key == b.key
+        np.testing.assert_array_equal(a.stats, b.stats)
+        np.testing.assert_array_equal(a.samples, b.samples)

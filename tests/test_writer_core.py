@@ -13,6 +13,7 @@ from comgra_callbacks import ComgraCallback, StoreError, open_run
 from comgra_callbacks.errors import ComgraError, FormatVersionError
 from comgra_callbacks.store.messages import (
     FULL,
+    VERSION,
     CloseMessage,
     ErrorAnswer,
     FlushMessage,
@@ -72,20 +73,20 @@ def test_every_message_type_is_covered() -> None:
 
 
 def test_a_message_of_another_version_is_refused_clearly() -> None:
-    line = encode(FlushMessage(1, version=2))
-    with pytest.raises(FormatVersionError, match=r"a FlushMessage of version 2, but this writer reads version 1\. HINT: .*reinstall"):
+    line = encode(FlushMessage(1, version=VERSION + 1))
+    with pytest.raises(FormatVersionError, match=rf"a FlushMessage of version {VERSION + 1}, but this writer reads version {VERSION}\. HINT: .*reinstall"):
         decode(line)
-    with pytest.raises(ValueError, match="version None"):  # also a ValueError; a missing version is not version 1
+    with pytest.raises(ValueError, match="version None"):  # also a ValueError; a missing version is not the current one
         decode(b'{"type": "flush", "id": 1}')
 
 
 def test_a_line_that_is_not_a_message_is_refused_clearly() -> None:
     with pytest.raises(StoreError, match=r"expected a message of type \[.*'flush'.*\], got 'flushh'"):
-        decode(b'{"type": "flushh", "version": 1, "id": 1}')
-    with pytest.raises(StoreError, match=r"expected a RawItem as a list of 13 values"):
-        decode(b'{"type": "layout", "version": 1, "id": 1, "items": [["a", null, 0, "value"]]}')
+        decode(b'{"type": "flushh", "version": 2, "id": 1}')
+    with pytest.raises(StoreError, match=r"expected a RawItem as a list of 14 values"):
+        decode(b'{"type": "layout", "version": 2, "id": 1, "items": [["a", null, 0, "value"]]}')
     with pytest.raises(StoreError, match=r"a FlushMessage with the fields \['id', 'stray', 'version'\]"):
-        decode(b'{"type": "flush", "version": 1, "id": 1, "stray": 2}')
+        decode(b'{"type": "flush", "version": 2, "id": 1, "stray": 2}')
     with pytest.raises(ValueError):  # a torn line: not JSON (the writer process skips it)
         decode(b'{"type": "flu')
     with pytest.raises(StoreError, match=r"expected one of \[.*'FlushMessage'.*\], got RawItem"):
@@ -111,8 +112,8 @@ def test_the_writer_process_start_answer_survives_its_wire_format(answer: Any) -
 
 
 def test_a_start_answer_that_cannot_be_read_is_refused_clearly() -> None:
-    with pytest.raises(FormatVersionError, match=r"`decode_answer`: a ReadyAnswer of version 2, but this trainer reads version 1\. HINT: .*reinstall"):
-        decode_answer(encode(ReadyAnswer(version=2)))
+    with pytest.raises(FormatVersionError, match=rf"`decode_answer`: a ReadyAnswer of version {VERSION + 1}, but this trainer reads version {VERSION}\. HINT: .*reinstall"):
+        decode_answer(encode(ReadyAnswer(version=VERSION + 1)))
     with pytest.raises(FormatVersionError, match="an ErrorAnswer of version None, but"):
         decode_answer(b'{"type": "error", "error": "x", "error_type": "OSError"}')
     with pytest.raises(StoreError, match=r"`decode_answer`: expected an answer as one JSON line, got b'\{\"ready\": tr'"):
@@ -122,7 +123,7 @@ def test_a_start_answer_that_cannot_be_read_is_refused_clearly() -> None:
     with pytest.raises(StoreError, match=r"expected an answer of type .*got 'flush'"):
         decode_answer(encode(FlushMessage(1)))
     with pytest.raises(StoreError, match=r"`decode_answer`: an ErrorAnswer with the fields \['error', 'version'\]"):
-        decode_answer(b'{"type": "error", "version": 1, "error": "x"}')
+        decode_answer(b'{"type": "error", "version": 2, "error": "x"}')
 
 
 @pytest.mark.slow
@@ -132,7 +133,7 @@ def test_the_writer_process_reports_a_message_of_another_version(tmp_path: Path)
 
     writer = ProcessWriter(root=str(tmp_path), run="r", on_error="raise")
     writer._send(FlushMessage(1, version=99))
-    with pytest.raises(StoreError, match=r"writing run 'r' failed: FormatVersionError: .*version 99, but this writer reads version 1"):
+    with pytest.raises(StoreError, match=rf"writing run 'r' failed: FormatVersionError: .*version 99, but this writer reads version {VERSION}"):
         writer.flush(timeout=60)
     with pytest.warns(RuntimeWarning, match="may be incomplete"):
         writer.close("finished")

@@ -140,7 +140,7 @@ def ring_dtype(tensor: Any) -> Any:
 
 def raw_signature(snaps: list[Snapshot]) -> tuple[Any, ...]:
     """What a step's raw plan depends on: for each snapshot its series, dtypes, shape and what is kept."""
-    return tuple((s.key, s.dtype, s.tensor.dtype, s.tensor.shape, s.is_parameter, s.neurons, s.samples, s.reference is None, s.neuron_axis) for s in snaps)
+    return tuple((s.key, s.dtype, s.tensor.dtype, s.tensor.shape, s.is_parameter, s.neurons, s.samples, s.reference is None, s.neuron_axis, s.deferred) for s in snaps)
 
 
 @dataclass
@@ -148,13 +148,15 @@ class RawPart:
     """One part of a step copied whole into the ring: the step's tensors ``indices``, in one block per ring
     dtype ``(dtype, positions in indices, start, bytes)``, ``total`` bytes from the part's base; ``items``:
     its layout (``layout``: the id the writer process knows it by, 0 before it was sent); ``converted``:
-    the positions whose tensor is widened to float32 on the way."""
+    the positions whose tensor is widened to float32 on the way; ``resolve``: the positions of deferred
+    updates whose weight before the step is not in this part (their difference is taken on the way)."""
 
     indices: list[int]
     blocks: list[tuple[Any, list[int], int, int]]
     total: int
     items: tuple[RawItem, ...]
     converted: frozenset[int]
+    resolve: frozenset[int] = frozenset()
     layout: int = 0
 
 
@@ -181,19 +183,26 @@ def describe_raw(pending: PendingStep, indices: list[int]) -> RawPart:
     here = {s.key.node: j for j, s in enumerate(snaps) if s.key.view == "value" and s.is_parameter}
     elsewhere = {s.key.node for s in pending.snapshots if s.key.view == "value" and s.is_parameter}
     items = []
+    resolve = set()
     for j, (snap, dtype) in enumerate(zip(snaps, ring_dtypes)):
         k = snap.key
-        ref = None
+        ref = subtract = None
         if snap.reference is not None:
             ref = here.get(k.node, -1 if k.node in elsewhere else None)  # -1: in another part of the step
+        if snap.deferred:  # the writer process takes the difference from the weight before, if it travels here
+            before = here.get(k.node)
+            if before is not None and snaps[before].tensor is snap.reference and ring_dtypes[before] == dtype:
+                subtract = before
+            else:
+                resolve.add(j)
         samples = FULL if snap.samples == FULL else int(snap.samples)
         axis = None if snap.neuron_axis is None else int(snap.neuron_axis)
         items.append(RawItem(
             k.node, k.role, k.iteration, k.view, snap.dtype, str(dtype).replace("torch.", ""), tuple(snap.tensor.shape), offsets[j],
-            snap.is_parameter, bool(snap.neurons), samples, ref, axis,
+            snap.is_parameter, bool(snap.neurons), samples, ref, axis, subtract,
         ))
     converted = frozenset(j for j, (snap, dtype) in enumerate(zip(snaps, ring_dtypes)) if snap.tensor.dtype != dtype)
-    return RawPart(list(indices), blocks, total, tuple(items), converted)
+    return RawPart(list(indices), blocks, total, tuple(items), converted, frozenset(resolve))
 
 
 def split_packed(packed: PackedStep, capacity: int, warn: Warn, run: str) -> list[PackedStep]:

@@ -44,6 +44,11 @@ class Snapshot:
         version: the tensor's ``_version`` when it was recorded (None for a copy).
         neuron_axis: for an activation, the axis holding its neurons (None: the last axis, or one neuron
             for a vector).
+        deferred: for an update: ``tensor`` is the weight after the step (not a copy) and the update is
+            ``tensor - reference``, computed where the step is reduced: by the writer process in its buffer
+            (a raw step of CPU tensors), else by :func:`resolve_updates` when the step is submitted. It saves
+            the training thread a pass over the weights and an allocation per parameter. Only set when the
+            step's value snapshot of the same weight is ``reference`` itself (the plan of a raw step relies on it).
     """
 
     key: SeriesKey
@@ -55,6 +60,7 @@ class Snapshot:
     reference: Any = None
     version: int | None = None
     neuron_axis: int | None = None
+    deferred: bool = False
 
 
 @dataclass
@@ -99,7 +105,24 @@ def pack(pending: PendingStep) -> PackedStep:
     snaps = pending.snapshots
     on_cpu = all(s.tensor.is_cpu for s in snaps)
     with reduce.cpu_threads(1 if on_cpu else None):  # short operations: one thread (see reduce.cpu_threads)
+        resolve_updates(snaps)
         return _pack(pending)
+
+
+def updated(snap: Snapshot) -> Any:
+    """A deferred update's difference (the weight after the step minus the weight before it)."""
+    import torch
+
+    with torch.no_grad():
+        return snap.tensor.to(snap.reference.dtype) - snap.reference
+
+
+def resolve_updates(snaps: list[Snapshot]) -> None:
+    """Turn the step's deferred updates (:attr:`Snapshot.deferred`) into their differences, in place: before
+    anything reads them as updates on this side, and before the weights change again."""
+    for snap in snaps:
+        if snap.deferred:
+            snap.tensor, snap.deferred = updated(snap), False
 
 
 def _pack(pending: PendingStep) -> PackedStep:

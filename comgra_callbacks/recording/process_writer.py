@@ -50,7 +50,7 @@ from comgra_callbacks.recording.parts import (
     reduce_in_writer,
     split_packed,
 )
-from comgra_callbacks.recording.pending import PackedStep, PendingStep, pack
+from comgra_callbacks.recording.pending import PackedStep, PendingStep, pack, updated
 from comgra_callbacks.recording.reduce_numpy import KERNEL_AT_START_NUMEL
 from comgra_callbacks.recording.ring import CLOSED, CONSUMED, ERROR, FLUSHED, PROGRESS, RECORDS, Ring
 from comgra_callbacks.store.messages import (
@@ -426,6 +426,8 @@ class ProcessWriter:
                 if size:
                     out = self.ring.region(base + start, size).view(dtype)
                     flat = [snaps[indices[j]].tensor.reshape(-1) for j in members]
+                    if raw.resolve:  # deferred updates whose weight before travels in another part
+                        flat = [updated(snaps[indices[j]]).reshape(-1) if j in raw.resolve else t for j, t in zip(members, flat)]
                     if converted:
                         flat = [t.to(dtype) if j in converted else t for j, t in zip(members, flat)]
                     torch.cat(flat, out=out)

@@ -550,6 +550,22 @@ class Recorder(StepBookkeeping):
             if keep_before and p.requires_grad:  # frozen weights (requires_grad=False) cannot have updates
                 step.before[name] = value
 
+    def _capture_updates(self, step: _Step) -> None:
+        """Each update as the weight now and the weight before the step: the difference is taken where the step
+        is reduced (``Snapshot.deferred``), when the step's value of the weight is that weight before; else here."""
+        snaps, index = step.pending.snapshots, step.index
+        with cpu_threads(self._copy_threads()):
+            for name, p in self._params:
+                before = step.before.get(name)
+                if before is None:
+                    continue
+                key = SeriesKey(name, None, 0, "update")
+                at = index.get(SeriesKey(name, None, 0, "value"))
+                if at is not None and snaps[at].tensor is before:  # the writer subtracts the value it has anyway
+                    step.add(Snapshot(key, p.detach(), _dtype_name(p), True, reference=before, deferred=True))
+                else:
+                    step.add(Snapshot(key, p.detach().to(before.dtype) - before, _dtype_name(p), True, reference=before))
+
     def _capture_buffers(self, step: _Step) -> None:
         for name, module, attr in self._buffers:
             b = getattr(module, attr, None)
@@ -576,12 +592,7 @@ class Recorder(StepBookkeeping):
             if step.attribution is not None:
                 for snap in step.attribution.finish(step.batch, step.values, step.grad_scale):
                     step.add(snap)
-            with cpu_threads(self._copy_threads()):
-                for name, p in self._params:
-                    before = step.before.get(name)
-                    if before is not None:
-                        delta = p.detach().to(before.dtype) - before
-                        step.add(Snapshot(SeriesKey(name, None, 0, "update"), delta, _dtype_name(p), True, reference=before))
+            self._capture_updates(step)
             self._build_graph(step)
             self._check_versions(step)
             host = sum(s.tensor.nbytes for s in step.pending.snapshots if s.tensor.is_cpu)  # not .device.type: ~1 us a tensor

@@ -21,7 +21,7 @@ from comgra_callbacks.recording import graph
 from comgra_callbacks.recording.capture import input_tensors, output_tensors
 from comgra_callbacks.recording.detail import culprits as find_culprits
 from comgra_callbacks.recording.modules import is_container
-from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot
+from comgra_callbacks.recording.pending import FULL, PendingStep, Snapshot, updated
 from comgra_callbacks.recording.sampling import First
 from comgra_callbacks.recording.triggers import StepSummary
 from comgra_callbacks.store.format import SeriesKey
@@ -204,7 +204,7 @@ class StepBookkeeping:
             chosen = [s for s in snaps if s.tensor.is_floating_point() and s.tensor.numel()]
             if not chosen:
                 return []
-            sums = torch.stack([s.tensor.sum().float().to(chosen[0].tensor.device) for s in chosen])
+            sums = torch.stack([(updated(s) if s.deferred else s.tensor).sum().float().to(chosen[0].tensor.device) for s in chosen])
             bad = (~torch.isfinite(sums)).nonzero().reshape(-1).tolist()
             return [f"{chosen[i].key.node}/{chosen[i].key.view}" for i in bad]
 

@@ -82,6 +82,9 @@ def reduce_record(ring: Ring, msg: RecordMessage, items: tuple[RawItem, ...]) ->
     record = _record(msg.meta)
     index = None if msg.sample_index is None else np.asarray(msg.sample_index, dtype=np.int64)
     arrays = [ring.array(msg.base + it.offset, np.dtype(it.ring_dtype), it.shape) for it in items]
+    for it, a in zip(items, arrays):  # an update that travelled as the weight after the step: minus the weight before
+        if it.subtract is not None:
+            np.subtract(a, arrays[it.subtract], out=a)
     described = [i for i, it in enumerate(items) if has_statistics(it.view)]  # the others: their counts only
     reduced: list[tuple[Any, Any]] = [(None, None) if has_statistics(it.view) else (counts_row(a), None) for it, a in zip(items, arrays)]
     if described:  # the whole record at once (one derivation; the one-pass kernel in a long run)

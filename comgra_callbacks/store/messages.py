@@ -17,7 +17,7 @@ The writer process answers its start the same way, on its standard output: :clas
 >>> decode(encode(msg)) == msg
 True
 >>> encode(CloseMessage("finished"))
-b'\\n{"type":"close","version":1,"status":"finished","error":null}\\n'
+b'\\n{"type":"close","version":2,"status":"finished","error":null}\\n'
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 from comgra_callbacks.errors import FormatVersionError, StoreError
 
-VERSION = 1
+VERSION = 2  # 2: RawItem.subtract
 # Sidecar operations a writer runs (``RunWriter.<name>(*args)``), in order with the records.
 OPS = frozenset({"write_graph", "write_modules", "add_notes", "add_scalars", "start_segment", "update_meta", "commit"})
 FULL = -1  # RawItem.samples: keep the whole tensor
@@ -53,7 +53,9 @@ class RawItem:
     ``dtype`` is the recorded tensor's dtype name, ``ring_dtype`` how its values lie in the ring (dtypes numpy
     lacks travel as float32); ``offset`` is relative to the record's ``base``; ``samples`` is 0 (none), a
     count of leading samples, or ``FULL``; ``reference`` is, for an update, the index of its weight's item
-    in the same layout (``-1``: the weight travels in another part of the step; None: no ratio).
+    in the same layout (``-1``: the weight travels in another part of the step; None: no ratio);
+    ``subtract``: the index of an item in the same layout whose values are subtracted from this one's before
+    anything is computed (an update that travels as the weight after the step, minus the weight before it).
     """
 
     node: str
@@ -69,6 +71,7 @@ class RawItem:
     samples: int
     reference: int | None
     neuron_axis: int | None
+    subtract: int | None = None
 
 
 @dataclass(frozen=True)
@@ -358,7 +361,7 @@ def decode_answer(line: bytes | str) -> Answer:
         StoreError: the line is not an answer (not JSON, another type, missing or extra fields).
 
     >>> decode_answer(encode(ErrorAnswer("no space left", "OSError")))
-    ErrorAnswer(error='no space left', error_type='OSError', version=1)
+    ErrorAnswer(error='no space left', error_type='OSError', version=2)
     """
     try:
         body = json.loads(line)
