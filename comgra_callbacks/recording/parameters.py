@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from comgra_callbacks.recording.pending import Snapshot
+from comgra_callbacks.recording.pending import Snapshot, series_key
 from comgra_callbacks.recording.reduce import cpu_threads
-from comgra_callbacks.store.format import SeriesKey
 
 if TYPE_CHECKING:
     from comgra_callbacks.recording.recorder import RecorderConfig
@@ -97,7 +96,7 @@ class ParameterCapture:
                     continue
                 for (pname, _), g in zip(params, grads):
                     if g is not None:
-                        step.add(Snapshot(SeriesKey(pname, None, 0, step.grad_view), _grad_view(g), _dtype_name(g), True))
+                        step.add(Snapshot(series_key(pname, None, 0, step.grad_view), _grad_view(g), _dtype_name(g), True))
         finally:
             step.grad_view = "grad"
 
@@ -145,15 +144,15 @@ class ParameterCapture:
             step.params_seen.add(name)
             value = _snapshot(p)
             dtype = _dtype_name(p)
-            step.add(Snapshot(SeriesKey(name, None, 0, "value"), value, dtype, True))
+            step.add(Snapshot(series_key(name, None, 0, "value"), value, dtype, True))
             if step.grads and p.grad is not None:
                 # gradient clipping changes .grad in place after this point: copied until a step has shown
                 # that it stays (the same learning as for module outputs)
                 grad_key = f"{name}#grad"
                 if self._stable.get(grad_key):
-                    step.add(Snapshot(SeriesKey(name, None, 0, "grad"), p.grad.detach(), dtype, True, version=p.grad._version))
+                    step.add(Snapshot(series_key(name, None, 0, "grad"), p.grad.detach(), dtype, True, version=p.grad._version))
                 else:
-                    step.add(Snapshot(SeriesKey(name, None, 0, "grad"), _snapshot(p.grad), dtype, True))
+                    step.add(Snapshot(series_key(name, None, 0, "grad"), _snapshot(p.grad), dtype, True))
                 step.versions.append((grad_key, p.grad, p.grad._version))
             if keep_before and p.requires_grad:  # frozen weights (requires_grad=False) cannot have updates
                 step.before[name] = value
@@ -167,8 +166,8 @@ class ParameterCapture:
                 before = step.before.get(name)
                 if before is None:
                     continue
-                key = SeriesKey(name, None, 0, "update")
-                at = index.get(SeriesKey(name, None, 0, "value"))
+                key = series_key(name, None, 0, "update")
+                at = index.get(series_key(name, None, 0, "value"))
                 if at is not None and snaps[at].tensor is before:  # the writer subtracts the value it has anyway
                     step.add(Snapshot(key, p.detach(), _dtype_name(p), True, reference=before, deferred=True))
                 else:
@@ -178,4 +177,4 @@ class ParameterCapture:
         for name, module, attr in self._buffers:
             b = getattr(module, attr, None)
             if b is not None and hasattr(b, "shape") and not b.is_complex():
-                step.add(Snapshot(SeriesKey(name, None, 0, "value"), _snapshot(b), _dtype_name(b), True))
+                step.add(Snapshot(series_key(name, None, 0, "value"), _snapshot(b), _dtype_name(b), True))

@@ -11,6 +11,7 @@ thread only cuts that buffer into records (:meth:`PackedStep.materialize`) and a
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,10 @@ from comgra_callbacks.store.messages import unpack_entries
 from comgra_callbacks.store.writer import HostRecord
 
 FULL = -1  # Snapshot.samples value: keep the whole tensor
+
+series_key = functools.lru_cache(maxsize=1 << 16)(SeriesKey)
+"""``SeriesKey(node, role, iteration, view)``, made once per series and then looked up (0.14 against 0.8 us:
+a recorded step names ~40-200 series, the same ones every step; a key is immutable, so sharing it is safe)."""
 
 
 @dataclass

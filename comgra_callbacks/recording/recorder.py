@@ -45,7 +45,7 @@ from comgra_callbacks.recording.detail import Detail, DetailChooser
 from comgra_callbacks.recording.memory import keep_freed
 from comgra_callbacks.recording.modules import module_tree
 from comgra_callbacks.recording.parameters import ParameterCapture, _dtype_name, _grad_view, _snapshot
-from comgra_callbacks.recording.pending import PendingStep, Snapshot, estimate_bytes
+from comgra_callbacks.recording.pending import PendingStep, Snapshot, estimate_bytes, series_key
 from comgra_callbacks.recording.policy import RecordingPolicy
 from comgra_callbacks.recording.reduce import cpu_threads
 from comgra_callbacks.recording.sampling import First, SampleSelector
@@ -291,7 +291,7 @@ class Recorder(StepBookkeeping, ParameterCapture):
             node["roles"].append(role)
         node["iterations"] = max(node["iterations"], iteration + 1)
         inference = tensor.is_inference()  # no version counter: always copied (see _value)
-        step.add(self._value(SeriesKey(name, role, iteration, "value"), tensor, axis))
+        step.add(self._value(series_key(name, role, iteration, "value"), tensor, axis))
         if not inference:
             step.versions.append((name, tensor, tensor._version))
             step.version_of[id(tensor)] = tensor._version
@@ -346,7 +346,7 @@ class Recorder(StepBookkeeping, ParameterCapture):
                 g = _grad_view(grad)
                 if step.grad_scale != 1.0 and step.grad_view == "grad":  # a scaled loss's backward
                     g = g / step.grad_scale
-                step.add(Snapshot(SeriesKey(name, role, iteration, step.grad_view), g, dtype, neuron_axis=axis))
+                step.add(Snapshot(series_key(name, role, iteration, step.grad_view), g, dtype, neuron_axis=axis))
 
         return hook
 
