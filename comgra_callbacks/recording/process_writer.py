@@ -101,6 +101,8 @@ class ProcessWriter:
         StoreError: the writer process could not start or could not open the run (the message says why).
     """
 
+    deferred_updates = True  # takes updates still kept as the weight after the step (store/sink.py)
+
     def __init__(
         self,
         *,

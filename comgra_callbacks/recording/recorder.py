@@ -45,7 +45,13 @@ from comgra_callbacks.recording.detail import Detail, DetailChooser
 from comgra_callbacks.recording.memory import keep_freed
 from comgra_callbacks.recording.modules import module_tree
 from comgra_callbacks.recording.parameters import ParameterCapture, _dtype_name, _grad_view, _snapshot
-from comgra_callbacks.recording.pending import PendingStep, Snapshot, estimate_bytes, series_key
+from comgra_callbacks.recording.pending import (
+    PendingStep,
+    Snapshot,
+    estimate_bytes,
+    resolve_updates,
+    series_key,
+)
 from comgra_callbacks.recording.policy import RecordingPolicy
 from comgra_callbacks.recording.reduce import cpu_threads
 from comgra_callbacks.recording.sampling import First, SampleSelector
@@ -471,6 +477,8 @@ class Recorder(StepBookkeeping, ParameterCapture):
             self._step = None
             if self.policy is not None and self.policy.wants_bytes:
                 self.policy.kept(pending.step, estimate_bytes(pending))
+            if not getattr(self.writer, "deferred_updates", False):  # a sink of its own: differences taken here
+                resolve_updates(pending.snapshots)
             queued = self.writer.submit(pending)  # where it is reduced is the sink's placement (store/sink.py)
             if queued:
                 self.steps_recorded += 1

@@ -73,6 +73,8 @@ class BackgroundWriter:
             ``"raise"``: the next call from the training thread raises :class:`StoreError`.
     """
 
+    deferred_updates = True  # takes updates still kept as the weight after the step (store/sink.py)
+
     def __init__(
         self,
         writer: RunWriter,

@@ -44,6 +44,10 @@ class Sink(Protocol):
     ``op`` runs a sidecar operation (:data:`~.messages.OPS`) in order with the records. ``flush`` blocks
     until everything handed over is committed. ``close`` commits, marks the run and stops; safe twice.
     ``error`` is the failure that stopped writing, or None.
+
+    A sink whose class sets ``deferred_updates = True`` takes steps whose updates are still the weight after
+    the step (``Snapshot.deferred``; it reduces them with ``pack``, which takes the differences, or sends
+    them raw to the writer process); the recorder takes the differences itself for any other sink.
     """
 
     def submit(self, step: Any) -> bool: ...
