@@ -376,7 +376,7 @@ def deferred_step(step: int, dtype: torch.dtype, shape: tuple[int, int]) -> tupl
     it: the weight before is the step's value of the weight (half precision widened), the weight after is
     the parameter itself."""
     g = torch.Generator().manual_seed(step)
-    before = torch.randn(*shape, generator=g).to(dtype).float()  # the recorder's copy (``_snapshot``)
+    before = torch.randn(*shape, generator=g).to(dtype).float()  # the recorder's copy (``parameters.private_copy``)
     after = (before + 0.01 * torch.randn(*shape, generator=g)).to(dtype)  # the parameter, not a copy
     snaps = [
         Snapshot(SeriesKey("w", None, 0, "value"), before, str(dtype).replace("torch.", ""), True, True, 0),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from comgra_callbacks.recording.pending import Snapshot, series_key
+from comgra_callbacks.recording.pending import Snapshot, series_key, updated
 from comgra_callbacks.recording.reduce import cpu_threads
 
 if TYPE_CHECKING:
@@ -21,14 +21,15 @@ if TYPE_CHECKING:
 _DTYPE_NAMES: dict[Any, str] = {}
 
 
-def _dtype_name(t: Any) -> str:
+def dtype_name(t: Any) -> str:
+    """A tensor's dtype as the store names it (``float32``), cached per dtype."""
     name = _DTYPE_NAMES.get(t.dtype)
     if name is None:
         name = _DTYPE_NAMES[t.dtype] = str(t.dtype).replace("torch.", "")
     return name
 
 
-def _snapshot(t: Any) -> Any:
+def private_copy(t: Any) -> Any:
     """A private copy of ``t`` that numpy can read (half precision widened to float32)."""
     import torch
 
@@ -38,7 +39,7 @@ def _snapshot(t: Any) -> Any:
     return x.clone(memory_format=torch.contiguous_format)
 
 
-def _grad_view(t: Any) -> Any:
+def gradient_view(t: Any) -> Any:
     """A gradient as given to a hook: autograd does not change it afterwards, so no copy (unless widened)."""
     import torch
 
@@ -96,7 +97,7 @@ class ParameterCapture:
                     continue
                 for (pname, _), g in zip(params, grads):
                     if g is not None:
-                        step.add(Snapshot(series_key(pname, None, 0, step.grad_view), _grad_view(g), _dtype_name(g), True))
+                        step.add(Snapshot(series_key(pname, None, 0, step.grad_view), gradient_view(g), dtype_name(g), True))
         finally:
             step.grad_view = "grad"
 
@@ -130,7 +131,7 @@ class ParameterCapture:
                 # this step, is what changed them by the end of the step (zero for parameters no optimizer holds)
                 for name, p in self._params:
                     if name not in step.params_seen and p.requires_grad:
-                        step.before[name] = _snapshot(p)
+                        step.before[name] = private_copy(p)
         step.params_done = True
 
     def _copy_threads(self) -> int | None:
@@ -142,8 +143,8 @@ class ParameterCapture:
     def _capture_parameters(self, step: _Step, params: list[tuple[str, Any]], *, keep_before: bool) -> None:
         for name, p in params:
             step.params_seen.add(name)
-            value = _snapshot(p)
-            dtype = _dtype_name(p)
+            value = private_copy(p)
+            dtype = dtype_name(p)
             step.add(Snapshot(series_key(name, None, 0, "value"), value, dtype, True))
             if step.grads and p.grad is not None:
                 # gradient clipping changes .grad in place after this point: copied until a step has shown
@@ -152,7 +153,7 @@ class ParameterCapture:
                 if self._stable.get(grad_key):
                     step.add(Snapshot(series_key(name, None, 0, "grad"), p.grad.detach(), dtype, True, version=p.grad._version))
                 else:
-                    step.add(Snapshot(series_key(name, None, 0, "grad"), _snapshot(p.grad), dtype, True))
+                    step.add(Snapshot(series_key(name, None, 0, "grad"), private_copy(p.grad), dtype, True))
                 step.versions.append((grad_key, p.grad, p.grad._version))
             if keep_before and p.requires_grad:  # frozen weights (requires_grad=False) cannot have updates
                 step.before[name] = value
@@ -166,15 +167,14 @@ class ParameterCapture:
                 before = step.before.get(name)
                 if before is None:
                     continue
-                key = series_key(name, None, 0, "update")
+                snap = Snapshot(series_key(name, None, 0, "update"), p.detach(), dtype_name(p), True, reference=before, deferred=True)
                 at = index.get(series_key(name, None, 0, "value"))
-                if at is not None and snaps[at].tensor is before:  # the writer subtracts the value it has anyway
-                    step.add(Snapshot(key, p.detach(), _dtype_name(p), True, reference=before, deferred=True))
-                else:
-                    step.add(Snapshot(key, p.detach().to(before.dtype) - before, _dtype_name(p), True, reference=before))
+                if at is None or snaps[at].tensor is not before:  # the writer subtracts only the value it has anyway
+                    snap.tensor, snap.deferred = updated(snap), False
+                step.add(snap)
 
     def _capture_buffers(self, step: _Step) -> None:
         for name, module, attr in self._buffers:
             b = getattr(module, attr, None)
             if b is not None and hasattr(b, "shape") and not b.is_complex():
-                step.add(Snapshot(series_key(name, None, 0, "value"), _snapshot(b), _dtype_name(b), True))
+                step.add(Snapshot(series_key(name, None, 0, "value"), private_copy(b), dtype_name(b), True))

@@ -44,7 +44,7 @@ from comgra_callbacks.recording.capture import (
 from comgra_callbacks.recording.detail import Detail, DetailChooser
 from comgra_callbacks.recording.memory import keep_freed
 from comgra_callbacks.recording.modules import module_tree
-from comgra_callbacks.recording.parameters import ParameterCapture, _dtype_name, _grad_view, _snapshot
+from comgra_callbacks.recording.parameters import ParameterCapture, dtype_name, gradient_view, private_copy
 from comgra_callbacks.recording.pending import (
     PendingStep,
     Snapshot,
@@ -175,12 +175,12 @@ class Recorder(StepBookkeeping, ParameterCapture):
                     self._buffers.append((name, model.get_submodule(owner_name) if owner_name else model, attr))
         self._param_ids = {id(p): n for n, p in self._params}
         self._param_nodes = {
-            n: {"kind": "parameter", "module": n.rpartition(".")[0], "shape": list(p.shape), "dtype": _dtype_name(p), "roles": [None], "iterations": 1}
+            n: {"kind": "parameter", "module": n.rpartition(".")[0], "shape": list(p.shape), "dtype": dtype_name(p), "roles": [None], "iterations": 1}
             for n, p in self._params
         }
         for name, module, attr in self._buffers:
             b = getattr(module, attr)
-            self._param_nodes[name] = {"kind": "parameter", "module": name.rpartition(".")[0], "shape": list(b.shape), "dtype": _dtype_name(b), "roles": [None], "iterations": 1, "buffer": True}
+            self._param_nodes[name] = {"kind": "parameter", "module": name.rpartition(".")[0], "shape": list(b.shape), "dtype": dtype_name(b), "roles": [None], "iterations": 1, "buffer": True}
         if self.config.attribution is not None:
             from comgra_callbacks.recording.attribution import Attribution
 
@@ -285,7 +285,7 @@ class Recorder(StepBookkeeping, ParameterCapture):
         axis = self._neuron_axis(name, tuple(tensor.shape), module, inherited_axis)
         node = step.nodes.get(name)
         if node is None:
-            node = {"kind": kind, "module": module, "shape": list(tensor.shape), "dtype": _dtype_name(tensor), "roles": [], "iterations": 0}
+            node = {"kind": kind, "module": module, "shape": list(tensor.shape), "dtype": dtype_name(tensor), "roles": [], "iterations": 0}
             if axis is not None:
                 node["neuron_axis"] = axis
             if explicit:
@@ -315,7 +315,7 @@ class Recorder(StepBookkeeping, ParameterCapture):
         if node["kind"] == "loss":
             step.losses.append((name, tensor))
         if step.grads and tensor.requires_grad:
-            step.handles.append(tensor.register_hook(self._grad_hook(step, name, role, iteration, _dtype_name(tensor), axis)))
+            step.handles.append(tensor.register_hook(self._grad_hook(step, name, role, iteration, dtype_name(tensor), axis)))
 
     def _neuron_axis(self, name: str, shape: tuple[int, ...], module: str | None, inherited: int | None) -> int | None:
         """The axis holding a node's neurons (cached per node and shape; see ``neuron_axis=``)."""
@@ -343,13 +343,13 @@ class Recorder(StepBookkeeping, ParameterCapture):
         node is copied until a step has shown that its value stays as it was; from then on the tensor itself
         is kept (its ``_version`` is checked again at the end of every step)."""
         if self._stable.get(key.node) and not tensor.is_inference():
-            return Snapshot(key, tensor.detach(), _dtype_name(tensor), version=tensor._version, neuron_axis=axis)
-        return Snapshot(key, _snapshot(tensor), _dtype_name(tensor), neuron_axis=axis)
+            return Snapshot(key, tensor.detach(), dtype_name(tensor), version=tensor._version, neuron_axis=axis)
+        return Snapshot(key, private_copy(tensor), dtype_name(tensor), neuron_axis=axis)
 
     def _grad_hook(self, step: _Step, name: str, role: str | None, iteration: int, dtype: str, axis: int | None) -> Callable[[Any], None]:
         def hook(grad: Any) -> None:
             if self._step is step and grad is not None:
-                g = _grad_view(grad)
+                g = gradient_view(grad)
                 if step.grad_scale != 1.0 and step.grad_view == "grad":  # a scaled loss's backward
                     g = g / step.grad_scale
                 step.add(Snapshot(series_key(name, role, iteration, step.grad_view), g, dtype, neuron_axis=axis))
